@@ -1,0 +1,49 @@
+// Schemas of every parallax op (torch.library), and the few build/CPU facts Python asks for.
+// Kernels register themselves next to their code with TORCH_LIBRARY_IMPL; fake (meta)
+// implementations are registered in Python beside each op's launcher (parallax/ops/).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(parallax, m) {
+  // One AdamW step over a list of fp32 params (or fp32 master weights), in place. When
+  // params_out is non-empty, the updated values are also written there in its dtype.
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] params_out, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float step, bool maximize) -> ()");
+  // a = b + scalar * c (b may be a): memory-bandwidth probe for benchmark floors.
+  m.def("stream_triad_(Tensor(a!) a, Tensor b, Tensor c, float scalar) -> ()");
+}
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef PARALLAX_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "parallax compiled ops; the ops themselves live under torch.ops.parallax";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("built_with_openmp", &built_with_openmp, "True when the CPU kernels use OpenMP threads");
+  m.def("cpu_isa", [] { return parallax::cpu::isa_name(parallax::cpu::active_isa()); },
+        "SIMD instruction set the CPU kernels use now: avx512, avx2 or scalar");
+  m.def("detected_cpu_isa", [] { return parallax::cpu::isa_name(parallax::cpu::detected_isa()); },
+        "Best SIMD instruction set this CPU supports");
+  m.def("set_cpu_isa", &parallax::cpu::set_isa, "Force the CPU kernels onto scalar, avx2 or avx512");
+}

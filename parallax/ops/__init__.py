@@ -1,0 +1,19 @@
+"""parallax operators: compiled C++/CUDA and Triton kernels, each beside its PyTorch reference."""
+
+from __future__ import annotations
+
+import torch
+
+from parallax.ops import adamw as _adamw
+from parallax.ops.adamw import adamw_, adamw_ref
+
+__all__ = ["adamw_", "adamw_ref", "backend"]
+
+_BACKENDS = {"adamw": _adamw.backend}
+
+
+def backend(op: str, device: torch.device | str = "cpu") -> str:
+    """Name of the implementation ``op`` runs for tensors on ``device`` (e.g. 'cpp', 'cuda', 'triton', 'reference')."""
+    if op not in _BACKENDS:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[op](device)

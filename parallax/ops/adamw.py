@@ -1,0 +1,140 @@
+"""Fused multi-tensor AdamW step: launcher, dispatch and the plain-PyTorch reference.
+
+Dispatch: CPU tensors -> C++ kernel (SIMD + OpenMP, one pass over memory); CUDA tensors ->
+multi-tensor CUDA kernel; anything else, or no compiled extension -> ``adamw_ref``.
+``parallax.ops.backend("adamw", device)`` says which one runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from parallax import _extension
+
+__all__ = ["adamw_", "adamw_ref", "backend", "KERNEL_DTYPES"]
+
+Tensors = Sequence[torch.Tensor]
+
+# Dtypes the compiled kernels accept for grads and for the low-precision parameter copy.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+if _extension.available():
+
+    @torch.library.register_fake("parallax::adamw_")
+    def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, params_out, lr, beta1, beta2, eps,
+                    weight_decay, step, maximize) -> None:
+        return None
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """Which implementation ``adamw_`` uses for tensors on ``device``: 'cpp', 'cuda' or 'reference'."""
+    device_type = torch.device(device).type
+    if device_type == "cpu" and _extension.has_kernel("adamw_", "cpu"):
+        return "cpp"
+    if device_type == "cuda" and _extension.has_kernel("adamw_", "cuda"):
+        return "cuda"
+    return "reference"
+
+
+def _check(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+           params_out: Tensors, step: float) -> None:
+    n = len(params)
+    for name, seq in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        if len(seq) != n:
+            raise ValueError(f"adamw_: {name} has {len(seq)} tensors but params has {n}")
+    if len(params_out) not in (0, n):
+        raise ValueError(f"adamw_: params_out must be empty or hold {n} tensors, got {len(params_out)}")
+    if step < 1:
+        raise ValueError(f"adamw_: step must be >= 1 (it counts the update being applied), got {step}")
+    for i, p in enumerate(params):
+        others = [("grads", grads[i]), ("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
+        if params_out:
+            others.append(("params_out", params_out[i]))
+        for name, t in others:
+            if t.shape != p.shape:
+                raise ValueError(f"adamw_: {name}[{i}] has shape {tuple(t.shape)}, params[{i}] has {tuple(p.shape)}")
+            if t.device != p.device:
+                raise ValueError(f"adamw_: {name}[{i}] is on {t.device}, params[{i}] on {p.device}")
+
+
+def _kernel_can_take(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                     params_out: Tensors) -> bool:
+    fp32 = (*params, *exp_avgs, *exp_avg_sqs)
+    if any(t.dtype != torch.float32 for t in fp32):
+        return False
+    if any(t.dtype not in KERNEL_DTYPES for t in (*grads, *params_out)):
+        return False
+    return all(t.is_contiguous() for t in (*fp32, *grads, *params_out))
+
+
+def adamw_(
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    params_out: Tensors = (),
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: float,
+    maximize: bool = False,
+) -> None:
+    """One AdamW update (torch.optim.AdamW semantics) of every tensor in ``params``, in place.
+
+    All lists hold tensors of matching shapes on one device. ``step`` is the 1-based count of
+    this update (bias correction). ``params`` are fp32 (the master weights in mixed precision);
+    ``grads`` may be fp32, bf16 or fp16. When ``params_out`` is given, the updated values are
+    also written there in its dtype (the low-precision model weights), in the same pass.
+    Inputs the kernels cannot take (non-contiguous, other dtypes) go to ``adamw_ref``.
+    """
+    if not params:
+        return
+    _check(params, grads, exp_avgs, exp_avg_sqs, params_out, step)
+    path = backend(params[0].device)
+    if path != "reference" and _kernel_can_take(params, grads, exp_avgs, exp_avg_sqs, params_out):
+        torch.ops.parallax.adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                                  list(params_out), float(lr), float(beta1), float(beta2), float(eps),
+                                  float(weight_decay), float(step), bool(maximize))
+        return
+    adamw_ref(params, grads, exp_avgs, exp_avg_sqs, params_out, lr=lr, beta1=beta1, beta2=beta2,
+              eps=eps, weight_decay=weight_decay, step=step, maximize=maximize)
+
+
+@torch.no_grad()
+def adamw_ref(
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    params_out: Tensors = (),
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: float,
+    maximize: bool = False,
+) -> None:
+    """Plain-PyTorch AdamW, op for op as torch.optim.AdamW, computed in fp32 whatever the dtypes."""
+    step_size = lr / (1 - beta1**step)
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        p32, m32, v32 = p.float(), m.float(), v.float()
+        g32 = -g.float() if maximize else g.float()
+        p32.mul_(1 - lr * weight_decay)
+        m32.lerp_(g32, 1 - beta1)
+        v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        denom = (v32.sqrt() / bc2_sqrt).add_(eps)
+        p32.addcdiv_(m32, denom, value=-step_size)
+        for dst, src in ((p, p32), (m, m32), (v, v32)):
+            if dst is not src:  # .float() copied a low-precision tensor: write the result back
+                dst.copy_(src)
+        if params_out:
+            params_out[i].copy_(p32)

@@ -1,0 +1,172 @@
+"""Drop-in replacement for ``torch.optim.AdamW`` backed by parallax's fused multi-tensor kernel."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from parallax.ops import adamw as adamw_op
+
+__all__ = ["AdamW"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with the constructor, semantics and state of ``torch.optim.AdamW``.
+
+    One fused pass over memory per step: a C++ SIMD + OpenMP kernel for CPU tensors and a
+    multi-tensor CUDA kernel for GPU tensors (``parallax.ops.backend("adamw", device)``).
+    State keys are torch's (``step``, ``exp_avg``, ``exp_avg_sq``), so state dicts move freely
+    between this optimizer and ``torch.optim.AdamW`` in both directions. Works with
+    ``torch.optim.lr_scheduler``.
+
+    ``master_weights=True`` is for bf16/fp16 parameters: the optimizer keeps an fp32 master copy
+    (state key ``master_param``) and fp32 moments, updates them, and writes the rounded
+    low-precision parameter in the same pass (as DeepSpeed's CPU Adam and BMTrain do). It has
+    no effect on fp32 parameters. The master copy is taken from the parameter at its first
+    step; to change weights afterwards, load them through ``load_state_dict``.
+
+    Without master weights, bf16/fp16 parameters keep bf16/fp16 moments, as in torch; their
+    update is computed in fp32 by the plain-PyTorch path.
+
+    ``foreach`` and ``fused`` are accepted for signature compatibility: this optimizer always
+    runs its fused kernel, which computes the same update. ``amsgrad``, ``capturable`` and
+    ``differentiable`` are not implemented and raise ``NotImplementedError``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        master_weights: bool = False,
+    ) -> None:
+        for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
+            if value:
+                raise NotImplementedError(
+                    f"parallax.optim.AdamW does not support {name}=True; use torch.optim.AdamW({name}=True)"
+                )
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=maximize,
+            foreach=foreach, capturable=False, differentiable=False, fused=fused,
+            # torch.optim.AdamW records this; without it torch would load our groups as L2 Adam.
+            decoupled_weight_decay=True, master_weights=master_weights,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in ("amsgrad", "capturable", "differentiable"):
+                if group.setdefault(key, False):
+                    raise NotImplementedError(f"parallax.optim.AdamW cannot load a param group with {key}=True")
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", True)
+            group.setdefault("master_weights", self.defaults.get("master_weights", False))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("amsgrad", "capturable", "differentiable"):
+            if param_group.get(key, False):
+                raise NotImplementedError(f"parallax.optim.AdamW does not support {key}=True")
+        _check_hyperparameters(
+            param_group.get("lr", self.defaults["lr"]),
+            param_group.get("betas", self.defaults["betas"]),
+            param_group.get("eps", self.defaults["eps"]),
+            param_group.get("weight_decay", self.defaults["weight_decay"]),
+        )
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every floating state tensor to its parameter's dtype; fp32 master weights
+        # and moments of low-precision parameters must stay fp32, so restore them after.
+        saved_state = {
+            index: {k: v for k, v in s.items() if k != "step" and torch.is_tensor(v)}
+            for index, s in state_dict["state"].items()
+        }
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        super().load_state_dict(state_dict)
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            if p.dtype not in _LOW_PRECISION or not self._group_of(p)["master_weights"]:
+                continue
+            for key, value in saved_state.get(saved_id, {}).items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply one AdamW update to every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        # Tensors that share (device, step count, mixed precision) go to the kernel in one call.
+        batches: dict[tuple, tuple[list, list, list, list, list]] = defaultdict(lambda: ([], [], [], [], []))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("parallax.optim.AdamW does not support sparse gradients")
+            state = self.state[p]
+            mixed = group["master_weights"] and p.dtype in _LOW_PRECISION
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                moment_dtype = torch.float32 if mixed else p.dtype
+                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            if mixed and "master_param" not in state:
+                state["master_param"] = p.detach().float()
+            state["step"] += 1
+            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            key = (p.device, float(state["step"]), mixed)
+            target, grads, exp_avgs, exp_avg_sqs, outs = batches[key]
+            target.append(state["master_param"] if mixed else p)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if mixed:
+                outs.append(p)
+        for (_, step, _), (target, grads, exp_avgs, exp_avg_sqs, outs) in batches.items():
+            adamw_op.adamw_(
+                target, grads, exp_avgs, exp_avg_sqs, outs,
+                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+            )
+
+
+def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr as a Tensor must hold one element, got shape {tuple(lr.shape)}")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"lr must be >= 0, got {float(lr)}")
+    if not 0.0 <= eps:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"betas must be two values in [0, 1), got {betas}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
