@@ -1,0 +1,57 @@
+"""The ``parallax`` command: ``train`` (the main job) and ``bench`` (the microbenchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    from parallax.data import DataError
+    from parallax.train import ConfigError, train
+    from parallax.train.config import config_from_args
+    from parallax.train.launch import relaunch_with_torchrun, under_launcher
+    from parallax.train.loop import validate_before_launch
+
+    try:
+        cfg = config_from_args(args)
+        if cfg.nproc > 1 and not under_launcher():
+            validate_before_launch(cfg)  # fail once, here, rather than in every rank
+            return relaunch_with_torchrun(cfg.nproc, argv)
+        result = train(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"parallax train: error: {exc}", file=sys.stderr)
+        return 2
+    if result.sample is not None:
+        start = f"{result.initial_val_loss:.3f} -> " if result.initial_val_loss is not None else ""
+        print(f"\nval loss {start}{result.val_loss:.3f} after {result.steps} steps, "
+              f"{result.tokens_per_s:,.0f} tokens/s; metrics, loss.png and checkpoints in {result.out}/")
+        print(f"sample:\n{result.sample}")
+    return 0
+
+
+def _bench(rest: list[str]) -> int:
+    from parallax.bench import main as bench_main
+
+    return bench_main(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="parallax", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="train the reference GPT (default: tiny preset on built-in data)")
+    from parallax.train.config import add_config_arguments
+
+    add_config_arguments(train_parser)
+    commands.add_parser("bench", help="run a microbenchmark (`parallax bench` lists them)", add_help=False)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    args = parser.parse_args(argv)
+    is_main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")
+    return _train(args, argv)

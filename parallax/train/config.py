@@ -1,0 +1,189 @@
+"""``TrainConfig``: every knob of ``parallax train``, validated, loadable from TOML/JSON, one CLI flag per field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from parallax.models import GPTConfig
+
+__all__ = ["ConfigError", "TrainConfig", "load_config_file", "add_config_arguments", "config_from_args"]
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A training configuration value or file that cannot be used; the message names it."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Configuration of one training run.
+
+    preset: GPT preset name (``parallax.models.PRESETS``); ``model`` overrides its fields.
+    data: a .txt / .jsonl file or a directory of them; None trains on the built-in corpus.
+    steps: optimizer steps in the whole run (a resumed run continues up to this count).
+    batch_size: sequences per step per process; the global batch is batch_size * nproc.
+    block_size: tokens per sequence; None uses the preset's context length.
+    lr: peak learning rate; linear warmup over warmup_steps, then cosine to lr * min_lr_ratio.
+    eval_interval / eval_batches: validation every N steps on a fixed set of batches (and at the end).
+    checkpoint_interval: save every N steps (and at the end); keep_checkpoints newest are kept.
+    resume: continue from the newest checkpoint in ``out``; overwrite: replace a previous run there.
+    nproc: local processes (gloo on CPU, NCCL on GPU) with gradient all-reduce.
+    """
+
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    val_fraction: float = 0.1
+    steps: int = 1500
+    batch_size: int = 16
+    block_size: int | None = None
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 16
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    sample_tokens: int = 200
+    out: str = "out"
+    resume: bool = False
+    overwrite: bool = False
+    nproc: int = 1
+    seed: int = 1337
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
+                    "checkpoint_interval", "keep_checkpoints", "nproc")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "sample_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size <= 0):
+            raise ConfigError(f"block_size must be a positive integer or unset, got {self.block_size!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: continue the run or replace it")
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"model must be a table of GPTConfig fields, got {self.model!r}")
+        try:
+            self.gpt_config()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def gpt_config(self) -> GPTConfig:
+        """The model's config: the preset, then ``model`` overrides, then ``block_size``."""
+        overrides = dict(self.model)
+        if self.block_size is not None:
+            overrides["block_size"] = self.block_size
+        return GPTConfig.from_preset(self.preset, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Fields from a .toml or .json file; an unreadable file or an unknown key raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(raw)
+        elif path.suffix == ".toml":
+            values = _toml().loads(raw.decode())
+        else:
+            raise ConfigError(f"config {path} must be a .toml or .json file")
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot parse config {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {path} must hold a table of fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return values
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``batch_size`` -> ``--batch-size``), plus ``--config FILE``."""
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of fields; flags override it")
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+        elif f.name == "model":
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                                help="override a GPTConfig field, e.g. --model n_layer=2 (repeatable)")
+        else:
+            base = next(t for t in (int, float, str) if t in _members(kind))
+            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, metavar=f.name.upper())
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the config file, then the flags given on the command line."""
+    values: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in vars(args):
+            continue
+        value = getattr(args, f.name)
+        if f.name == "model":
+            value = {**values.get("model", {}), **_parse_overrides(value)}
+        values[f.name] = value
+    return TrainConfig(**values)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--model expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text  # a bare string such as attention=math
+    return out
+
+
+def _members(kind: Any) -> tuple[Any, ...]:
+    return getattr(kind, "__args__", (kind,))
+
+
+def _toml():
+    if sys.version_info >= (3, 11):
+        import tomllib
+        return tomllib
+    try:
+        import tomli
+    except ImportError:
+        raise ConfigError("reading TOML on Python 3.10 needs tomli: pip install tomli") from None
+    return tomli

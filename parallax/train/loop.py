@@ -1,0 +1,248 @@
+"""The ``parallax train`` loop: GPT on a token dataset with parallax's fused AdamW.
+
+Every source of randomness is a pure function of (seed, step, rank): the batch sampler and
+the dropout seed, re-set each step. So a run resumed from a checkpoint reproduces the losses
+of an uninterrupted run bit for bit, with no sampler or RNG state to save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallax.data import TokenDataset, load_dataset
+from parallax.distributed import DistInfo, init_from_env
+from parallax.models import GPT
+from parallax.optim import AdamW
+from parallax.train.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from parallax.train.config import ConfigError, TrainConfig
+from parallax.train.metrics import MetricsLog, plot_losses
+
+__all__ = ["TrainResult", "train", "lr_at", "param_groups", "validate_before_launch"]
+
+log = logging.getLogger(__name__)
+SAMPLE_PROMPT = "The "
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    loss: float | None
+    val_loss: float | None
+    initial_val_loss: float | None
+    tokens_per_s: float | None
+    sample: str | None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear and embedding weights), none on biases and LayerNorm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % (2**63)
+
+
+@torch.no_grad()
+def _evaluate(model: GPT, ds: TokenDataset, cfg: TrainConfig, block_size: int, device: torch.device) -> float:
+    model.eval()
+    losses = [model(x, y).item() for x, y in ds.iter_eval_batches("val", cfg.batch_size, block_size,
+                                                                  max_batches=cfg.eval_batches, device=device)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _prepare_out(cfg: TrainConfig) -> Path | None:
+    """Validate the output directory against resume/overwrite; the checkpoint to resume from."""
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    if cfg.resume:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is None:
+            raise ConfigError(f"resume: no checkpoint in {ckpt_root} to continue from")
+        return latest
+    if (out / "metrics.jsonl").exists() or list_checkpoints(ckpt_root):
+        if not cfg.overwrite:
+            raise ConfigError(f"out directory {out} already holds a run; pass --resume to continue it, "
+                              "--overwrite to replace it, or --out DIR for a new one")
+    return None
+
+
+def _validate(cfg: TrainConfig) -> tuple[TokenDataset, Any, Path | None]:
+    """Everything that can be wrong with the input, checked before anything is written."""
+    _device(cfg.device)
+    ds = load_dataset(cfg.data, val_fraction=cfg.val_fraction)
+    gpt_config = cfg.gpt_config()
+    if ds.vocab_size > gpt_config.vocab_size:
+        raise ConfigError(f"model vocab_size {gpt_config.vocab_size} is smaller than the data's {ds.vocab_size}")
+    ds.check_block_size(gpt_config.block_size)
+    return ds, gpt_config, _prepare_out(cfg)
+
+
+def validate_before_launch(cfg: TrainConfig) -> None:
+    """Check ``cfg`` (and build the data cache once) before starting several ranks."""
+    _validate(cfg)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; rank 0 writes everything under ``cfg.out``.
+
+    ``on_step(step, record)`` is called on every rank after each optimizer step (1-based step).
+    Bad configuration raises ``ConfigError``/``DataError`` before anything is written.
+    """
+    device = _device(cfg.device)
+    ds, gpt_config, resume_from = _validate(cfg)
+
+    info = init_from_env(device.type)
+    torch.manual_seed(cfg.seed)
+    start = 0
+    if resume_from is not None:
+        model, state = load_checkpoint(resume_from)
+        if model.config.to_dict() != gpt_config.to_dict():
+            raise ConfigError(f"resume: the checkpoint {resume_from} holds a different model "
+                              f"({model.config.to_dict()}) than this config ({gpt_config.to_dict()})")
+        start = int(state["step"])
+        if start >= cfg.steps:
+            raise ConfigError(f"resume: checkpoint {resume_from} is at step {start}, steps is {cfg.steps}: nothing to do")
+    else:
+        model = GPT(gpt_config)
+    model.to(device)
+    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    if resume_from is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    wrapped: torch.nn.Module = model
+    if info.world_size > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    out = Path(cfg.out)
+    metrics = None
+    if info.is_main:
+        if cfg.overwrite:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "loss.png").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)
+        log.info("train: %s, %.2fM parameters, %d process(es), steps %d..%d on %s", cfg.preset,
+                 model.num_params() / 1e6, info.world_size, start + 1, cfg.steps, device)
+    try:
+        return _loop(cfg, ds, model, wrapped, optimizer, info, device, start, metrics, progress, on_step)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _loop(cfg, ds, model, wrapped, optimizer, info: DistInfo, device, start, metrics, progress, on_step) -> TrainResult:
+    block_size = model.config.block_size
+    tokens_per_step = cfg.batch_size * block_size * info.world_size
+    bar = _progress_bar(cfg, start) if (progress and info.is_main) else None
+    initial_val = _evaluate(model, ds, cfg, block_size, device) if (info.is_main and start == 0) else None
+    if metrics is not None and initial_val is not None:
+        metrics.write({"step": 0, "val_loss": initial_val})
+    loss_value = val_loss = tokens_per_s = None
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        torch.manual_seed(_step_seed(cfg.seed, step, info.rank))  # dropout, reproducible on resume
+        x, y = ds.get_batch("train", cfg.batch_size, block_size, step=step, seed=cfg.seed,
+                            rank=info.rank, world_size=info.world_size, device=device)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = wrapped(x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_tokens += tokens_per_step
+        done = step + 1
+        record: dict[str, Any] = {"step": done}
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            loss_value = _global_mean(loss.detach(), info)
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            record.update(loss=loss_value, tokens_per_s=tokens_per_s, lr=lr)
+        if info.is_main and (done % cfg.eval_interval == 0 or done == cfg.steps):
+            val_loss = _evaluate(model, ds, cfg, block_size, device)
+            record["val_loss"] = val_loss
+        if metrics is not None and len(record) > 1:
+            metrics.write(record)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
+            if info.is_main:
+                save_checkpoint(Path(cfg.out) / "checkpoints", model, optimizer, step=done,
+                                config=cfg.to_dict() | {"data_hash": ds.content_hash}, keep=cfg.keep_checkpoints)
+            if info.world_size > 1:
+                dist.barrier()
+        if "loss" in record:  # restart the throughput window after logging, eval and checkpoint
+            window_tokens, window_start = 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+            if loss_value is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+        if on_step is not None:
+            on_step(done, record)
+    if bar is not None:
+        bar.close()
+    sample = None
+    if info.is_main:
+        plot_losses(Path(cfg.out) / "metrics.jsonl", Path(cfg.out) / "loss.png")
+        sample = _sample(model, ds, cfg, device)
+    return TrainResult(Path(cfg.out), cfg.steps, loss_value, val_loss, initial_val, tokens_per_s, sample)
+
+
+def _global_mean(value: torch.Tensor, info: DistInfo) -> float:
+    if info.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= info.world_size
+    return value.item()
+
+
+def _sample(model: GPT, ds: TokenDataset, cfg: TrainConfig, device: torch.device) -> str | None:
+    if cfg.sample_tokens == 0:
+        return None
+    prompt = torch.tensor([ds.tokenizer.encode(SAMPLE_PROMPT)], device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.eval()
+    ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=generator)
+    return ds.tokenizer.decode(ids[0].tolist())
+
+
+def _progress_bar(cfg: TrainConfig, start: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        log.warning("tqdm is not installed: no progress bar (pip install tqdm)")
+        return None
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
