@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta meta, Hy
     float gi = to_float<G>(g[i]);
     if (h.maximize) gi = -gi;
     const float pi = __fmul_rn(p[i], h.decay);
-    const float mi = __fmaf_rn(h.one_minus_beta1, __fsub_rn(gi, m[i]), m[i]);
+    const float mi = __fmaf_rn(h.lerp_coeff, __fsub_rn(gi, m[i]), h.lerp_from_grad ? gi : m[i]);
     const float vi = __fmaf_rn(__fmul_rn(h.one_minus_beta2, gi), gi, __fmul_rn(v[i], h.beta2));
     const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), h.bc2_sqrt), h.eps);
     const float pn = __fadd_rn(pi, __fdiv_rn(__fmul_rn(-h.step_size, mi), denom));

@@ -8,7 +8,10 @@ namespace parallax::adam {
 // Coefficients are rounded to float from double, as torch converts its Python-float scalars;
 // (1 - beta) is formed in double first: 1 - 0.999f in float is off by 1e-5 relative.
 struct Hyper {
-  float one_minus_beta1;
+  // exp_avg.lerp_(grad, w) with w = 1 - beta1, as ATen computes it: fma(w, g - m, m) when
+  // w < 0.5, else fma(w - 1, g - m, g). With beta1 = 0 the second form gives exactly g.
+  float lerp_coeff;
+  bool lerp_from_grad;
   float beta2;
   float one_minus_beta2;
   float eps;
@@ -22,7 +25,9 @@ struct Hyper {
 inline Hyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
                         double step, bool maximize) {
   Hyper h{};
-  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  const float weight = static_cast<float>(1.0 - beta1);
+  h.lerp_from_grad = !(std::fabs(weight) < 0.5f);
+  h.lerp_coeff = h.lerp_from_grad ? weight - 1.0f : weight;
   h.beta2 = static_cast<float>(beta2);
   h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   h.eps = static_cast<float>(eps);

@@ -28,16 +28,15 @@ inline void store_elem(void* base, Elem t, int64_t i, float v) {
 }
 
 // Same operations, in the same order and with the same roundings, as torch.optim.AdamW's
-// ATen kernels: p *= decay; m = fma(omb1, g - m, m) (lerp_); v = fma(omb2 * g, g, v * beta2)
+// ATen kernels: p *= decay; m = lerp_(m, g, 1 - beta1) (see Hyper); v = fma(omb2 * g, g, v * beta2)
 // (mul_, addcmul_); denom = sqrt(v) / sqrt(bc2) + eps; p += (-step_size * m) / denom (addcdiv_).
 inline void adamw_scalar_range(const Hyper& h, const Span& s, int64_t begin, int64_t end) {
-  const float omb1 = h.one_minus_beta1;
   const float omb2 = h.one_minus_beta2;
   for (int64_t i = begin; i < end; ++i) {
     float g = load_elem(s.grad, s.grad_type, i);
     if (h.maximize) g = -g;
     float p = s.param[i] * h.decay;
-    const float m = std::fma(omb1, g - s.exp_avg[i], s.exp_avg[i]);
+    const float m = std::fma(h.lerp_coeff, g - s.exp_avg[i], h.lerp_from_grad ? g : s.exp_avg[i]);
     const float v = std::fma(omb2 * g, g, s.exp_avg_sq[i] * h.beta2);
     const float denom = std::sqrt(v) / h.bc2_sqrt + h.eps;
     p = p + (-h.step_size * m) / denom;

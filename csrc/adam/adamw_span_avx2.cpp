@@ -46,7 +46,7 @@ inline void store8(void* base, Elem t, int64_t i, __m256 x) {
 
 void adamw_span_avx2(const Hyper& h, const Span& s) {
   const __m256 beta2 = _mm256_set1_ps(h.beta2);
-  const __m256 omb1 = _mm256_set1_ps(h.one_minus_beta1);
+  const __m256 lerp_coeff = _mm256_set1_ps(h.lerp_coeff);
   const __m256 omb2 = _mm256_set1_ps(h.one_minus_beta2);
   const __m256 eps = _mm256_set1_ps(h.eps);
   const __m256 decay = _mm256_set1_ps(h.decay);
@@ -58,7 +58,7 @@ void adamw_span_avx2(const Hyper& h, const Span& s) {
     const __m256 g = _mm256_xor_ps(load8(s.grad, s.grad_type, i), sign);
     const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(s.param + i), decay);
     __m256 m = _mm256_loadu_ps(s.exp_avg + i);
-    m = _mm256_fmadd_ps(omb1, _mm256_sub_ps(g, m), m);
+    m = _mm256_fmadd_ps(lerp_coeff, _mm256_sub_ps(g, m), h.lerp_from_grad ? g : m);
     // Rounded as ATen's kernels round (lerp_ and addcmul_ are FMAs, mul_ and addcdiv_ are not),
     // so results match torch.optim.AdamW bit for bit on most elements instead of drifting.
     const __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(omb2, g), g, _mm256_mul_ps(_mm256_loadu_ps(s.exp_avg_sq + i), beta2));

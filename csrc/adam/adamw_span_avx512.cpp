@@ -48,7 +48,7 @@ inline void store16(void* base, Elem t, int64_t i, __m512 x) {
 
 void adamw_span_avx512(const Hyper& h, const Span& s) {
   const __m512 beta2 = _mm512_set1_ps(h.beta2);
-  const __m512 omb1 = _mm512_set1_ps(h.one_minus_beta1);
+  const __m512 lerp_coeff = _mm512_set1_ps(h.lerp_coeff);
   const __m512 omb2 = _mm512_set1_ps(h.one_minus_beta2);
   const __m512 eps = _mm512_set1_ps(h.eps);
   const __m512 decay = _mm512_set1_ps(h.decay);
@@ -60,7 +60,7 @@ void adamw_span_avx512(const Hyper& h, const Span& s) {
     const __m512 g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(load16(s.grad, s.grad_type, i)), sign));
     const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(s.param + i), decay);
     __m512 m = _mm512_loadu_ps(s.exp_avg + i);
-    m = _mm512_fmadd_ps(omb1, _mm512_sub_ps(g, m), m);
+    m = _mm512_fmadd_ps(lerp_coeff, _mm512_sub_ps(g, m), h.lerp_from_grad ? g : m);
     // Rounded as ATen's kernels round (lerp_ and addcmul_ are FMAs, mul_ and addcdiv_ are not),
     // so results match torch.optim.AdamW bit for bit on most elements instead of drifting.
     const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(omb2, g), g, _mm512_mul_ps(_mm512_loadu_ps(s.exp_avg_sq + i), beta2));

@@ -14,7 +14,7 @@ import torch
 
 from parallax import _extension
 
-__all__ = ["adamw_", "adamw_ref", "backend", "KERNEL_DTYPES"]
+__all__ = ["adamw_", "adamw_ref", "fused_adamw_", "kernel_can_take", "backend", "KERNEL_DTYPES"]
 
 Tensors = Sequence[torch.Tensor]
 
@@ -60,14 +60,18 @@ def _check(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tens
                 raise ValueError(f"adamw_: {name}[{i}] is on {t.device}, params[{i}] on {p.device}")
 
 
-def _kernel_can_take(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
-                     params_out: Tensors) -> bool:
+def kernel_can_take(device: torch.device, params: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                    params_out: Tensors) -> bool:
+    """True when a compiled kernel exists for ``device`` and accepts these (non-gradient) tensors:
+    fp32 and contiguous params and moments, contiguous fp32/bf16/fp16 ``params_out``."""
+    if backend(device) == "reference":
+        return False
     fp32 = (*params, *exp_avgs, *exp_avg_sqs)
     if any(t.dtype != torch.float32 for t in fp32):
         return False
-    if any(t.dtype not in KERNEL_DTYPES for t in (*grads, *params_out)):
+    if any(t.dtype not in KERNEL_DTYPES for t in params_out):
         return False
-    return all(t.is_contiguous() for t in (*fp32, *grads, *params_out))
+    return all(t.is_contiguous() for t in (*fp32, *params_out))
 
 
 def adamw_(
@@ -96,14 +100,24 @@ def adamw_(
     if not params:
         return
     _check(params, grads, exp_avgs, exp_avg_sqs, params_out, step)
-    path = backend(params[0].device)
-    if path != "reference" and _kernel_can_take(params, grads, exp_avgs, exp_avg_sqs, params_out):
-        torch.ops.parallax.adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                                  list(params_out), float(lr), float(beta1), float(beta2), float(eps),
-                                  float(weight_decay), float(step), bool(maximize))
+    grads_ok = all(g.dtype in KERNEL_DTYPES and g.is_contiguous() for g in grads)
+    if grads_ok and kernel_can_take(params[0].device, params, exp_avgs, exp_avg_sqs, params_out):
+        fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, params_out, lr=lr, beta1=beta1, beta2=beta2,
+                     eps=eps, weight_decay=weight_decay, step=step, maximize=maximize)
         return
     adamw_ref(params, grads, exp_avgs, exp_avg_sqs, params_out, lr=lr, beta1=beta1, beta2=beta2,
               eps=eps, weight_decay=weight_decay, step=step, maximize=maximize)
+
+
+def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, params_out: Tensors,
+                 *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float,
+                 maximize: bool) -> None:
+    """The compiled kernel without the Python-side checks of ``adamw_`` (the C++ side still checks
+    every tensor). For callers that validated the lists once, like ``parallax.optim.AdamW``, whose
+    per-step Python overhead matters for models with many small tensors."""
+    torch.ops.parallax.adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(params_out),
+                              float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                              float(step), bool(maximize))
 
 
 @torch.no_grad()

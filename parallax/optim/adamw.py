@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._drop_plans()
         for group in self.param_groups:
             for key in ("amsgrad", "capturable", "differentiable"):
                 if group.setdefault(key, False):
@@ -92,6 +93,7 @@ class AdamW(torch.optim.Optimizer):
             param_group.get("weight_decay", self.defaults["weight_decay"]),
         )
         super().add_param_group(param_group)
+        self._drop_plans()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every floating state tensor to its parameter's dtype; fp32 master weights
@@ -102,6 +104,7 @@ class AdamW(torch.optim.Optimizer):
         }
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         super().load_state_dict(state_dict)
+        self._drop_plans()
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
             if p.dtype not in _LOW_PRECISION or not self._group_of(p)["master_weights"]:
@@ -124,14 +127,38 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(id(group))
+        if plan is None or len(plan.params) != len(params) or any(a is not b for a, b in zip(plan.params, params)):
+            plan = plans[id(group)] = self._plan(group, params)
         beta1, beta2 = group["betas"]
-        # Tensors that share (device, step count, mixed precision) go to the kernel in one call.
-        batches: dict[tuple, tuple[list, list, list, list, list]] = defaultdict(lambda: ([], [], [], [], []))
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("parallax.optim.AdamW does not support sparse gradients")
+        hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                     weight_decay=group["weight_decay"], maximize=group["maximize"])
+        for batch in plan.batches:
+            grads = []
+            for p in batch.params:
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("parallax.optim.AdamW does not support sparse gradients")
+                grads.append(g if g.is_contiguous() else g.contiguous())
+            torch._foreach_add_(batch.steps, 1.0)
+            batch.step += 1
+            args = (batch.targets, grads, batch.exp_avgs, batch.exp_avg_sqs, batch.outs)
+            if batch.kernel:
+                adamw_op.fused_adamw_(*args, **hyper, step=batch.step)
+            else:
+                adamw_op.adamw_(*args, **hyper, step=batch.step)
+
+    def _plan(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan:
+        """Initialise missing state and sort ``params`` into batches that one kernel call can take.
+
+        Rebuilt whenever the set of parameters with gradients changes, and after loading a state.
+        """
+        batches: dict[tuple, _Batch] = {}
+        for p in params:
             state = self.state[p]
             mixed = group["master_weights"] and p.dtype in _LOW_PRECISION
             if not state:
@@ -141,22 +168,43 @@ class AdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
             if mixed and "master_param" not in state:
                 state["master_param"] = p.detach().float()
-            state["step"] += 1
-            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
             key = (p.device, float(state["step"]), mixed)
-            target, grads, exp_avgs, exp_avg_sqs, outs = batches[key]
-            target.append(state["master_param"] if mixed else p)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = _Batch(step=key[1])
+            batch.params.append(p)
+            batch.targets.append(state["master_param"] if mixed else p)
+            batch.exp_avgs.append(state["exp_avg"])
+            batch.exp_avg_sqs.append(state["exp_avg_sq"])
+            batch.steps.append(state["step"])
             if mixed:
-                outs.append(p)
-        for (_, step, _), (target, grads, exp_avgs, exp_avg_sqs, outs) in batches.items():
-            adamw_op.adamw_(
-                target, grads, exp_avgs, exp_avg_sqs, outs,
-                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-                weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
-            )
+                batch.outs.append(p)
+        for (device, _, _), batch in batches.items():
+            batch.kernel = adamw_op.kernel_can_take(device, batch.targets, batch.exp_avgs, batch.exp_avg_sqs, batch.outs)
+        return _Plan(params=params, batches=list(batches.values()))
+
+    def _drop_plans(self) -> None:
+        self.__dict__.pop("_plans", None)
+
+
+@dataclass
+class _Batch:
+    """Tensors of one group that share device, step count and precision: one kernel call."""
+
+    step: float
+    params: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)  # the fp32 master or the parameter
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    outs: list[torch.Tensor] = field(default_factory=list)  # low-precision parameters in master mode
+    steps: list[torch.Tensor] = field(default_factory=list)
+    kernel: bool = False
+
+
+@dataclass
+class _Plan:
+    params: list[torch.Tensor]
+    batches: list[_Batch]
 
 
 def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

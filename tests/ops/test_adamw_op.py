@@ -61,7 +61,7 @@ def test_kernel_matches_reference(device, grad_dtype, out_dtype):
             kernel, ref = _run_both(sizes, grad_dtype, out_dtype, device, seed=3, hyper=HYPER)
             for name, a_list, b_list in zip(("param", "grad", "exp_avg", "exp_avg_sq", "out"), kernel, ref):
                 for a, b in zip(a_list, b_list):
-                    # Same operations and roundings as the reference: equal to 1 ulp of fp32.
+                    # Same operations and roundings as the reference, up to torch's sqrt (see below).
                     assert_close(a, b, atol=1e-7, rtol=2e-7, name=f"{isa or device} {name} n={a.numel()}")
             if out_dtype is not None:
                 for p, out in zip(kernel[0], kernel[4]):
@@ -85,10 +85,20 @@ def test_kernel_matches_reference(device, grad_dtype, out_dtype):
 )
 def test_kernel_matches_reference_on_random_hyperparameters(sizes, lr, beta1, beta2, weight_decay, step, maximize, seed):
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=weight_decay, step=float(step), maximize=maximize)
+    before = [p.clone() for p in _inputs(sizes, torch.float32, None, "cpu", seed)[0]]
     kernel, ref = _run_both(sizes, torch.float32, torch.bfloat16, "cpu", seed, hyper)
-    for a_list, b_list in zip(kernel, ref):
+    # torch's CPU sqrt (Sleef, 0.5001 ulp) is not always correctly rounded, the kernel's is: the
+    # update may differ by an ulp or two, so bound the error by ulps of |p| + |update|, which
+    # stays meaningful when a large update nearly cancels the old value.
+    for p0, a, b in zip(before, kernel[0], ref[0]):
+        scale = p0.abs() + (b - p0).abs()
+        bad = (a - b).abs() > 1e-7 + 4e-7 * scale
+        assert not bad.any(), f"{int(bad.sum())} params differ beyond 4 ulps of |p| + |update|"
+    for a_list, b_list in zip(kernel[2:4], ref[2:4]):
         for a, b in zip(a_list, b_list):
             assert_close(a, b, atol=1e-7, rtol=2e-7)
+    for p, out in zip(kernel[0], kernel[4]):
+        assert torch.equal(out, p.to(torch.bfloat16)), "out must be the rounded fp32 parameter"
 
 
 def test_bf16_rounding_matches_torch_including_nan_and_ties():
