@@ -2,7 +2,8 @@
 
 C++ ops are always built (OpenMP, SIMD chosen at run time). CUDA ops are added when a CUDA
 toolkit and a CUDA build of torch are both present; ``PARALLAX_SKIP_CUDA=1`` skips them.
-The reference model in the top-level ``models/`` folder ships as ``parallax.models``.
+The reference model in the top-level ``models/`` folder ships as ``parallax.models``, the
+benchmark harness in ``bench/`` as ``parallax.bench``.
 """
 
 import glob
@@ -68,10 +69,11 @@ def _extension():
 
 packages = find_packages(include=["parallax", "parallax.*"])
 packages += ["parallax.models"] + ["parallax.models." + p for p in find_packages("models")]
+packages += ["parallax.bench"]  # the benchmark harness ships too: `parallax bench NAME`
 
 setup(
     packages=packages,
-    package_dir={"parallax": "parallax", "parallax.models": "models"},
+    package_dir={"parallax": "parallax", "parallax.models": "models", "parallax.bench": "bench"},
     package_data={"parallax.models": ["*.toml"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

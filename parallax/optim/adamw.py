@@ -144,7 +144,7 @@ class AdamW(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError("parallax.optim.AdamW does not support sparse gradients")
                 grads.append(g if g.is_contiguous() else g.contiguous())
-            torch._foreach_add_(batch.steps, 1.0)
+            batch.steps.add_(1.0)  # every state["step"] of the batch is a view into this tensor
             batch.step += 1
             args = (batch.targets, grads, batch.exp_avgs, batch.exp_avg_sqs, batch.outs)
             if batch.kernel:
@@ -176,10 +176,16 @@ class AdamW(torch.optim.Optimizer):
             batch.targets.append(state["master_param"] if mixed else p)
             batch.exp_avgs.append(state["exp_avg"])
             batch.exp_avg_sqs.append(state["exp_avg_sq"])
-            batch.steps.append(state["step"])
             if mixed:
                 batch.outs.append(p)
         for (device, _, _), batch in batches.items():
+            # One tensor holds the batch's step counts and each state["step"] becomes a 0-dim view
+            # of it: one add_ per step instead of one per parameter (torch._foreach_add_ over 51
+            # scalar tensors cost 69 us, a quarter of a 1M-parameter step). The state dict still
+            # holds one float32 scalar tensor per parameter, as torch's.
+            batch.steps = torch.full((len(batch.params),), batch.step, dtype=torch.float32)
+            for i, p in enumerate(batch.params):
+                self.state[p]["step"] = batch.steps[i]
             batch.kernel = adamw_op.kernel_can_take(device, batch.targets, batch.exp_avgs, batch.exp_avg_sqs, batch.outs)
         return _Plan(params=params, batches=list(batches.values()))
 
@@ -197,7 +203,7 @@ class _Batch:
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     outs: list[torch.Tensor] = field(default_factory=list)  # low-precision parameters in master mode
-    steps: list[torch.Tensor] = field(default_factory=list)
+    steps: torch.Tensor | None = None  # (len(params),) float32; state["step"] are views into it
     kernel: bool = False
 
 

@@ -1,0 +1,39 @@
+"""parallax benchmarks: ``python -m bench`` lists them, ``python -m bench NAME`` runs one.
+
+Each benchmark is one module ``bench/<name>.py`` listed in ``BENCHMARKS`` below (name ->
+(module, one-line description)), so listing never imports torch or a benchmark. A benchmark
+module defines:
+
+    COLUMNS: list[bench.table.Column]        # what the printed table shows, units in headers
+    def run(ctx: bench.runner.Context) -> Iterable[dict]   # yields one row (a flat dict) at a time
+    def add_arguments(parser) -> None        # optional: its own command-line options
+    def plot(rows: list[dict], path) -> None # optional: what ``--plot`` draws
+
+The runner (``bench.runner``) times nothing itself: benchmarks use ``bench.timing``. It adds
+machine, device, versions and git revision to every row, appends it to
+``bench/results/<name>.jsonl`` and prints the table (or JSON records with ``--json``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["BENCHMARKS", "main"]
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "adamw": (
+        ".adamw",
+        "optimizer step: parallax AdamW vs torch foreach/fused (and DeepSpeed CPU Adam), fp32 and bf16+master, "
+        "ms, GB/s and the memory-bandwidth floor",
+    ),
+    "train": (
+        ".train",
+        "training step throughput: the parallax train loop vs a plain PyTorch loop on the same model and data "
+        "(runtime overhead)",
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench`` and ``parallax bench``; returns the exit status."""
+    from .runner import main as _main
+
+    return _main(argv)
