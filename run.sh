@@ -45,6 +45,7 @@ setup() {
   digest=$( (python -c "import torch; print(torch.__version__)"; cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] || ! python -c "import parallax._C" >/dev/null 2>&1; then
     echo "run.sh: building parallax and its extension (first run, or csrc/ changed) ..." >&2
+    $pip "setuptools>=77" ninja  # the build requirements: the build runs in this environment
     $pip --no-build-isolation -e ".[cli,test]"
     echo "$digest" > "$stamp"
   fi

@@ -125,17 +125,16 @@ def _stream(device: torch.device, megabytes: int, ctx) -> _Stream:
         }
         return _Stream(fns, {"triad": 12 * n, "triad-inplace": 12 * n}, "torch.add triad, 12 B/element")
     try:
-        from parallax import _extension
+        from parallax import ops
 
-        has_op = _extension.has_kernel("stream_triad_", "cpu")
-    except Exception:
+        has_op = ops.backend("stream_triad", "cpu") == "cpp"
+    except ImportError:
         has_op = False
     if has_op:
-        op = torch.ops.parallax.stream_triad_
-        fns = {"triad": lambda: op(a, b, c, s), "triad-inplace": lambda: op(a, a, c, s)}
+        fns = {"triad": lambda: ops.stream_triad_(a, b, c, s), "triad-inplace": lambda: ops.stream_triad_(a, a, c, s)}
         how = "parallax stream_triad_ (a=b+s*c 16 B/elem, a=a+s*c 12 B/elem)"
     else:
-        ctx.log("torch.ops.parallax.stream_triad_ is missing (extension not built?); "
+        ctx.log("parallax's C++ stream_triad_ is missing (extension not built?); "
                 "the floor uses torch.add, which may understate the bandwidth")
         fns = {"triad": lambda: torch.add(b, c, alpha=s, out=a), "triad-inplace": lambda: a.add_(c, alpha=s)}
         how = "torch.add triad (fallback: parallax._C missing)"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from parallax.ops import adamw as _adamw
+from parallax.ops import stream as _stream
 from parallax.ops.adamw import adamw_, adamw_ref
+from parallax.ops.stream import stream_triad_, stream_triad_ref
 
-__all__ = ["adamw_", "adamw_ref", "backend"]
+__all__ = ["adamw_", "adamw_ref", "stream_triad_", "stream_triad_ref", "backend"]
 
-_BACKENDS = {"adamw": _adamw.backend}
+_BACKENDS = {"adamw": _adamw.backend, "stream_triad": _stream.backend}
 
 
 def backend(op: str, device: torch.device | str = "cpu") -> str:
