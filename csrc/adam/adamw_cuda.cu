@@ -120,7 +120,7 @@ void launch_all(const std::vector<std::vector<at::Tensor>>& lists, const Hyper& 
   flush();
 }
 
-enum class Elem { kF32, kBF16, kF16 };
+enum class Elem { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 Elem elem_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -153,10 +153,9 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   TORCH_CHECK(step >= 1, "parallax::adamw_: step must be >= 1, got ", step);
   if (n == 0) return;
   const bool has_out = !params_out.empty();
-  const Elem grad_type = elem_of(grads[0], "grads");
-  const Elem out_type = has_out ? elem_of(params_out[0], "params_out") : Elem::kF32;
   const at::Device device = params[0].device();
-  std::vector<std::vector<at::Tensor>> lists(kDepth);
+  // One launch sequence per (grad dtype, out dtype) pair: the kernel is templated on both.
+  std::vector<std::vector<std::vector<at::Tensor>>> by_types(9, std::vector<std::vector<at::Tensor>>(kDepth));
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor* row[kDepth] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i],
                                      has_out ? &params_out[i] : &params[i]};
@@ -165,21 +164,25 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
       TORCH_CHECK(t.device() == device && t.is_contiguous() && t.numel() == params[i].numel(),
                   "parallax::adamw_: tensor ", i, " of list ", d, " must be contiguous, on ", device,
                   ", with ", params[i].numel(), " elements");
-      lists[d].push_back(t);
     }
     TORCH_CHECK(params[i].scalar_type() == at::kFloat && exp_avgs[i].scalar_type() == at::kFloat &&
                     exp_avg_sqs[i].scalar_type() == at::kFloat,
                 "parallax::adamw_: params, exp_avgs and exp_avg_sqs must be float32");
-    TORCH_CHECK(elem_of(grads[i], "grads") == grad_type, "parallax::adamw_: all grads must share one dtype");
-    TORCH_CHECK(!has_out || elem_of(params_out[i], "params_out") == out_type,
-                "parallax::adamw_: all params_out must share one dtype");
+    const int g = static_cast<int>(elem_of(grads[i], "grads"));
+    const int o = has_out ? static_cast<int>(elem_of(params_out[i], "params_out")) : 0;
+    for (int d = 0; d < kDepth; ++d) by_types[g * 3 + o][d].push_back(*row[d]);
   }
   const c10::cuda::CUDAGuard guard(device);
   const Hyper h = make_hyper(lr, beta1, beta2, eps, weight_decay, step, maximize);
-  switch (grad_type) {
-    case Elem::kBF16: return dispatch_out<__nv_bfloat16>(lists, h, has_out, out_type);
-    case Elem::kF16: return dispatch_out<__half>(lists, h, has_out, out_type);
-    default: return dispatch_out<float>(lists, h, has_out, out_type);
+  for (int key = 0; key < 9; ++key) {
+    const auto& lists = by_types[key];
+    if (lists[0].empty()) continue;
+    const Elem out_type = static_cast<Elem>(key % 3);
+    switch (static_cast<Elem>(key / 3)) {
+      case Elem::kBF16: dispatch_out<__nv_bfloat16>(lists, h, has_out, out_type); break;
+      case Elem::kF16: dispatch_out<__half>(lists, h, has_out, out_type); break;
+      default: dispatch_out<float>(lists, h, has_out, out_type);
+    }
   }
 }
 
