@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "adam/adamw_cpu_kernels.h"
+#include "adam/adamw_elem.h"
 #include "cpu/isa.h"
 
 namespace parallax::adam {
@@ -16,17 +17,6 @@ namespace {
 // 64K floats = 256 KiB per array per span: large enough to amortise scheduling, small enough
 // that a list of a few large tensors still spreads over all threads.
 constexpr int64_t kSpan = 1 << 16;
-
-Elem elem_of(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Elem::kF32;
-    case at::kBFloat16: return Elem::kBF16;
-    case at::kHalf: return Elem::kF16;
-    default:
-      TORCH_CHECK(false, "parallax::adamw_: ", what, " must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
-}
 
 void check_state(const at::Tensor& t, const at::Tensor& param, const char* what, size_t i) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),

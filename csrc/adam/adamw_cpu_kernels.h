@@ -4,11 +4,11 @@
 
 #include <cstdint>
 
+#include "adam/adamw_elem.h"
 #include "adam/adamw_hyper.h"
 
 namespace parallax::adam {
 
-enum class Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // param, exp_avg and exp_avg_sq are fp32 and updated in place. grad is `grad_type`. When
 // `param_out` is not null the updated parameter is also written there as `out_type`

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "adam/adamw_elem.h"
 #include "adam/adamw_hyper.h"
 
 namespace parallax::adam {
@@ -118,18 +119,6 @@ void launch_all(const std::vector<std::vector<at::Tensor>>& lists, const Hyper& 
     ++tensors;
   }
   flush();
-}
-
-enum class Elem { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-Elem elem_of(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Elem::kF32;
-    case at::kBFloat16: return Elem::kBF16;
-    case at::kHalf: return Elem::kF16;
-    default:
-      TORCH_CHECK(false, "parallax::adamw_: ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
 }
 
 template <typename G>

@@ -164,3 +164,17 @@ def test_import_survives_a_missing_extension_with_one_warning():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+@needs_ext
+def test_registration_passes_torch_library_opcheck():
+    """Schema, fake (meta) implementation and autograd registration, as torch.library checks them."""
+    n = [5, 7]
+    args = ([torch.randn(k) for k in n], [torch.randn(k) for k in n], [torch.randn(k) for k in n],
+            [torch.rand(k) for k in n], [torch.empty(k, dtype=torch.bfloat16) for k in n],
+            1e-3, 0.9, 0.999, 1e-8, 0.01, 3.0, False)
+    results = torch.library.opcheck(torch.ops.parallax.adamw_.default, args)
+    assert all(v == "SUCCESS" for v in results.values()), results
+    a, b, c = torch.randn(9), torch.randn(9), torch.randn(9)
+    results = torch.library.opcheck(torch.ops.parallax.stream_triad_.default, (a, b, c, 2.0))
+    assert all(v == "SUCCESS" for v in results.values()), results
