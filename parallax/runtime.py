@@ -1,0 +1,82 @@
+"""``RuntimeConfig`` and ``initialize``: one call that prepares a model and optimizer for a plain loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallax.optim import AdamW
+from parallax.zero import STAGES, ZeroOptimizer, shard
+from parallax.zero.module import LAUNCH_HINT
+
+__all__ = ["RuntimeConfig", "initialize"]
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    """How parallax runs a model.
+
+    zero_stage: 0 = data parallel (all-reduce), 1 = + sharded optimizer state, 2 = + sharded
+        gradients, 3 = + sharded parameters.
+    bucket_mb: gradient bucket size for stages 0-2 (reduction starts when a bucket is full).
+    prefetch: stage 3: how many units to gather ahead of use.
+    timeout_s: every collective fails with a clear error after this long (a dead rank).
+    """
+
+    zero_stage: int = 0
+    bucket_mb: float = 25.0
+    prefetch: int = 1
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in STAGES:
+            raise ValueError(f"zero_stage must be one of {STAGES}, got {self.zero_stage!r}")
+        if not (isinstance(self.bucket_mb, (int, float)) and self.bucket_mb > 0):
+            raise ValueError(f"bucket_mb must be a positive number, got {self.bucket_mb!r}")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(f"prefetch must be a non-negative integer, got {self.prefetch!r}")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _ensure_process_group(config: RuntimeConfig) -> None:
+    if dist.is_available() and dist.is_initialized():
+        return
+    if dist.is_available() and all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=config.timeout_s))
+        return
+    raise RuntimeError(f"px.initialize needs a torch.distributed process group: {LAUNCH_HINT}")
+
+
+def initialize(model: nn.Module, config: RuntimeConfig | None = None, *,
+               optimizer_cls: type[torch.optim.Optimizer] = AdamW,
+               param_groups: Iterable[dict[str, Any]] | None = None,
+               units: Sequence[nn.Module] | None = None,
+               group: dist.ProcessGroup | None = None,
+               **optimizer_kwargs: Any) -> tuple[nn.Module, ZeroOptimizer]:
+    """Shard ``model`` as ``config`` says and build its optimizer; returns ``(model, optimizer)``.
+
+    Under torchrun the process group is created from the environment if needed. The optimizer
+    has ``backward(loss)``, ``step()``, ``zero_grad()``, ``clip_grad_norm_()`` and state dicts;
+    gradient accumulation uses ``model.set_requires_gradient_sync(False)`` or ``model.no_sync()``.
+    """
+    config = config or RuntimeConfig()
+    _ensure_process_group(config)
+    model = shard(model, stage=config.zero_stage, group=group, prefetch=config.prefetch,
+                  bucket_mb=config.bucket_mb, units=units, timeout_s=config.timeout_s)
+    optimizer = ZeroOptimizer(model, optimizer_cls, param_groups=param_groups, **optimizer_kwargs)
+    return model, optimizer

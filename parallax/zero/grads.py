@@ -1,0 +1,129 @@
+"""Gradient reduction during backward: bucketed, asynchronous, overlapped with the rest of backward.
+
+A post-accumulate-grad hook moves each parameter's gradient into its flat buffer (and drops
+``p.grad``). When every trainable parameter of a buffer has its gradient, the buffer's
+reduction is issued asynchronously (all-reduce in stage 0, reduce-scatter into this rank's
+slice in stages 1-3) while autograd goes on with earlier layers. A callback at the end of
+backward issues what is left (buffers with unused parameters), waits for everything, and
+averages over ranks. With gradient sync off (accumulation micro-steps) gradients only
+accumulate locally; the next synced backward reduces the sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd import Variable
+
+from parallax.zero.comm import Comm
+from parallax.zero.flat import FlatBuffer
+
+__all__ = ["GradientReducer"]
+
+
+class GradientReducer:
+    def __init__(self, buffers: list[FlatBuffer], comm: Comm, stage: int,
+                 on_buffer_reduced: Callable[[FlatBuffer], None] | None = None,
+                 on_backward_end: Callable[[], None] | None = None) -> None:
+        self.buffers = buffers
+        self.comm = comm
+        self.stage = stage
+        self.sync = True
+        self._on_buffer_reduced = on_buffer_reduced
+        self._on_backward_end = on_backward_end
+        self._callback_queued = False
+        self._fresh_shard = {b.index: True for b in buffers}  # next reduction overwrites grad_shard
+        self._handles = []
+        for buffer in buffers:
+            for i, p in enumerate(buffer.params):
+                if buffer.trainable[i]:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(buffer, i)))
+
+    def _hook(self, buffer: FlatBuffer, i: int):
+        def hook(p: torch.Tensor) -> None:
+            if not self._callback_queued:
+                Variable._execution_engine.queue_callback(self._end_of_backward)
+                self._callback_queued = True
+            if buffer.reduction is not None:  # a second backward over a buffer already in flight
+                self._finish(buffer)
+            view = buffer.grad_view(i)
+            if buffer.written[i]:
+                view.add_(p.grad)
+            else:
+                view.copy_(p.grad)
+                buffer.written[i] = True
+                buffer.ready_this_pass += 1
+            p.grad = None
+            if self.sync and buffer.ready_this_pass == buffer.num_trainable and buffer.reduction is None:
+                self._launch(buffer)
+
+        return hook
+
+    def _launch(self, buffer: FlatBuffer) -> None:
+        # Parameters that got no gradient this window (unused in forward) contribute zeros;
+        # a persistent stage-1 buffer still holds the previous window's values there.
+        for i, slot in enumerate(buffer.layout.slots):
+            if buffer.trainable[i] and not buffer.written[i]:
+                buffer.grad_view(i).zero_()
+        what = f"{'all_reduce' if self.stage == 0 else 'reduce_scatter'} of the gradients of flat buffer {buffer.index}"
+        if self.stage == 0:
+            buffer.reduction = self.comm.all_reduce(buffer.grad_full, what)
+        else:
+            out = torch.empty(buffer.layout.shard_numel, dtype=buffer.dtype, device=buffer.device)
+            buffer.reduction = self.comm.reduce_scatter(out, buffer.grad_full, what)
+            buffer.reduction.then.append(lambda: self._accumulate(buffer, out))
+        if self.stage == 0:
+            buffer.reduction.then.append(lambda: self._accumulate(buffer, buffer.grad_full))
+        if self._on_buffer_reduced is not None:
+            self._on_buffer_reduced(buffer)
+
+    def _accumulate(self, buffer: FlatBuffer, reduced: torch.Tensor) -> None:
+        reduced.div_(self.comm.world_size)
+        if self._fresh_shard[buffer.index] or buffer.grad_shard is None:
+            if self.stage == 0:
+                buffer.grad_shard = reduced  # the all-reduced full buffer itself
+            else:
+                buffer.ensure_grad_shard().copy_(reduced)
+            self._fresh_shard[buffer.index] = False
+        else:
+            buffer.grad_shard.add_(reduced)
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        if self.sync:
+            for buffer in self.buffers:
+                if buffer.reduction is None and any(buffer.written):
+                    self._launch(buffer)
+        for buffer in self.buffers:
+            buffer.ready_this_pass = 0
+            if buffer.reduction is not None:
+                self._finish(buffer)
+        if self._on_backward_end is not None:
+            self._on_backward_end()
+
+    def _finish(self, buffer: FlatBuffer) -> None:
+        """Wait for the buffer's reduction; its gradient window starts afresh."""
+        buffer.reduction.wait()
+        buffer.reduction = None
+        buffer.written = [False] * len(buffer.params)
+        if self.stage != 1:
+            # Stage 0: the full buffer became grad_shard. Stages 2-3: no rank keeps a full
+            # gradient between backwards. Stage 1 keeps it (ZeRO-1 shards optimizer state only).
+            buffer.grad_full = None
+
+    def zero_grad(self) -> None:
+        """Forget reduced and pending local gradients (the next reduction overwrites)."""
+        for buffer in self.buffers:
+            buffer.grad_full = None
+            buffer.written = [False] * len(buffer.params)
+            buffer.ready_this_pass = 0
+            self._fresh_shard[buffer.index] = True
+            if buffer.grad_shard is not None and self.stage > 0:
+                buffer.grad_shard.zero_()
+            elif self.stage == 0:
+                buffer.grad_shard = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -1,0 +1,190 @@
+"""``shard(model, stage)``: turn any ``nn.Module`` into a ZeRO data-parallel module, in place.
+
+Stages 0-2 pack the trainable parameters into buckets of ``bucket_mb`` (in reverse
+registration order, roughly the order backward produces gradients); stage 3 packs them per
+unit (each repeated block by default, plus the root for everything else) and shards them.
+Parameter names, shapes and identities are unchanged; tied parameters are stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallax.zero.comm import Comm
+from parallax.zero.flat import FlatBuffer
+from parallax.zero.gather import Unit, UnitGatherer
+from parallax.zero.grads import GradientReducer
+
+__all__ = ["STAGES", "ZeroState", "ZeroModule", "shard", "zero_state", "default_units"]
+
+log = logging.getLogger(__name__)
+STAGES = (0, 1, 2, 3)
+LAUNCH_HINT = ("launch with `torchrun --nproc_per_node N script.py` (or `parallax train --nproc N`) and call "
+               "torch.distributed.init_process_group() first; a single process can use a group of world size 1")
+
+
+@dataclass(eq=False)
+class ZeroState:
+    """What ``shard`` attached to the model: buffers, hooks and the process group."""
+
+    stage: int
+    comm: Comm
+    buffers: list[FlatBuffer]
+    reducer: GradientReducer
+    gatherer: UnitGatherer | None
+    units: list[Unit]
+    prefetch: int
+    bucket_mb: float
+
+
+class ZeroModule:
+    """Mixin added to the class of a sharded model (as FSDP2 does): gradient-sync control."""
+
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool) -> None:
+        """False for gradient-accumulation micro-steps: gradients then only accumulate locally."""
+        zero_state(self).reducer.sync = bool(requires_gradient_sync)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients locally; the next synced one reduces them."""
+        reducer = zero_state(self).reducer
+        previous, reducer.sync = reducer.sync, False
+        try:
+            yield
+        finally:
+            reducer.sync = previous
+
+
+def zero_state(model: nn.Module) -> ZeroState:
+    state = getattr(model, "_parallax_zero", None)
+    if state is None:
+        raise ValueError("this model is not sharded: call px.zero.shard(model, stage=...) or px.initialize first")
+    return state
+
+
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: members of each outermost ModuleList/Sequential of >= 2 modules of one class."""
+    units: list[nn.Module] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == t or name.startswith(t + ".") for t in taken):
+            continue  # inside a block already chosen: units must not nest
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            children = list(module)
+            if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
+                units.extend(children)
+                taken.append(name)
+    return units
+
+
+def _check(model: nn.Module, stage: int, prefetch: int, bucket_mb: float) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be a non-negative integer, got {prefetch!r}")
+    if not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"ZeRO needs an initialised torch.distributed process group: {LAUNCH_HINT}")
+    if getattr(model, "_parallax_zero", None) is not None:
+        raise ValueError("this model is already sharded")
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(model: nn.Module, comm: Comm) -> None:
+    """Every rank starts from rank 0's parameters and buffers, as DDP does."""
+    if comm.world_size == 1:
+        return
+    src = dist.get_global_rank(comm.group, 0) if comm.group is not None else 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        work = dist.broadcast(t.data, src=src, group=comm.group, async_op=True)
+        if work.wait(timeout=comm.timeout) is False:
+            raise comm.error("broadcast of initial parameters", "timed out")
+
+
+def _buckets(named: list[tuple[str, nn.Parameter]], bucket_mb: float) -> list[list[tuple[str, nn.Parameter]]]:
+    limit = bucket_mb * 2**20
+    out: list[list[tuple[str, nn.Parameter]]] = []
+    size = 0.0
+    for name, p in reversed(named):
+        current = out[-1] if out else None
+        fits = current is not None and size < limit and (current[0][1].dtype, current[0][1].device) == (p.dtype, p.device)
+        if not fits:
+            out.append([])
+            size = 0.0
+        out[-1].append((name, p))
+        size += p.numel() * p.element_size()
+    return out
+
+
+def _unit_params(model: nn.Module, modules: Sequence[nn.Module]) -> list[list[tuple[str, nn.Parameter]]]:
+    """Parameters per unit, the root (index 0) holding all that no single unit owns alone."""
+    owner: dict[int, int] = {}
+    for u, module in enumerate(modules, start=1):
+        for p in module.parameters():
+            owner[id(p)] = u if owner.get(id(p), u) == u else 0  # shared by two units -> root
+    groups: list[list[tuple[str, nn.Parameter]]] = [[] for _ in range(len(modules) + 1)]
+    for name, p in model.named_parameters():
+        groups[owner.get(id(p), 0)].append((name, p))
+    return groups
+
+
+def shard(model: nn.Module, stage: int = 3, group: dist.ProcessGroup | None = None, prefetch: int = 1,
+          bucket_mb: float = 25.0, units: Sequence[nn.Module] | None = None, timeout_s: float = 600.0) -> nn.Module:
+    """Shard ``model`` over ``group`` (default: the world) with ZeRO ``stage``; returns the same object.
+
+    Stage 0: plain data parallelism (gradients all-reduced). Stage 1: optimizer state sharded.
+    Stage 2: and gradients (reduce-scattered in ``bucket_mb`` buckets during backward). Stage 3:
+    and parameters, per unit (``units``, default: the repeated blocks), gathered for each
+    unit's forward and backward with ``prefetch`` units gathered ahead. Collectives fail after
+    ``timeout_s`` with a clear error instead of hanging. Call it after moving the model to its
+    device, then build the optimizer with ``ZeroOptimizer(model, ...)``.
+    """
+    _check(model, stage, prefetch, bucket_mb)
+    comm = Comm(group, timeout_s)
+    _broadcast_from_rank0(model, comm)
+
+    buffers: list[FlatBuffer] = []
+    unit_list: list[Unit] = []
+    if stage == 3:
+        modules = list(units) if units is not None else default_units(model)
+        for u, named in enumerate(_unit_params(model, modules)):
+            module = model if u == 0 else modules[u - 1]
+            by_kind: dict[tuple, list] = {}
+            for name, p in named:
+                by_kind.setdefault((p.dtype, p.device), []).append((name, p))
+            unit_buffers = []
+            for members in by_kind.values():
+                unit_buffers.append(FlatBuffer(len(buffers), members, comm, stage))
+                buffers.append(unit_buffers[-1])
+            unit_list.append(Unit(u, module, unit_buffers, is_root=(u == 0)))
+    else:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for members in _buckets(trainable, bucket_mb):
+            buffers.append(FlatBuffer(len(buffers), members, comm, stage))
+
+    gatherer = UnitGatherer(unit_list, prefetch) if stage == 3 else None
+    buffer_unit = {b.index: unit for unit in unit_list for b in unit.buffers}
+
+    def on_buffer_reduced(buffer: FlatBuffer) -> None:
+        unit = buffer_unit.get(buffer.index)
+        if gatherer is not None and unit is not None and all(b.reduction is not None or b.num_trainable == 0
+                                                              for b in unit.buffers):
+            gatherer.unit_reduced(unit)
+
+    reducer = GradientReducer([b for b in buffers if b.num_trainable], comm, stage, on_buffer_reduced,
+                              gatherer.end_iteration if gatherer is not None else None)
+    model._parallax_zero = ZeroState(stage, comm, buffers, reducer, gatherer, unit_list, prefetch, bucket_mb)
+    cls = type(model)
+    if not issubclass(cls, ZeroModule):
+        model.__class__ = type(f"Zero{cls.__name__}", (ZeroModule, cls), {})
+    log.info("zero: stage %d, %d flat buffer(s), %d unit(s), world size %d", stage, len(buffers),
+             len(unit_list), comm.world_size)
+    return model

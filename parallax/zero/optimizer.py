@@ -1,0 +1,174 @@
+"""``ZeroOptimizer``: any element-wise ``torch.optim.Optimizer`` run on this rank's shards only.
+
+Each flat buffer's shard is cut at parameter-group boundaries into *runs*; every run is one
+tensor (a view of the shard, with a view of the reduced gradient shard as ``.grad``) handed to
+the wrapped optimizer, so optimizer state exists only for this rank's elements. Element-wise
+optimizers (AdamW, Adam, SGD, ...) then give exactly the unsharded result. After the step,
+stages 1-2 all-gather the updated shards into every rank's full parameters; stage 3 keeps
+only the shards (the next forward gathers them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from parallax.optim import AdamW
+from parallax.zero.flat import FlatBuffer
+from parallax.zero.layout import Segment
+from parallax.zero.module import zero_state
+
+__all__ = ["Run", "ZeroOptimizer"]
+
+FORMAT = "parallax.zero/1"
+
+
+@dataclass(eq=False)
+class Run:
+    """Contiguous elements ``[lo, hi)`` of a buffer's shard that belong to one param group."""
+
+    buffer: FlatBuffer
+    group: int
+    lo: int
+    hi: int
+    segments: list[Segment]  # the parameter pieces it covers; shard_offset is relative to the run
+    param: nn.Parameter  # view of buffer.shard[lo:hi], what the wrapped optimizer updates
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.buffer.grad_shard
+        return None if g is None else g[self.lo: self.hi]
+
+
+def _runs(buffers: list[FlatBuffer], group_of: dict[str, int]) -> list[Run]:
+    runs: list[Run] = []
+    for buffer in buffers:
+        trainable = {s.name for s, t in zip(buffer.layout.slots, buffer.trainable) if t}
+        current: list[Segment] = []
+        for seg in buffer.layout.segments(buffer.rank):
+            if seg.name not in trainable or seg.name not in group_of:
+                continue
+            if current and (group_of[current[0].name] != group_of[seg.name]
+                            or current[-1].shard_offset + current[-1].numel != seg.shard_offset):
+                runs.append(_make_run(buffer, group_of, current))
+                current = []
+            current.append(seg)
+        if current:
+            runs.append(_make_run(buffer, group_of, current))
+    return runs
+
+
+def _make_run(buffer: FlatBuffer, group_of: dict[str, int], segments: list[Segment]) -> Run:
+    lo = segments[0].shard_offset
+    hi = segments[-1].shard_offset + segments[-1].numel
+    rel = [Segment(s.name, s.start, s.end, s.shard_offset - lo) for s in segments]
+    return Run(buffer, group_of[segments[0].name], lo, hi, rel, nn.Parameter(buffer.shard[lo:hi]))
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """Shards the optimizer of a model prepared by ``px.zero.shard``.
+
+    ``param_groups`` lists groups of the *model's* parameters with their options (as for any
+    torch optimizer); default: one group of every trainable parameter. ``defaults`` are the
+    wrapped optimizer's keyword arguments. Works with ``torch.optim.lr_scheduler``. Gradients
+    live in the shards, not in ``p.grad``: clip with ``clip_grad_norm_`` here.
+    """
+
+    def __init__(self, model: nn.Module, optimizer_cls: type[torch.optim.Optimizer] = AdamW, *,
+                 stage: int | None = None, param_groups: Iterable[dict[str, Any]] | None = None,
+                 **defaults: Any) -> None:
+        zs = zero_state(model)
+        if stage is not None and stage != zs.stage:
+            raise ValueError(f"stage={stage} but the model was sharded with stage {zs.stage}")
+        self.model = model
+        self.zero = zs
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = list(param_groups) if param_groups is not None else [
+            {"params": [p for p in model.parameters() if p.requires_grad]}]
+        group_of: dict[str, int] = {}
+        for gi, group in enumerate(groups):
+            params = group["params"]
+            for p in [params] if isinstance(params, torch.Tensor) else params:
+                if id(p) not in names:
+                    raise ValueError(f"param_groups[{gi}] holds a tensor that is not a parameter of the model")
+                if names[id(p)] in group_of:
+                    raise ValueError(f"parameter {names[id(p)]} appears in more than one param group")
+                group_of[names[id(p)]] = gi
+        self.runs = _runs(zs.buffers, group_of)
+        shard_groups = [{**{k: v for k, v in g.items() if k != "params"},
+                         "params": [r.param for r in self.runs if r.group == gi]} for gi, g in enumerate(groups)]
+        super().__init__(shard_groups, defaults)
+        # The wrapped optimizer shares our param-group dicts (an lr scheduler on this object
+        # reaches it) and its state is ours.
+        self.inner = optimizer_cls(self.param_groups, **defaults)
+        self.state = self.inner.state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Update this rank's shards; stages 1-2 then all-gather the full parameters."""
+        for run in self.runs:
+            run.param.grad = run.grad()
+        loss = self.inner.step(closure)
+        if self.zero.stage in (1, 2):
+            pending = [self.zero.comm.all_gather(b.full, b.shard, what=f"all_gather of updated flat buffer {b.index}")
+                       for b in self.zero.buffers]
+            for p in pending:
+                p.wait()
+        return loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; gradients are reduced into the shards as backward runs."""
+        loss.backward()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.zero.reducer.zero_grad()
+        for run in self.runs:
+            run.param.grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip like ``torch.nn.utils.clip_grad_norm_`` on the unsharded gradients; returns the total norm."""
+        grads = [b.grad_shard for b in self.zero.buffers if b.grad_shard is not None]
+        device = self.zero.buffers[0].device if self.zero.buffers else torch.device("cpu")
+        inf = math.isinf(norm_type)
+        if inf:
+            local = torch.stack([g.abs().max().float() for g in grads]).max() if grads else torch.zeros((), device=device)
+        else:
+            local = sum((g.float().pow(norm_type).sum() for g in grads), torch.zeros((), device=device))
+        if self.zero.stage > 0 and self.zero.comm.world_size > 1:
+            op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
+            work = torch.distributed.all_reduce(local, op=op, group=self.zero.comm.group, async_op=True)
+            if work.wait(timeout=self.zero.comm.timeout) is False:
+                raise self.zero.comm.error("all_reduce of the gradient norm", "timed out")
+        total = local if inf else local.pow(1.0 / norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
+    # ---------------------------------------------------------------- state
+
+    def layout_key(self) -> list[tuple]:
+        return [(r.buffer.index, r.group, r.lo, r.hi) for r in self.runs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the optimizer state (load it back with the same world size and
+        stage; ``px.checkpoint`` saves and reshards across world sizes and stages)."""
+        return {"format": FORMAT, "stage": self.zero.stage, "world_size": self.zero.comm.world_size,
+                "rank": self.zero.comm.rank, "layout": self.layout_key(), "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("format") != FORMAT:
+            raise ValueError("not a ZeroOptimizer state dict (use px.checkpoint.load for checkpoints)")
+        mine = (self.zero.stage, self.zero.comm.world_size, self.zero.comm.rank, self.layout_key())
+        theirs = (state_dict["stage"], state_dict["world_size"], state_dict["rank"],
+                  [tuple(k) for k in state_dict["layout"]])
+        if mine != theirs:
+            raise ValueError(f"this state was saved by rank {theirs[2]} of {theirs[1]} at stage {theirs[0]} with another "
+                             f"shard layout; px.checkpoint.save/load reshard between world sizes and stages")
+        self.inner.load_state_dict(state_dict["inner"])
+        self.state = self.inner.state
