@@ -102,11 +102,8 @@ def _broadcast_from_rank0(model: nn.Module, comm: Comm) -> None:
     """Every rank starts from rank 0's parameters and buffers, as DDP does."""
     if comm.world_size == 1:
         return
-    src = dist.get_global_rank(comm.group, 0) if comm.group is not None else 0
     for t in list(model.parameters()) + list(model.buffers()):
-        work = dist.broadcast(t.data, src=src, group=comm.group, async_op=True)
-        if work.wait(timeout=comm.timeout) is False:
-            raise comm.error("broadcast of initial parameters", "timed out")
+        comm.broadcast(t.detach(), what="broadcast of initial parameters").wait()
 
 
 def _buckets(named: list[tuple[str, nn.Parameter]], bucket_mb: float) -> list[list[tuple[str, nn.Parameter]]]:

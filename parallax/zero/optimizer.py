@@ -141,9 +141,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             local = sum((g.float().pow(norm_type).sum() for g in grads), torch.zeros((), device=device))
         if self.zero.stage > 0 and self.zero.comm.world_size > 1:
             op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
-            work = torch.distributed.all_reduce(local, op=op, group=self.zero.comm.group, async_op=True)
-            if work.wait(timeout=self.zero.comm.timeout) is False:
-                raise self.zero.comm.error("all_reduce of the gradient norm", "timed out")
+            self.zero.comm.all_reduce(local, "all_reduce of the gradient norm", op).wait()
         total = local if inf else local.pow(1.0 / norm_type)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:

@@ -27,7 +27,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeou
     import torch
 
     torch.set_num_threads(1)
-    result: object
+    result: tuple = ("error", "did not start")
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         result = ("ok", fn(rank, world_size, *args))
@@ -35,8 +35,31 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeou
         result = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
         if dist.is_initialized():
+            if result[0] == "ok":
+                try:  # let gloo's worker threads finish with the last collectives
+                    dist.barrier()
+                except RuntimeError:
+                    pass  # a peer is gone (the tests that kill a rank)
             dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def run_ranks_tolerating_exits(fn, world_size: int, *args, timeout_s: float = 60.0, wall_s: float = 120.0) -> dict:
+    """Like ``run_ranks`` but ranks may die (os._exit): {rank: (status, value)} of those that reported."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_port()
+        procs = [ctx.Process(target=_entry, args=(r, world_size, port, out_dir, fn, args, timeout_s))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(wall_s)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        return {r: pickle.loads(Path(out_dir, f"rank{r}.pkl").read_bytes())
+                for r in range(world_size) if Path(out_dir, f"rank{r}.pkl").exists()}
 
 
 def run_ranks(fn, world_size: int, *args, timeout_s: float = 60.0) -> list:

@@ -1,0 +1,428 @@
+"""Sharded, reshardable checkpoints of a ZeRO model and its optimizer.
+
+A checkpoint directory holds one safetensors file per rank with the pieces of parameters (and
+their element-wise optimizer state) that the rank owns, plus ``manifest.json``: parameter names,
+shapes and dtypes, tied names, each shard's pieces (name, element range, param group) and
+SHA-256, the optimizer's param-group hyperparameters, world size, stage and step. Because
+every piece is addressed by (parameter, element range), a checkpoint saved at any world size
+and stage loads into any other: each rank reads just the ranges it now owns.
+
+The write is atomic: every rank writes into one temporary directory, rank 0 adds the manifest
+and renames the directory into place. A failed save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallax.zero.module import ZeroState, zero_state
+from parallax.zero.optimizer import ZeroOptimizer
+
+__all__ = ["CheckpointError", "save", "load", "consolidate", "read_manifest"]
+
+FORMAT = "parallax.checkpoint/1"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model, or a corrupted one; the message names the problem."""
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as exc:
+        raise ImportError("parallax checkpoints need safetensors: pip install safetensors") from exc
+    return safetensors.torch
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _key(kind: str, name: str, start: int) -> str:
+    return f"{kind}/{name}/{start}"
+
+
+# ---------------------------------------------------------------------------- what a rank owns
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Tied names -> the canonical (first) name of the same parameter."""
+    canonical: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        canonical[id(p)] = name
+    aliases = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in canonical and canonical[id(t)] != name:
+            aliases[name] = canonical[id(t)]
+    return aliases
+
+
+def _local_pieces(zs: ZeroState, model: nn.Module) -> list[tuple[str, int, int, torch.Tensor]]:
+    """(name, start, end, values) of the parameter elements this rank saves."""
+    pieces = []
+    in_buffers = set()
+    for buffer in zs.buffers:
+        in_buffers.update(id(p) for p in buffer.params)
+        if zs.stage == 0 and zs.comm.rank != 0:
+            continue  # replicated: rank 0 saves it
+        for seg in buffer.layout.segments(buffer.rank):
+            pieces.append((seg.name, seg.start, seg.end, buffer.shard[seg.shard_offset: seg.shard_offset + seg.numel]))
+    if zs.comm.rank == 0:
+        for name, p in model.named_parameters():
+            if id(p) not in in_buffers:  # frozen parameters outside the flat buffers (stages 0-2)
+                pieces.append((name, 0, p.numel(), p.detach().reshape(-1)))
+    return pieces
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimizer | None = None, *,
+         step: int = 0, extra: dict[str, Any] | None = None) -> Path:
+    """Write this rank's shard (every rank must call it) and, on rank 0, the manifest; atomically.
+
+    ``extra`` is stored in the manifest (JSON); its ``"metadata"`` (str -> str) also goes into
+    ``consolidate``'s safetensors file.
+    """
+    st = _safetensors()
+    zs = zero_state(model)
+    comm = zs.comm
+    directory = Path(directory)
+    token = [uuid.uuid4().hex if comm.rank == 0 else None]
+    if comm.world_size > 1:
+        dist.broadcast_object_list(token, src=dist.get_global_rank(comm.group, 0) if comm.group else 0, group=comm.group)
+    tmp = directory.with_name(f".{directory.name}.tmp-{token[0]}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        mine = _write_shard(st, tmp, model, optimizer, zs)
+    except Exception as exc:  # every rank must learn of it, or the others wait for this one
+        mine = {"rank": comm.rank, "error": f"{type(exc).__name__}: {exc}"}
+    gathered = [mine]
+    if comm.world_size > 1:
+        gathered = [None] * comm.world_size
+        dist.all_gather_object(gathered, mine, group=comm.group)
+    failed = [g for g in gathered if "error" in g]
+    if not failed and comm.rank == 0:
+        try:
+            _write_manifest(tmp, model, optimizer, zs, step, extra, gathered)
+            _replace_dir(tmp, directory)
+        except Exception as exc:
+            failed = [{"rank": 0, "error": f"{type(exc).__name__}: {exc}"}]
+    if comm.world_size > 1:
+        status = [failed]
+        dist.broadcast_object_list(status, src=dist.get_global_rank(comm.group, 0) if comm.group else 0,
+                                   group=comm.group)
+        failed = status[0]
+        comm.barrier("barrier after saving a checkpoint")
+    if failed:
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        first = failed[0]
+        raise CheckpointError(f"saving {directory} failed on rank {first['rank']} ({first['error']}); "
+                              "any earlier checkpoint there is intact")
+    return directory
+
+
+def _write_shard(st, tmp: Path, model: nn.Module, optimizer: ZeroOptimizer | None, zs: ZeroState) -> dict:
+    """Write this rank's pieces (and, on rank 0, the module buffers); their index for the manifest."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    run_of = {}
+    if optimizer is not None:
+        for run in optimizer.runs:
+            for seg in run.segments:
+                run_of[(seg.name, seg.start)] = (run, seg)
+    for name, start, end, values in _local_pieces(zs, model):
+        tensors[_key("param", name, start)] = values.detach().cpu().clone()
+        entry = {"name": name, "start": start, "end": end, "group": None, "state": []}
+        found = run_of.get((name, start))
+        if found is not None:
+            run, seg = found
+            entry["group"] = run.group
+            for key, value in optimizer.inner.state.get(run.param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if value.dim() == 0:
+                    tensors[_key(f"scalar.{key}", name, start)] = value.detach().cpu().clone()
+                    entry["state"].append(key)
+                elif value.numel() == run.param.numel():
+                    piece = value.reshape(-1)[seg.shard_offset: seg.shard_offset + seg.numel]
+                    tensors[_key(f"state.{key}", name, start)] = piece.detach().cpu().clone()
+                    entry["state"].append(key)
+        entries.append(entry)
+    if zs.comm.rank == 0:
+        for name, t in model.state_dict(keep_vars=True).items():
+            if not isinstance(t, nn.Parameter):
+                tensors[f"buffer/{name}"] = t.detach().cpu().clone()
+    shard_file = tmp / f"shard_{zs.comm.rank:05d}.safetensors"
+    st.save_file(tensors, str(shard_file))
+    return {"rank": zs.comm.rank, "file": shard_file.name, "sha256": _sha256(shard_file), "entries": entries}
+
+
+def _write_manifest(tmp: Path, model, optimizer, zs: ZeroState, step, extra, shards) -> None:
+    aliases = _aliases(model)
+    params = {name: {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "requires_grad": p.requires_grad}
+              for name, p in model.named_parameters()}
+    buffers = {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+               for name, t in model.state_dict(keep_vars=True).items() if not isinstance(t, nn.Parameter)}
+    groups = None
+    if optimizer is not None:
+        groups = [{k: v for k, v in g.items() if k != "params" and _jsonable(v)} for g in optimizer.param_groups]
+    manifest = {"format": FORMAT, "step": step, "world_size": zs.comm.world_size, "stage": zs.stage,
+                "params": params, "aliases": aliases, "buffers": buffers,
+                "optimizer": None if optimizer is None else {"class": type(optimizer.inner).__name__, "param_groups": groups},
+                "shards": shards, "extra": extra or {}}
+    path = tmp / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- read
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"{directory} is not a parallax checkpoint: cannot read {MANIFEST} ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is corrupted: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+class _Source:
+    """Every piece of a checkpoint, addressed by parameter name and element range."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        st = _safetensors()
+        self.directory = directory
+        self.manifest = manifest
+        self.pieces: dict[str, list[tuple[int, int, dict, Any]]] = {}
+        self._files = {}
+        for shard in manifest["shards"]:
+            path = directory / shard["file"]
+            if not path.is_file():
+                raise CheckpointError(f"{directory}: shard {shard['file']} is missing")
+            if _sha256(path) != shard["sha256"]:
+                raise CheckpointError(f"{path} is corrupted: its SHA-256 does not match the manifest")
+            handle = st.safe_open(str(path), framework="pt")
+            self._files[shard["file"]] = handle
+            for entry in shard["entries"]:
+                self.pieces.setdefault(entry["name"], []).append((entry["start"], entry["end"], entry, handle))
+        for pieces in self.pieces.values():
+            pieces.sort(key=lambda p: p[0])
+
+    def read(self, kind: str, name: str, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements ``[start, end)`` of ``kind`` ('param' or 'state.KEY') of parameter ``name``."""
+        out, pos = [], start
+        for a, b, entry, handle in self.pieces.get(name, []):
+            if b <= pos or a >= end:
+                continue
+            if a > pos:
+                break
+            key = _key(kind, name, a)
+            if kind != "param" and kind.removeprefix("state.") not in entry["state"]:
+                raise CheckpointError(f"{self.directory}: no {kind} saved for {name}[{a}:{b}]")
+            out.append(handle.get_slice(key)[pos - a: min(b, end) - a])
+            pos = min(b, end)
+            if pos == end:
+                break
+        if pos != end:
+            raise CheckpointError(f"{self.directory}: elements {pos}..{end} of {name} are in no shard")
+        t = torch.cat(out) if len(out) > 1 else out[0]
+        return t if dtype is None else t.to(dtype)
+
+    def scalar(self, key: str, name: str, start: int) -> torch.Tensor:
+        for a, b, entry, handle in self.pieces.get(name, []):
+            if a <= start < b and key in entry["state"]:
+                return handle.get_tensor(_key(f"scalar.{key}", name, a))
+        raise CheckpointError(f"{self.directory}: no {key} saved for {name} at element {start}")
+
+    def has_scalar(self, key: str, name: str, start: int) -> bool:
+        for a, b, _, handle in self.pieces.get(name, []):
+            if a <= start < b:
+                return _key(f"scalar.{key}", name, a) in handle.keys()
+        return False
+
+    def state_keys(self, name: str, start: int) -> list[str]:
+        for a, b, entry, _ in self.pieces.get(name, []):
+            if a <= start < b:
+                return entry["state"]
+        return []
+
+    def buffer(self, name: str) -> torch.Tensor:
+        handle = self._files[self.manifest["shards"][0]["file"]]
+        return handle.get_tensor(f"buffer/{name}")
+
+
+# ---------------------------------------------------------------------------- load
+
+
+@torch.no_grad()
+def load(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimizer | None = None) -> dict[str, Any]:
+    """Load a checkpoint saved at any world size and stage into this (sharded) model and optimizer.
+
+    Everything is read and checked (names, shapes, coverage, checksums) before the model or the
+    optimizer changes, so a bad checkpoint raises ``CheckpointError`` and leaves both untouched.
+    Returns the manifest (``step``, ``extra``, ...).
+    """
+    directory = Path(directory)
+    zs = zero_state(model)
+    manifest = read_manifest(directory)
+    _check_model(manifest, model)
+    source = _Source(directory, manifest)
+
+    # 1. parameters: what this rank holds (full buffers in stages 0-2, its shard in stage 3)
+    param_updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+    in_buffers = set()
+    for buffer in zs.buffers:
+        in_buffers.update(id(p) for p in buffer.params)
+        if zs.stage == 3:
+            for seg in buffer.layout.segments(buffer.rank):
+                dst = buffer.shard[seg.shard_offset: seg.shard_offset + seg.numel]
+                param_updates.append((dst, source.read("param", seg.name, seg.start, seg.end, buffer.dtype)))
+        else:
+            for slot in buffer.layout.slots:
+                dst = buffer.full[slot.offset: slot.offset + slot.numel]
+                param_updates.append((dst, source.read("param", slot.name, 0, slot.numel, buffer.dtype)))
+    for name, p in model.named_parameters():
+        if id(p) not in in_buffers:
+            param_updates.append((p.data.reshape(-1), source.read("param", name, 0, p.numel(), p.dtype)))
+    buffer_updates = [(t, source.buffer(name)) for name, t in model.state_dict(keep_vars=True).items()
+                      if not isinstance(t, nn.Parameter)]
+
+    # 2. optimizer state for this rank's runs, as a state dict of the wrapped optimizer
+    inner_state = None
+    if optimizer is not None:
+        inner_state = _optimizer_state(source, manifest, optimizer)
+
+    # 3. nothing failed: apply
+    for dst, src in param_updates + buffer_updates:
+        dst.copy_(src)
+    if inner_state is not None:
+        optimizer.inner.load_state_dict(inner_state)
+        optimizer.state = optimizer.inner.state
+    return manifest
+
+
+def _check_model(manifest: dict[str, Any], model: nn.Module) -> None:
+    saved = manifest["params"]
+    for name, p in model.named_parameters():
+        if name not in saved:
+            raise CheckpointError(f"the checkpoint has no parameter {name} (first mismatch)")
+        if list(p.shape) != saved[name]["shape"]:
+            raise CheckpointError(f"parameter {name}: the checkpoint holds shape {tuple(saved[name]['shape'])}, "
+                                  f"the model {tuple(p.shape)} (first mismatch)")
+    names = {n for n, _ in model.named_parameters()}
+    extra = sorted(set(saved) - names)
+    if extra:
+        raise CheckpointError(f"the model has no parameter {extra[0]} that the checkpoint holds (first mismatch)")
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, nn.Parameter):
+            if name not in manifest["buffers"] or list(t.shape) != manifest["buffers"][name]["shape"]:
+                raise CheckpointError(f"buffer {name} is missing from the checkpoint or has another shape (first mismatch)")
+
+
+def _optimizer_state(source: _Source, manifest: dict[str, Any], optimizer: ZeroOptimizer) -> dict[str, Any]:
+    saved = manifest.get("optimizer")
+    if saved is None:
+        raise CheckpointError(f"{source.directory} holds no optimizer state")
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(groups)} param groups, this one "
+                              f"{len(optimizer.param_groups)}")
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for run in optimizer.runs:
+        first = run.segments[0]
+        keys = source.state_keys(first.name, first.start)
+        if not keys:
+            continue  # never stepped when saved
+        entry: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if source.has_scalar(key, first.name, first.start):
+                entry[key] = source.scalar(key, first.name, first.start)
+            else:
+                entry[key] = torch.cat([source.read(f"state.{key}", s.name, s.start, s.end) for s in run.segments])
+        state[index[id(run.param)]] = entry
+    param_groups = []
+    for saved_group, group in zip(groups, optimizer.param_groups):
+        param_groups.append({**group, **saved_group, "params": [index[id(p)] for p in group["params"]]})
+    return {"state": state, "param_groups": param_groups}
+
+
+# ---------------------------------------------------------------------------- consolidate
+
+
+def consolidate(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the checkpoint's full parameters (and buffers) as one safetensors file, atomically.
+
+    Needs no process group. Tied parameters are stored once under their first name; the
+    manifest's ``extra["metadata"]`` becomes the file's metadata (e.g. the GPT config, so that
+    ``GPT.load(out)`` works).
+    """
+    st = _safetensors()
+    directory, out = Path(directory), Path(out)
+    manifest = read_manifest(directory)
+    source = _Source(directory, manifest)
+    tensors = {}
+    for name, meta in manifest["params"].items():
+        numel = 1
+        for d in meta["shape"]:
+            numel *= d
+        tensors[name] = source.read("param", name, 0, numel, getattr(torch, meta["dtype"])).reshape(meta["shape"])
+    for name in manifest["buffers"]:
+        tensors[name] = source.buffer(name)
+    metadata = {k: str(v) for k, v in manifest.get("extra", {}).get("metadata", {}).items()}
+    metadata["parallax.aliases"] = json.dumps(manifest["aliases"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        st.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
