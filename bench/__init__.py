@@ -29,6 +29,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "training step throughput: the parallax train loop vs a plain PyTorch loop on the same model and data "
         "(runtime overhead)",
     ),
+    "zero": (
+        ".zero",
+        "ZeRO data parallelism on 2 gloo ranks: parallax stages 0-3 vs torch DDP and FSDP2, step time, "
+        "model-state memory against the ZeRO paper's formula, parameter agreement",
+    ),
 }
 
 

@@ -54,4 +54,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")
+    logging.getLogger("parallax.train.memory").setLevel(logging.INFO)  # the memory report of every rank
     return _train(args, argv)

@@ -28,7 +28,7 @@ from torch import nn
 from parallax.zero.module import ZeroState, zero_state
 from parallax.zero.optimizer import ZeroOptimizer
 
-__all__ = ["CheckpointError", "save", "load", "consolidate", "read_manifest"]
+__all__ = ["CheckpointError", "save", "load", "consolidate", "full_tensors", "read_manifest"]
 
 FORMAT = "parallax.checkpoint/1"
 MANIFEST = "manifest.json"
@@ -342,8 +342,7 @@ def load(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimize
     for dst, src in param_updates + buffer_updates:
         dst.copy_(src)
     if inner_state is not None:
-        optimizer.inner.load_state_dict(inner_state)
-        optimizer.state = optimizer.inner.state
+        optimizer.load_inner_state_dict(inner_state)
     return manifest
 
 
@@ -396,15 +395,12 @@ def _optimizer_state(source: _Source, manifest: dict[str, Any], optimizer: ZeroO
 # ---------------------------------------------------------------------------- consolidate
 
 
-def consolidate(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the checkpoint's full parameters (and buffers) as one safetensors file, atomically.
+def full_tensors(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every full parameter (tied ones once) and buffer of a checkpoint, and its manifest.
 
-    Needs no process group. Tied parameters are stored once under their first name; the
-    manifest's ``extra["metadata"]`` becomes the file's metadata (e.g. the GPT config, so that
-    ``GPT.load(out)`` works).
+    Needs no process group: for export, inspection and single-process inference.
     """
-    st = _safetensors()
-    directory, out = Path(directory), Path(out)
+    directory = Path(directory)
     manifest = read_manifest(directory)
     source = _Source(directory, manifest)
     tensors = {}
@@ -415,6 +411,19 @@ def consolidate(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
         tensors[name] = source.read("param", name, 0, numel, getattr(torch, meta["dtype"])).reshape(meta["shape"])
     for name in manifest["buffers"]:
         tensors[name] = source.buffer(name)
+    return tensors, manifest
+
+
+def consolidate(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the checkpoint's full parameters (and buffers) as one safetensors file, atomically.
+
+    Needs no process group. Tied parameters are stored once under their first name; the
+    manifest's ``extra["metadata"]`` becomes the file's metadata (e.g. the GPT config, so that
+    ``GPT.load(out)`` works).
+    """
+    st = _safetensors()
+    out = Path(out)
+    tensors, manifest = full_tensors(directory)
     metadata = {k: str(v) for k, v in manifest.get("extra", {}).get("metadata", {}).items()}
     metadata["parallax.aliases"] = json.dumps(manifest["aliases"])
     out.parent.mkdir(parents=True, exist_ok=True)

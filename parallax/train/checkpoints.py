@@ -1,28 +1,30 @@
-"""Training checkpoints: ``OUT/checkpoints/step_NNNNNN/`` written atomically (temp dir, then rename).
+"""Training checkpoints: ``OUT/checkpoints/step_NNNNNN/``, each a sharded ``px.checkpoint``.
 
-Each holds ``model.safetensors`` (weights + GPTConfig, loadable with ``GPT.load``) and
-``train_state.pt`` (optimizer state, step, run config). A crash mid-write leaves only a
-``.tmp-*`` directory that is never read and is removed by the next save.
+Written atomically by every rank (temporary directory, then rename), loadable at any world
+size and ZeRO stage (``--resume`` after changing ``--nproc`` or ``--zero-stage`` works), and
+readable without a process group by ``load_model`` (for sampling, export, inference).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
-from parallax.models import GPT
+from parallax import checkpoint
+from parallax.models import GPT, GPTConfig
+from parallax.zero import ZeroOptimizer
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "list_checkpoints"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_model", "GPT_CONFIG_KEY"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step_(\d{6,})$")
+GPT_CONFIG_KEY = "parallax.gpt_config"  # same metadata key as GPT.save, so consolidated files load with GPT.load
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -30,11 +32,8 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _NAME.match(child.name)
-        if match and (child / "train_state.pt").is_file() and (child / "model.safetensors").is_file():
-            found.append((int(match.group(1)), child))
+    found = [(int(m.group(1)), child) for child in root.iterdir()
+             if (m := _NAME.match(child.name)) and (child / checkpoint.sharded.MANIFEST).is_file()]
     return sorted(found)
 
 
@@ -43,33 +42,28 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(root: str | Path, model: GPT, optimizer: torch.optim.Optimizer, *, step: int,
-                    config: dict[str, Any], keep: int) -> Path:
-    """Write step ``step`` under ``root`` atomically and keep only the ``keep`` newest."""
+def save_checkpoint(root: str | Path, model: nn.Module, optimizer: ZeroOptimizer, *, step: int,
+                    config: dict[str, Any], gpt_config: GPTConfig, keep: int, is_main: bool) -> Path:
+    """Every rank writes its shard of step ``step``; rank 0 then keeps only the ``keep`` newest."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
-        model.save(tmp / "model.safetensors")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": config}, tmp / "train_state.pt")
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    log.info("checkpoint: saved step %d to %s", step, final)
-    return final
+    path = root / f"step_{step:06d}"
+    checkpoint.save(path, model, optimizer, step=step,
+                    extra={"train_config": config, "metadata": {GPT_CONFIG_KEY: json.dumps(gpt_config.to_dict())}})
+    if is_main:
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: saved step %d to %s", step, path)
+    return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:
-    """The model and the train state (``step``, ``optimizer``, ``config``) of one checkpoint."""
-    path = Path(path)
-    model = GPT.load(path / "model.safetensors")
-    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
-    return model, state
+def load_model(path: str | Path) -> GPT:
+    """The GPT of a training checkpoint, on CPU, without a process group."""
+    tensors, manifest = checkpoint.full_tensors(path)
+    metadata = manifest.get("extra", {}).get("metadata", {})
+    if GPT_CONFIG_KEY not in metadata:
+        raise checkpoint.CheckpointError(f"{path} holds no GPT config (was it written by parallax train?)")
+    model = GPT(GPTConfig.from_dict(json.loads(metadata[GPT_CONFIG_KEY])))
+    for alias, name in manifest["aliases"].items():
+        tensors.setdefault(alias, tensors[name])
+    model.load_state_dict(tensors)
+    return model

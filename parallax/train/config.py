@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from parallax.models import GPTConfig
+from parallax.runtime import RuntimeConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load_config_file", "add_config_arguments", "config_from_args"]
 
@@ -34,7 +35,9 @@ class TrainConfig:
     eval_interval / eval_batches: validation every N steps on a fixed set of batches (and at the end).
     checkpoint_interval: save every N steps (and at the end); keep_checkpoints newest are kept.
     resume: continue from the newest checkpoint in ``out``; overwrite: replace a previous run there.
-    nproc: local processes (gloo on CPU, NCCL on GPU) with gradient all-reduce.
+    nproc: local processes (gloo on CPU, NCCL on GPU).
+    zero_stage / bucket_mb / prefetch / timeout_s: the ZeRO data parallelism of ``px.RuntimeConfig``
+        (0 = gradient all-reduce, 1-3 shard optimizer state, gradients, parameters).
     """
 
     preset: str = "tiny"
@@ -59,6 +62,10 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     nproc: int = 1
+    zero_stage: int = 0
+    bucket_mb: float = 25.0
+    prefetch: int = 1
+    timeout_s: float = 600.0
     seed: int = 1337
     device: str = "auto"
 
@@ -90,6 +97,7 @@ class TrainConfig:
             raise ConfigError(f"model must be a table of GPTConfig fields, got {self.model!r}")
         try:
             self.gpt_config()
+            self.runtime_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -99,6 +107,10 @@ class TrainConfig:
         if self.block_size is not None:
             overrides["block_size"] = self.block_size
         return GPTConfig.from_preset(self.preset, **overrides)
+
+    def runtime_config(self) -> RuntimeConfig:
+        return RuntimeConfig(zero_stage=self.zero_stage, bucket_mb=self.bucket_mb, prefetch=self.prefetch,
+                             timeout_s=self.timeout_s)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ of an uninterrupted run bit for bit, with no sampler or RNG state to save.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -19,17 +20,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from parallax import checkpoint
 from parallax.data import TokenDataset, load_dataset
-from parallax.distributed import DistInfo, init_from_env
+from parallax.distributed import DistInfo, init_from_env, shutdown
 from parallax.models import GPT
 from parallax.optim import AdamW
-from parallax.train.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from parallax.runtime import initialize
+from parallax.train.checkpoints import GPT_CONFIG_KEY, latest_checkpoint, list_checkpoints, save_checkpoint
 from parallax.train.config import ConfigError, TrainConfig
 from parallax.train.metrics import MetricsLog, plot_losses
+from parallax.zero import memory_report
+from parallax.zero.module import zero_state
 
 __all__ = ["TrainResult", "train", "lr_at", "param_groups", "validate_before_launch"]
 
 log = logging.getLogger(__name__)
+memory_log = logging.getLogger("parallax.train.memory")  # shown on every rank (the CLI sets it to INFO)
 SAMPLE_PROMPT = "The "
 
 
@@ -117,57 +123,64 @@ def validate_before_launch(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, *, progress: bool = True,
           on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``; rank 0 writes everything under ``cfg.out``.
+    """Run (or resume) the training described by ``cfg``; rank 0 writes the metrics and plot.
 
-    ``on_step(step, record)`` is called on every rank after each optimizer step (1-based step).
-    Bad configuration raises ``ConfigError``/``DataError`` before anything is written.
+    The model runs under ``px.initialize`` with ``cfg.zero_stage`` on every rank (a single
+    process gets a process group of world size 1). ``on_step(step, record)`` is called on
+    every rank after each optimizer step (1-based step). Bad configuration raises
+    ``ConfigError``/``DataError`` before anything is written.
     """
     device = _device(cfg.device)
     ds, gpt_config, resume_from = _validate(cfg)
-
-    info = init_from_env(device.type)
-    torch.manual_seed(cfg.seed)
-    start = 0
-    if resume_from is not None:
-        model, state = load_checkpoint(resume_from)
-        if model.config.to_dict() != gpt_config.to_dict():
-            raise ConfigError(f"resume: the checkpoint {resume_from} holds a different model "
-                              f"({model.config.to_dict()}) than this config ({gpt_config.to_dict()})")
-        start = int(state["step"])
-        if start >= cfg.steps:
-            raise ConfigError(f"resume: checkpoint {resume_from} is at step {start}, steps is {cfg.steps}: nothing to do")
-    else:
-        model = GPT(gpt_config)
-    model.to(device)
-    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    if resume_from is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    wrapped: torch.nn.Module = model
-    if info.world_size > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    out = Path(cfg.out)
-    metrics = None
-    if info.is_main:
-        if cfg.overwrite:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "loss.png").unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)
-        log.info("train: %s, %.2fM parameters, %d process(es), steps %d..%d on %s", cfg.preset,
-                 model.num_params() / 1e6, info.world_size, start + 1, cfg.steps, device)
+    created_group = not dist.is_initialized()
+    info = init_from_env(device.type, cfg.timeout_s)
     try:
-        return _loop(cfg, ds, model, wrapped, optimizer, info, device, start, metrics, progress, on_step)
+        torch.manual_seed(cfg.seed)
+        model = GPT(gpt_config).to(device)
+        model, optimizer = initialize(model, cfg.runtime_config(), optimizer_cls=AdamW,
+                                      param_groups=param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        start = 0
+        if resume_from is not None:
+            start = _resume(resume_from, model, optimizer, gpt_config, cfg)
+        out = Path(cfg.out)
+        metrics = None
+        if info.is_main:
+            if cfg.overwrite:
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                (out / "loss.png").unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)
+            log.info("train: %s, %.2fM parameters, %d process(es), ZeRO stage %d, steps %d..%d on %s", cfg.preset,
+                     model.num_params() / 1e6, info.world_size, cfg.zero_stage, start + 1, cfg.steps, device)
+        try:
+            return _loop(cfg, ds, model, optimizer, info, device, start, metrics, progress, on_step)
+        finally:
+            if metrics is not None:
+                metrics.close()
     finally:
-        if metrics is not None:
-            metrics.close()
+        if created_group:
+            shutdown()
 
 
-def _loop(cfg, ds, model, wrapped, optimizer, info: DistInfo, device, start, metrics, progress, on_step) -> TrainResult:
+def _resume(path: Path, model: GPT, optimizer, gpt_config, cfg: TrainConfig) -> int:
+    manifest = checkpoint.read_manifest(path)
+    saved = manifest.get("extra", {}).get("metadata", {}).get(GPT_CONFIG_KEY)
+    if saved is None or json.loads(saved) != gpt_config.to_dict():
+        raise ConfigError(f"resume: the checkpoint {path} holds a different model ({saved}) than this config "
+                          f"({json.dumps(gpt_config.to_dict())})")
+    if manifest["step"] >= cfg.steps:
+        raise ConfigError(f"resume: checkpoint {path} is at step {manifest['step']}, steps is {cfg.steps}: nothing to do")
+    checkpoint.load(path, model, optimizer)
+    return int(manifest["step"])
+
+
+def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, progress, on_step) -> TrainResult:
+    comm = zero_state(model).comm
     block_size = model.config.block_size
     tokens_per_step = cfg.batch_size * block_size * info.world_size
     bar = _progress_bar(cfg, start) if (progress and info.is_main) else None
-    initial_val = _evaluate(model, ds, cfg, block_size, device) if (info.is_main and start == 0) else None
+    # Every rank evaluates (stage 3 needs all of them for its gathers); rank 0 logs.
+    initial_val = _evaluate(model, ds, cfg, block_size, device) if start == 0 else None
     if metrics is not None and initial_val is not None:
         metrics.write({"step": 0, "val_loss": initial_val})
     loss_value = val_loss = tokens_per_s = None
@@ -179,30 +192,34 @@ def _loop(cfg, ds, model, wrapped, optimizer, info: DistInfo, device, start, met
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = wrapped(x, y)
-        loss.backward()
+        loss = model(x, y)
+        optimizer.backward(loss)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.clip_grad_norm_(cfg.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
+        if step == start:
+            report = memory_report(model, optimizer)
+            memory_log.info("memory, rank %d of %d (ZeRO stage %d): parameters %.2f MB, gradients %.2f MB, "
+                            "optimizer state %.2f MB", report["rank"], report["world_size"], report["stage"],
+                            report["param_bytes"] / 2**20, report["grad_bytes"] / 2**20,
+                            report["optimizer_bytes"] / 2**20)
         window_tokens += tokens_per_step
         done = step + 1
         record: dict[str, Any] = {"step": done}
         if done % cfg.log_interval == 0 or done == cfg.steps:
-            loss_value = _global_mean(loss.detach(), info)
+            loss_value = _global_mean(loss.detach(), comm)
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record.update(loss=loss_value, tokens_per_s=tokens_per_s, lr=lr)
-        if info.is_main and (done % cfg.eval_interval == 0 or done == cfg.steps):
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
             val_loss = _evaluate(model, ds, cfg, block_size, device)
             record["val_loss"] = val_loss
         if metrics is not None and len(record) > 1:
             metrics.write(record)
         if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
-            if info.is_main:
-                save_checkpoint(Path(cfg.out) / "checkpoints", model, optimizer, step=done,
-                                config=cfg.to_dict() | {"data_hash": ds.content_hash}, keep=cfg.keep_checkpoints)
-            if info.world_size > 1:
-                dist.barrier()
+            save_checkpoint(Path(cfg.out) / "checkpoints", model, optimizer, step=done,
+                            config=cfg.to_dict() | {"data_hash": ds.content_hash}, gpt_config=model.config,
+                            keep=cfg.keep_checkpoints, is_main=info.is_main)
         if "loss" in record:  # restart the throughput window after logging, eval and checkpoint
             window_tokens, window_start = 0, time.perf_counter()
         if bar is not None:
@@ -214,18 +231,18 @@ def _loop(cfg, ds, model, wrapped, optimizer, info: DistInfo, device, start, met
             on_step(done, record)
     if bar is not None:
         bar.close()
-    sample = None
+    sample = _sample(model, ds, cfg, device)
     if info.is_main:
         plot_losses(Path(cfg.out) / "metrics.jsonl", Path(cfg.out) / "loss.png")
-        sample = _sample(model, ds, cfg, device)
-    return TrainResult(Path(cfg.out), cfg.steps, loss_value, val_loss, initial_val, tokens_per_s, sample)
+    return TrainResult(Path(cfg.out), cfg.steps, loss_value, val_loss, initial_val, tokens_per_s,
+                       sample if info.is_main else None)
 
 
-def _global_mean(value: torch.Tensor, info: DistInfo) -> float:
-    if info.world_size > 1:
+def _global_mean(value: torch.Tensor, comm) -> float:
+    if comm.world_size > 1:
         value = value.clone()
-        dist.all_reduce(value)
-        value /= info.world_size
+        comm.all_reduce(value, "all_reduce of the logged loss").wait()
+        value /= comm.world_size
     return value.item()
 
 

@@ -168,5 +168,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if mine != theirs:
             raise ValueError(f"this state was saved by rank {theirs[2]} of {theirs[1]} at stage {theirs[0]} with another "
                              f"shard layout; px.checkpoint.save/load reshard between world sizes and stages")
-        self.inner.load_state_dict(state_dict["inner"])
+        self.load_inner_state_dict(state_dict["inner"])
+
+    def load_inner_state_dict(self, inner_state_dict: dict[str, Any]) -> None:
+        """Load a state dict of the wrapped optimizer (its params numbered like ours)."""
+        self.inner.load_state_dict(inner_state_dict)
+        # torch's load_state_dict replaces the param-group dicts: share the new ones again, or
+        # an lr scheduler (or a loop setting group["lr"]) would no longer reach the optimizer.
+        self.param_groups = self.inner.param_groups
         self.state = self.inner.state

@@ -44,9 +44,12 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     params = sum(b.resident_param_bytes() for b in zs.buffers)
     params += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_buffers)
     grads = 0
+    seen_grads: set[int] = set()
     for b in zs.buffers:
-        for t in {id(t): t for t in (b.grad_full, b.grad_shard) if t is not None}.values():
-            grads += t.numel() * t.element_size()
+        for t in (b.grad_full, b.grad_shard):  # the shard may be a view of the full buffer (stage 1)
+            if t is not None and t.untyped_storage().data_ptr() not in seen_grads:
+                seen_grads.add(t.untyped_storage().data_ptr())
+                grads += t.untyped_storage().nbytes()
     opt = 0
     if optimizer is not None:
         seen: set[int] = set()

@@ -69,7 +69,7 @@ def reference_run(steps: int, accum: int, clip: float | None, global_batch: int 
 
 
 def zero_run(rank: int, world: int, stage: int, steps: int, accum: int, clip: float | None,
-             global_batch: int = 8, seq: int = 5, optimizer_cls=None):
+             sync_every_micro_step: bool = False, global_batch: int = 8, seq: int = 5, optimizer_cls=None):
     torch.manual_seed(0)
     model = TinyNet()
     model, opt = px.initialize(model, px.RuntimeConfig(zero_stage=stage, bucket_mb=0.0005, timeout_s=60),
@@ -81,7 +81,7 @@ def zero_run(rank: int, world: int, stage: int, steps: int, accum: int, clip: fl
         for micro in range(accum):
             idx, tgt = _batches(step, micro, global_batch, seq, 11)
             idx, tgt = idx[rank * local:(rank + 1) * local], tgt[rank * local:(rank + 1) * local]
-            model.set_requires_gradient_sync(micro == accum - 1)
+            model.set_requires_gradient_sync(sync_every_micro_step or micro == accum - 1)
             opt.backward(model(idx, tgt) / accum)
         if clip is not None:
             norms.append(float(opt.clip_grad_norm_(clip)))
@@ -91,13 +91,14 @@ def zero_run(rank: int, world: int, stage: int, steps: int, accum: int, clip: fl
 
 
 def parity(rank: int, world: int, cases: list[tuple]) -> list[dict]:
-    """For each (stage, steps, accum, clip): max |zero - reference| per state entry, and norms."""
+    """For each (stage, steps, accum, clip, sync every micro-step): max |zero - reference| per
+    state entry, and the clipped norms."""
     out = []
-    for stage, steps, accum, clip in cases:
-        state, norms, report = zero_run(rank, world, stage, steps, accum, clip)
+    for stage, steps, accum, clip, sync_all in cases:
+        state, norms, report = zero_run(rank, world, stage, steps, accum, clip, sync_all)
         ref_state, ref_norms = reference_run(steps, accum, clip)
         diffs = {k: float((state[k] - ref_state[k]).abs().max()) for k in ref_state}
-        out.append({"case": (stage, steps, accum, clip), "diffs": diffs, "norms": norms, "ref_norms": ref_norms,
+        out.append({"case": (stage, steps, accum, clip, sync_all), "diffs": diffs, "norms": norms, "ref_norms": ref_norms,
                     "report": report})
         dist.barrier()
     return out
@@ -150,6 +151,7 @@ def resume_from(rank: int, world: int, stage: int, steps: int, directory: str) -
                                param_groups=_groups(model), lr=5.0, betas=(0.5, 0.5))
     manifest = px.checkpoint.load(directory, model, opt)
     assert manifest["extra"] == {"note": "test"}
+    assert opt.param_groups is opt.inner.param_groups, "an lr scheduler would not reach the loaded optimizer"
     return _train_steps(model, opt, rank, world, steps, start=manifest["step"])
 
 

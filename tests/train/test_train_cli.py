@@ -13,7 +13,7 @@ import torch
 
 from parallax.models import GPT
 from parallax.train import ConfigError, TrainConfig, train
-from parallax.train.checkpoints import list_checkpoints
+from parallax.train.checkpoints import list_checkpoints, load_model
 from parallax.train.metrics import read_metrics
 from tests.helpers import assert_close
 
@@ -48,7 +48,7 @@ def test_training_learns_and_writes_its_outputs(tmp_path):
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert isinstance(result.sample, str) and result.sample.startswith("The ")
     # The final checkpoint is a loadable model.
-    model = GPT.load(out / "checkpoints/step_000080/model.safetensors")
+    model = load_model(out / "checkpoints/step_000080")
     assert model.config.n_layer == 2
 
 
@@ -73,29 +73,52 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert [r["step"] for r in split] == [r["step"] for r in full]
     for a, b in zip(full, split):
         assert a.get("loss") == b.get("loss") and a.get("val_loss") == b.get("val_loss"), (a, b)
-    final_full = GPT.load(tmp_path / "full/checkpoints/step_000020/model.safetensors")
-    final_split = GPT.load(tmp_path / "split/checkpoints/step_000020/model.safetensors")
+    final_full = load_model(tmp_path / "full/checkpoints/step_000020")
+    final_split = load_model(tmp_path / "split/checkpoints/step_000020")
     for (name, p), q in zip(final_full.named_parameters(), final_split.parameters()):
         assert torch.equal(p, q), name
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    """--nproc 2 (gloo, gradient all-reduce) with batch 4 each == 1 process with batch 8."""
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, zero_stage):
+    """--nproc 2 (gloo) with batch 4 each == 1 process with batch 8, for plain data parallelism
+    (stage 0, gradient all-reduce) and fully sharded ZeRO-3; each rank reports its memory."""
     flags = ["--model", "n_layer=2", "--model", "n_head=2", "--model", "n_embd=64", "--block-size", "64",
              "--steps", "6", "--log-interval", "1", "--eval-interval", "6", "--eval-batches", "2",
              "--sample-tokens", "0", "--grad-clip", "0"]
-    two = _run_cli("train", *flags, "--nproc", "2", "--batch-size", "4", "--out", "two", cwd=tmp_path)
+    two = _run_cli("train", *flags, "--nproc", "2", "--zero-stage", str(zero_stage), "--batch-size", "4",
+                   "--out", "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"memory, rank {rank} of 2 (ZeRO stage {zero_stage})" in two.stderr, two.stderr[-2000:]
     one = _run_cli("train", *flags, "--batch-size", "8", "--out", "one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     losses = lambda d: [r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert len(losses("two")) == 6
     for a, b in zip(losses("two"), losses("one")):
         assert abs(a - b) < 1e-5, (losses("two"), losses("one"))
-    m2 = GPT.load(tmp_path / "two/checkpoints/step_000006/model.safetensors")
-    m1 = GPT.load(tmp_path / "one/checkpoints/step_000006/model.safetensors")
+    m2 = load_model(tmp_path / "two/checkpoints/step_000006")
+    m1 = load_model(tmp_path / "one/checkpoints/step_000006")
     for (name, p), q in zip(m2.named_parameters(), m1.parameters()):
         assert_close(p, q, atol=1e-5, name=name)
+
+
+def test_resume_with_another_process_count_and_stage(tmp_path):
+    """A checkpoint of 2 ranks at ZeRO-2 resumes in 1 process at stage 0 and continues the same
+    training as an uninterrupted single-process run (sharded checkpoints reshard)."""
+    flags = ["--model", "n_layer=2", "--model", "n_head=2", "--model", "n_embd=64", "--block-size", "64",
+             "--steps", "8", "--log-interval", "1", "--eval-interval", "8", "--eval-batches", "2",
+             "--sample-tokens", "0", "--checkpoint-interval", "4"]
+    ref = _run_cli("train", *flags, "--batch-size", "8", "--out", "ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    half = _run_cli("train", *flags, "--steps", "4", "--nproc", "2", "--zero-stage", "2", "--batch-size", "4",
+                    "--out", "run", cwd=tmp_path)
+    assert half.returncode == 0, half.stderr[-3000:]
+    rest = _run_cli("train", *flags, "--batch-size", "8", "--out", "run", "--resume", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r}  # noqa: E731
+    for step in range(5, 9):
+        assert abs(loss("run")[step] - loss("ref")[step]) < 1e-5, (step, loss("run"), loss("ref"))
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
