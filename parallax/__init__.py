@@ -1,6 +1,6 @@
 """parallax: a thin runtime under PyTorch for training and serving LLMs in less memory, faster."""
 
-from parallax import _extension, checkpoint, ops, optim, zero
+from parallax import checkpoint, ops, optim, zero
 from parallax._extension import build_info
 from parallax.runtime import RuntimeConfig, initialize
 

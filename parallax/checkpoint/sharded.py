@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from parallax.zero.module import ZeroState, zero_state
@@ -102,43 +101,51 @@ def save(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimize
     """Write this rank's shard (every rank must call it) and, on rank 0, the manifest; atomically.
 
     ``extra`` is stored in the manifest (JSON); its ``"metadata"`` (str -> str) also goes into
-    ``consolidate``'s safetensors file.
+    ``consolidate``'s safetensors file. If any rank fails, every rank raises ``CheckpointError``
+    naming it, and an earlier checkpoint at ``directory`` is left as it was. The directory must
+    be on a file system that all ranks share (as for any multi-rank checkpoint).
     """
     st = _safetensors()
     zs = zero_state(model)
     comm = zs.comm
     directory = Path(directory)
-    token = [uuid.uuid4().hex if comm.rank == 0 else None]
-    if comm.world_size > 1:
-        dist.broadcast_object_list(token, src=dist.get_global_rank(comm.group, 0) if comm.group else 0, group=comm.group)
-    tmp = directory.with_name(f".{directory.name}.tmp-{token[0]}")
+    # Only tensor collectives, each waited and drained (object collectives leave work that gloo's
+    # thread may free at interpreter exit, which aborts the process).
+    token = torch.randint(0, 2**62, (1,), device=comm.device) if comm.rank == 0 else torch.zeros(1, dtype=torch.int64, device=comm.device)
+    comm.broadcast(token, what="broadcast of the checkpoint's temporary name").wait()
+    tmp = directory.with_name(f".{directory.name}.tmp-{int(token.item()):x}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        mine = _write_shard(st, tmp, model, optimizer, zs)
-    except Exception as exc:  # every rank must learn of it, or the others wait for this one
-        mine = {"rank": comm.rank, "error": f"{type(exc).__name__}: {exc}"}
-    gathered = [mine]
-    if comm.world_size > 1:
-        gathered = [None] * comm.world_size
-        dist.all_gather_object(gathered, mine, group=comm.group)
-    failed = [g for g in gathered if "error" in g]
-    if not failed and comm.rank == 0:
-        try:
-            _write_manifest(tmp, model, optimizer, zs, step, extra, gathered)
-            _replace_dir(tmp, directory)
-        except Exception as exc:
-            failed = [{"rank": 0, "error": f"{type(exc).__name__}: {exc}"}]
-    if comm.world_size > 1:
-        status = [failed]
-        dist.broadcast_object_list(status, src=dist.get_global_rank(comm.group, 0) if comm.group else 0,
-                                   group=comm.group)
-        failed = status[0]
-        comm.barrier("barrier after saving a checkpoint")
-    if failed:
+        index = _write_shard(st, tmp, model, optimizer, zs)
+        (tmp / f"shard_{comm.rank:05d}.json").write_text(json.dumps(index))
+    except Exception as exc:
+        (tmp / f"error_{comm.rank:05d}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    comm.barrier("barrier after writing checkpoint shards")
+    status = torch.zeros(1, dtype=torch.int64, device=comm.device)  # 0 = saved, r + 1 = rank r failed
+    if comm.rank == 0:
+        failed = sorted(int(p.stem.split("_")[1]) for p in tmp.glob("error_*.txt"))
+        if failed:
+            status += failed[0] + 1
+        else:
+            try:
+                shards = []
+                for r in range(comm.world_size):
+                    meta = tmp / f"shard_{r:05d}.json"
+                    shards.append(json.loads(meta.read_text()))
+                    meta.unlink()
+                _write_manifest(tmp, model, optimizer, zs, step, extra, shards)
+                _replace_dir(tmp, directory)
+            except Exception as exc:
+                (tmp / "error_00000.txt").write_text(f"{type(exc).__name__}: {exc}")
+                status += 1
+    comm.broadcast(status, what="broadcast of the checkpoint's status").wait()
+    failed_rank = int(status.item()) - 1
+    if failed_rank >= 0:
+        reason = (tmp / f"error_{failed_rank:05d}.txt").read_text()
+        comm.barrier("barrier after a failed checkpoint")
         if comm.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        first = failed[0]
-        raise CheckpointError(f"saving {directory} failed on rank {first['rank']} ({first['error']}); "
+        raise CheckpointError(f"saving {directory} failed on rank {failed_rank} ({reason}); "
                               "any earlier checkpoint there is intact")
     return directory
 

@@ -105,6 +105,9 @@ class Comm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # Where this backend's scratch tensors live (NCCL only takes CUDA tensors).
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.timeout = timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
         self._native_reduce_scatter = True
@@ -137,7 +140,7 @@ class Comm:
 
     def barrier(self, what: str = "barrier") -> None:
         """Every rank reaches this point (an all-reduce of one element, waited and drained)."""
-        self.all_reduce(torch.zeros(1), what).wait()
+        self.all_reduce(torch.zeros(1, device=self.device), what).wait()
 
     def all_gather(self, out: torch.Tensor, shard: torch.Tensor, what: str = "all_gather") -> Pending:
         """``out`` (world_size * shard.numel()) receives every rank's ``shard`` in rank order."""

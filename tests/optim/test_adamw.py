@@ -10,7 +10,7 @@ import torch
 import parallax as px
 from parallax import _extension
 from parallax.ops import adamw as adamw_op
-from tests.helpers import DEVICES, assert_close
+from tests.helpers import assert_close
 
 SHAPES = [(1,), (7,), (97, 13), (1025,), (3, 5, 7)]
 ISAS = ["avx512", "avx2", "scalar"]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallax.models import GPT
 from parallax.train import ConfigError, TrainConfig, train
 from parallax.train.checkpoints import list_checkpoints, load_model
 from parallax.train.metrics import read_metrics
