@@ -15,9 +15,12 @@ from torch import nn
 
 from parallax.optim import AdamW
 from parallax.zero import STAGES, ZeroOptimizer, shard
+from parallax.zero.optimizer import OFFLOAD
 from parallax.zero.module import LAUNCH_HINT
 
-__all__ = ["RuntimeConfig", "initialize"]
+__all__ = ["RuntimeConfig", "initialize", "PRECISIONS"]
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(kw_only=True)
@@ -29,12 +32,19 @@ class RuntimeConfig:
     bucket_mb: gradient bucket size for stages 0-2 (reduction starts when a bucket is full).
     prefetch: stage 3: how many units to gather ahead of use.
     timeout_s: every collective fails with a clear error after this long (a dead rank).
+    precision: "fp32", "bf16" or "fp16": the dtype of parameters, compute and communication; the
+        optimizer keeps fp32 master weights and moments (sharded per stage). fp16 adds dynamic
+        loss scaling (``px.amp.LossScaler``) inside the optimizer's backward/step.
+    offload: "none" or "cpu": fp32 master weights and Adam moments in pinned host memory, stepped
+        by the C++ CPU AdamW with copies overlapped (stages 1-3).
     """
 
     zero_stage: int = 0
     bucket_mb: float = 25.0
     prefetch: int = 1
     timeout_s: float = 600.0
+    precision: str = "fp32"
+    offload: str = "none"
 
     def __post_init__(self) -> None:
         if self.zero_stage not in STAGES:
@@ -45,6 +55,17 @@ class RuntimeConfig:
             raise ValueError(f"prefetch must be a non-negative integer, got {self.prefetch!r}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
+        if self.offload == "cpu" and self.zero_stage == 0:
+            raise ValueError("offload='cpu' needs zero_stage 1, 2 or 3 (offload supports stages 1-3: stage 0 "
+                             "replicates the optimizer state on every rank)")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,6 +83,19 @@ def _ensure_process_group(config: RuntimeConfig) -> None:
     raise RuntimeError(f"px.initialize needs a torch.distributed process group: {LAUNCH_HINT}")
 
 
+def _check_precision(model: nn.Module, config: RuntimeConfig) -> None:
+    """Fail early, and clearly, where this device and build cannot multiply in the dtype."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    a = torch.ones(8, 8, dtype=config.dtype, device=device)
+    try:
+        product = a @ a
+    except RuntimeError as exc:
+        raise ValueError(f"precision {config.precision!r}: this build of torch cannot run {config.precision} "
+                         f"matrix multiplications on {device} ({exc}); use precision 'bf16' or 'fp32'") from None
+    if not torch.all(product == 8):
+        raise ValueError(f"precision {config.precision!r}: {device} computed a wrong {config.precision} matmul")
+
+
 def initialize(model: nn.Module, config: RuntimeConfig | None = None, *,
                optimizer_cls: type[torch.optim.Optimizer] = AdamW,
                param_groups: Iterable[dict[str, Any]] | None = None,
@@ -76,7 +110,11 @@ def initialize(model: nn.Module, config: RuntimeConfig | None = None, *,
     """
     config = config or RuntimeConfig()
     _ensure_process_group(config)
+    if config.precision != "fp32":
+        _check_precision(model, config)
+        model.to(config.dtype)
     model = shard(model, stage=config.zero_stage, group=group, prefetch=config.prefetch,
                   bucket_mb=config.bucket_mb, units=units, timeout_s=config.timeout_s)
-    optimizer = ZeroOptimizer(model, optimizer_cls, param_groups=param_groups, **optimizer_kwargs)
+    optimizer = ZeroOptimizer(model, optimizer_cls, param_groups=param_groups, offload=config.offload,
+                              **optimizer_kwargs)
     return model, optimizer

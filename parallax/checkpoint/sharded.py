@@ -281,6 +281,18 @@ class _Source:
         t = torch.cat(out) if len(out) > 1 else out[0]
         return t if dtype is None else t.to(dtype)
 
+    def has_state(self, key: str, name: str, start: int, end: int) -> bool:
+        """True when every piece covering ``[start, end)`` of ``name`` saved element-wise ``key``."""
+        covering = [entry for a, b, entry, _ in self.pieces.get(name, []) if a < end and b > start]
+        return bool(covering) and all(key in entry["state"] for entry in covering)
+
+    def values(self, name: str, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Parameter values, from the fp32 master weights when they were saved and ``dtype`` can use
+        them (a bf16 run resumed in fp32 keeps full precision)."""
+        if dtype == torch.float32 and self.has_state("master_param", name, start, end):
+            return self.read("state.master_param", name, start, end, dtype)
+        return self.read("param", name, start, end, dtype)
+
     def scalar(self, key: str, name: str, start: int) -> torch.Tensor:
         for a, b, entry, handle in self.pieces.get(name, []):
             if a <= start < b and key in entry["state"]:
@@ -329,11 +341,11 @@ def load(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimize
         if zs.stage == 3:
             for seg in buffer.layout.segments(buffer.rank):
                 dst = buffer.shard[seg.shard_offset: seg.shard_offset + seg.numel]
-                param_updates.append((dst, source.read("param", seg.name, seg.start, seg.end, buffer.dtype)))
+                param_updates.append((dst, source.values(seg.name, seg.start, seg.end, buffer.dtype)))
         else:
             for slot in buffer.layout.slots:
                 dst = buffer.full[slot.offset: slot.offset + slot.numel]
-                param_updates.append((dst, source.read("param", slot.name, 0, slot.numel, buffer.dtype)))
+                param_updates.append((dst, source.values(slot.name, 0, slot.numel, buffer.dtype)))
     for name, p in model.named_parameters():
         if id(p) not in in_buffers:
             param_updates.append((p.data.reshape(-1), source.read("param", name, 0, p.numel(), p.dtype)))
@@ -392,6 +404,10 @@ def _optimizer_state(source: _Source, manifest: dict[str, Any], optimizer: ZeroO
                 entry[key] = source.scalar(key, first.name, first.start)
             else:
                 entry[key] = torch.cat([source.read(f"state.{key}", s.name, s.start, s.end) for s in run.segments])
+        if run.param.dtype in (torch.bfloat16, torch.float16) and "master_param" not in entry:
+            # an fp32 checkpoint resumed in low precision: its values are the master weights
+            entry["master_param"] = torch.cat([source.read("param", s.name, s.start, s.end, torch.float32)
+                                               for s in run.segments])
         state[index[id(run.param)]] = entry
     param_groups = []
     for saved_group, group in zip(groups, optimizer.param_groups):

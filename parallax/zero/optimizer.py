@@ -10,6 +10,7 @@ only the shards (the next forward gathers them).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from parallax.offload import HostAdamW
 from parallax.optim import AdamW
 from parallax.zero.flat import FlatBuffer
 from parallax.zero.layout import Segment
@@ -26,6 +28,8 @@ from parallax.zero.module import zero_state
 __all__ = ["Run", "ZeroOptimizer"]
 
 FORMAT = "parallax.zero/1"
+OFFLOAD = ("none", "cpu")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @dataclass(eq=False)
@@ -76,11 +80,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     torch optimizer); default: one group of every trainable parameter. ``defaults`` are the
     wrapped optimizer's keyword arguments. Works with ``torch.optim.lr_scheduler``. Gradients
     live in the shards, not in ``p.grad``: clip with ``clip_grad_norm_`` here.
+
+    ``offload="cpu"`` keeps the fp32 master shard and the moments in pinned host memory and
+    steps them with the C++ CPU AdamW (``parallax.offload.HostAdamW``; stages 1-3, AdamW only).
     """
 
     def __init__(self, model: nn.Module, optimizer_cls: type[torch.optim.Optimizer] = AdamW, *,
                  stage: int | None = None, param_groups: Iterable[dict[str, Any]] | None = None,
-                 **defaults: Any) -> None:
+                 offload: str = "none", **defaults: Any) -> None:
         zs = zero_state(model)
         if stage is not None and stage != zs.stage:
             raise ValueError(f"stage={stage} but the model was sharded with stage {zs.stage}")
@@ -99,12 +106,33 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"parameter {names[id(p)]} appears in more than one param group")
                 group_of[names[id(p)]] = gi
         self.runs = _runs(zs.buffers, group_of)
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
+        if offload == "cpu":
+            if zs.stage == 0:
+                raise ValueError("offload='cpu' needs ZeRO stage 1, 2 or 3 (stage 0 replicates the optimizer "
+                                 "state on every rank; stage 1 has the same communication and shards it)")
+            if optimizer_cls is not AdamW:
+                raise ValueError(f"offload='cpu' runs parallax's C++ CPU AdamW; optimizer_cls must be "
+                                 f"parallax.optim.AdamW, got {optimizer_cls.__name__}")
+        elif any(r.param.dtype in _LOW_PRECISION for r in self.runs):
+            # bf16/fp16 parameters: fp32 master weights and moments for this rank's shard, and the
+            # low-precision shard written in the same pass (parallax.optim.AdamW's master mode).
+            if "master_weights" not in inspect.signature(optimizer_cls).parameters:
+                raise ValueError(f"{optimizer_cls.__name__} keeps no fp32 master weights for bf16/fp16 parameters; "
+                                 "use parallax.optim.AdamW (master_weights=True) or fp32 parameters")
+            defaults.setdefault("master_weights", True)
         shard_groups = [{**{k: v for k, v in g.items() if k != "params"},
                          "params": [r.param for r in self.runs if r.group == gi]} for gi, g in enumerate(groups)]
         super().__init__(shard_groups, defaults)
         # The wrapped optimizer shares our param-group dicts (an lr scheduler on this object
         # reaches it) and its state is ours.
-        self.inner = optimizer_cls(self.param_groups, **defaults)
+        if offload == "cpu":
+            buckets = [[r.param for r in self.runs if r.buffer is b] for b in zs.buffers]
+            self.inner = HostAdamW(self.param_groups, buckets, **defaults)
+        else:
+            self.inner = optimizer_cls(self.param_groups, **defaults)
+        self.offload = offload
         self.state = self.inner.state
 
     @torch.no_grad()
@@ -147,6 +175,36 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for g in grads:
             g.mul_(coef.to(g.dtype))
         return total
+
+    # ---------------------------------------------------------------- for loss scaling
+
+    def grad_shards(self) -> list[torch.Tensor]:
+        """This rank's reduced gradients: one flat tensor per flat buffer that has them."""
+        return [b.grad_shard for b in self.zero.buffers if b.grad_shard is not None]
+
+    def all_reduce_found_inf(self, found_inf: torch.Tensor) -> None:
+        """``found_inf`` (one element) becomes its maximum over all ranks, in place."""
+        if self.zero.comm.world_size > 1 and self.zero.stage > 0:
+            flag = found_inf.detach().reshape(1).float().to(self.zero.comm.device)
+            self.zero.comm.all_reduce(flag, "all_reduce of the non-finite gradient flag",
+                                      torch.distributed.ReduceOp.MAX).wait()
+            found_inf.copy_(flag.reshape(found_inf.shape))
+
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of the parameters whose gradient holds inf or NaN on any rank (sorted)."""
+        names = set()
+        for buffer in self.zero.buffers:
+            if buffer.grad_shard is None:
+                continue
+            for seg in buffer.layout.segments(buffer.rank):
+                piece = buffer.grad_shard[seg.shard_offset: seg.shard_offset + seg.numel]
+                if not torch.isfinite(piece).all():
+                    names.add(seg.name)
+        if self.zero.comm.world_size > 1 and self.zero.stage > 0:
+            everyone: list = [None] * self.zero.comm.world_size
+            torch.distributed.all_gather_object(everyone, sorted(names), group=self.zero.comm.group)
+            names = set().union(*everyone)
+        return sorted(names)
 
     # ---------------------------------------------------------------- state
 
