@@ -39,6 +39,11 @@ class Unit:
         return all(b.gathered for b in self.buffers)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed block being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class UnitGatherer:
     def __init__(self, units: list[Unit], prefetch: int) -> None:
         self.units = units
@@ -96,6 +101,9 @@ class UnitGatherer:
 
     def _pre_forward(self, unit: Unit):
         def hook(module, args):
+            if _in_backward():  # activation-checkpoint recompute: gathered, not a new iteration
+                self._gather(unit)
+                return
             if unit.is_root:
                 self.end_iteration()
             self._forward.append(unit.index)
@@ -106,6 +114,8 @@ class UnitGatherer:
 
     def _post_forward(self, unit: Unit):
         def hook(module, args, output):
+            if _in_backward():
+                return None  # recompute: backward, which is running, still needs the parameters
             if not torch.is_grad_enabled():
                 if unit.is_root:  # inference forward: release everything
                     self.free_all()

@@ -42,6 +42,10 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeou
                     pass  # a peer is gone (the tests that kill a rank)
             dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    # Skip interpreter teardown: torch's gloo worker threads may still free a finished work whose
+    # tensors hold Python objects, and doing that during finalization aborts the process (a
+    # torch/gloo issue seen with plain dist.all_reduce too; parallax's own collectives drain it).
+    os._exit(0)
 
 
 def run_ranks_tolerating_exits(fn, world_size: int, *args, timeout_s: float = 60.0, wall_s: float = 120.0) -> dict:

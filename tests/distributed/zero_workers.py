@@ -113,8 +113,8 @@ def _train_steps(model, opt, rank, world, steps, start=0, global_batch=8, seq=5)
         opt.backward(loss)
         opt.step()
         opt.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
+        total = loss.detach().float().clone()
+        model._parallax_zero.comm.all_reduce(total, "all_reduce of the test loss").wait()
         losses.append(float(total) / world)
     return losses
 
