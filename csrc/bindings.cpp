@@ -13,6 +13,9 @@ TORCH_LIBRARY(parallax, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] params_out, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float step, bool maximize) -> ()");
+  // grads *= inv_scale in place (computed in fp32), one pass; found_inf (one float32 element on
+  // the grads' device) is set to 1 when any element was inf or NaN before, else left unchanged.
+  m.def("unscale_(Tensor(a!)[] grads, Tensor(b!) found_inf, float inv_scale) -> ()");
   // a = b + scalar * c (b may be a): memory-bandwidth probe for benchmark floors.
   m.def("stream_triad_(Tensor(a!) a, Tensor b, Tensor c, float scalar) -> ()");
 }

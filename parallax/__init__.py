@@ -1,9 +1,9 @@
 """parallax: a thin runtime under PyTorch for training and serving LLMs in less memory, faster."""
 
-from parallax import checkpoint, ops, optim, zero
+from parallax import amp, checkpoint, ops, optim, zero
 from parallax._extension import build_info
 from parallax.runtime import RuntimeConfig, initialize
 
 __version__ = "0.1.0"
 
-__all__ = ["checkpoint", "ops", "optim", "zero", "RuntimeConfig", "initialize", "build_info", "__version__"]
+__all__ = ["amp", "checkpoint", "ops", "optim", "zero", "RuntimeConfig", "initialize", "build_info", "__version__"]

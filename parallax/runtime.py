@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallax.amp import LossScaler
 from parallax.optim import AdamW
 from parallax.zero import STAGES, ZeroOptimizer, shard
 from parallax.zero.optimizer import OFFLOAD
@@ -115,6 +116,7 @@ def initialize(model: nn.Module, config: RuntimeConfig | None = None, *,
         model.to(config.dtype)
     model = shard(model, stage=config.zero_stage, group=group, prefetch=config.prefetch,
                   bucket_mb=config.bucket_mb, units=units, timeout_s=config.timeout_s)
+    scaler = LossScaler() if config.precision == "fp16" else None
     optimizer = ZeroOptimizer(model, optimizer_cls, param_groups=param_groups, offload=config.offload,
-                              **optimizer_kwargs)
+                              loss_scaler=scaler, **optimizer_kwargs)
     return model, optimizer

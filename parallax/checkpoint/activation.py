@@ -27,7 +27,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 # What `policy` accepts, for error messages.
 POLICIES = ('"block" (every repeated block)', '"every_n:K" (blocks 0, K, 2K, ...; K >= 1)',
             "a callable (index, module) -> bool")
-Policy = Union[str, Callable[[int, nn.Module], bool]]
+Policy = str | Callable[[int, nn.Module], bool]
 
 _local = threading.local()  # recompute depth of this thread (backward runs recomputes on its own threads)
 
@@ -93,13 +93,12 @@ class _CheckpointedForward:
         def run(*flat: Any) -> Any:
             nonlocal calls
             calls += 1
-            if calls == 1:  # the real forward
-                return self.forward(*flat[:num_args], **dict(zip(names, flat[num_args:])))
-            _local.depth = getattr(_local, "depth", 0) + 1
+            recompute = calls > 1  # the first call is the real forward, later ones are in backward
+            _local.depth = getattr(_local, "depth", 0) + recompute
             try:
                 return self.forward(*flat[:num_args], **dict(zip(names, flat[num_args:])))
             finally:
-                _local.depth -= 1
+                _local.depth -= recompute
 
         flat = (*args, *kwargs.values())
         if self.offload:
@@ -181,7 +180,7 @@ def activation(model: nn.Module, policy: Policy = "block", offload: bool = False
     Parameter names, ``named_parameters()``, ``state_dict()`` and the module tree are unchanged.
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"activation checkpointing needs an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"activation checkpointing needs an nn.Module, got {type(model).__name__}")
     already = checkpointed_blocks(model)
     if already:
         raise ValueError(

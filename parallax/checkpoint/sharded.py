@@ -195,7 +195,9 @@ def _write_manifest(tmp: Path, model, optimizer, zs: ZeroState, step, extra, sha
     groups = None
     if optimizer is not None:
         groups = [{k: v for k, v in g.items() if k != "params" and _jsonable(v)} for g in optimizer.param_groups]
+    scaler = getattr(optimizer, "loss_scaler", None)
     manifest = {"format": FORMAT, "step": step, "world_size": zs.comm.world_size, "stage": zs.stage,
+                "loss_scaler": None if scaler is None else scaler.state_dict(),
                 "params": params, "aliases": aliases, "buffers": buffers,
                 "optimizer": None if optimizer is None else {"class": type(optimizer.inner).__name__, "param_groups": groups},
                 "shards": shards, "extra": extra or {}}
@@ -362,6 +364,9 @@ def load(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimize
         dst.copy_(src)
     if inner_state is not None:
         optimizer.load_inner_state_dict(inner_state)
+        scaler = getattr(optimizer, "loss_scaler", None)
+        if scaler is not None and manifest.get("loss_scaler"):
+            scaler.load_state_dict(manifest["loss_scaler"])
     return manifest
 
 

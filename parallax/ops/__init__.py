@@ -6,12 +6,14 @@ import torch
 
 from parallax.ops import adamw as _adamw
 from parallax.ops import stream as _stream
+from parallax.ops import unscale as _unscale
 from parallax.ops.adamw import adamw_, adamw_ref
 from parallax.ops.stream import stream_triad_, stream_triad_ref
+from parallax.ops.unscale import unscale_, unscale_ref
 
-__all__ = ["adamw_", "adamw_ref", "stream_triad_", "stream_triad_ref", "backend"]
+__all__ = ["adamw_", "adamw_ref", "stream_triad_", "stream_triad_ref", "unscale_", "unscale_ref", "backend"]
 
-_BACKENDS = {"adamw": _adamw.backend, "stream_triad": _stream.backend}
+_BACKENDS = {"adamw": _adamw.backend, "stream_triad": _stream.backend, "unscale": _unscale.backend}
 
 
 def backend(op: str, device: torch.device | str = "cpu") -> str:

@@ -83,11 +83,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     ``offload="cpu"`` keeps the fp32 master shard and the moments in pinned host memory and
     steps them with the C++ CPU AdamW (``parallax.offload.HostAdamW``; stages 1-3, AdamW only).
+
+    ``loss_scaler`` (a ``px.amp.LossScaler``; ``px.initialize`` adds one for fp16) makes
+    ``backward`` scale the loss and ``step`` unscale the gradient shards with the fused kernel,
+    skip the step on every rank when any rank saw inf/NaN, and update the scale.
     """
 
     def __init__(self, model: nn.Module, optimizer_cls: type[torch.optim.Optimizer] = AdamW, *,
                  stage: int | None = None, param_groups: Iterable[dict[str, Any]] | None = None,
-                 offload: str = "none", **defaults: Any) -> None:
+                 offload: str = "none", loss_scaler: Any = None, **defaults: Any) -> None:
         zs = zero_state(model)
         if stage is not None and stage != zs.stage:
             raise ValueError(f"stage={stage} but the model was sharded with stage {zs.stage}")
@@ -133,11 +137,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
         else:
             self.inner = optimizer_cls(self.param_groups, **defaults)
         self.offload = offload
+        self.loss_scaler = loss_scaler
+        self._unscaled = False  # this iteration's gradients were already unscaled (by clipping)
         self.state = self.inner.state
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Update this rank's shards; stages 1-2 then all-gather the full parameters."""
+        """Update this rank's shards; stages 1-2 then all-gather the full parameters.
+
+        With a loss scaler, a step whose gradients hold inf/NaN on any rank is skipped on all.
+        """
+        if self.loss_scaler is not None:
+            skip = self.loss_scaler.should_skip_step(self)
+            self.loss_scaler.update()
+            self._unscaled = False
+            if skip:
+                return None
         for run in self.runs:
             run.param.grad = run.grad()
         loss = self.inner.step(closure)
@@ -149,8 +164,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return loss
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``; gradients are reduced into the shards as backward runs."""
-        loss.backward()
+        """``loss.backward()`` (scaled when there is a loss scaler); gradients are reduced into the
+        shards as backward runs."""
+        (self.loss_scaler.scale(loss) if self.loss_scaler is not None else loss).backward()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.zero.reducer.zero_grad()
@@ -160,6 +176,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip like ``torch.nn.utils.clip_grad_norm_`` on the unsharded gradients; returns the total norm."""
+        if self.loss_scaler is not None and not self._unscaled:
+            self.loss_scaler.unscale_(self)  # clip the true gradients (GradScaler's rule)
+            self._unscaled = True
         grads = [b.grad_shard for b in self.zero.buffers if b.grad_shard is not None]
         device = self.zero.buffers[0].device if self.zero.buffers else torch.device("cpu")
         inf = math.isinf(norm_type)

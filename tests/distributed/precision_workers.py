@@ -66,3 +66,32 @@ def bf16_to_fp32_resume(rank: int, world: int, directory: str) -> float:
     assert all(t.dtype == torch.float32 for t in full.values())
     return max(float((full[name].reshape(-1)[start:end] - master).abs().max())
                for (name, start, end), master in masters.items())
+
+
+def fp16_overflow_on_one_rank(rank: int, world: int, directory: str) -> dict:
+    """fp16 through px.initialize: the optimizer's own loss scaler skips an overflow on every rank."""
+    torch.manual_seed(0)
+    model = zw.TinyNet()
+    model, opt = px.initialize(model, px.RuntimeConfig(zero_stage=3, precision="fp16", bucket_mb=0.0005),
+                               lr=1e-2)
+    opt.loss_scaler = px.amp.LossScaler(init_scale=2.0**8, hysteresis=1)
+    local = 8 // world
+    scales, skipped = [], []
+    for step in range(4):
+        idx, tgt = zw._batches(step, 0, 8, 5, 11)
+        loss = model(idx[rank * local:(rank + 1) * local], tgt[rank * local:(rank + 1) * local])
+        if step == 2 and rank == 1:
+            loss = loss * float("inf")
+        before = px.zero.full_state_dict(model)
+        opt.backward(loss)
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        after = px.zero.full_state_dict(model)
+        skipped.append(all(torch.equal(before[k], after[k]) for k in before))
+        scales.append(opt.loss_scaler.get_scale())
+    px.checkpoint.save(directory, model, opt, step=4)
+    fresh = zw.TinyNet()
+    fresh, fresh_opt = px.initialize(fresh, px.RuntimeConfig(zero_stage=1, precision="fp16"), lr=1e-2)
+    px.checkpoint.load(directory, fresh, fresh_opt)
+    return {"skipped": skipped, "scales": scales, "restored_scale": fresh_opt.loss_scaler.get_scale()}

@@ -53,3 +53,10 @@ def test_bad_precision_and_offload_requests_are_explained():
         px.RuntimeConfig(offload="nvme")
     with pytest.raises(ValueError, match="offload supports stages 1-3"):
         px.RuntimeConfig(zero_stage=0, offload="cpu")
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_both(tmp_path):
+    for r in run_ranks(pw.fp16_overflow_on_one_rank, 2, str(tmp_path / "c")):
+        assert r["skipped"] == [False, False, True, False], r
+        assert r["scales"] == [256.0, 256.0, 128.0, 128.0], r  # hysteresis=1: back off at once
+        assert r["restored_scale"] == 128.0, "the loss scale travels with the checkpoint"
