@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from parallax.amp import LossScaler
+from parallax.checkpoint.activation import _parse_policy as select_blocks_policy
+from parallax.checkpoint.activation import activation
 from parallax.optim import AdamW
 from parallax.zero import STAGES, ZeroOptimizer, shard
 from parallax.zero.optimizer import OFFLOAD
@@ -38,6 +40,9 @@ class RuntimeConfig:
         loss scaling (``px.amp.LossScaler``) inside the optimizer's backward/step.
     offload: "none" or "cpu": fp32 master weights and Adam moments in pinned host memory, stepped
         by the C++ CPU AdamW with copies overlapped (stages 1-3).
+    activation_checkpointing: False, True (= "block": every repeated block), "every_n:K", or a
+        callable ``(index, block) -> bool``: keep only block inputs, recompute in backward.
+    activation_offload: with checkpointing, keep the saved block inputs in pinned host memory.
     """
 
     zero_stage: int = 0
@@ -46,6 +51,8 @@ class RuntimeConfig:
     timeout_s: float = 600.0
     precision: str = "fp32"
     offload: str = "none"
+    activation_checkpointing: bool | str = False
+    activation_offload: bool = False
 
     def __post_init__(self) -> None:
         if self.zero_stage not in STAGES:
@@ -60,6 +67,11 @@ class RuntimeConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
+        if self.activation_checkpointing not in (False, True):
+            try:
+                select_blocks_policy(self.activation_checkpointing)
+            except ValueError as exc:
+                raise ValueError(f"activation_checkpointing: {exc}") from None
         if self.offload == "cpu" and self.zero_stage == 0:
             raise ValueError("offload='cpu' needs zero_stage 1, 2 or 3 (offload supports stages 1-3: stage 0 "
                              "replicates the optimizer state on every rank)")
@@ -114,6 +126,9 @@ def initialize(model: nn.Module, config: RuntimeConfig | None = None, *,
     if config.precision != "fp32":
         _check_precision(model, config)
         model.to(config.dtype)
+    if config.activation_checkpointing:
+        policy = "block" if config.activation_checkpointing is True else config.activation_checkpointing
+        activation(model, policy, offload=config.activation_offload)
     model = shard(model, stage=config.zero_stage, group=group, prefetch=config.prefetch,
                   bucket_mb=config.bucket_mb, units=units, timeout_s=config.timeout_s)
     scaler = LossScaler() if config.precision == "fp16" else None

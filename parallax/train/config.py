@@ -38,6 +38,8 @@ class TrainConfig:
     nproc: local processes (gloo on CPU, NCCL on GPU).
     zero_stage / bucket_mb / prefetch / timeout_s: the ZeRO data parallelism of ``px.RuntimeConfig``
         (0 = gradient all-reduce, 1-3 shard optimizer state, gradients, parameters).
+    precision ("fp32" | "bf16" | "fp16"), offload ("none" | "cpu"), activation_checkpointing
+        ("off" | "block" | "every_n:K"): the memory options of ``px.RuntimeConfig``.
     """
 
     preset: str = "tiny"
@@ -66,6 +68,9 @@ class TrainConfig:
     bucket_mb: float = 25.0
     prefetch: int = 1
     timeout_s: float = 600.0
+    precision: str = "fp32"
+    offload: str = "none"
+    activation_checkpointing: str = "off"
     seed: int = 1337
     device: str = "auto"
 
@@ -109,8 +114,10 @@ class TrainConfig:
         return GPTConfig.from_preset(self.preset, **overrides)
 
     def runtime_config(self) -> RuntimeConfig:
+        checkpointing = False if self.activation_checkpointing == "off" else self.activation_checkpointing
         return RuntimeConfig(zero_stage=self.zero_stage, bucket_mb=self.bucket_mb, prefetch=self.prefetch,
-                             timeout_s=self.timeout_s)
+                             timeout_s=self.timeout_s, precision=self.precision, offload=self.offload,
+                             activation_checkpointing=checkpointing)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

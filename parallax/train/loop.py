@@ -239,6 +239,7 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
 
 
 def _global_mean(value: torch.Tensor, comm) -> float:
+    value = value.float()
     if comm.world_size > 1:
         value = value.clone()
         comm.all_reduce(value, "all_reduce of the logged loss").wait()

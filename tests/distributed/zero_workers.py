@@ -296,3 +296,19 @@ def model_parity(rank: int, world: int, kind: str, stages: list[int]) -> dict:
             other = ref.state_dict() if eps == 1e-3 else finals[stages[0]]
             out[(eps, stage)] = max(float((full[k] - v).abs().max()) for k, v in other.items() if k in full)
     return out
+
+
+def checkpointed_parity(rank: int, world: int, stages: list[int], prefetch: int) -> dict:
+    """Activation checkpointing ("block") on top of ZeRO: the same parameters as plain AdamW."""
+    ref_state, _ = reference_run(6, 1, None)
+    out = {}
+    for stage in stages:
+        torch.manual_seed(0)
+        model = TinyNet()
+        model, opt = px.initialize(model, px.RuntimeConfig(zero_stage=stage, bucket_mb=0.0005, prefetch=prefetch,
+                                                           activation_checkpointing=True),
+                                   param_groups=_groups(model), lr=1e-2, betas=(0.9, 0.95))
+        _train_steps(model, opt, rank, world, 6)
+        full = px.zero.full_state_dict(model)
+        out[stage] = max(float((full[k] - v).abs().max()) for k, v in ref_state.items())
+    return out
