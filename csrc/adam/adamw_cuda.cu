@@ -1,14 +1,11 @@
-// CUDA implementation of parallax::adamw_: a multi-tensor kernel. Tensor addresses travel in
-// the kernel's parameter block (no host-to-device copy per step), up to kMaxTensors tensors
-// and kMaxBlocks chunks per launch; each thread block updates one chunk of one tensor.
+// CUDA implementation of parallax::adamw_: a multi-tensor kernel (cuda/multi_tensor.cuh); each
+// thread block updates one chunk of one tensor.
 #include <ATen/ATen.h>
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a bare
 // toolkit (like the compile-check machine's) lacks, and this kernel needs neither.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,6 +13,8 @@
 
 #include "adam/adamw_elem.h"
 #include "adam/adamw_hyper.h"
+#include "cuda/convert.cuh"
+#include "cuda/multi_tensor.cuh"
 
 namespace parallax::adam {
 namespace {
@@ -26,31 +25,11 @@ constexpr int kMaxBlocks = 320;
 constexpr int kChunk = 65536;  // elements per thread block
 constexpr int kThreads = 512;
 
-// 5*36*8 + 36*8 + 320 + 320*4 = 3328 bytes: inside the 4 KiB kernel-parameter limit.
-struct TensorListMeta {
-  void* addr[kDepth][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  unsigned char block_to_tensor[kMaxBlocks];
-  int block_to_chunk[kMaxBlocks];
-};
+// 5*36*8 + 36*8 + 320*5 = 3328 bytes: inside the 4 KiB kernel-parameter limit.
+using TensorListMeta = cuda::TensorListMeta<kDepth, kMaxTensors, kMaxBlocks>;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+using cuda::from_float;
+using cuda::to_float;
 
 // Same operations and roundings as the CPU kernel and torch's ATen ops (explicit _rn
 // intrinsics, so nvcc's default contraction into FMAs cannot change them).
@@ -81,44 +60,11 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta meta, Hy
 
 template <typename G, typename O, bool kHasOut>
 void launch_all(const std::vector<std::vector<at::Tensor>>& lists, const Hyper& h) {
-  const size_t n = lists[0].size();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  TensorListMeta meta{};
-  int tensors = 0;
-  int blocks = 0;
-  auto flush = [&] {
-    if (blocks == 0) return;
+  cuda::for_each_launch<TensorListMeta>(lists, kChunk, [&](const TensorListMeta& meta, int blocks) {
     adamw_kernel<G, O, kHasOut><<<blocks, kThreads, 0, stream>>>(meta, h);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    blocks = 0;
-  };
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = lists[0][i].numel();
-    if (numel == 0) continue;
-    for (int d = 0; d < kDepth; ++d)
-      meta.addr[d][tensors] = (d < 4 || kHasOut) ? lists[d][i].data_ptr() : nullptr;
-    meta.numel[tensors] = numel;
-    const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors);
-      meta.block_to_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocks || (last_chunk && tensors + 1 == kMaxTensors)) {
-        flush();
-        if (!last_chunk) {
-          // The tensor continues in the next launch: keep it in slot 0.
-          for (int d = 0; d < kDepth; ++d) meta.addr[d][0] = meta.addr[d][tensors];
-          meta.numel[0] = numel;
-          tensors = 0;
-        } else {
-          tensors = -1;
-        }
-      }
-    }
-    ++tensors;
-  }
-  flush();
+  });
 }
 
 template <typename G>

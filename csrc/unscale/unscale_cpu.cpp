@@ -2,6 +2,7 @@
 // multiplies by inv_scale and notes any inf/NaN. The list is cut into spans of at most kSpan
 // elements, spread over OpenMP threads, and each span runs the SIMD kernel of the active ISA.
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -16,17 +17,6 @@ namespace {
 // 64K elements per span, as the AdamW kernel: amortises scheduling and still spreads a list of a
 // few large tensors over all threads.
 constexpr int64_t kSpan = 1 << 16;
-
-Elem elem_of(const at::Tensor& g, size_t i) {
-  switch (g.scalar_type()) {
-    case at::kFloat: return Elem::kF32;
-    case at::kBFloat16: return Elem::kBF16;
-    case at::kHalf: return Elem::kF16;
-    default:
-      TORCH_CHECK(false, "parallax::unscale_: grads[", i, "] must be float32, bfloat16 or float16, got ",
-                  g.scalar_type());
-  }
-}
 
 using SpanFn = bool (*)(const Span&, float);
 
@@ -48,7 +38,8 @@ void unscale_cpu(at::TensorList grads, at::Tensor& found_inf, double inv_scale) 
     TORCH_CHECK(g.device().is_cpu() && g.is_contiguous(), "parallax::unscale_: grads[", i,
                 "] must be a contiguous CPU tensor, got one on ", g.device(),
                 g.is_contiguous() ? "" : " (non-contiguous)");
-    const Elem type = elem_of(g, i);
+    const std::string what = "grads[" + std::to_string(i) + "]";
+    const Elem type = cpu::elem_of(g, "parallax::unscale_", what.c_str());
     const int64_t numel = g.numel();
     char* base = static_cast<char*>(g.data_ptr());
     for (int64_t off = 0; off < numel; off += kSpan)

@@ -8,9 +8,11 @@
 
 #include <cstdint>
 
+#include "cpu/elem.h"
+
 namespace parallax::unscale {
 
-enum class Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+using cpu::Elem;
 
 // `n` elements of type `type` at `data`, multiplied by inv_scale in place (computed in fp32).
 struct Span {

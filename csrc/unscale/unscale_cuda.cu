@@ -8,9 +8,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include "cuda/convert.cuh"
+#include "cuda/multi_tensor.cuh"
 
 #include <vector>
 
@@ -24,30 +25,10 @@ constexpr int kThreads = 512;
 
 // 110*8 + 110*8 + 320 + 320*4 = 3360 bytes, + 12 for the other arguments: inside the 4 KiB
 // kernel-parameter limit.
-struct TensorListMeta {
-  void* addr[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  unsigned char block_to_tensor[kMaxBlocks];
-  int block_to_chunk[kMaxBlocks];
-};
+using TensorListMeta = cuda::TensorListMeta<1, kMaxTensors, kMaxBlocks>;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+using cuda::from_float;
+using cuda::to_float;
 
 // x * inv_scale in fp32 rounded once (as torch's mul_), then to T; the check looks at x before
 // the multiply, as torch's _amp_foreach_non_finite_check_and_unscale_ does.
@@ -56,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) unscale_kernel(TensorListMeta meta, 
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(meta.numel[t], begin + kChunk);
-  T* __restrict__ g = static_cast<T*>(meta.addr[t]);
+  T* __restrict__ g = static_cast<T*>(meta.addr[0][t]);
   int bad = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const float x = to_float<T>(g[i]);
@@ -70,41 +51,10 @@ __global__ void __launch_bounds__(kThreads) unscale_kernel(TensorListMeta meta, 
 template <typename T>
 void launch_all(const std::vector<at::Tensor>& grads, float* found_inf, float inv_scale) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  TensorListMeta meta{};
-  int tensors = 0;
-  int blocks = 0;
-  auto flush = [&] {
-    if (blocks == 0) return;
+  cuda::for_each_launch<TensorListMeta>({grads}, kChunk, [&](const TensorListMeta& meta, int blocks) {
     unscale_kernel<T><<<blocks, kThreads, 0, stream>>>(meta, found_inf, inv_scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    blocks = 0;
-  };
-  for (const at::Tensor& g : grads) {
-    const int64_t numel = g.numel();
-    if (numel == 0) continue;
-    meta.addr[tensors] = g.data_ptr();
-    meta.numel[tensors] = numel;
-    const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors);
-      meta.block_to_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocks || (last_chunk && tensors + 1 == kMaxTensors)) {
-        flush();
-        if (!last_chunk) {
-          // The tensor continues in the next launch: keep it in slot 0.
-          meta.addr[0] = meta.addr[tensors];
-          meta.numel[0] = numel;
-          tensors = 0;
-        } else {
-          tensors = -1;
-        }
-      }
-    }
-    ++tensors;
-  }
-  flush();
+  });
 }
 
 void unscale_cuda(at::TensorList grads, at::Tensor& found_inf, double inv_scale) {
