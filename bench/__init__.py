@@ -19,10 +19,19 @@ from __future__ import annotations
 __all__ = ["BENCHMARKS", "main"]
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "offload": (
+        ".offload",
+        "optimizer offload: step time with offload='cpu' vs the optimizer on the device (ZeRO-1, bf16)",
+    ),
     "adamw": (
         ".adamw",
         "optimizer step: parallax AdamW vs torch foreach/fused (and DeepSpeed CPU Adam), fp32 and bf16+master, "
         "ms, GB/s and the memory-bandwidth floor",
+    ),
+    "checkpointing": (
+        ".checkpointing",
+        "activation checkpointing on the reference GPT: saved activation bytes and step time, none vs every "
+        "block vs every 2nd block",
     ),
     "train": (
         ".train",
