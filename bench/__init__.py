@@ -33,6 +33,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "activation checkpointing on the reference GPT: saved activation bytes and step time, none vs every "
         "block vs every 2nd block",
     ),
+    "memory": (
+        ".memory",
+        "per-rank peak memory and step time of fp32/bf16 x ZeRO stage 0-3 x offload x checkpointing on 2 gloo ranks: "
+        "measured vs px.planner's prediction and the ZeRO formula",
+    ),
     "train": (
         ".train",
         "training step throughput: the parallax train loop vs a plain PyTorch loop on the same model and data "

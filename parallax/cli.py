@@ -1,4 +1,4 @@
-"""The ``parallax`` command: ``train`` (the main job) and ``bench`` (the microbenchmarks)."""
+"""The ``parallax`` command: ``train`` (the main job), ``plan`` (the memory planner) and ``bench``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _bench(rest: list[str]) -> int:
     return bench_main(rest)
 
 
+def _plan(rest: list[str]) -> int:
+    from parallax.planner import plan_main
+
+    return plan_main(rest, prog="parallax plan")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="parallax", description=__doc__)
@@ -48,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     from parallax.train.config import add_config_arguments
 
     add_config_arguments(train_parser)
+    commands.add_parser("plan", help="predict each rank's peak memory for every ZeRO stage x precision x offload x "
+                                     "checkpointing and pick the fastest that fits", add_help=False)
     commands.add_parser("bench", help="run a microbenchmark (`parallax bench` lists them)", add_help=False)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    if argv[:1] == ["plan"]:
+        return _plan(argv[1:])
     args = parser.parse_args(argv)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")

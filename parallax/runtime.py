@@ -18,8 +18,8 @@ from parallax.checkpoint.activation import _parse_policy as select_blocks_policy
 from parallax.checkpoint.activation import activation
 from parallax.optim import AdamW
 from parallax.zero import STAGES, ZeroOptimizer, shard
-from parallax.zero.optimizer import OFFLOAD
 from parallax.zero.module import LAUNCH_HINT
+from parallax.zero.optimizer import OFFLOAD
 
 __all__ = ["RuntimeConfig", "initialize", "PRECISIONS"]
 
@@ -109,7 +109,27 @@ def _check_precision(model: nn.Module, config: RuntimeConfig) -> None:
         raise ValueError(f"precision {config.precision!r}: {device} computed a wrong {config.precision} matmul")
 
 
-def initialize(model: nn.Module, config: RuntimeConfig | None = None, *,
+def _runtime_config(config: Any) -> RuntimeConfig:
+    """``config`` as a RuntimeConfig: a planner's ``Plan`` gives its pick, an ``Estimate`` its row."""
+    from parallax.planner import Estimate, Plan
+
+    if config is None:
+        return RuntimeConfig()
+    if isinstance(config, RuntimeConfig):
+        return config
+    if isinstance(config, Plan):
+        if config.best is None:
+            raise ValueError(f"config: the plan has no configuration that fits in {config.usable_bytes} bytes per "
+                             "rank (plan.table() shows every candidate): more ranks, a smaller micro-batch or "
+                             "sequence, or more device memory")
+        return config.best.runtime_config()
+    if isinstance(config, Estimate):
+        return config.runtime_config()
+    raise TypeError(f"config must be a px.RuntimeConfig, a px.plan(...) result or one of its estimates, "
+                    f"got {type(config).__name__}")
+
+
+def initialize(model: nn.Module, config: Any = None, *,
                optimizer_cls: type[torch.optim.Optimizer] = AdamW,
                param_groups: Iterable[dict[str, Any]] | None = None,
                units: Sequence[nn.Module] | None = None,
@@ -117,11 +137,14 @@ def initialize(model: nn.Module, config: RuntimeConfig | None = None, *,
                **optimizer_kwargs: Any) -> tuple[nn.Module, ZeroOptimizer]:
     """Shard ``model`` as ``config`` says and build its optimizer; returns ``(model, optimizer)``.
 
+    ``config``: a ``RuntimeConfig`` (default: ``RuntimeConfig()``), or a ``px.plan(...)`` result,
+    whose pick (``plan.best``: the fastest configuration expected to fit) is used.
+
     Under torchrun the process group is created from the environment if needed. The optimizer
     has ``backward(loss)``, ``step()``, ``zero_grad()``, ``clip_grad_norm_()`` and state dicts;
     gradient accumulation uses ``model.set_requires_gradient_sync(False)`` or ``model.no_sync()``.
     """
-    config = config or RuntimeConfig()
+    config = _runtime_config(config)
     _ensure_process_group(config)
     if config.precision != "fp32":
         _check_precision(model, config)

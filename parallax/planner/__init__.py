@@ -1,8 +1,8 @@
 """The memory planner: per-rank peak memory of every ZeRO stage x precision x offload x checkpointing.
 
-    plan = px.planner.plan("gpt2", world_size=8, device_bytes="16GB", seq_len=1024, micro_batch=8)
-    print(plan.table())
-    model, opt = px.initialize(model, plan.best.runtime_config())
+    p = px.plan("gpt2", world_size=8, device_bytes="16GB", seq_len=1024, micro_batch=8)
+    print(p.table())                                      # every configuration, the pick marked
+    model, opt = px.initialize(model, p)                  # = p.best.runtime_config()
 
 How it predicts (each part is a module here):
 
@@ -20,9 +20,10 @@ How it predicts (each part is a module here):
 
 from parallax.planner.cli import plan_main
 from parallax.planner.cost import Hardware
+from parallax.planner.device import device_memory_bytes
 from parallax.planner.measure import CpuMemoryProfile
 from parallax.planner.search import Estimate, Plan, plan, zero_formula_bytes
 from parallax.planner.units import format_bytes, parse_bytes
 
-__all__ = ["CpuMemoryProfile", "Estimate", "Hardware", "Plan", "format_bytes", "parse_bytes", "plan", "plan_main",
-           "zero_formula_bytes"]
+__all__ = ["CpuMemoryProfile", "Estimate", "Hardware", "Plan", "device_memory_bytes", "format_bytes", "parse_bytes",
+           "plan", "plan_main", "zero_formula_bytes"]

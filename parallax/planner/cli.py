@@ -29,8 +29,11 @@ def build_parser(prog: str = "parallax plan") -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="override a GPTConfig field of the preset, e.g. --model n_layer=24 (repeatable)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
-    p.add_argument("--device-memory", required=True, metavar="SIZE", help="memory of one device, e.g. 16GB, 80GiB")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's block_size)")
+    p.add_argument("--device-memory", required=True, metavar="SIZE", help="memory of one device, e.g. 16GB, 80GiB, or 'auto' (this machine's: the "
+                                                              "GPU's total memory, else RAM / LOCAL_WORLD_SIZE)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the preset's block_size; a longer one raises block_size, "
+                        "as parallax train --block-size does)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank and step (default 1)")
     p.add_argument("--stages", default=",".join(map(str, STAGES)), help="candidate ZeRO stages (default 0,1,2,3)")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="candidate precisions (default fp32,bf16,fp16)")

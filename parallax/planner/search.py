@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import numbers
 from collections.abc import Sequence
@@ -14,13 +13,12 @@ import torch
 from torch import nn
 
 from parallax.planner.cost import Hardware, step_time
-from parallax.planner.states import BACKENDS, flat_buffers, optimizer_bytes_per_element, simulate, state_bytes
+from parallax.planner.device import device_memory_bytes
+from parallax.planner.states import BACKENDS, flat_buffers, simulate, state_bytes
 from parallax.planner.trace import LossFn, StepTrace, synthetic_trace, trace_step
 from parallax.planner.units import format_bytes, parse_bytes
 
 __all__ = ["Estimate", "Plan", "plan", "zero_formula_bytes", "PRECISIONS", "OFFLOADS", "STAGES", "TIE"]
-
-log = logging.getLogger(__name__)
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -65,20 +63,14 @@ class Estimate:
         return f"stage {self.zero_stage} {self.precision}{off}{ckpt}"
 
     def runtime_config(self, **overrides: Any):
-        """The ``px.RuntimeConfig`` of this row (``overrides`` replace fields, e.g. ``timeout_s``).
-
-        Activation checkpointing is applied separately: ``px.checkpoint.activation(model,
-        self.checkpointing)`` unless it is "none".
-        """
+        """The ``px.RuntimeConfig`` of this row (``overrides`` replace fields, e.g. ``timeout_s``)."""
         from parallax.runtime import RuntimeConfig
 
-        fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
         values = dict(zero_stage=self.zero_stage, precision=self.precision, offload=self.offload,
-                      bucket_mb=self.bucket_mb, prefetch=self.prefetch)
-        if "activation_checkpointing" in fields:
-            values["activation_checkpointing"] = self.checkpointing != "none"
+                      bucket_mb=self.bucket_mb, prefetch=self.prefetch,
+                      activation_checkpointing=False if self.checkpointing == "none" else self.checkpointing)
         values.update(overrides)
-        return RuntimeConfig(**{k: v for k, v in values.items() if k in fields})
+        return RuntimeConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,10 +96,12 @@ class Plan:
         return [e for e in self.estimates if e.fits]
 
     def find(self, zero_stage: int, precision: str, offload: str = "none", checkpointing: str = "none") -> Estimate:
+        key = (zero_stage, precision, offload, checkpointing)
         for e in self.estimates:
-            if (e.zero_stage, e.precision, e.offload, e.checkpointing) == (zero_stage, precision, offload, checkpointing):
+            if (e.zero_stage, e.precision, e.offload, e.checkpointing) == key:
                 return e
-        raise KeyError(f"no estimate for stage {zero_stage} {precision} offload={offload} checkpointing={checkpointing}")
+        raise KeyError(f"no estimate for stage {zero_stage} {precision}, offload {offload}, "
+                       f"checkpointing {checkpointing}")
 
     def table(self) -> str:
         """The table ``parallax plan`` prints: one row per configuration, the pick marked."""
@@ -123,17 +117,18 @@ class Plan:
                          "yes" if e.fits else "no", f"{e.step_time_s / fastest:.2f}",
                          "<- best" if e is self.best else ""])
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        batch = f"micro-batch {self.micro_batch} x {self.seq_len} tokens" if self.seq_len else "activations unknown"
         lines = [f"{self.model}: {self.num_params / 1e6:,.1f}M parameters, {self.world_size} rank(s), "
                  f"{format_bytes(self.device_bytes)} per device (plans fit in {format_bytes(self.usable_bytes)}), "
-                 + (f"micro-batch {self.micro_batch} x {self.seq_len} tokens" if self.seq_len else "activations unknown")]
+                 + batch]
         lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
         lines.append("  ".join("-" * w for w in widths[:-1]))
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         if self.best is not None:
             lines.append(f"best: {self.best.label}: peak {format_bytes(self.best.peak_bytes)} per rank")
         else:
-            lines.append(f"nothing fits in {format_bytes(self.usable_bytes)} per rank: more ranks, a smaller micro-batch "
-                         "or sequence, or more device memory")
+            lines.append(f"nothing fits in {format_bytes(self.usable_bytes)} per rank: more ranks, a smaller "
+                         "micro-batch or sequence, or more device memory")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -209,9 +204,9 @@ def _resolve(model: Any) -> tuple[nn.Module | None, int, int | None, str]:
     if isinstance(model, numbers.Integral):
         if model < 1:
             raise ValueError(f"model_or_num_params: a parameter count must be positive, got {model}")
-        return None, int(model), None, f"{int(model):,} parameters"
+        return None, int(model), None, "bare parameter count"
     if isinstance(model, float) and model.is_integer() and model >= 1:
-        return None, int(model), None, f"{int(model):,} parameters"
+        return None, int(model), None, "bare parameter count"
     if isinstance(model, str):
         if model not in PRESETS:
             raise ValueError(f"model_or_num_params: unknown preset {model!r}; known presets: {', '.join(PRESETS)}")
@@ -240,7 +235,8 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
          offloads: Sequence[str] = OFFLOADS, checkpointing: Sequence[str] = ("none", "block"),
          bucket_mb: float = 25.0, prefetch: int = 1, backend: str = "nccl", margin: float = 0.10,
          hardware: Hardware | None = None, loss_fn: LossFn | None = None, layers: int | None = None) -> Plan:
-    """Predict each rank's peak memory for every stage x precision x offload x checkpointing; pick the fastest that fits.
+    """Predict each rank's peak memory for every stage x precision x offload x checkpointing; pick the
+    fastest configuration that fits.
 
     Args:
         model_or_num_params: an ``nn.Module`` (any device, meta included: nothing is run on it),
@@ -252,7 +248,8 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
             gathers it all at once, a pessimistic bound); only checkpointing "none" is planned.
         world_size: data-parallel ranks (N).
         device_bytes: memory of one device, bytes or a string ("16GB" = 16e9, "16GiB" = 16 * 2**30;
-            see ``parallax.planner.units``).
+            see ``parallax.planner.units``), or "auto": this machine's (``device_memory_bytes``:
+            the CUDA device's total memory, else physical RAM / ``LOCAL_WORLD_SIZE``).
         seq_len: tokens per sequence (default: the model's block_size / n_positions).
         micro_batch: sequences per rank and step.
         stages, precisions, offloads, checkpointing: the candidates (checkpointing: "none" and
@@ -275,7 +272,7 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
     """
     module, num_params, default_seq, name = _resolve(model_or_num_params)
     world_size = _positive_int("world_size", world_size)
-    device_bytes = parse_bytes(device_bytes, "device_bytes")
+    device_bytes = device_memory_bytes() if device_bytes == "auto" else parse_bytes(device_bytes, "device_bytes")
     micro_batch = _positive_int("micro_batch", micro_batch)
     if seq_len is None:
         seq_len = default_seq
@@ -312,6 +309,7 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
         notes.append("activations unknown (a bare parameter count): peaks are model states and gradient/communication "
                      "buffers only; pass a module or GPTConfig to include activations")
     else:
+        skipped: dict[str, str] = {}
         for size in sorted({_DTYPES[p].itemsize for p in precisions}, reverse=True):
             dtype = torch.float32 if size == 4 else torch.bfloat16  # fp16 has bf16's sizes
             for policy in policies:
@@ -319,11 +317,16 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
                     traces[(size, policy)] = trace_step(module, micro_batch, seq_len, dtype=dtype,
                                                         checkpointing=None if policy == "none" else policy,
                                                         loss_fn=loss_fn)
-                except ValueError as exc:
+                except ValueError as exc:  # bad input (a sequence too long), or a policy without blocks
                     if policy == "none":
                         raise
-                    notes.append(f"checkpointing {policy!r} skipped: {exc}")
-        policies = tuple(p for p in policies if any(k[1] == p for k in traces))
+                    skipped.setdefault(policy, str(exc))
+                except Exception as exc:
+                    raise RuntimeError(f"could not trace a training step of {name} on fake tensors "
+                                       f"({type(exc).__name__}: {exc}); pass loss_fn(model, idx, targets) if "
+                                       "its forward is not a language model's, or a parameter count") from exc
+        notes += [f"checkpointing {policy!r} skipped: {why}" for policy, why in skipped.items()]
+        policies = tuple(p for p in policies if p not in skipped)
     if 0 in stages and "cpu" in offloads:
         notes.append("offload 'cpu' needs stage >= 1: stage 0 + offload is not a configuration")
     tokens = micro_batch * (seq_len or 0)
@@ -339,7 +342,7 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
                     trace = traces[(b, policy)]
                     buffers = flat_buffers(trace.params, trace.units, stage, world_size, bucket_mb, _DTYPES[precision])
                     states = state_bytes(trace.params, buffers, stage, world_size, b, offload)
-                    peak = simulate(trace, buffers, states, stage, b, prefetch, backend)
+                    peak = simulate(trace, buffers, states, stage, b, prefetch, world_size=world_size, backend=backend)
                     flops = trace.flops if trace.known else 6.0 * num_params * tokens
                     t = step_time(flops=flops, num_params=num_params, world_size=world_size, stage=stage,
                                   element_size=b, offload=offload, hw=hardware)

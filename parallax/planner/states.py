@@ -28,11 +28,20 @@ including the optimizer step (model states + gradients after backward).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from parallax.planner.trace import BACKWARD, BWD_PRE, END, FWD_POST, FWD_PRE, GRAD, ParamSpec, StepTrace
+from parallax.planner.trace import (
+    BACKWARD,
+    BWD_PRE,
+    END,
+    FWD_POST,
+    FWD_PRE,
+    GRAD,
+    ParamSpec,
+    StepTrace,
+)
 from parallax.zero.grads import MAX_IN_FLIGHT
 from parallax.zero.layout import FlatLayout
 from parallax.zero.module import _buckets
@@ -155,16 +164,16 @@ class Peak:
     optimizer: int = 0  # optimizer state on the device
     comm: int = 0  # communication copies (gloo: a reduce-scatter's copy of its input, all-gather staging)
     phase: str = "forward"  # forward, backward or step
-    timeline: list[int] = field(default_factory=list, repr=False)  # total bytes at each trace sample
 
 
 class _Replay:
     """What the ZeRO runtime holds at each point of a trace (see the module docstring)."""
 
     def __init__(self, trace: StepTrace, buffers: list[Buffer], states: StateBytes, stage: int,
-                 element_size: int, prefetch: int, backend: str, keep_timeline: bool) -> None:
+                 element_size: int, prefetch: int, world_size: int, backend: str) -> None:
         self.trace, self.buffers, self.states, self.stage = trace, buffers, states, stage
         self.b, self.prefetch, self.gloo = element_size, prefetch, backend == "gloo"
+        self.waits_for_peers = world_size > 1
         self.buffer_of = {i: buf for buf in buffers if buf.trainable for i in buf.params
                           if trace.params[i].requires_grad}
         self.unit_bytes: dict[int, int] = {}
@@ -178,6 +187,7 @@ class _Replay:
         self.gathered: set[int] = set()  # stage-3 units whose full buffers exist
         self.full_grads: set[int] = set()  # id(buffer) with a full-size gradient buffer
         self.copies: dict[int, int] = {}  # id(buffer) -> bytes a gloo reduce-scatter in flight holds
+        self.staging: dict[int, int] = {}  # unit -> bytes a gloo all-gather in flight (a prefetch) stages
         self.transient = 0  # a communication buffer that exists only for the current sample
         self.shard_grads = 0
         self.written: dict[int, int] = {}
@@ -185,19 +195,16 @@ class _Replay:
         self.in_flight: list[Buffer] = []
         self.phase = "forward"
         self.peak = Peak()
-        self.keep_timeline = keep_timeline
 
     # ------------------------------------------------------------------ accounting
 
     def consider(self, live: int) -> None:
         b, states = self.b, self.states
-        params = states.params + sum(self.unit_bytes[u] for u in self.gathered)
+        params = states.params + sum(self.unit_bytes.get(u, 0) for u in self.gathered)
         grads = states.grads + self.shard_grads + sum(buf.full_bytes(b) for buf in self.buffers
                                                       if id(buf) in self.full_grads)
-        comm = sum(self.copies.values()) + self.transient
+        comm = sum(self.copies.values()) + sum(self.staging.values()) + self.transient
         total = live + params + grads + states.optimizer + comm
-        if self.keep_timeline:
-            self.peak.timeline.append(total)
         if total > self.peak.total:
             p = self.peak
             p.total, p.activations, p.params, p.grads, p.comm = total, live, params, grads, comm
@@ -207,26 +214,31 @@ class _Replay:
 
     def gather(self, u: int, order: list[int], live: int) -> None:
         """``UnitGatherer``: gather ``u`` (waiting for its prefetch), then prefetch what follows."""
+        self.staging.pop(u, None)  # a prefetch is waited for here
         if u not in self.gathered:
-            self.allocate_unit(u, live)
+            self.allocate_unit(u, live, prefetch=False)
         if u in order:
             pos = order.index(u)
             for nxt in order[pos + 1: pos + 1 + self.prefetch]:
                 if nxt not in self.gathered:
-                    self.allocate_unit(nxt, live)
-        self.consider(live)
+                    self.allocate_unit(nxt, live, prefetch=True)
 
-    def allocate_unit(self, u: int, live: int) -> None:
-        # The full buffer is allocated when its all-gather is issued; gloo stages the gathered
-        # data in a full-size copy while issuing (freed before the call returns).
+    def allocate_unit(self, u: int, live: int, prefetch: bool) -> None:
+        # The full buffer is allocated when its all-gather is issued. gloo copies the input while
+        # issuing (freed before the call returns), then its worker thread stages the gathered
+        # data in a full-size buffer until the collective completes: with other ranks to wait
+        # for, a prefetch may hold it until it is waited for (counted so: an upper bound).
         self.gathered.add(u)
         if self.gloo:
-            self.transient = self.unit_bytes[u]
+            self.transient = self.unit_bytes.get(u, 0)
             self.consider(live)
             self.transient = 0
+            if prefetch and self.waits_for_peers:
+                self.staging[u] = self.unit_bytes.get(u, 0)
 
     def free_unit(self, u: int) -> None:
         self.gathered.discard(u)
+        self.staging.pop(u, None)
 
     # ------------------------------------------------------------------ gradients
 
@@ -294,22 +306,26 @@ class _Replay:
                 self.gathered.clear()
                 self.consider(live)
         # The optimizer step: model states and the gradients backward left; stages 1-2 then
-        # all-gather the updated parameters (gloo: a staging copy of every buffer, all in flight).
+        # all-gather the updated parameters, every buffer issued before the first is waited for
+        # (gloo: the issuing thread's copy of one buffer and the staging of the two its worker
+        # threads run at once: the three largest).
         self.phase = "step"
+        self.staging.clear()
         if self.gloo and self.stage in (1, 2):
-            self.transient = sum(buf.full_bytes(self.b) for buf in self.buffers)
+            self.transient = sum(sorted((buf.full_bytes(self.b) for buf in self.buffers), reverse=True)[:3])
         self.consider(0)
         self.transient = 0
         return self.peak
 
 
 def simulate(trace: StepTrace, buffers: list[Buffer], states: StateBytes, stage: int, element_size: int,
-             prefetch: int, backend: str = "nccl", keep_timeline: bool = False) -> Peak:
+             prefetch: int, *, world_size: int = 1, backend: str = "nccl") -> Peak:
     """Replay the runtime's allocations along ``trace``; the peak device bytes of one steady-state step.
 
     ``backend``: "nccl" (collectives work in the given buffers) or "gloo" (a reduce-scatter in
-    flight holds a copy of its full-size input; an all-gather stages its full-size output).
+    flight holds a copy of its full-size input; an all-gather copies its input while being
+    issued and stages its full-size output while it runs).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return _Replay(trace, buffers, states, stage, element_size, prefetch, backend, keep_timeline).run()
+    return _Replay(trace, buffers, states, stage, element_size, prefetch, world_size, backend).run()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,7 +30,6 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
 
 __all__ = ["ParamSpec", "StepTrace", "LossFn", "default_loss", "fake_copy", "trace_step", "synthetic_trace"]
 
@@ -104,6 +104,10 @@ def _sdpa_cpu_flops(q: torch.Tensor, k: torch.Tensor, backward: bool) -> float:
 
 
 def _op_flops(func, args, kwargs, out) -> float:
+    from torch.utils.flop_counter import (
+        flop_registry,  # imports triton: only when tracing
+    )
+
     packet = getattr(func, "overloadpacket", None)
     if packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
         return _sdpa_cpu_flops(args[0], args[1], backward=False)
@@ -217,7 +221,8 @@ def default_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> 
         return out.loss if hasattr(out, "loss") else out[0]
     out = model(idx)
     if not isinstance(out, torch.Tensor):
-        out = getattr(out, "loss", None) or out[0]
+        loss = getattr(out, "loss", None)
+        out = loss if loss is not None else out[0]
     return out if out.dim() == 0 else out.float().mean()
 
 
@@ -229,8 +234,7 @@ def _unit_groups(model: nn.Module, names: dict[int, int]) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def _hooks(model: nn.Module, params: list[nn.Parameter], units: list[list[int]],
-           tracker: _Tracker) -> Iterator[None]:
+def _hooks(model: nn.Module, params: list[nn.Parameter], tracker: _Tracker) -> Iterator[None]:
     from parallax.zero.module import default_units
 
     handles = []
@@ -284,18 +288,26 @@ def trace_step(model: nn.Module, micro_batch: int, seq_len: int, *, dtype: torch
     """Trace one forward + backward of ``model`` on (micro_batch, seq_len) token ids.
 
     ``model`` may hold real, meta or fake tensors; it is not modified (a fake copy in ``dtype``
-    is traced). ``checkpointing``: None for none, else a ``px.checkpoint.activation`` policy
-    ("block", "every_n:K"). ``loss_fn(model, idx, targets)`` returns the scalar loss (default:
-    ``default_loss``).
+    is traced, without any activation checkpointing already applied to it). ``checkpointing``:
+    None for none, else a ``px.checkpoint.activation`` policy ("block", "every_n:K").
+    ``loss_fn(model, idx, targets)`` returns the scalar loss (default: ``default_loss``).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from parallax.checkpoint.activation import activation
+    from parallax.checkpoint.activation import activation, checkpointed_blocks
 
     mode = FakeTensorMode()
     fake = fake_copy(model, mode, dtype)
+    for block in checkpointed_blocks(fake):  # the policy to trace is ours to apply
+        del block.__dict__["forward"]
     if checkpointing is not None:
-        activation(fake, checkpointing)
+        quiet = logging.getLogger(activation.__module__)
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)  # its "checkpointing N blocks" note is about the fake copy
+        try:
+            activation(fake, checkpointing)
+        finally:
+            quiet.setLevel(level)
     fake.train()
     named = list(fake.named_parameters())
     params = [p for _, p in named]
@@ -305,7 +317,7 @@ def trace_step(model: nn.Module, micro_batch: int, seq_len: int, *, dtype: torch
     exclude = {t.untyped_storage()._cdata for t in list(fake.parameters()) + list(fake.buffers())}
     tracker = _Tracker(exclude)
     loss_fn = loss_fn or default_loss
-    with _hooks(fake, params, units, tracker), mode, tracker:
+    with _hooks(fake, params, tracker), mode, tracker:
         idx = torch.zeros(micro_batch, seq_len, dtype=torch.long)
         targets = torch.zeros(micro_batch, seq_len, dtype=torch.long)
         loss = loss_fn(fake, idx, targets)
@@ -318,11 +330,11 @@ def trace_step(model: nn.Module, micro_batch: int, seq_len: int, *, dtype: torch
 
 
 def synthetic_trace(num_params: int, layers: int = 1) -> StepTrace:
-    """A trace with no activations for a bare parameter count: ``layers`` equal blocks in a row.
+    """A trace without activations for a bare parameter count: ``layers`` equal blocks in a row.
 
     Forward visits the blocks in order, backward in reverse, and each block's gradient is
-    complete at the end of its backward. FLOPs are the usual 6 per parameter and token... left
-    at 0 here (the caller scales by tokens).
+    complete at the end of its backward. With one layer the whole model is the root unit. Its
+    FLOPs are unknown (0; ``known`` is False): the caller estimates them from the token count.
     """
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")

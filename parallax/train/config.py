@@ -40,6 +40,9 @@ class TrainConfig:
         (0 = gradient all-reduce, 1-3 shard optimizer state, gradients, parameters).
     precision ("fp32" | "bf16" | "fp16"), offload ("none" | "cpu"), activation_checkpointing
         ("off" | "block" | "every_n:K"): the memory options of ``px.RuntimeConfig``.
+    plan: "off", a device memory size ("16GB", "80GiB") or "auto": the memory planner picks the
+        fastest zero_stage / precision / offload / activation_checkpointing expected to fit
+        (``parallax.train.planning``); those given explicitly (flag or config file) are kept.
     """
 
     preset: str = "tiny"
@@ -71,6 +74,7 @@ class TrainConfig:
     precision: str = "fp32"
     offload: str = "none"
     activation_checkpointing: str = "off"
+    plan: str = "off"
     seed: int = 1337
     device: str = "auto"
 
@@ -98,6 +102,13 @@ class TrainConfig:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: continue the run or replace it")
+        if self.plan not in ("off", "auto"):
+            from parallax.planner import parse_bytes
+
+            try:
+                parse_bytes(self.plan, "plan")
+            except ValueError as exc:
+                raise ConfigError(f"{exc}; or 'auto' (this machine's memory), or 'off'") from None
         if not isinstance(self.model, dict):
             raise ConfigError(f"model must be a table of GPTConfig fields, got {self.model!r}")
         try:
@@ -168,7 +179,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the config file, then the flags given on the command line."""
+    """Defaults, then the config file, then the flags given on the command line; then ``plan``.
+
+    With ``plan`` set, the planner picks the memory fields not given explicitly
+    (``parallax.train.planning.resolve_plan``).
+    """
     values: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in vars(args):
@@ -177,7 +192,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if f.name == "model":
             value = {**values.get("model", {}), **_parse_overrides(value)}
         values[f.name] = value
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    if cfg.plan == "off":
+        return cfg
+    from parallax.train.planning import PLANNED_FIELDS, resolve_plan
+
+    return resolve_plan(cfg, fixed=[name for name in PLANNED_FIELDS if name in values])
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:

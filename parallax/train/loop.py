@@ -26,9 +26,15 @@ from parallax.distributed import DistInfo, init_from_env, shutdown
 from parallax.models import GPT
 from parallax.optim import AdamW
 from parallax.runtime import initialize
-from parallax.train.checkpoints import GPT_CONFIG_KEY, latest_checkpoint, list_checkpoints, save_checkpoint
+from parallax.train.checkpoints import (
+    GPT_CONFIG_KEY,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 from parallax.train.config import ConfigError, TrainConfig
 from parallax.train.metrics import MetricsLog, plot_losses
+from parallax.train.planning import resolve_plan
 from parallax.zero import memory_report
 from parallax.zero.module import zero_state
 
@@ -130,6 +136,8 @@ def train(cfg: TrainConfig, *, progress: bool = True,
     every rank after each optimizer step (1-based step). Bad configuration raises
     ``ConfigError``/``DataError`` before anything is written.
     """
+    if cfg.plan != "off":  # the CLI resolves it with the fields given explicitly; here the planner picks all
+        cfg = resolve_plan(cfg)
     device = _device(cfg.device)
     ds, gpt_config, resume_from = _validate(cfg)
     created_group = not dist.is_initialized()

@@ -133,9 +133,9 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
 
 def test_config_file_and_flags(tmp_path):
     (tmp_path / "c.toml").write_text('steps = 7\nbatch_size = 3\n[model]\nn_layer = 1\n')
-    from parallax.cli import main  # noqa: F401  (the parser lives there)
     import argparse
 
+    from parallax.cli import main  # noqa: F401  (the parser lives there)
     from parallax.train.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
@@ -170,3 +170,16 @@ def test_bad_input_fails_with_one_clear_line_and_writes_nothing(tmp_path, args, 
     assert lines[-1].startswith("parallax train: error:") and message in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists(), "bad input must not create the output directory"
+
+
+def test_plan_flag_trains_with_the_planned_configuration(tmp_path):
+    # 6MB per rank: the 2-layer model at 8 x 64 tokens fits only with a leaner configuration than
+    # the fp32 stage-0 default; the run logs the table and the pick, then trains with it.
+    done = _run_cli("train", "--model", "n_layer=2", "--model", "n_head=2", "--model", "n_embd=64", "--block-size", "64",
+                    "--batch-size", "8", "--steps", "3", "--eval-batches", "1", "--sample-tokens", "0", "--device", "cpu",
+                    "--plan", "6MB", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    chosen = [line for line in done.stderr.splitlines() if line.startswith("plan: ")]
+    assert len(chosen) == 1 and "peak/rank" in done.stderr, done.stderr[-3000:]
+    assert not chosen[0].startswith("plan: stage 0 fp32 ("), chosen  # the default does not fit
+    assert (tmp_path / "run" / "checkpoints").exists()
