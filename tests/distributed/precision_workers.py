@@ -8,13 +8,13 @@ import parallax as px
 from tests.distributed import zero_workers as zw
 
 
-def tiny_net_run(rank: int, world: int, stage: int, offload: str, precision: str) -> dict:
+def tiny_net_run(rank: int, world: int, stage: int, offload: str, precision: str, device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    model = zw.TinyNet()
+    model = zw.TinyNet().to(device)
     model, opt = px.initialize(model, px.RuntimeConfig(zero_stage=stage, bucket_mb=0.0005, offload=offload,
                                                        precision=precision),
                                param_groups=zw._groups(model), lr=1e-2, betas=(0.9, 0.95))
-    zw._train_steps(model, opt, rank, world, 6)
+    zw._train_steps(model, opt, rank, world, 6, device=device)
     report = px.zero.memory_report(model, opt)
     shard_params = sum(r.param.numel() for r in opt.runs)
     largest = max(b.layout.shard_numel for b in model._parallax_zero.buffers)
@@ -23,19 +23,19 @@ def tiny_net_run(rank: int, world: int, stage: int, offload: str, precision: str
             "largest_shard": largest, "host_bytes": host, "dtype": str(next(model.parameters()).dtype)}
 
 
-def gpt_losses(rank: int, world: int, precision: str, stage: int, steps: int) -> list[float]:
-    """The tiny GPT on the built-in corpus: mean loss of the last 20 of ``steps`` steps."""
+def gpt_losses(rank: int, world: int, precision: str, stage: int, steps: int, device: str = "cpu") -> list[float]:
+    """The tiny GPT on the built-in corpus: the loss of each of ``steps`` steps."""
     from parallax.data import load_dataset
     from parallax.models import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny", n_layer=2, n_embd=64, n_head=2, block_size=64))
+    model = GPT(GPTConfig.from_preset("tiny", n_layer=2, n_embd=64, n_head=2, block_size=64)).to(device)
     model, opt = px.initialize(model, px.RuntimeConfig(zero_stage=stage, precision=precision), lr=3e-3,
                                betas=(0.9, 0.95), weight_decay=0.1)
     ds = load_dataset()
     losses = []
     for step in range(steps):
-        x, y = ds.get_batch("train", 8, 64, step=step, seed=0, rank=rank, world_size=world)
+        x, y = ds.get_batch("train", 8, 64, step=step, seed=0, rank=rank, world_size=world, device=device)
         loss = model(x, y)
         opt.backward(loss)
         opt.clip_grad_norm_(1.0)

@@ -104,11 +104,11 @@ def parity(rank: int, world: int, cases: list[tuple]) -> list[dict]:
     return out
 
 
-def _train_steps(model, opt, rank, world, steps, start=0, global_batch=8, seq=5):
+def _train_steps(model, opt, rank, world, steps, start=0, global_batch=8, seq=5, device="cpu"):
     local = global_batch // world
     losses = []
     for step in range(start, start + steps):
-        idx, tgt = _batches(step, 0, global_batch, seq, 11)
+        idx, tgt = (t.to(device) for t in _batches(step, 0, global_batch, seq, 11))
         loss = model(idx[rank * local:(rank + 1) * local], tgt[rank * local:(rank + 1) * local])
         opt.backward(loss)
         opt.step()
