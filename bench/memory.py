@@ -32,16 +32,9 @@ GPUs (see ``parallax.planner.cost``), not a CPU prediction; it is shown for refe
 from __future__ import annotations
 
 import argparse
-import os
-import pickle
-import sys
-import tempfile
-import time
-import traceback
 from collections.abc import Iterator
-from datetime import timedelta
-from pathlib import Path
 
+from .ranks import spawn_gloo
 from .table import Column
 
 MB = 2**20
@@ -161,56 +154,6 @@ def _rank_main(rank: int, world: int, args: dict) -> dict:
     return {"peaks": peaks, "times": {k: list(t.times_s) for k, t in timings.items()}}
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, args: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(args["rank_threads"]))
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(args["rank_threads"])
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args["timeout"]))
-        result = ("ok", _rank_main(rank, world, args))
-    except BaseException as exc:  # reported by the parent
-        result = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
-    # As bench/zero.py: skip interpreter finalization (a gloo worker thread dropping its last work
-    # after finalization started aborts the process).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _spawn(world: int, args: dict, deadline_s: float) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    from .zero import _free_port
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        procs = mp.start_processes(_entry, args=(world, _free_port(), out_dir, args), nprocs=world, join=False,
-                                   start_method="spawn")
-        end = time.monotonic() + deadline_s
-        try:
-            while not procs.join(timeout=max(1.0, min(5.0, end - time.monotonic()))):
-                if time.monotonic() > end:
-                    raise TimeoutError(f"the {world} ranks did not finish within {deadline_s:.0f} s")
-        finally:
-            for p in procs.processes:
-                if p.is_alive():
-                    p.terminate()
-        results = []
-        for r in range(world):
-            path = Path(out_dir, f"rank{r}.pkl")
-            results.append(pickle.loads(path.read_bytes()) if path.exists() else ("error", f"rank {r}: no result"))
-    errors = [value for status, value in results if status == "error"]
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [value for _, value in results]
-
-
 # --------------------------------------------------------------------------------------------
 # parent side
 
@@ -246,7 +189,8 @@ def run(ctx) -> Iterator[dict]:
     ctx.log(f"spawning {world} gloo ranks x {args['rank_threads']} thread(s): {len(rows)} configurations x "
             f"{', '.join(args['models'])}, {args['warmup']} + {args['steps']} timed steps each")
     n_configs = len(rows) * len(args["models"])
-    results = _spawn(world, args, deadline_s=180 + args["timeout"] + 20 * n_configs * (3 + args["steps"]))
+    deadline = 180 + args["timeout"] + 20 * n_configs * (3 + args["steps"])
+    results = spawn_gloo(_rank_main, world, args, deadline_s=deadline)
 
     ctx.note("skipped", "stage 0 + offload cpu: offload needs ZeRO stage >= 1 (stage 0 replicates the optimizer)")
     ctx.note("method", f"{world} gloo ranks x {args['rank_threads']} thread(s); measured = peak of torch CPU "
