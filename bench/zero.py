@@ -7,6 +7,9 @@ weights (seed 0):
 * ``ddp``: ``DistributedDataParallel(gradient_as_bucket_view=True)`` + ``torch.optim.AdamW(fused=True)``;
 * ``fsdp2``: ``fully_shard`` on each transformer block, then on the root, + ``torch.optim.AdamW(fused=True)``
   (on the DTensor shards);
+* ``fsdp2-p1``: the same with FSDP2's explicit prefetching of one block ahead in forward and
+  backward (``set_modules_to_forward_prefetch`` / ``set_modules_to_backward_prefetch``), what
+  parallax's default ``prefetch=1`` does; without it FSDP2 on CPU gathers each block on demand;
 * ``parallax-S``: ``px.initialize(model, RuntimeConfig(zero_stage=S, bucket_mb, prefetch))`` with
   ``px.optim.AdamW`` (``--parallax-optimizer torch-fused`` wraps ``torch.optim.AdamW(fused=True)``
   instead, so that every provider runs the same optimizer arithmetic).
@@ -47,8 +50,9 @@ from .table import Column
 PARALLAX_STAGES = (0, 1, 2, 3)
 # parallax-3-p0: stage 3 without prefetch, the memory/time trade-off next to FSDP2 (which does
 # not prefetch on CPU): prefetching one unit hides its gather but holds it while the current runs.
-PROVIDERS = ("ddp", "fsdp2") + tuple(f"parallax-{s}" for s in PARALLAX_STAGES) + ("parallax-3-p0",)
-FORMULA_STAGE = {"ddp": 0, "fsdp2": 3, "parallax-3-p0": 3, **{f"parallax-{s}": s for s in PARALLAX_STAGES}}
+PROVIDERS = ("ddp", "fsdp2", "fsdp2-p1") + tuple(f"parallax-{s}" for s in PARALLAX_STAGES) + ("parallax-3-p0",)
+FORMULA_STAGE = {"ddp": 0, "fsdp2": 3, "fsdp2-p1": 3, "parallax-3-p0": 3,
+                 **{f"parallax-{s}": s for s in PARALLAX_STAGES}}
 MB = 2**20
 
 # model: overrides of the "tiny" GPT preset; batch and steps per run kind.
@@ -186,15 +190,20 @@ def _build_ddp(base, state, lr, wd):
                      lambda: opt.zero_grad(set_to_none=True), model_states, full_params)
 
 
-def _build_fsdp2(base, state, lr, wd):
+def _build_fsdp2(base, state, lr, wd, prefetch: bool = False):
     import torch
     from torch.distributed.fsdp import fully_shard
 
     module = base()
     module.load_state_dict(state)
-    for block in module.transformer.h:
+    blocks = list(module.transformer.h)
+    for block in blocks:
         fully_shard(block)
     fully_shard(module)
+    if prefetch:
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1: i + 2])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - 1): i])
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=wd, fused=True)
     fsdp_params = []
     for m in module.modules():
@@ -219,7 +228,7 @@ def _build_fsdp2(base, state, lr, wd):
     def full_params():
         return {n: p.full_tensor().detach().clone() for n, p in module.named_parameters()}
 
-    return _Provider("fsdp2", module, list(module.transformer.h), lambda loss: loss.backward(), opt.step,
+    return _Provider("fsdp2-p1" if prefetch else "fsdp2", module, blocks, lambda loss: loss.backward(), opt.step,
                      lambda: opt.zero_grad(set_to_none=True), model_states, full_params)
 
 
@@ -340,8 +349,8 @@ def _rank_main(rank: int, world: int, args: dict) -> dict:
     for name in args["providers"]:
         if name == "ddp":
             providers.append(_build_ddp(base, state, lr, wd))
-        elif name == "fsdp2":
-            providers.append(_build_fsdp2(base, state, lr, wd))
+        elif name in ("fsdp2", "fsdp2-p1"):
+            providers.append(_build_fsdp2(base, state, lr, wd, prefetch=name == "fsdp2-p1"))
         else:
             if name == "parallax-3-p0":
                 providers.append(_build_parallax(3, base, state, lr, wd, {**args, "prefetch": 0}, name))
@@ -481,6 +490,11 @@ def _note_goals(ctx, rows: dict[str, dict]) -> None:
         goals["parallax-3 step <= 1.0x fsdp2"] = f"{x:.3f}x, {verdict(x <= 1.0)}"
         mine, theirs = rows["parallax-3"]["peak_mb"], rows["fsdp2"]["peak_mb"]
         goals["parallax-3 peak memory <= fsdp2's"] = f"{mine:.2f} MB vs {theirs:.2f} MB, {verdict(mine <= theirs)}"
+    if "parallax-3" in rows and "fsdp2-p1" in rows:
+        mine, theirs = rows["parallax-3"], rows["fsdp2-p1"]
+        goals["parallax-3 vs fsdp2-p1 (both prefetch one block): step, peak"] = (
+            f"{mine['median_ms'] / theirs['median_ms']:.3f}x, {mine['peak_mb']:.2f} vs {theirs['peak_mb']:.2f} MB, "
+            f"{verdict(mine['median_ms'] <= theirs['median_ms'] and mine['peak_mb'] <= theirs['peak_mb'])}")
     if "parallax-3-p0" in rows and "fsdp2" in rows:
         row, theirs = rows["parallax-3-p0"], rows["fsdp2"]["peak_mb"]
         goals["parallax-3 prefetch=0: step <= 1.0x fsdp2, peak <= fsdp2's"] = (
