@@ -28,6 +28,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "optimizer step: parallax AdamW vs torch foreach/fused (and DeepSpeed CPU Adam), fp32 and bf16+master, "
         "ms, GB/s and the memory-bandwidth floor",
     ),
+    "attention": (
+        ".attention",
+        "FlashAttention fwd/bwd (bf16, 16k tokens, seqlens 512-16k, D 64/128, causal and not): parallax Triton vs "
+        "SDPA flash and math, TFLOP/s and fraction of the measured matmul rate",
+    ),
     "checkpointing": (
         ".checkpointing",
         "activation checkpointing on the reference GPT: saved activation bytes and step time, none vs every "
@@ -37,6 +42,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         ".memory",
         "per-rank peak memory and step time of fp32/bf16 x ZeRO stage 0-3 x offload x checkpointing on 2 gloo ranks: "
         "measured vs px.planner's prediction and the ZeRO formula",
+    ),
+    "paged_attention": (
+        ".paged_attention",
+        "PagedAttention decode (GQA 32/8, D 128, bf16): parallax CUDA and Triton kernels vs SDPA on a contiguous "
+        "cache, K/V GB/s as a fraction of the measured device copy bandwidth",
     ),
     "train": (
         ".train",

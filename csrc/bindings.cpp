@@ -18,6 +18,16 @@ TORCH_LIBRARY(parallax, m) {
   m.def("unscale_(Tensor(a!)[] grads, Tensor(b!) found_inf, float inv_scale) -> ()");
   // a = b + scalar * c (b may be a): memory-bandwidth probe for benchmark floors.
   m.def("stream_triad_(Tensor(a!) a, Tensor b, Tensor c, float scalar) -> ()");
+  // PagedAttention decode: q (N, H, D) attends over its sequence's cached keys/values, caches
+  // (num_blocks, block_size, H_kv, D) found through block_tables (N, max_blocks) int32, the first
+  // context_lens[n] (int32) tokens. partition_size 0: one program per sequence and KV head; > 0:
+  // split-K partitions of that many tokens, then a reduce kernel. Returns (N, H, D) in q's dtype.
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+      "float softmax_scale, int partition_size) -> Tensor");
+  // Writes k, v (T, H_kv, D) into the caches at slot_mapping (T,) int32/int64 (block * block_size
+  // + offset); a negative slot skips the token.
+  m.def("reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 
 namespace {

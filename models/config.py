@@ -34,7 +34,9 @@ class GPTConfig:
         dropout: dropout probability on embeddings, attention weights and residual branches.
         bias: whether Linear and LayerNorm layers have biases (GPT-2 has them).
         layer_norm_eps: LayerNorm epsilon (GPT-2 uses 1e-5).
-        attention: attention backend, a key of ``ATTENTION_BACKENDS``.
+        attention: attention backend, a key of ``ATTENTION_BACKENDS``: "math", "sdpa", "flash"
+            (parallax's Triton FlashAttention; no attention dropout) or "auto" (the default:
+            "flash" on CUDA tensors, "sdpa" otherwise, decided on each call).
     """
 
     block_size: int = 1024
@@ -46,7 +48,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
-    attention: str = "sdpa"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):

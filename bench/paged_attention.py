@@ -1,0 +1,224 @@
+"""PagedAttention decode: both parallax kernels against SDPA on a contiguous cache, as KV bandwidth.
+
+Decode attention reads every cached key and value once per step and does little else, so it is
+memory-bound and its figure of merit is the bandwidth of that read: 2 (K and V) * context * H_kv
+* D * bytes per element per sequence, divided by the time. The floor is the device's memory
+bandwidth, measured in the same process by a device-to-device copy (``dst.copy_(src)``, read +
+write bytes / time) interleaved with the providers; ``of copy`` is the fraction reached. The
+goal, reported and not asserted: paged decode at >= 80% of the copy bandwidth for contexts of
+4k tokens and more.
+
+Providers, on the same queries and the same keys/values:
+
+* ``cuda``, ``triton``: ``px.ops.paged_attention(backend=...)`` over a paged cache (block size
+  16, every sequence's blocks shuffled over the pool), with the automatic split-K choice;
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)`` over
+  contiguous (N, H_kv, context, D) keys/values, whichever SDPA backend torch picks.
+
+The shape is Llama-style GQA (32 query heads over 8 KV heads, head dim 128), bf16, every
+sequence at the full context. Caches are flushed from L2 before each timed call (a real decode
+step meets each layer's cache cold). ``max diff`` is the largest difference from SDPA's output.
+On CPU there is nothing to measure: the benchmark says so, or with ``--quick`` runs one tiny
+fp32 case of every code path (the Triton kernel interpreted when TRITON_INTERPRET=1), which
+keeps this file from rotting between GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import importlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .table import Column
+from .timing import CacheFlusher, interleave
+
+PROVIDERS = ("cuda", "triton", "sdpa")
+GOAL = 0.8  # fraction of the copy bandwidth, at contexts >= 4k
+
+COLUMNS = [
+    Column("batch", "batch", "d"),
+    Column("context", "context", "d"),
+    Column("provider", "provider"),
+    Column("partition", "split [tok]"),
+    Column("median_us", "median [us]", ".1f"),
+    Column("p20_us", "p20 [us]", ".1f"),
+    Column("p80_us", "p80 [us]", ".1f"),
+    Column("kv_mb", "KV [MB]", ".1f"),
+    Column("gbps", "KV GB/s", ".0f"),
+    Column("of_copy", "of copy", ".2f"),
+    Column("vs_sdpa", "vs sdpa [x]", ".2f"),
+    Column("max_diff", "max diff", ".1e"),
+]
+
+
+def add_arguments(parser: argparse._ArgumentGroup) -> None:
+    parser.add_argument("--batches", default=None, help="sequences per step (default 1,8,64; --quick: 1,8)")
+    parser.add_argument("--contexts", default=None,
+                        help="tokens per sequence (default 512,4096,16384; --quick: 512,4096)")
+    parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default 16)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed rounds per case")
+    parser.add_argument("--copy-mb", type=int, default=1024, help="size of the copy-bandwidth buffers in MB")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _copy_bandwidth(device, megabytes: int, flush) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write), median of interleaved repeats."""
+    n = megabytes * (1 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    t = interleave({"copy": lambda: dst.copy_(src)}, device=device, warmup=3, budget_s=0.5, flush=flush)["copy"]
+    return 2 * n / t.median_s
+
+
+def _paged_case(batch, context, h, h_kv, d, block_size, dtype, device, gen):
+    blocks_per_seq = math.ceil(context / block_size)
+    num_blocks = batch * blocks_per_seq
+    q = torch.randn(batch, h, d, generator=gen, device=device).to(dtype)
+    # the contiguous keys/values SDPA reads, and the same values scattered into shuffled blocks
+    k = torch.randn(batch, h_kv, context, d, generator=gen, device=device).to(dtype)
+    v = torch.randn(batch, h_kv, context, d, generator=gen, device=device).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen, device=device).view(batch, blocks_per_seq).int()
+    k_cache = torch.zeros(num_blocks, block_size, h_kv, d, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    tok = torch.arange(context, device=device)
+    for i in range(batch):
+        blocks = tables[i, tok // block_size].long()
+        k_cache[blocks, tok % block_size] = k[i].transpose(0, 1)
+        v_cache[blocks, tok % block_size] = v[i].transpose(0, 1)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return q, k, v, k_cache, v_cache, tables, lens
+
+
+def run(ctx) -> Iterator[dict]:
+    device, args = ctx.device, ctx.args
+    on_cpu = device.type != "cuda"
+    if on_cpu and not ctx.quick:
+        ctx.skip("paged_attention", "needs a CUDA GPU (decode attention is timed on the device; on CPU the "
+                                    "kernels only run under Triton's interpreter, for tests; --quick runs one "
+                                    "tiny case of every code path and measures nothing)")
+        return
+    pa = importlib.import_module("parallax.ops.paged_attention")  # the module (parallax.ops exports the function)
+
+    wanted = [p.strip() for p in args.providers.split(",")]
+    bad = [p for p in wanted if p not in PROVIDERS]
+    if bad:
+        raise ValueError(f"--providers: unknown {bad}; allowed: {', '.join(PROVIDERS)}")
+    available = pa._available("paged_attention", device.type)
+    for name in ("cuda", "triton"):
+        if name in wanted and name not in available:
+            ctx.skip(name, f"backend {name!r} is not available here (available: {', '.join(available)})")
+            wanted.remove(name)
+    h, h_kv, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
+    dtype_name = args.dtype
+    if on_cpu:  # smoke run: tiny shapes (the interpreter runs every program in Python), fp32
+        batches, contexts, h, h_kv, d = [2], [40], 4, 2, 32
+        dtype_name = "fp32" if dtype_name == "bf16" else dtype_name
+        budget, copy_mb, flush = 0.02, 16, None
+    else:
+        batches = _ints(args.batches or ("1,8" if ctx.quick else "1,8,64"))
+        contexts = _ints(args.contexts or ("512,4096" if ctx.quick else "512,4096,16384"))
+        budget, copy_mb = args.budget, (256 if ctx.quick else args.copy_mb)
+        flush = CacheFlusher(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    esize = torch.empty((), dtype=dtype).element_size()
+
+    copy_bw = _copy_bandwidth(device, copy_mb, flush)
+    ctx.note("copy_bandwidth", f"{copy_bw / 1e9:.0f} GB/s (device-to-device copy, read + write bytes)")
+    ctx.note("default_backend", f"paged_attention on {device.type} defaults to {pa.backend(device.type)!r} "
+                                f"(DEFAULT_CUDA_BACKEND = {pa.DEFAULT_CUDA_BACKEND!r})")
+    ctx.note("goal", f"paged decode >= {GOAL:.0%} of the copy bandwidth at contexts >= 4096 (reported, not asserted)")
+    ctx.note("shape", f"H={h}, H_kv={h_kv}, D={d}, block size {bs}, {dtype_name}")
+    if on_cpu:
+        ctx.note("cpu", "a smoke run of the code paths on CPU: the numbers measure nothing")
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    for batch in batches:
+        for context in contexts:
+            q, k, v, k_cache, v_cache, tables, lens = _paged_case(batch, context, h, h_kv, d, bs, dtype, device, gen)
+            kv_bytes = 2 * batch * context * h_kv * d * esize
+            partition = pa.choose_partition_size(batch, h_kv, tables.shape[1] * bs, device)
+            fns, outs = {}, {}
+            for name in wanted:
+                if name == "sdpa":
+                    fns[name] = functools.partial(F.scaled_dot_product_attention, q.unsqueeze(2), k, v,
+                                                  enable_gqa=True)  # q (N, H, 1, D)
+                else:
+                    fns[name] = functools.partial(pa.paged_attention, q, k_cache, v_cache, tables, lens,
+                                                  backend=name)
+            for name, fn in fns.items():
+                out = fn()
+                outs[name] = out.squeeze(2) if name == "sdpa" else out
+            ctx.log(f"batch {batch}, context {context}: {kv_bytes / 1e6:.1f} MB of K/V, "
+                    f"split-K partitions of {partition or 'all'} tokens")
+            timings = interleave(fns, device=device, warmup=1 if on_cpu else 3, budget_s=budget,
+                                 min_repeat=3 if on_cpu else 10, max_repeat=200, flush=flush)
+            t_sdpa = timings["sdpa"].median_s if "sdpa" in timings else None
+            for name, t in timings.items():
+                gbps = kv_bytes / t.median_s / 1e9
+                yield {
+                    "batch": batch,
+                    "context": context,
+                    "provider": name,
+                    "partition": "-" if name == "sdpa" else (str(partition) if partition else "none"),
+                    "median_us": 1e6 * t.median_s,
+                    "p20_us": 1e6 * t.p20_s,
+                    "p80_us": 1e6 * t.p80_s,
+                    "reps": t.n,
+                    "kv_mb": kv_bytes / 1e6,
+                    "gbps": gbps,
+                    "copy_gbps": copy_bw / 1e9,
+                    "of_copy": gbps * 1e9 / copy_bw,
+                    "vs_sdpa": t_sdpa / t.median_s if t_sdpa else None,
+                    "max_diff": ((outs[name].float() - outs["sdpa"].float()).abs().max().item()
+                                 if "sdpa" in outs else None),
+                    "dtype": dtype_name,
+                    "heads": h,
+                    "kv_heads": h_kv,
+                    "head_dim": d,
+                    "block_size": bs,
+                }
+            del q, k, v, k_cache, v_cache, tables, lens, fns, outs
+            gc.collect()
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+
+
+def plot(rows: list[dict], path) -> None:
+    """KV bandwidth against context, one line per (provider, batch), with the copy bandwidth."""
+    from .runner import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for provider in PROVIDERS:
+        for batch in sorted({r["batch"] for r in rows}):
+            pts = sorted((r["context"], r["gbps"]) for r in rows if r["provider"] == provider and r["batch"] == batch)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{provider}, batch {batch}")
+    copy = [r["copy_gbps"] for r in rows if r.get("copy_gbps")]
+    if copy:
+        ax.axhline(copy[0], color="k", linestyle="--", label="device copy")
+        ax.axhline(GOAL * copy[0], color="gray", linestyle=":", label=f"{GOAL:.0%} of copy")
+    ax.set_xscale("log")
+    ax.set_xlabel("context [tokens]")
+    ax.set_ylabel("K/V read [GB/s]")
+    ax.set_title("PagedAttention decode (GQA 32/8, D 128, bf16)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

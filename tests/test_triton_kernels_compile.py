@@ -1,0 +1,156 @@
+"""Triton kernels never rot in their compiled form: on a machine without a GPU, compile a
+representative set of parallax's Triton kernels ahead of time for sm_90 (H100/H200) and check
+that their shared memory fits the card and stays under the launcher's estimate (which prunes
+autotuning candidates). The CPU tests run the same kernels through Triton's interpreter, which
+checks the arithmetic but not the compiler's lowering; on a GPU the real tests compile them.
+
+The compiling runs in a subprocess with TRITON_INTERPRET=0: triton's own library functions are
+decorated once, at import, as interpreted or compilable, and the CPU suite imports triton under
+the interpreter. Run this file as a script (``python tests/test_triton_kernels_compile.py``) to
+see the compile results as JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+KERNELS = Path(__file__).resolve().parents[1] / "parallax" / "kernels"
+SM90_SMEM = 232448  # bytes of shared memory one H100/H200 thread block may opt into (227 KiB)
+FLASH_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+PAGED_POINTERS = {"bt_ptr": "i32", "ctx_ptr": "i32", "part_acc_ptr": "fp32", "part_m_ptr": "fp32",
+                  "part_l_ptr": "fp32", "slot_ptr": "i64"}
+
+# name -> (module, kernel, dtype, constexprs, num_warps, num_stages); flash kernels use the
+# launcher's default configuration for their head dim and dtype (see _jobs)
+FLASH_CASES = {"bf16-d128-causal": ("bf16", 128, True, False), "fp32-d72-varlen": ("fp32", 72, False, True)}
+
+
+def _load(name: str):
+    """parallax/kernels/<name>.py under a private module name (it imports only triton)."""
+    spec = importlib.util.spec_from_file_location(f"_parallax_aot_{name}", KERNELS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jobs() -> dict[str, tuple]:
+    flash = _load("flash_attention")
+    jobs = {}
+    for case, (dtype, head_dim, causal, varlen) in FLASH_CASES.items():
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        for kind in ("fwd", "dkdv", "dq"):
+            cfg = flash.default_config(kind, block_d, 4 if dtype == "fp32" else 2)
+            const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, VARLEN=varlen,
+                         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg.kwargs)
+            kernel = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}[kind]
+            jobs[f"flash-{kind}-{case}"] = ("flash_attention", kernel, dtype, const, cfg.num_warps, cfg.num_stages)
+    jobs["flash-preprocess"] = ("flash_attention", "_attn_bwd_preprocess", "bf16",
+                                dict(HEAD_DIM=40, BLOCK_D=64, VARLEN=False, BLOCK_M=64), 4, 2)
+    for case, (dtype, d, group, split) in {"bf16-d128-gqa4-split": ("bf16", 128, 4, True),
+                                           "fp32-d64-mha": ("fp32", 64, 1, False)}.items():
+        const = dict(GROUP=group, GROUP_PAD=max(16, group), HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_N=64, SPLIT=split,
+                     UPCAST=False)
+        jobs[f"paged-fwd-{case}"] = ("paged_attention", "_paged_attn_fwd", dtype, const, 4, 2)
+    jobs["paged-reduce"] = ("paged_attention", "_paged_attn_reduce", "bf16", dict(HEAD_DIM=128, PARTS=16), 4, 2)
+    jobs["reshape-and-cache"] = ("paged_attention", "_reshape_and_cache", "fp16",
+                                 dict(NUM_KV_HEADS=3, HEADS_PAD=4, HEAD_DIM=64, DIM_PAD=64, BLOCK_SIZE=16), 4, 2)
+    return jobs
+
+
+def _compile(job: tuple) -> dict:
+    """Compile one job for sm_90: pointers are 16-byte aligned (as torch allocates), other
+    runtime parameters i32, or fp32 for the scales. Returns shared memory bytes or the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, kernel, dtype, const, num_warps, num_stages = job
+    fn = getattr(_load(module), kernel)
+    names = [p.name for p in fn.params]
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in FLASH_POINTERS or name.endswith("_ptr") and name not in PAGED_POINTERS:
+            signature[name] = "*" + dtype
+        elif name in ("LSE", "DELTA") or name in ("CU_Q", "CU_K") and not const.get("VARLEN"):
+            signature[name] = "*fp32"
+        elif name in ("CU_Q", "CU_K"):
+            signature[name] = "*i32"
+        elif name in PAGED_POINTERS:
+            signature[name] = "*" + PAGED_POINTERS[name]
+        elif "scale" in name:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as exc:  # reported per job; the test fails with the message
+        return {"error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+    return {"shared": compiled.metadata.shared}
+
+
+def main() -> None:
+    """Compile every job (in parallel processes) and print {name: result} as JSON."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        print(json.dumps({"skip": f"no triton ahead-of-time compile API here: {exc}"}))
+        return
+    if "nvidia" not in backends:
+        print(json.dumps({"skip": "this triton has no NVIDIA backend"}))
+        return
+    jobs = _jobs()
+    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        results = dict(zip(jobs, pool.map(_compile, jobs.values())))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
+else:
+    import pytest
+    import torch
+
+    pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                    reason="a GPU is present: the GPU tests compile the kernels for it")
+
+    @pytest.fixture(scope="module")
+    def results() -> dict:
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "skip" in out:
+            pytest.skip(out["skip"])
+        return out
+
+    @pytest.mark.parametrize("name", sorted(_jobs() if importlib.util.find_spec("triton") else []))
+    def test_kernel_compiles_for_sm90(results, name):
+        result = results[name]
+        assert "error" not in result, f"{name}: {result.get('error')}"
+        assert result["shared"] <= SM90_SMEM, f"{name}: {result['shared']} bytes of shared memory do not fit sm_90"
+
+    def test_smem_estimate_bounds_what_triton_allocates(results):
+        """The launcher prunes autotuning candidates by ``_smem_bytes``: it must not undercount
+        (checked on the 16-bit default configurations compiled here)."""
+        flash = _load("flash_attention")
+        dtype, head_dim, _, _ = FLASH_CASES["bf16-d128-causal"]
+        for kind in ("fwd", "dkdv", "dq"):
+            cfg = flash.default_config(kind, head_dim, 2)
+            shared = results[f"flash-{kind}-bf16-d128-causal"].get("shared")
+            assert shared is not None and shared <= flash._smem_bytes(kind, cfg, head_dim, 2), (kind, shared)
