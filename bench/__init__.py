@@ -48,6 +48,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "PagedAttention decode (GQA 32/8, D 128, bf16): parallax CUDA and Triton kernels vs SDPA on a contiguous "
         "cache, K/V GB/s as a fraction of the measured device copy bandwidth",
     ),
+    "serve": (
+        ".serve",
+        "serving a long-tailed ShareGPT-like workload: parallax continuous batching (paged KV) vs static batching "
+        "vs HF generate sequential and padded; tokens/s, TTFT mean/p99, KV waste; decode batch 64 vs 1",
+    ),
     "train": (
         ".train",
         "training step throughput: the parallax train loop vs a plain PyTorch loop on the same model and data "

@@ -1,4 +1,5 @@
-"""The ``parallax`` command: ``train`` (the main job), ``plan`` (the memory planner) and ``bench``."""
+"""The ``parallax`` command: ``train`` (the main job), ``plan`` (the memory planner), ``generate``
+(sampling from a checkpoint) and ``bench``."""
 
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ def _plan(rest: list[str]) -> int:
     return plan_main(rest, prog="parallax plan")
 
 
+def _generate(rest: list[str]) -> int:
+    from parallax.inference.cli import generate_main
+
+    return generate_main(rest, prog="parallax generate")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="parallax", description=__doc__)
@@ -56,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(train_parser)
     commands.add_parser("plan", help="predict each rank's peak memory for every ZeRO stage x precision x offload x "
                                      "checkpointing and pick the fastest that fits", add_help=False)
+    commands.add_parser("generate", help="generate text from a parallax train checkpoint (paged-KV engine)",
+                        add_help=False)
     commands.add_parser("bench", help="run a microbenchmark (`parallax bench` lists them)", add_help=False)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     if argv[:1] == ["plan"]:
         return _plan(argv[1:])
+    if argv[:1] == ["generate"]:
+        return _generate(argv[1:])
     args = parser.parse_args(argv)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")

@@ -1,0 +1,122 @@
+"""``parallax generate``: sample from a ``parallax train`` checkpoint with the paged-KV engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["generate_main", "build_parser", "find_checkpoint"]
+
+DEFAULT_RUN = Path("out")  # parallax train's default --out
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(prog: str = "parallax generate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Generate text from a parallax train checkpoint (byte-level tokens) with the "
+                               "paged-KV inference engine; one prompt streams as it is generated.",
+        epilog="Exit status: 0 done, 2 bad arguments or no checkpoint.")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"a checkpoint directory (OUT/checkpoints/step_N) or a run directory OUT (its newest "
+                        f"checkpoint); default: the newest under {DEFAULT_RUN}/checkpoints")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the samples (default: random)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default: cuda when available, else cpu")
+    return p
+
+
+def find_checkpoint(path: str | None) -> Path:
+    """The checkpoint directory that ``--checkpoint`` names (or the default run's newest one);
+    ValueError saying what was looked for when there is none."""
+    from parallax.checkpoint.sharded import MANIFEST
+    from parallax.train.checkpoints import latest_checkpoint
+
+    if path is None:
+        found = latest_checkpoint(DEFAULT_RUN / "checkpoints")
+        if found is None:
+            raise ValueError(f"no checkpoint under {DEFAULT_RUN / 'checkpoints'}/ (in {Path.cwd()}); "
+                             "run `parallax train` first or pass --checkpoint OUT/checkpoints/step_N")
+        return found
+    candidate = Path(path)
+    if (candidate / MANIFEST).is_file():
+        return candidate
+    for root in (candidate / "checkpoints", candidate):  # a run directory, or its checkpoints/ directory
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise ValueError(f"--checkpoint {path}: not a checkpoint directory, and no checkpoint under it")
+
+
+def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
+    """Entry point of ``parallax generate``; returns the exit status."""
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import torch
+
+    from parallax.data import ByteTokenizer
+    from parallax.inference import LLM, SamplingParams
+    from parallax.train.checkpoints import load_model
+
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch.cuda.is_available() is False")
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, n=args.n)
+        path = find_checkpoint(args.checkpoint)
+        model = load_model(path).to(device)
+        tokenizer = ByteTokenizer()
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"{path}: the model's vocabulary ({model.config.vocab_size}) is smaller than the byte "
+                             f"tokenizer's ({tokenizer.vocab_size})")
+        llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max(64, args.n))
+        for i, prompt in enumerate(args.prompt):
+            llm.engine.encode(prompt, f"--prompt #{i + 1}")
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    if len(args.prompt) == 1 and args.n == 1:
+        outputs = [_stream_one(llm, args.prompt[0], params)]
+    else:
+        outputs = llm.generate(args.prompt, params)
+        for i, out in enumerate(outputs):
+            for sample in out.outputs:
+                print(f"--- prompt {i + 1}, sample {sample.index + 1} ({sample.finish_reason})")
+                print(out.prompt + sample.text)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(s.token_ids) for out in outputs for s in out.outputs)
+    reasons = sorted({s.finish_reason for out in outputs for s in out.outputs})
+    print(f"[{path}: {tokens} tokens in {elapsed:.2f} s ({tokens / max(elapsed, 1e-9):.1f} tokens/s) on {device}; "
+          f"finish: {', '.join(reasons)}]", file=sys.stderr)
+    return 0
+
+
+def _stream_one(llm, prompt: str, params):
+    """Print the prompt, then the completion as it is generated; returns the final RequestOutput."""
+    sys.stdout.write(prompt)
+    shown = 0
+    final = None
+    for out in llm.stream(prompt, params):
+        text = out.text
+        # a byte sequence cut mid-character decodes to U+FFFD: hold it back until the rest arrives
+        stable = text if out.finished else text.rstrip("\ufffd")
+        if len(stable) > shown:
+            sys.stdout.write(stable[shown:])
+            sys.stdout.flush()
+            shown = len(stable)
+        final = out
+    sys.stdout.write("\n")
+    return final
