@@ -11,12 +11,12 @@ queries of all GROUP query heads that share its KV head (GQA), padded to a tile 
 rows, so each K/V element is read from memory once for the whole group. It walks its token
 range BLOCK_N tokens at a time: gather K through the block table, scores with one ``tl.dot``,
 online softmax in base 2 (the scale carries log2(e)), gather V, accumulate with a second
-``tl.dot``. With SPLIT the unnormalised accumulator, the running max and the running sum go to
+``tl.dot`` (P kept in fp32, see ``_pv_dot``). With SPLIT the unnormalised accumulator, the running max and the running sum go to
 scratch buffers and ``_paged_attn_reduce`` combines the partitions of each (sequence, head).
 
-Under the CPU interpreter (UPCAST) the operands are converted to fp32 after loading, since the
-interpreter's ``tl.dot`` does not take bf16 (triton-lang/triton#11584); P is still rounded to
-the input dtype first, so the products are those of the GPU's tensor-core dot.
+Under the CPU interpreter (UPCAST) q and K are converted to fp32 after loading, since the
+interpreter's ``tl.dot`` does not take bf16 (triton-lang/triton#11584); products of 16-bit values
+are exact in fp32, so the scores are those of the GPU's tensor-core dot.
 
 Block ids that point outside the cache, and context lengths outside [0, max_blocks *
 BLOCK_SIZE], are never dereferenced: the program writes NaN for that sequence instead (the
@@ -38,6 +38,22 @@ def _dot(a, b):
         c = tl.dot(a, b, input_precision="ieee")
     else:
         c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _pv_dot(p, v):
+    """p (fp32) @ v accumulated in fp32, P kept in fp32, as the CUDA kernel does.
+
+    Rounding P to bf16 first (FlashAttention's choice for its compute-bound prefill) costs up to
+    2^-9 relative per weight: on contexts of a few dozen tokens that measured 3x PyTorch's own
+    bf16 error (tests/ops/test_paged_attention.py). Decode is memory-bound, so V is upcast
+    (exactly) and the product runs in TF32 for 16-bit inputs (2^-11 per weight), exactly for fp32.
+    """
+    if v.dtype == tl.float32:
+        c = tl.dot(p, v, input_precision="ieee")
+    else:
+        c = tl.dot(p, v.to(tl.float32), input_precision="tf32")
     return c
 
 
@@ -97,11 +113,7 @@ def _paged_attn_fwd(
         l = l * alpha + tl.sum(p, axis=1)
         # 4. gather V and accumulate P @ V (P rounded to the input dtype, as FlashAttention does)
         v = tl.load(v_ptr + row_off[:, None] + dims[None, :], mask=load_ok[:, None], other=0.0)
-        p = p.to(v_ptr.dtype.element_ty)
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + _dot(p, v)
+        acc = acc * alpha[:, None] + _pv_dot(p, v)
         m = m_new
 
     if SPLIT:
