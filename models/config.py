@@ -1,6 +1,7 @@
 """GPTConfig: the hyperparameters of the reference GPT, with validation and named presets."""
 
 import dataclasses
+import json
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -117,3 +118,18 @@ def _check_positive_int(name: str, value: Any) -> None:
     # bool is an int subclass; True is never a meaningful size.
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"GPTConfig.{name} must be a positive integer; got {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--model KEY=VALUE`` flags as GPTConfig overrides: VALUE is JSON (``n_layer=2``,
+    ``bias=false``) or else a bare string (``attention=math``). Raises ValueError naming a bad item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out

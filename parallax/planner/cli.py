@@ -55,7 +55,7 @@ def build_parser(prog: str = "parallax plan") -> argparse.ArgumentParser:
 
 def _model(args: argparse.Namespace):
     from parallax.models import GPTConfig
-    from parallax.models.config import PRESETS
+    from parallax.models.config import PRESETS, parse_overrides
 
     if args.params is not None:
         if args.model:
@@ -70,15 +70,7 @@ def _model(args: argparse.Namespace):
     preset = args.preset or "tiny"
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    overrides = {}
-    for item in args.model:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key] = text
+    overrides = parse_overrides(args.model)
     if args.seq_len is not None and args.seq_len > overrides.get("block_size", PRESETS[preset]["block_size"]):
         overrides["block_size"] = args.seq_len
     return GPTConfig.from_preset(preset, **overrides) if overrides else preset

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from parallax.models import GPTConfig
+from parallax.models.config import parse_overrides
 from parallax.runtime import RuntimeConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load_config_file", "add_config_arguments", "config_from_args"]
@@ -190,7 +191,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             continue
         value = getattr(args, f.name)
         if f.name == "model":
-            value = {**values.get("model", {}), **_parse_overrides(value)}
+            try:
+                value = {**values.get("model", {}), **parse_overrides(value)}
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         values[f.name] = value
     cfg = TrainConfig(**values)
     if cfg.plan == "off":
@@ -198,19 +202,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from parallax.train.planning import PLANNED_FIELDS, resolve_plan
 
     return resolve_plan(cfg, fixed=[name for name in PLANNED_FIELDS if name in values])
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--model expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(text)
-        except json.JSONDecodeError:
-            out[key] = text  # a bare string such as attention=math
-    return out
 
 
 def _members(kind: Any) -> tuple[Any, ...]:
