@@ -93,7 +93,10 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     kth = sorted_logits.gather(1, (top_k.clamp(1, v) - 1)[:, None])  # (N, 1)
     keep = sorted_logits >= kth
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    # Probability of the tokens ranked above each one, as an exclusive cumulative sum: subtracting
+    # probs from an inclusive cumsum rounds 0.3 + 0.5 - 0.3 down to 0.79999995 and keeps one too many.
+    cum = probs.cumsum(dim=-1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
     keep &= (before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # 1 keeps all, whatever the rounding
     return torch.zeros_like(keep).scatter_(1, order, keep)
 

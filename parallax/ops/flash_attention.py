@@ -362,25 +362,28 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
 def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                         softmax_scale: float | None = None, return_lse: bool = False):
-    """Plain-PyTorch attention with ``flash_attention``'s signature and semantics, computed in the
-    dtype of the inputs (pass float64 tensors for an exact reference): the S_q x S_k scores are
-    materialised. lse is float32 (float64 for float64 inputs) and carries no gradient."""
+    """Plain-PyTorch attention with ``flash_attention``'s signature and semantics: the S_q x S_k
+    scores are materialised. As in the kernels, 16-bit inputs are computed in fp32 (scores,
+    softmax and P@V; rounding each to bf16 gave 2.3x the error of PyTorch's own bf16 attention) and
+    the output is rounded once to the input dtype; fp32 and float64 inputs are computed in their
+    own dtype (pass float64 tensors for an exact reference). lse is float32 (float64 for float64
+    inputs) and carries no gradient."""
     _, S_q, H, D = q.shape
     S_k, H_kv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    qh = q.transpose(1, 2)  # (B, H, S_q, D)
-    kh = k.transpose(1, 2).repeat_interleave(H // H_kv, dim=1)  # (B, H, S_k, D)
-    vh = v.transpose(1, 2).repeat_interleave(H // H_kv, dim=1)  # (B, H, S_k, D)
-    scores = (qh @ kh.transpose(-2, -1)) * scale  # (B, H, S_q, S_k)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh = q.transpose(1, 2).to(compute)  # (B, H, S_q, D)
+    kh = k.transpose(1, 2).to(compute).repeat_interleave(H // H_kv, dim=1)  # (B, H, S_k, D)
+    vh = v.transpose(1, 2).to(compute).repeat_interleave(H // H_kv, dim=1)  # (B, H, S_k, D)
+    scores = (qh * scale) @ kh.transpose(-2, -1)  # (B, H, S_q, S_k)
     rows = torch.arange(S_q, device=q.device)[:, None]
     cols = torch.arange(S_k, device=q.device)[None, :]
     allowed = cols <= rows + (S_k - S_q) if causal else torch.ones(S_q, S_k, dtype=torch.bool, device=q.device)
     empty = ~allowed.any(-1, keepdim=True)  # (S_q, 1): rows with no key at all
     scores = scores.masked_fill(~allowed, float("-inf"))
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.logsumexp(scores.detach().to(lse_dtype), dim=-1)  # -inf on empty rows
+    lse = torch.logsumexp(scores.detach(), dim=-1)  # -inf on empty rows
     p = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    out = (p @ vh).transpose(1, 2)  # (B, S_q, H, D)
+    out = (p @ vh).transpose(1, 2).to(q.dtype)  # (B, S_q, H, D)
     return (out, lse) if return_lse else out
 
 

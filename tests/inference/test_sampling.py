@@ -57,6 +57,13 @@ def test_top_k_keeps_ties_with_the_kth_logit():
     assert mask.tolist() == [[True, False, True, True, False]]
 
 
+def test_top_p_at_the_exact_boundary_keeps_the_smallest_set_reaching_it():
+    """transformers' TopPLogitsWarper case: 0.5 + 0.3 reaches 0.8 exactly, so two tokens, not three."""
+    logits = torch.log(torch.tensor([[0.3, 0.1, 0.1, 0.5], [0.15, 0.3, 0.3, 0.25]]))
+    mask = top_k_top_p_mask(logits, torch.tensor([4, 4]), torch.tensor([0.8, 0.8]))
+    assert mask.tolist() == [[True, False, False, True], [False, True, True, True]]
+
+
 def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_the_distribution():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]))
     greedy, sampled = SamplingParams(temperature=0), SamplingParams(temperature=1.0)
