@@ -4,6 +4,8 @@
 #   ./run.sh train [flags]   parallax train (default: tiny GPT on the built-in corpus)
 #   ./run.sh test  [args]    the whole test suite (pytest args pass through)
 #   ./run.sh bench [name]    a microbenchmark (no name: list them)
+#   ./run.sh parallax ARGS   any parallax command (generate, plan, ...) in the environment
+#   ./run.sh python ARGS     the environment's python (python -m bench ..., a script of yours)
 #
 # Setup (idempotent, skipped when nothing changed): a virtual environment in .venv (or
 # $PARALLAX_VENV); the CPU build of torch when torch is absent and no GPU is present;
@@ -68,8 +70,16 @@ case "$command" in
     setup
     exec python -m parallax bench "$@"
     ;;
+  parallax)
+    setup
+    exec python -m parallax "$@"
+    ;;
+  python)
+    setup
+    exec python "$@"
+    ;;
   *)
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -4,7 +4,7 @@
 #   2. run the GPU tests (the CUDA tests of AdamW, unscale, ZeRO, precision and offload on one NCCL
 #      rank, FlashAttention and PagedAttention compiled, not interpreted, the inference engine),
 #   3. run the GPU benchmarks: adamw, train, offload, attention, paged_attention, serve,
-#   4. print one summary table last.
+#   4. print one summary table last, then exit non-zero, naming the failed steps, if any failed.
 # Results go to $OUT (the device tool's folder) or bench/results/; copy the .jsonl files back
 # into bench/results/ and name the card in the commit.
 set -uo pipefail
@@ -102,3 +102,13 @@ for name in ("adamw", "train", "offload", "attention", "paged_attention", "serve
                 "timestamp", "run_id", "benchmark", "threads")}
             print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items())[:230])
 EOF
+
+failed=()
+for item in "${status[@]}"; do
+  [[ $item == *"|FAILED|"* ]] && failed+=("${item%%|*}")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_suite: FAILED steps: ${failed[*]}"
+  exit 1
+fi
+echo "gpu_suite: all ${#status[@]} steps passed"

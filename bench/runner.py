@@ -76,7 +76,9 @@ def _base_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("name", nargs="?", help="benchmark to run (omit to list them)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    p.add_argument("--quick", action="store_true", help="a short run with small sizes (tests, CI)")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run with small sizes (tests, CI); its figures are not comparable with full "
+                        "runs, so it saves nothing unless --results-dir or $PARALLAX_BENCH_RESULTS is given")
     p.add_argument("--json", action="store_true", help="print one JSON record per row instead of a table")
     p.add_argument("--plot", action="store_true", help="also write a PNG next to the results file")
     p.add_argument("--results-dir", default=None,
@@ -165,6 +167,12 @@ def _run(name: str, module: ModuleType, args: argparse.Namespace) -> int:
     load, cores = ctx.env["machine"]["loadavg_1m"], ctx.env["machine"]["usable_cores"] or 1
     if device.type == "cpu" and load is not None and load > 0.5 * cores:
         ctx.log(f"WARNING: the machine is busy (load {load} on {cores} cores); CPU timings will be noisy")
+    if ctx.env["git"]["dirty"]:
+        ctx.log("WARNING: the source tree has uncommitted changes (recorded as git.dirty): these results "
+                "cannot be tied to a revision; commit and re-run before quoting them")
+    if args.quick and not args.no_save and args.results_dir is None and not os.environ.get(records.RESULTS_ENV):
+        args.no_save = True  # a quick run's figures must not join the tracked results
+        ctx.log("quick run: results not saved (give --results-dir to keep them)")
 
     rows: list[dict[str, Any]] = []
     status = 0

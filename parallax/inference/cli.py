@@ -81,8 +81,15 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
             raise ValueError(f"{path}: the model's vocabulary ({model.config.vocab_size}) is smaller than the byte "
                              f"tokenizer's ({tokenizer.vocab_size})")
         llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max(64, args.n))
+        context = llm.engine.max_model_len
+        room = {}  # prompt index -> new tokens the context leaves, where fewer than --max-tokens
         for i, prompt in enumerate(args.prompt):
-            llm.engine.encode(prompt, f"--prompt #{i + 1}")
+            prompt_len = len(llm.engine.encode(prompt, f"--prompt #{i + 1}"))
+            if prompt_len + args.max_tokens > context + 1:  # the last token is sampled, never fed
+                room[i] = context + 1 - prompt_len
+                print(f"{prog}: note: --prompt #{i + 1} has {prompt_len} tokens, so the model's {context}-token "
+                      f"context leaves room for {room[i]} new tokens, fewer than --max-tokens {args.max_tokens}",
+                      file=sys.stderr)
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -98,10 +105,17 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
                 print(out.prompt + sample.text)
     elapsed = time.perf_counter() - start
     tokens = sum(len(s.token_ids) for out in outputs for s in out.outputs)
-    reasons = sorted({s.finish_reason for out in outputs for s in out.outputs})
+    reasons = sorted({_reason(s, i in room, context) for i, out in enumerate(outputs) for s in out.outputs})
     print(f"[{path}: {tokens} tokens in {elapsed:.2f} s ({tokens / max(elapsed, 1e-9):.1f} tokens/s) on {device}; "
           f"finish: {', '.join(reasons)}]", file=sys.stderr)
     return 0
+
+
+def _reason(sample, context_bound: bool, context: int) -> str:
+    """The sample's finish reason, saying when the context rather than --max-tokens ended it."""
+    if sample.finish_reason == "length" and context_bound:
+        return f"length (the model's {context}-token context)"
+    return sample.finish_reason
 
 
 def _stream_one(llm, prompt: str, params):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 
+from parallax.models import PRESETS
 from parallax.planner.cost import Hardware
 from parallax.planner.search import OFFLOADS, PRECISIONS, STAGES, plan
 from parallax.planner.states import BACKENDS
@@ -22,8 +23,7 @@ def build_parser(prog: str = "parallax plan") -> argparse.ArgumentParser:
         epilog="Sizes: GB/MB = powers of 1000, GiB/MiB (and a bare G/M) = powers of 1024; nvidia-smi shows MiB. "
                "Exit status: 0 a configuration fits, 1 none fits, 2 bad arguments.")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--preset", default=None, help="GPT preset (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
-                                                     "default tiny)")
+    what.add_argument("--preset", default=None, help=f"model preset ({', '.join(PRESETS)}; default tiny)")
     what.add_argument("--params", default=None, help="a bare parameter count instead of a model (e.g. 7e9): "
                                                      "activations unknown")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",

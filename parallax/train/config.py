@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from parallax.models import GPTConfig
+from parallax.models import PRESETS, GPTConfig
 from parallax.models.config import parse_overrides
 from parallax.runtime import RuntimeConfig
 
@@ -23,61 +23,57 @@ class ConfigError(ValueError):
     """A training configuration value or file that cannot be used; the message names it."""
 
 
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    """A TrainConfig field whose ``help`` is its documentation and its ``--flag``'s help text."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Configuration of one training run.
+    """Configuration of one training run; each field's ``help`` (``parallax train --help``) says
+    what it does. A bad value raises ``ConfigError`` naming the field."""
 
-    preset: GPT preset name (``parallax.models.PRESETS``); ``model`` overrides its fields.
-    data: a .txt / .jsonl file or a directory of them; None trains on the built-in corpus.
-    steps: optimizer steps in the whole run (a resumed run continues up to this count).
-    batch_size: sequences per step per process; the global batch is batch_size * nproc.
-    block_size: tokens per sequence; None uses the preset's context length.
-    lr: peak learning rate; linear warmup over warmup_steps, then cosine to lr * min_lr_ratio.
-    eval_interval / eval_batches: validation every N steps on a fixed set of batches (and at the end).
-    checkpoint_interval: save every N steps (and at the end); keep_checkpoints newest are kept.
-    resume: continue from the newest checkpoint in ``out``; overwrite: replace a previous run there.
-    nproc: local processes (gloo on CPU, NCCL on GPU).
-    zero_stage / bucket_mb / prefetch / timeout_s: the ZeRO data parallelism of ``px.RuntimeConfig``
-        (0 = gradient all-reduce, 1-3 shard optimizer state, gradients, parameters).
-    precision ("fp32" | "bf16" | "fp16"), offload ("none" | "cpu"), activation_checkpointing
-        ("off" | "block" | "every_n:K"): the memory options of ``px.RuntimeConfig``.
-    plan: "off", a device memory size ("16GB", "80GiB") or "auto": the memory planner picks the
-        fastest zero_stage / precision / offload / activation_checkpointing expected to fit
-        (``parallax.train.planning``); those given explicitly (flag or config file) are kept.
-    """
-
-    preset: str = "tiny"
-    model: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None
-    val_fraction: float = 0.1
-    steps: int = 1500
-    batch_size: int = 16
-    block_size: int | None = None
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_batches: int = 16
-    log_interval: int = 10
-    checkpoint_interval: int = 500
-    keep_checkpoints: int = 2
-    sample_tokens: int = 200
-    out: str = "out"
-    resume: bool = False
-    overwrite: bool = False
-    nproc: int = 1
-    zero_stage: int = 0
-    bucket_mb: float = 25.0
-    prefetch: int = 1
-    timeout_s: float = 600.0
-    precision: str = "fp32"
-    offload: str = "none"
-    activation_checkpointing: str = "off"
-    plan: str = "off"
-    seed: int = 1337
-    device: str = "auto"
+    preset: str = _field("tiny", "model preset ({presets}); --model overrides its fields")
+    model: dict[str, Any] = _field({}, "override a GPTConfig field, e.g. --model n_layer=2 (repeatable)")
+    data: str | None = _field(None, "a .txt / .jsonl file or a directory of them (default: the built-in corpus, "
+                                    "CPython's documentation text)")
+    val_fraction: float = _field(0.1, "share of the data held out for validation")
+    steps: int = _field(1500, "optimizer steps in the whole run (a resumed run continues up to this count)")
+    batch_size: int = _field(16, "sequences per step per process; the global batch is batch_size x nproc")
+    block_size: int | None = _field(None, "tokens per sequence (default: the preset's context length)")
+    lr: float = _field(2e-3, "peak learning rate: linear warmup, then cosine decay to lr x min_lr_ratio")
+    min_lr_ratio: float = _field(0.1, "final learning rate as a share of lr, in [0, 1]")
+    warmup_steps: int = _field(20, "steps of linear learning-rate warmup")
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only; biases and norms get none)")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this (0: no clipping)")
+    eval_interval: int = _field(250, "validate every N steps (and at the end)")
+    eval_batches: int = _field(16, "batches of the fixed validation set per evaluation")
+    log_interval: int = _field(10, "log loss and tokens/s every N steps")
+    checkpoint_interval: int = _field(500, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _field(2, "keep the newest N checkpoints")
+    sample_tokens: int = _field(200, "tokens of the sample generated at the end (0: none)")
+    out: str = _field("out", "run directory: metrics.jsonl, loss.png, checkpoints/")
+    resume: bool = _field(False, "continue from the newest checkpoint in --out")
+    overwrite: bool = _field(False, "replace a previous run in --out")
+    nproc: int = _field(1, "local processes (relaunched under torchrun; gloo on CPU, NCCL on GPU)")
+    zero_stage: int = _field(0, "ZeRO stage: 0 gradient all-reduce; 1 + sharded optimizer state; 2 + sharded "
+                                "gradients; 3 + sharded parameters", choices=(0, 1, 2, 3))
+    bucket_mb: float = _field(25.0, "gradient bucket size in MB (stages 0-2)")
+    prefetch: int = _field(1, "stage 3: units gathered ahead of use")
+    timeout_s: float = _field(600.0, "every collective fails with a clear error after this many seconds")
+    precision: str = _field("fp32", "parameters, compute and communication dtype (bf16/fp16 keep fp32 master "
+                                    "weights; fp16 adds dynamic loss scaling)", choices=("fp32", "bf16", "fp16"))
+    offload: str = _field("none", "cpu: fp32 master weights and Adam moments in pinned host memory, stepped by "
+                                  "the C++ AdamW (stages 1-3)", choices=("none", "cpu"))
+    activation_checkpointing: str = _field("off", "recompute activations in backward: off, block (every repeated "
+                                                  "block) or every_n:K")
+    plan: str = _field("off", "a device memory size (16GB, 80GiB) or auto: the memory planner picks the fastest "
+                              "zero_stage / precision / offload / activation_checkpointing that fits (those given "
+                              "explicitly are kept); off")
+    seed: int = _field(1337, "seed of initialisation, data order and dropout")
+    device: str = _field("auto", "auto: cuda when available, else cpu", choices=DEVICES)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
@@ -169,14 +165,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
+        text = f.metadata["help"].format(presets=", ".join(PRESETS))
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         elif f.name == "model":
-            parser.add_argument(flag, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
-                                help="override a GPTConfig field, e.g. --model n_layer=2 (repeatable)")
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS, help=text)
         else:
             base = next(t for t in (int, float, str) if t in _members(kind))
-            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, metavar=f.name.upper())
+            default = f"; default: {f.default}" if f.default is not None else ""
+            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                choices=f.metadata.get("choices"), help=f"{text}{default}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

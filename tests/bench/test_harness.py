@@ -214,3 +214,39 @@ def test_train_benchmark_runs_both_loops_on_the_same_training(tmp_path):
     for r in rows:
         assert r["median_ms"] > 0 and r["tokens_per_s"] > 0
         assert r["loss_diff"] < 1e-4, "both loops must do the same training"
+
+
+@pytest.mark.parametrize("dirty", [True, False])
+def test_a_dirty_tree_is_recorded_and_warned_about(fake, capsys, monkeypatch, dirty):
+    monkeypatch.setattr(records, "git_revision", lambda: {"revision": "abc", "dirty": dirty})
+    assert bench.main(["fake"]) == 0
+    assert ("WARNING: the source tree has uncommitted changes" in capsys.readouterr().err) == dirty
+    assert all(r["git"]["dirty"] is dirty for r in records.read_records(fake))
+
+
+def test_git_revision_sees_uncommitted_changes_but_not_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    assert records.git_revision(tmp_path)["dirty"] is False
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "x.jsonl").write_text("{}\n")
+    assert records.git_revision(tmp_path)["dirty"] is False
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert records.git_revision(tmp_path)["dirty"] is True
+
+
+def test_quick_runs_save_nothing_unless_a_results_dir_is_given(fake, monkeypatch, tmp_path):
+    monkeypatch.delenv(records.RESULTS_ENV)
+    default = tmp_path / "default"
+    monkeypatch.setattr(records, "DEFAULT_RESULTS_DIR", default)
+    assert bench.main(["fake", "--quick"]) == 0
+    assert not default.exists()
+    assert bench.main(["fake"]) == 0
+    assert len(records.read_records(default / "fake.jsonl")) == 3
+    assert bench.main(["fake", "--quick", "--results-dir", str(tmp_path / "kept")]) == 0
+    assert len(records.read_records(tmp_path / "kept" / "fake.jsonl")) == 3

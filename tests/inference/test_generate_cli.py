@@ -55,6 +55,21 @@ def test_without_checkpoint_the_newest_under_out_is_used(run_dir, monkeypatch, c
     assert main(["generate", "--checkpoint", "out", "--prompt", "a", "--max-tokens", "3", "--seed", "1"]) == 0
 
 
+def test_a_context_shorter_than_max_tokens_is_named_as_the_limit(run_dir, capsys):
+    """The demo model's context is 32 tokens: a 4-token prompt leaves room for 29, not 300."""
+    checkpoint = run_dir / "out/checkpoints/step_000004"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The ", "--max-tokens", "300",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "--prompt #1 has 4 tokens, so the model's 32-token context leaves room for 29 new tokens, fewer than " \
+           "--max-tokens 300" in err
+    assert "29 tokens in" in err and "finish: length (the model's 32-token context)" in err
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The ", "--max-tokens", "29",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "context leaves room" not in err and "finish: length]" in err
+
+
 def test_no_checkpoint_or_bad_flags_fail_with_one_line(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--prompt", "x"]) == 2

@@ -183,3 +183,22 @@ def test_plan_flag_trains_with_the_planned_configuration(tmp_path):
     assert len(chosen) == 1 and "peak/rank" in done.stderr, done.stderr[-3000:]
     assert not chosen[0].startswith("plan: stage 0 fp32 ("), chosen  # the default does not fit
     assert (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_help_describes_every_flag_with_its_default_and_lists_the_presets():
+    import argparse
+    import dataclasses
+
+    from parallax.models import PRESETS
+    from parallax.train.config import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        action = actions[f.name]
+        assert action.help and len(action.help) > 15, f"--{f.name} has no description"
+        if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
+            assert f"default: {f.default}" in action.help, f"--{f.name} does not show its default"
+    assert all(name in actions["preset"].help for name in PRESETS)
+    assert actions["precision"].choices == ("fp32", "bf16", "fp16")
