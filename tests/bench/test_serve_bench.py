@@ -25,5 +25,6 @@ def test_serve_bench_quick(tmp_path):
     assert rows["parallax static"]["same_tokens_pct"] == 100.0
     assert rows["HF sequential"]["kv_waste_pct"] == 0.0  # a cache grown token by token holds no empty slot
     notes = rows["parallax continuous"]["notes"]
-    assert "lognormal" in notes["workload"] and any("KV waste" in k for k in notes["goals"])
+    assert "lognormal" in notes["workload"]
+    assert notes["goals"].startswith("not judged: a quick run"), notes["goals"]  # too small to judge
     assert (tmp_path / "serve.jsonl").exists()
