@@ -292,6 +292,25 @@ def _decode_rate(model, batch: int, prompt_len: int, new_tokens: int, vocab: int
 QUICK_REPEATS = 5
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _goals(cont: dict) -> dict[str, str]:
+    """The goals of the module docstring, judged on the continuous-batching row."""
+    goals = {
+        f"KV waste < {GOAL_WASTE_PCT:g}%": f"{cont['kv_waste_pct']:.2f}% (contiguous max-length reservation: "
+                                            f"{cont['contig_waste_pct']:.1f}%), "
+                                            f"{_verdict(cont['kv_waste_pct'] < GOAL_WASTE_PCT)}",
+        f"throughput >= {GOAL_VS_STATIC:g}x static batching":
+            f"{cont['vs_static']:.2f}x, {_verdict(cont['vs_static'] >= GOAL_VS_STATIC)}",
+    }
+    if cont["vs_hf_sequential"] is not None:
+        goals[f"throughput >= {GOAL_VS_HF_SEQUENTIAL:g}x sequential HF generate"] = (
+            f"{cont['vs_hf_sequential']:.2f}x, {_verdict(cont['vs_hf_sequential'] >= GOAL_VS_HF_SEQUENTIAL)}")
+    return goals
+
+
 def _median_runs(ctx, engines: dict, repeats: int) -> dict[str, dict]:
     """Each engine's result with the median wall time over ``repeats`` round-robin runs, after one
     warm-up run each (first-call costs out of the timings)."""
@@ -397,27 +416,11 @@ def run(ctx) -> Iterator[dict]:
             "same_tokens_pct": same, "preemptions": r.get("preemptions"), "wall_s": r["wall_s"],
             "model": model_desc, "batch": batch,
         })
-    cont = rows[0]
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
     if ctx.quick:
         ctx.note("goals", "not judged: a quick run's requests are too few and too short for the goals (KV waste "
                           "at block granularity, throughput ratios) to mean anything; run without --quick")
-        yield from rows
-        return
-    goals = {
-        f"KV waste < {GOAL_WASTE_PCT:g}%": f"{cont['kv_waste_pct']:.2f}% (contiguous max-length reservation: "
-                                            f"{cont['contig_waste_pct']:.1f}%), "
-                                            f"{verdict(cont['kv_waste_pct'] < GOAL_WASTE_PCT)}",
-        f"throughput >= {GOAL_VS_STATIC:g}x static batching":
-            f"{cont['vs_static']:.2f}x, {verdict(cont['vs_static'] >= GOAL_VS_STATIC)}",
-    }
-    if cont["vs_hf_sequential"] is not None:
-        goals[f"throughput >= {GOAL_VS_HF_SEQUENTIAL:g}x sequential HF generate"] = (
-            f"{cont['vs_hf_sequential']:.2f}x, {verdict(cont['vs_hf_sequential'] >= GOAL_VS_HF_SEQUENTIAL)}")
-    ctx.note("goals", goals)
+    else:
+        ctx.note("goals", _goals(rows[0]))
     yield from rows
 
     decode = {}
