@@ -3,7 +3,8 @@
 from parallax import amp, checkpoint, inference, ops, optim, planner, zero
 from parallax._extension import build_info
 from parallax.planner import plan
-from parallax.runtime import RuntimeConfig, initialize
+from parallax.runtime import initialize
+from parallax.runtime_config import RuntimeConfig
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ __all__ = ["main"]
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from parallax.data import DataError
     from parallax.train import ConfigError, train
-    from parallax.train.config import config_from_args
+    from parallax.train.arguments import config_from_args
     from parallax.train.launch import relaunch_with_torchrun, under_launcher
     from parallax.train.loop import validate_before_launch
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="parallax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train the reference GPT (default: tiny preset on built-in data)")
-    from parallax.train.config import add_config_arguments
+    from parallax.train.arguments import add_config_arguments
 
     add_config_arguments(train_parser)
     commands.add_parser("plan", help="predict each rank's peak memory for every ZeRO stage x precision x offload x "

@@ -399,7 +399,7 @@ def test_initialize_takes_a_plan(group):
 def _train_config(argv):
     import argparse
 
-    from parallax.train.config import add_config_arguments, config_from_args
+    from parallax.train.arguments import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)

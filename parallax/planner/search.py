@@ -17,6 +17,7 @@ from parallax.planner.device import device_memory_bytes
 from parallax.planner.states import BACKENDS, flat_buffers, simulate, state_bytes
 from parallax.planner.trace import LossFn, StepTrace, synthetic_trace, trace_step
 from parallax.planner.units import format_bytes, parse_bytes
+from parallax.runtime_config import RuntimeConfig
 
 __all__ = ["Estimate", "Plan", "plan", "zero_formula_bytes", "PRECISIONS", "OFFLOADS", "STAGES", "TIE"]
 
@@ -62,10 +63,8 @@ class Estimate:
         off = " +offload" if self.offload == "cpu" else ""
         return f"stage {self.zero_stage} {self.precision}{off}{ckpt}"
 
-    def runtime_config(self, **overrides: Any):
+    def runtime_config(self, **overrides: Any) -> RuntimeConfig:
         """The ``px.RuntimeConfig`` of this row (``overrides`` replace fields, e.g. ``timeout_s``)."""
-        from parallax.runtime import RuntimeConfig
-
         values = dict(zero_stage=self.zero_stage, precision=self.precision, offload=self.offload,
                       bucket_mb=self.bucket_mb, prefetch=self.prefetch,
                       activation_checkpointing=False if self.checkpointing == "none" else self.checkpointing)

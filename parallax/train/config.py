@@ -1,20 +1,19 @@
-"""``TrainConfig``: every knob of ``parallax train``, validated, loadable from TOML/JSON, one CLI flag per field."""
+"""``TrainConfig``: every knob of ``parallax train``, validated, loadable from TOML/JSON (its flags:
+``parallax.train.arguments``)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-from parallax.models import PRESETS, GPTConfig
-from parallax.models.config import parse_overrides
-from parallax.runtime import RuntimeConfig
+from parallax.models import GPTConfig
+from parallax.runtime_config import RuntimeConfig
 
-__all__ = ["ConfigError", "TrainConfig", "load_config_file", "add_config_arguments", "config_from_args"]
+__all__ = ["ConfigError", "TrainConfig", "load_config_file"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -156,54 +155,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"config {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return values
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``batch_size`` -> ``--batch-size``), plus ``--config FILE``."""
-    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of fields; flags override it")
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        text = f.metadata["help"].format(presets=", ".join(PRESETS))
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
-        elif f.name == "model":
-            parser.add_argument(flag, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS, help=text)
-        else:
-            base = next(t for t in (int, float, str) if t in _members(kind))
-            default = f"; default: {f.default}" if f.default is not None else ""
-            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                choices=f.metadata.get("choices"), help=f"{text}{default}")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the config file, then the flags given on the command line; then ``plan``.
-
-    With ``plan`` set, the planner picks the memory fields not given explicitly
-    (``parallax.train.planning.resolve_plan``).
-    """
-    values: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in vars(args):
-            continue
-        value = getattr(args, f.name)
-        if f.name == "model":
-            try:
-                value = {**values.get("model", {}), **parse_overrides(value)}
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        values[f.name] = value
-    cfg = TrainConfig(**values)
-    if cfg.plan == "off":
-        return cfg
-    from parallax.train.planning import PLANNED_FIELDS, resolve_plan
-
-    return resolve_plan(cfg, fixed=[name for name in PLANNED_FIELDS if name in values])
-
-
-def _members(kind: Any) -> tuple[Any, ...]:
-    return getattr(kind, "__args__", (kind,))
 
 
 def _toml():

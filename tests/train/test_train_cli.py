@@ -136,7 +136,7 @@ def test_config_file_and_flags(tmp_path):
     import argparse
 
     from parallax.cli import main  # noqa: F401  (the parser lives there)
-    from parallax.train.config import add_config_arguments, config_from_args
+    from parallax.train.arguments import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
@@ -190,7 +190,7 @@ def test_help_describes_every_flag_with_its_default_and_lists_the_presets():
     import dataclasses
 
     from parallax.models import PRESETS
-    from parallax.train.config import add_config_arguments
+    from parallax.train.arguments import add_config_arguments
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
