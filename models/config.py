@@ -2,9 +2,10 @@
 
 import dataclasses
 import json
-import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from parallax.validate import is_real, positive_int
 
 from .attention import ATTENTION_BACKENDS
 
@@ -53,9 +54,9 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            _check_positive_int(name, getattr(self, name))
+            positive_int(f"GPTConfig.{name}", getattr(self, name))
         if self.n_kv_head is not None:
-            _check_positive_int("n_kv_head", self.n_kv_head)
+            positive_int("GPTConfig.n_kv_head", self.n_kv_head)
             if self.n_head % self.n_kv_head != 0:
                 raise ValueError(
                     f"GPTConfig.n_kv_head must divide n_head (n_head must be a multiple of it); "
@@ -66,11 +67,11 @@ class GPTConfig:
                 f"GPTConfig.n_embd must be divisible by n_head; "
                 f"got n_embd={self.n_embd}, n_head={self.n_head}"
             )
-        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1); got {self.dropout!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be True or False; got {self.bias!r}")
-        if not _is_real(self.layer_norm_eps) or not self.layer_norm_eps > 0:
+        if not is_real(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             raise ValueError(
                 f"GPTConfig.layer_norm_eps must be a positive number; got {self.layer_norm_eps!r}"
             )
@@ -108,16 +109,6 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    # bool is an int subclass; True is never a meaningful size.
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"GPTConfig.{name} must be a positive integer; got {value!r}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 
 from parallax.data.errors import DataError
 from parallax.data.tokenizer import ByteTokenizer
+from parallax.validate import non_negative_int, positive_int
 
 __all__ = ["TokenDataset", "Split", "SPLITS"]
 
@@ -82,8 +83,9 @@ class TokenDataset:
         split of it over ranks (2 ranks x 4 rows == 1 rank x 8 rows).
         """
         tokens = self._checked_tokens(split, block_size)
-        _check_positive(batch_size=batch_size)
-        _check_non_negative(step=step, seed=seed)
+        positive_int("batch_size", batch_size)
+        non_negative_int("step", step)
+        non_negative_int("seed", seed)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], step]))
@@ -113,9 +115,9 @@ class TokenDataset:
         comparable between steps and between runs with the same data and block_size.
         """
         tokens = self._checked_tokens(split, block_size)
-        _check_positive(batch_size=batch_size)
+        positive_int("batch_size", batch_size)
         if max_batches is not None:
-            _check_positive(max_batches=max_batches)
+            positive_int("max_batches", max_batches)
         n_windows = (len(tokens) - 1) // block_size
         total = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
         last = len(tokens) - block_size - 1
@@ -135,7 +137,7 @@ class TokenDataset:
 
     def _checked_tokens(self, split: Split, block_size: int) -> np.ndarray:
         tokens = self.split_tokens(split)
-        _check_positive(block_size=block_size)
+        positive_int("block_size", block_size)
         if len(tokens) < block_size + 1:
             raise DataError(f"{self.source}: the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}; use a smaller block_size or more data")
@@ -158,13 +160,3 @@ class TokenDataset:
                 f"val={self.num_tokens('val')}, vocab_size={self.vocab_size})")
 
 
-def _check_positive(**values: int) -> None:
-    for name, v in values.items():
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def _check_non_negative(**values: int) -> None:
-    for name, v in values.items():
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")

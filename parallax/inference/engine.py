@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import numbers
 import os
 import time
 from collections import abc
@@ -34,6 +33,7 @@ from parallax.inference.sequence import (
     Sequence,
 )
 from parallax.models import GPT
+from parallax.validate import is_int, positive_int
 
 __all__ = ["EngineConfig", "LLMEngine", "LLM", "Tokenizer", "Prompt"]
 
@@ -82,10 +82,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            _check_positive(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         for name in ("num_blocks", "max_model_len", "kv_cache_memory"):
             if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+                positive_int(name, getattr(self, name))
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be True or False; got {self.enable_prefix_caching!r}")
         if self.attention not in ATTENTION_IMPLS:
@@ -137,7 +137,7 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError(f"{name} is a string but the engine has no tokenizer; pass token ids or a tokenizer")
             ids = list(self.tokenizer.encode(prompt))
-        elif isinstance(prompt, (abc.Sequence, torch.Tensor)) and all(_is_int(t) for t in prompt):
+        elif isinstance(prompt, (abc.Sequence, torch.Tensor)) and all(is_int(t) for t in prompt):
             ids = [int(t) for t in prompt]
         else:
             raise ValueError(f"{name} must be a string or a list of token ids; got {type(prompt).__name__}")
@@ -367,7 +367,7 @@ class LLM:
 
 
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
-    if isinstance(prompts, str) or (isinstance(prompts, abc.Sequence) and prompts and all(_is_int(t) for t in prompts)):
+    if isinstance(prompts, str) or (isinstance(prompts, abc.Sequence) and prompts and all(is_int(t) for t in prompts)):
         return [prompts]
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
         return [prompts.tolist()]
@@ -411,13 +411,4 @@ def _available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-
-
-def _is_int(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return x.dim() == 0 and not x.dtype.is_floating_point and x.dtype != torch.bool
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 

@@ -5,11 +5,12 @@ Shapes: N rows (sequences that sample this step), V vocabulary size.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from parallax.validate import is_int, is_real
 
 __all__ = ["SamplingParams", "top_k_top_p_mask", "sample", "sample_generator"]
 
@@ -45,15 +46,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"SamplingParams.{name} must be a positive integer; got {value!r}")
-        if not _is_real(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
+        if not is_real(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
             raise ValueError(f"SamplingParams.temperature must be a finite number >= 0; got {self.temperature!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"SamplingParams.top_k must be None or an integer >= 1; got {self.top_k!r}")
-        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1]; got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise ValueError(f"SamplingParams.seed must be None or an integer >= 0; got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -61,7 +62,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.stop must be a string or a list of non-empty strings; got {self.stop!r}")
         self.stop = list(self.stop)
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-                _is_int(t) and t >= 0 for t in self.stop_token_ids):
+                is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"SamplingParams.stop_token_ids must be a list of token ids >= 0; "
                              f"got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
@@ -130,10 +131,3 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     tokens[rows] = (probs / noise).argmax(dim=-1)
     return tokens
 
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)

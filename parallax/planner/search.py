@@ -18,6 +18,7 @@ from parallax.planner.states import BACKENDS, flat_buffers, simulate, state_byte
 from parallax.planner.trace import LossFn, StepTrace, synthetic_trace, trace_step
 from parallax.planner.units import format_bytes, parse_bytes
 from parallax.runtime_config import RuntimeConfig
+from parallax.validate import positive_int
 
 __all__ = ["Estimate", "Plan", "plan", "zero_formula_bytes", "PRECISIONS", "OFFLOADS", "STAGES", "TIE"]
 
@@ -156,12 +157,6 @@ def zero_formula_bytes(stage: int, precision: str, offload: str, num_params: int
 # inputs
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _choices(name: str, values: Sequence[Any], allowed: Sequence[Any]) -> tuple:
     values = (values,) if isinstance(values, (str, int)) else tuple(values)
     bad = [v for v in values if v not in allowed]
@@ -270,15 +265,15 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
     none does), ``plan.estimates`` every candidate, ``plan.table()`` the table.
     """
     module, num_params, default_seq, name = _resolve(model_or_num_params)
-    world_size = _positive_int("world_size", world_size)
+    world_size = positive_int("world_size", world_size)
     device_bytes = device_memory_bytes() if device_bytes == "auto" else parse_bytes(device_bytes, "device_bytes")
-    micro_batch = _positive_int("micro_batch", micro_batch)
+    micro_batch = positive_int("micro_batch", micro_batch)
     if seq_len is None:
         seq_len = default_seq
         if seq_len is None and module is not None:
             raise ValueError(f"seq_len is needed for a {type(module).__name__} (it has no config.block_size)")
     if seq_len is not None:
-        seq_len = _positive_int("seq_len", seq_len)
+        seq_len = positive_int("seq_len", seq_len)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:
         raise ValueError(f"margin must be a fraction in [0, 1), got {margin!r}")
     if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
@@ -288,7 +283,7 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if layers is not None:
-        layers = _positive_int("layers", layers)
+        layers = positive_int("layers", layers)
     stages = _choices("stages", stages, STAGES)
     precisions = _choices("precisions", precisions, PRECISIONS)
     offloads = _choices("offloads", offloads, OFFLOADS)
