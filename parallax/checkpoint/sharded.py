@@ -7,17 +7,26 @@ SHA-256, the optimizer's param-group hyperparameters, world size, stage and step
 every piece is addressed by (parameter, element range), a checkpoint saved at any world size
 and stage loads into any other: each rank reads just the ranges it now owns.
 
-The write is atomic: every rank writes into one temporary directory, rank 0 adds the manifest
-and renames the directory into place. A failed save leaves the previous checkpoint intact.
+Saving is atomic and durable: every rank writes and fsyncs its files in one temporary directory;
+rank 0 adds the manifest, fsyncs the directory, renames it into place and fsyncs the parent.
+Replacing a checkpoint first renames the old one to its backup name ``<directory>.prev``, so at
+every instant (a process killed, a power cut) a complete checkpoint exists at ``<directory>`` or
+at ``<directory>.prev``; ``locate`` (which ``load``, ``read_manifest`` and ``full_tensors`` use)
+picks ``<directory>`` when it is there, else the backup. Directories are only ever published
+or removed by rename(2), so a name never shows a partial checkpoint. Saving draws no random
+numbers from Python's, NumPy's or torch's generators, so a run that saves follows the same
+random streams (dropout) as one that does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +36,12 @@ from torch import nn
 from parallax.zero.module import ZeroState, zero_state
 from parallax.zero.optimizer import ZeroOptimizer
 
-__all__ = ["CheckpointError", "save", "load", "consolidate", "full_tensors", "read_manifest"]
+__all__ = ["CheckpointError", "save", "load", "consolidate", "full_tensors", "read_manifest", "locate", "remove"]
 
+log = logging.getLogger(__name__)
 FORMAT = "parallax.checkpoint/1"
 MANIFEST = "manifest.json"
+BACKUP_SUFFIX = ".prev"
 
 
 class CheckpointError(ValueError):
@@ -59,6 +70,98 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _key(kind: str, name: str, start: int) -> str:
     return f"{kind}/{name}/{start}"
+
+
+# ---------------------------------------------------------------------------- durable file system steps
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir_durably(path: Path) -> None:
+    """``mkdir -p`` whose new directory entries survive a power cut (each parent is fsync'd)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # another rank may create it at the same time
+        _fsync_path(new.parent)
+
+
+def _rename_durably(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+    _fsync_path(dst.parent)
+
+
+def _hidden_name(path: Path, kind: str, token: int | None = None) -> Path:
+    """``.<name>.<kind>-<16 hex digits>`` beside ``path``: a temporary or to-be-deleted directory.
+
+    The token comes from the OS (``secrets``), never from Python's, NumPy's or torch's seeded
+    generators, whose streams a save must not advance."""
+    token = secrets.randbits(62) if token is None else token
+    return path.with_name(f".{path.name}.{kind}-{token:016x}")
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Delete the temporary and half-deleted directories that killed saves or removals of
+    ``directory`` left (hidden names: no reader looks at them)."""
+    if not directory.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(directory.name)}(?:{re.escape(BACKUP_SUFFIX)})?\.(?:tmp|trash)-[0-9a-f]{{16}}$")
+    for child in directory.parent.iterdir():
+        if pattern.match(child.name):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory by first renaming it to a hidden name: no name ``locate`` or a listing
+    reads ever shows a half-deleted checkpoint."""
+    if not path.exists():
+        return
+    trash = _hidden_name(path, "trash")
+    _rename_durably(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def backup_path(directory: str | os.PathLike) -> Path:
+    """Where the previous checkpoint lives while ``save`` replaces the one at ``directory``."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + BACKUP_SUFFIX)
+
+
+def locate(directory: str | os.PathLike) -> Path:
+    """The directory holding the checkpoint saved at ``directory``: ``directory`` itself or, when a
+    save that was replacing it was killed between its two renames, its backup ``<directory>.prev``.
+
+    Both names only ever hold complete checkpoints, and ``directory`` is the newer one.
+    Returns ``directory`` when neither holds one (reading it then raises a clear error).
+    """
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        return directory
+    backup = backup_path(directory)
+    if (backup / MANIFEST).is_file():
+        log.warning("checkpoint %s: a save that was replacing it was interrupted; using its backup %s",
+                    directory, backup)
+        return backup
+    return directory
+
+
+def remove(directory: str | os.PathLike) -> None:
+    """Delete the checkpoint (or any directory) at ``directory``, its backup and what interrupted
+    saves of it left, never leaving a partial checkpoint under either name: each is renamed to a
+    hidden name before its files are deleted. Call it on one rank, while no save to ``directory`` runs."""
+    directory = Path(directory)
+    _discard(backup_path(directory))
+    _discard(directory)
+    _remove_leftovers(directory)
 
 
 # ---------------------------------------------------------------------------- what a rank owns
@@ -102,8 +205,11 @@ def save(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimize
 
     ``extra`` is stored in the manifest (JSON); its ``"metadata"`` (str -> str) also goes into
     ``consolidate``'s safetensors file. If any rank fails, every rank raises ``CheckpointError``
-    naming it, and an earlier checkpoint at ``directory`` is left as it was. The directory must
-    be on a file system that all ranks share (as for any multi-rank checkpoint).
+    naming it, and an earlier checkpoint at ``directory`` is left as it was. A process killed
+    during the save leaves the earlier checkpoint loadable (at ``directory`` or, killed while
+    replacing it, at ``<directory>.prev``: ``load`` finds either). Saving draws no number from
+    Python's, NumPy's or torch's random generators. The directory must be on a file system that
+    all ranks share (as for any multi-rank checkpoint).
     """
     st = _safetensors()
     zs = zero_state(model)
@@ -111,10 +217,10 @@ def save(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimize
     directory = Path(directory)
     # Only tensor collectives, each waited and drained (object collectives leave work that gloo's
     # thread may free at interpreter exit, which aborts the process).
-    token = torch.randint(0, 2**62, (1,), device=comm.device) if comm.rank == 0 else torch.zeros(1, dtype=torch.int64, device=comm.device)
+    token = torch.tensor([secrets.randbits(62) if comm.rank == 0 else 0], dtype=torch.int64, device=comm.device)
     comm.broadcast(token, what="broadcast of the checkpoint's temporary name").wait()
-    tmp = directory.with_name(f".{directory.name}.tmp-{int(token.item()):x}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = _hidden_name(directory, "tmp", int(token.item()))
+    _mkdir_durably(tmp)
     try:
         index = _write_shard(st, tmp, model, optimizer, zs)
         (tmp / f"shard_{comm.rank:05d}.json").write_text(json.dumps(index))
@@ -134,7 +240,8 @@ def save(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimize
                     shards.append(json.loads(meta.read_text()))
                     meta.unlink()
                 _write_manifest(tmp, model, optimizer, zs, step, extra, shards)
-                _replace_dir(tmp, directory)
+                _fsync_path(tmp)
+                _publish(tmp, directory)
             except Exception as exc:
                 (tmp / "error_00000.txt").write_text(f"{type(exc).__name__}: {exc}")
                 status += 1
@@ -183,6 +290,7 @@ def _write_shard(st, tmp: Path, model: nn.Module, optimizer: ZeroOptimizer | Non
                 tensors[f"buffer/{name}"] = t.detach().cpu().clone()
     shard_file = tmp / f"shard_{zs.comm.rank:05d}.safetensors"
     st.save_file(tensors, str(shard_file))
+    _fsync_path(shard_file)
     return {"rank": zs.comm.rank, "file": shard_file.name, "sha256": _sha256(shard_file), "entries": entries}
 
 
@@ -203,8 +311,7 @@ def _write_manifest(tmp: Path, model, optimizer, zs: ZeroState, step, extra, sha
                 "shards": shards, "extra": extra or {}}
     path = tmp / MANIFEST
     path.write_text(json.dumps(manifest, indent=1))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    _fsync_path(path)
 
 
 def _jsonable(value: Any) -> bool:
@@ -215,21 +322,34 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    old = None
+def _publish(tmp: Path, directory: Path) -> None:
+    """Rename the complete, fsync'd checkpoint ``tmp`` to ``directory``.
+
+    Invariant: at every instant a complete checkpoint is at ``directory`` or at its backup name
+    (what ``locate`` reads): the old one becomes the backup before the new one takes its place,
+    and the backup is dropped only once ``directory`` holds the new one.
+    """
+    if directory.exists() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
+        raise CheckpointError(f"{directory} exists and is not a parallax checkpoint; not replacing it "
+                              "(save to a new or empty directory)")
+    backup = backup_path(directory)
     if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(backup)  # a complete checkpoint is at `directory`: an older backup is not needed
+        _rename_durably(directory, backup)
+    _rename_durably(tmp, directory)
+    try:
+        _discard(backup)
+        _remove_leftovers(directory)
+    except OSError as exc:  # the new checkpoint is in place: what is left costs only disk space
+        log.warning("checkpoint %s saved, but removing its backup or leftovers failed: %s", directory, exc)
 
 
 # ---------------------------------------------------------------------------- read
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
+    """The manifest of the checkpoint saved at ``directory`` (see ``locate``)."""
+    path = locate(directory) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except OSError as exc:
@@ -325,11 +445,12 @@ class _Source:
 def load(directory: str | os.PathLike, model: nn.Module, optimizer: ZeroOptimizer | None = None) -> dict[str, Any]:
     """Load a checkpoint saved at any world size and stage into this (sharded) model and optimizer.
 
+    Reads ``directory``, or its backup when a save replacing it was interrupted (``locate``).
     Everything is read and checked (names, shapes, coverage, checksums) before the model or the
     optimizer changes, so a bad checkpoint raises ``CheckpointError`` and leaves both untouched.
     Returns the manifest (``step``, ``extra``, ...).
     """
-    directory = Path(directory)
+    directory = locate(directory)
     zs = zero_state(model)
     manifest = read_manifest(directory)
     _check_model(manifest, model)
@@ -428,7 +549,7 @@ def full_tensors(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
     Needs no process group: for export, inspection and single-process inference.
     """
-    directory = Path(directory)
+    directory = locate(directory)
     manifest = read_manifest(directory)
     source = _Source(directory, manifest)
     tensors = {}
@@ -454,11 +575,13 @@ def consolidate(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     tensors, manifest = full_tensors(directory)
     metadata = {k: str(v) for k, v in manifest.get("extra", {}).get("metadata", {}).items()}
     metadata["parallax.aliases"] = json.dumps(manifest["aliases"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    _mkdir_durably(out.parent)
+    tmp = _hidden_name(out, "tmp")
     try:
         st.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _fsync_path(tmp)
         os.replace(tmp, out)
+        _fsync_path(out.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -38,7 +38,7 @@ def build_parser(prog: str = "parallax generate") -> argparse.ArgumentParser:
 def find_checkpoint(path: str | None) -> Path:
     """The checkpoint directory that ``--checkpoint`` names (or the default run's newest one);
     ValueError saying what was looked for when there is none."""
-    from parallax.checkpoint.sharded import MANIFEST
+    from parallax.checkpoint.sharded import MANIFEST, locate
     from parallax.train.checkpoints import latest_checkpoint
 
     if path is None:
@@ -47,7 +47,7 @@ def find_checkpoint(path: str | None) -> Path:
             raise ValueError(f"no checkpoint under {DEFAULT_RUN / 'checkpoints'}/ (in {Path.cwd()}); "
                              "run `parallax train` first or pass --checkpoint OUT/checkpoints/step_N")
         return found
-    candidate = Path(path)
+    candidate = locate(path)  # or its backup, when a save replacing it was interrupted
     if (candidate / MANIFEST).is_file():
         return candidate
     for root in (candidate / "checkpoints", candidate):  # a run directory, or its checkpoints/ directory

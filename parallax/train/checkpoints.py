@@ -1,8 +1,11 @@
 """Training checkpoints: ``OUT/checkpoints/step_NNNNNN/``, each a sharded ``px.checkpoint``.
 
-Written atomically by every rank (temporary directory, then rename), loadable at any world
-size and ZeRO stage (``--resume`` after changing ``--nproc`` or ``--zero-stage`` works), and
-readable without a process group by ``load_model`` (for sampling, export, inference).
+Written atomically and durably by every rank (fsync'd temporary directory, then rename),
+loadable at any world size and ZeRO stage (``--resume`` after changing ``--nproc`` or
+``--zero-stage`` works), and readable without a process group by ``load_model`` (for sampling,
+export, inference). A new step is saved before older ones are removed, and removal renames a
+checkpoint away before deleting its files, so a process killed at any point leaves the newest
+complete checkpoint for ``--resume`` and lists no partial one.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +25,24 @@ from parallax.zero import ZeroOptimizer
 __all__ = ["save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_model", "GPT_CONFIG_KEY"]
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^step_(\d{6,})$")
+_NAME = re.compile(rf"^step_(\d{{6,}})(?:{re.escape(checkpoint.sharded.BACKUP_SUFFIX)})?$")
+# A checkpoint's own name, its backup, or a temporary/half-deleted directory of it (".step_N.tmp-...").
+_ANY_ENTRY = re.compile(r"^\.?(step_\d{6,})(?:\.|$)")
 GPT_CONFIG_KEY = "parallax.gpt_config"  # same metadata key as GPT.save, so consolidated files load with GPT.load
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root`` as (step, path), oldest first."""
+    """Complete checkpoints under ``root`` as (step, path), oldest first.
+
+    A step whose save was interrupted while replacing it is listed at its backup (``px.checkpoint.locate``).
+    """
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), child) for child in root.iterdir()
-             if (m := _NAME.match(child.name)) and (child / checkpoint.sharded.MANIFEST).is_file()]
-    return sorted(found)
+    steps = {int(m.group(1)): root / child.name.removesuffix(checkpoint.sharded.BACKUP_SUFFIX)
+             for child in root.iterdir() if (m := _NAME.match(child.name))}
+    found = [(step, checkpoint.locate(path)) for step, path in steps.items()]
+    return sorted((step, path) for step, path in found if (path / checkpoint.sharded.MANIFEST).is_file())
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -50,10 +58,17 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: ZeroOptimizer
     checkpoint.save(path, model, optimizer, step=step,
                     extra={"train_config": config, "metadata": {GPT_CONFIG_KEY: json.dumps(gpt_config.to_dict())}})
     if is_main:
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep)
         log.info("checkpoint: saved step %d to %s", step, path)
     return path
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints, and what interrupted saves and removals left."""
+    kept = {path.name.removesuffix(checkpoint.sharded.BACKUP_SUFFIX) for _, path in list_checkpoints(root)[-keep:]}
+    names = {m.group(1) for child in root.iterdir() if (m := _ANY_ENTRY.match(child.name))}
+    for name in sorted(names - kept):
+        checkpoint.remove(root / name)
 
 
 def load_model(path: str | Path) -> GPT:

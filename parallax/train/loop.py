@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,7 +153,7 @@ def train(cfg: TrainConfig, *, progress: bool = True,
         metrics = None
         if info.is_main:
             if cfg.overwrite:
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                checkpoint.remove(out / "checkpoints")  # renamed away first: a kill leaves no partial checkpoint
                 (out / "loss.png").unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
             metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)

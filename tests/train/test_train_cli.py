@@ -44,7 +44,7 @@ def test_training_learns_and_writes_its_outputs(tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [0, 40, 80]
     assert (out / "loss.png").stat().st_size > 0
     assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [40, 80]
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not list((out / "checkpoints").glob(".*")), "temporary directories left behind"
     assert isinstance(result.sample, str) and result.sample.startswith("The ")
     # The final checkpoint is a loadable model.
     model = load_model(out / "checkpoints/step_000080")
