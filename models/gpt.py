@@ -151,7 +151,10 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        # Softmax and loss in at least fp32: a 16-bit loss loses precision, and under fp16 loss
+        # scaling its gradient (the scale, 2**16 by default) would overflow before reaching the logits.
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(wide.view(-1, wide.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
     def generate(

@@ -121,9 +121,15 @@ class LossScaler:
         return self._scale
 
     def scale(self, outputs):
-        """``outputs * scale``: a tensor, or tensors nested in lists and tuples."""
+        """``outputs * scale`` in at least fp32: a tensor, or tensors nested in lists and tuples.
+
+        A bf16/fp16 tensor is upcast first, as GradScaler and DeepSpeed do: the default scale
+        2**16 is itself above fp16's largest value (65504), and a fp16 loss above 1 times it is inf.
+        Backward casts the gradient back to the loss's dtype, so a fp16 loss still receives
+        ``scale`` as its gradient: compute the loss in fp32 (``parallax.models.GPT`` does).
+        """
         if isinstance(outputs, torch.Tensor):
-            return outputs * self._scale
+            return outputs.to(torch.promote_types(outputs.dtype, torch.float32)) * self._scale
         if isinstance(outputs, (list, tuple)):
             return type(outputs)(self.scale(o) for o in outputs)
         raise TypeError(f"scale() takes a tensor or a list/tuple of tensors, got {type(outputs).__name__}")

@@ -4,10 +4,12 @@ The device keeps only the parameters (low precision, or their stage-3 shards) an
 shards. A step walks the flat buffers as a pipeline over two staging slots: while the C++ CPU
 AdamW updates buffer i, the gradients of buffer i+1 are copied device-to-host on a side stream,
 and buffer i-1's updated parameters (written by the kernel in the parameter dtype straight into
-a pinned staging buffer, the "fused copy-out") travel host-to-device. Events order every copy
-before its use. Host memory: 12 bytes per shard parameter (master, exp_avg, exp_avg_sq) plus
-two staging slots of the largest buffer's shard. On a machine without a GPU the same code runs
-with host-to-host copies and gives the same numbers as the device optimizer.
+a pinned staging buffer, the "fused copy-out") travel host-to-device. The side stream first waits
+for the current stream, which wrote the gradient shards; events order every copy before its use,
+and the current stream waits for the parameters' arrival. Host memory: 12 bytes per shard
+parameter (master, exp_avg, exp_avg_sq) plus two staging slots of the largest buffer's shard. On
+a machine without a GPU the same code runs with host-to-host copies and gives the same numbers
+as the device optimizer.
 """
 
 from __future__ import annotations
@@ -75,17 +77,21 @@ class HostAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending_out: list[tuple[torch.cuda.Event | None, list]] = [(None, []) for _ in range(_SLOTS)]
+        if self._copy_stream is not None:
+            # The gradient shards were written on the current stream (reduce-scatter, clipping,
+            # unscaling), maybe still running: the copies to the host must start after them.
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        params_sent: list[torch.cuda.Event | None] = [None] * _SLOTS  # each out slot's last copy to the device
         grad_ready = self._copy_grads_in(0) if self.buckets else None
         for i, bucket in enumerate(self.buckets):
             slot = i % _SLOTS
             nxt = self._copy_grads_in(i + 1) if i + 1 < len(self.buckets) else None  # in flight meanwhile
             _wait(grad_ready)
-            _wait(pending_out[slot][0])  # the slot's previous parameters have left for the device
+            _wait(params_sent[slot])  # the slot's previous parameters have left for the device
             self._update(bucket, slot)
-            pending_out[slot] = (self._copy_params_out(bucket, slot), bucket)
+            params_sent[slot] = self._copy_params_out(bucket, slot)
             grad_ready = nxt
-        for event, _ in pending_out:
+        for event in params_sent:  # the next step writes the out slots again from its first bucket
             _wait(event)
         return loss
 

@@ -62,6 +62,15 @@ def test_usage_is_gradscalers_and_it_is_enabled():
     assert [t.item() for t in scaler.scale([loss, (loss,)])[1]] == [12.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_loss_is_scaled_in_fp32(dtype):
+    """As GradScaler and DeepSpeed: in fp16, 5.5 times the default scale 2**16 is inf (max 65504)."""
+    loss = torch.tensor(5.5, dtype=dtype, requires_grad=True)
+    scaled = LossScaler().scale(loss)
+    assert scaled.dtype == torch.float32 and scaled.item() == 5.5 * 2.0**16
+    assert LossScaler().scale(torch.tensor(5.5, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_backoff_waits_for_hysteresis_overflows_then_every_overflow_backs_off():
     scales = _run([True, True, True, True], init_scale=1024.0, hysteresis=3)
     assert scales == [1024.0, 1024.0, 512.0, 256.0]

@@ -89,6 +89,24 @@ def test_forward_shapes_and_loss():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_model_computes_its_loss_in_fp32(dtype):
+    """Logits stay in the model's dtype; the softmax and cross-entropy run in fp32, so the gradient
+    of a loss scaled by fp16's default loss scale 2**16 reaches the logits finite."""
+    torch.manual_seed(0)
+    model = GPT(small_config()).to(dtype)
+    x = random_ids(model.config, 3, 9, seed=1)
+    y = random_ids(model.config, 3, 9, seed=2)
+    logits = model(x)
+    assert logits.dtype == dtype
+    loss = model(x, y)
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)))
+    (loss * 2.0**16).backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
 def test_forward_is_causal():
     torch.manual_seed(0)
     model = GPT(small_config()).eval()
