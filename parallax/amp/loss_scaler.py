@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallax.ops.unscale import unscale_ as fused_unscale_
+from parallax.validate import positive_int, positive_number
 
 __all__ = ["LossScaler", "LossScaleError"]
 
@@ -42,22 +43,6 @@ class LossScaleError(RuntimeError):
         self.parameters = parameters
         self.scale = scale
         self.skips = skips
-
-
-def _positive_number(name: str, value: Any, *, above_one: bool = False, below_one: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if ok and above_one:
-        ok = value > 1
-    if ok and below_one:
-        ok = value < 1
-    if not ok:
-        allowed = "a number > 1" if above_one else "a number in (0, 1)" if below_one else "a positive finite number"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class LossScaler:
@@ -89,16 +74,16 @@ class LossScaler:
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
                  growth_interval: int = 1000, hysteresis: int = 2, min_scale: float = 1.0,
                  max_consecutive_skips: int | None = 10, *, model: nn.Module | None = None) -> None:
-        _positive_number("init_scale", init_scale)
-        _positive_number("growth_factor", growth_factor, above_one=True)
-        _positive_number("backoff_factor", backoff_factor, below_one=True)
-        _positive_int("growth_interval", growth_interval)
-        _positive_int("hysteresis", hysteresis)
-        _positive_number("min_scale", min_scale)
+        positive_number("init_scale", init_scale)
+        positive_number("growth_factor", growth_factor, above_one=True)
+        positive_number("backoff_factor", backoff_factor, below_one=True)
+        positive_int("growth_interval", growth_interval)
+        positive_int("hysteresis", hysteresis)
+        positive_number("min_scale", min_scale)
         if min_scale > init_scale:
             raise ValueError(f"min_scale must be <= init_scale ({init_scale!r}), got {min_scale!r}")
         if max_consecutive_skips is not None:
-            _positive_int("max_consecutive_skips", max_consecutive_skips)
+            positive_int("max_consecutive_skips", max_consecutive_skips)
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = growth_interval
@@ -181,7 +166,7 @@ class LossScaler:
         """Advance the scale after this iteration's ``step`` calls; ``new_scale`` sets it directly."""
         if new_scale is not None:
             value = float(new_scale.item() if isinstance(new_scale, torch.Tensor) else new_scale)
-            _positive_number("new_scale", value)
+            positive_number("new_scale", value)
             self._scale = value
         else:
             flags = [s["found_inf"] for s in self._per_optimizer.values() if "found_inf" in s]
@@ -211,14 +196,14 @@ class LossScaler:
         hysteresis = get("hysteresis", self.hysteresis)
         min_scale = get("min_scale", self.min_scale)
         max_skips = get("max_consecutive_skips", self.max_consecutive_skips)
-        _positive_number("scale", scale)
-        _positive_number("growth_factor", growth_factor, above_one=True)
-        _positive_number("backoff_factor", backoff_factor, below_one=True)
-        _positive_int("growth_interval", growth_interval)
-        _positive_int("hysteresis", hysteresis)
-        _positive_number("min_scale", min_scale)
+        positive_number("scale", scale)
+        positive_number("growth_factor", growth_factor, above_one=True)
+        positive_number("backoff_factor", backoff_factor, below_one=True)
+        positive_int("growth_interval", growth_interval)
+        positive_int("hysteresis", hysteresis)
+        positive_number("min_scale", min_scale)
         if max_skips is not None:
-            _positive_int("max_consecutive_skips", max_skips)
+            positive_int("max_consecutive_skips", max_skips)
         if scale < min_scale:
             raise ValueError(f"the state dict's scale {scale!r} is below min_scale {min_scale!r}")
         self._scale, self.min_scale, self.max_consecutive_skips = scale, float(min_scale), max_skips

@@ -312,10 +312,10 @@ def test_misuse_raises_like_gradscaler():
     ("init_scale", 0.0, "init_scale must be a positive finite number"),
     ("growth_factor", 1.0, "growth_factor must be a number > 1"),
     ("backoff_factor", 1.0, "backoff_factor must be a number in \\(0, 1\\)"),
-    ("growth_interval", 0, "growth_interval must be an integer >= 1"),
-    ("hysteresis", 1.5, "hysteresis must be an integer >= 1"),
+    ("growth_interval", 0, "growth_interval must be a positive integer"),
+    ("hysteresis", 1.5, "hysteresis must be a positive integer"),
     ("min_scale", 2.0**17, "min_scale must be <= init_scale"),
-    ("max_consecutive_skips", 0, "max_consecutive_skips must be an integer >= 1"),
+    ("max_consecutive_skips", 0, "max_consecutive_skips must be a positive integer"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
