@@ -7,7 +7,6 @@ multi-tensor CUDA kernel; anything else, or no compiled extension -> ``adamw_ref
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -85,7 +84,7 @@ def adamw_(
     exp_avg_sqs: Tensors,
     params_out: Tensors = (),
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,

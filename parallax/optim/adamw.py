@@ -236,21 +236,19 @@ class _StateSnapshot:
 
     state: dict
     entries: list[dict[str, Any]]
+    views: list[Any]  # entry.values() of each entry: live views, read again by matches()
     values: list[Any]
 
     @classmethod
     def of(cls, state: dict) -> _StateSnapshot:
         entries = list(state.values())
-        return cls(state, entries, _values_of(entries))
+        views = list(map(dict.values, entries))
+        return cls(state, entries, views, list(itertools.chain.from_iterable(views)))
 
     def matches(self, state: dict) -> bool:
         if state is not self.state or not _same_objects(list(state.values()), self.entries):
             return False
-        return _same_objects(_values_of(self.entries), self.values)
-
-
-def _values_of(entries: list[dict[str, Any]]) -> list[Any]:
-    return list(itertools.chain.from_iterable(map(dict.values, entries)))
+        return _same_objects(list(itertools.chain.from_iterable(self.views)), self.values)
 
 
 @dataclass

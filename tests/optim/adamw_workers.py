@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 SIZES = (1, 7, 97, 1025)
-BEFORE_SAVE, BEFORE_LOAD, AFTER_LOAD = 8, 6, 8
+BEFORE_SAVE, BEFORE_LOAD, AFTER_LOAD = 3, 10, 8
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
 
 
@@ -39,8 +39,9 @@ def torch_save_step_load() -> list[torch.Tensor]:
 
 
 def zero_redundancy_save_step_load(rank: int, world_size: int) -> list[torch.Tensor]:
-    import parallax as px
     from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import parallax as px
 
     def make(params):
         return ZeroRedundancyOptimizer(params, optimizer_class=px.optim.AdamW, **HYPER)

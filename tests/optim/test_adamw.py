@@ -250,7 +250,8 @@ def _assert_state_matches(ours: torch.optim.Optimizer, theirs: torch.optim.Optim
     assert len(ours.state) == len(theirs.state), f"{len(ours.state)} state entries, torch has {len(theirs.state)}"
     for i, (a, b) in enumerate(zip(params_ours, params_theirs)):
         mine, ref = ours.state[a], theirs.state[b]
-        assert float(mine["step"]) == float(ref["step"]), f"param {i}: step {float(mine['step'])} vs {float(ref['step'])}"
+        steps = float(mine["step"]), float(ref["step"])
+        assert steps[0] == steps[1], f"param {i}: step {steps[0]} vs torch's {steps[1]}"
         for key in ("exp_avg", "exp_avg_sq"):
             assert mine[key].dtype == ref[key].dtype, f"param {i} {key}: {mine[key].dtype} vs torch's {ref[key].dtype}"
             got, want = mine[key], ref[key]
@@ -269,7 +270,7 @@ def test_complex64_params_match_torch_adamw(cpu_path):
     _assert_state_matches(opt, ref, ours, theirs, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=["float64", "complex128"])
 def test_fp64_params_match_torch_adamw_in_fp64(dtype):
     ours, theirs = _make_params(0, dtype=dtype), _make_params(0, dtype=dtype)
     opt, _ = _train(px.optim.AdamW, ours, 25)
@@ -384,15 +385,15 @@ def _add_group_later(cls, params, steps):
 @pytest.mark.parametrize(
     "case, dtype, kwargs",
     [
-        ("tensor lr", torch.float32, dict(lr=torch.tensor(1e-2))),
-        ("tensor lr", torch.float64, dict(lr=torch.tensor(1e-2))),
-        ("tensor lr", torch.float64, dict(lr=torch.tensor(1e-2, dtype=torch.float64))),
-        ("no weight decay", torch.float32, dict(weight_decay=0.0)),
-        ("maximize, no weight decay", torch.float64, dict(maximize=True, weight_decay=0.0)),
-        ("foreach", torch.float32, dict(foreach=True)),
-        ("fused", torch.float32, dict(fused=True)),
-        ("group added later", torch.float32, None),
-        ("group added later", torch.float64, None),
+        pytest.param("tensor lr", torch.float32, dict(lr=torch.tensor(1e-2)), id="tensor-lr-fp32"),
+        pytest.param("tensor lr", torch.float64, dict(lr=torch.tensor(1e-2)), id="fp32-tensor-lr-fp64"),
+        pytest.param("tensor lr", torch.float64, dict(lr=torch.tensor(1e-2, dtype=torch.float64)), id="tensor-lr-fp64"),
+        pytest.param("no weight decay", torch.float32, dict(weight_decay=0.0), id="no-weight-decay"),
+        pytest.param("maximize", torch.float64, dict(maximize=True, weight_decay=0.0), id="maximize-fp64"),
+        pytest.param("foreach", torch.float32, dict(foreach=True), id="foreach"),
+        pytest.param("fused", torch.float32, dict(fused=True), id="fused"),
+        pytest.param("group added later", torch.float32, None, id="add-param-group-fp32"),
+        pytest.param("group added later", torch.float64, None, id="add-param-group-fp64"),
     ],
 )
 def test_torch_optimizer_cases_match_torch_adamw(case, dtype, kwargs):
