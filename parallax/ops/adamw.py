@@ -7,7 +7,6 @@ multi-tensor CUDA kernel; anything else, or no compiled extension -> ``adamw_ref
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +50,10 @@ def _check(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tens
         raise ValueError(f"adamw_: step must be >= 1 (it counts the update being applied), got {step}")
     for i, p in enumerate(params):
         others = [("grads", grads[i]), ("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
+        for name, t in (("params", p), *others):
+            if t.is_complex():
+                raise ValueError(f"adamw_: {name}[{i}] is {t.dtype}; pass complex tensors as torch.view_as_real views "
+                                 "(parallax.optim.AdamW does this for complex parameters)")
         if params_out:
             others.append(("params_out", params_out[i]))
         for name, t in others:
@@ -81,7 +84,7 @@ def adamw_(
     exp_avg_sqs: Tensors,
     params_out: Tensors = (),
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -91,11 +94,11 @@ def adamw_(
 ) -> None:
     """One AdamW update (torch.optim.AdamW semantics) of every tensor in ``params``, in place.
 
-    All lists hold tensors of matching shapes on one device. ``step`` is the 1-based count of
+    All lists hold real tensors of matching shapes on one device. ``step`` is the 1-based count of
     this update (bias correction). ``params`` are fp32 (the master weights in mixed precision);
     ``grads`` may be fp32, bf16 or fp16. When ``params_out`` is given, the updated values are
     also written there in its dtype (the low-precision model weights), in the same pass.
-    Inputs the kernels cannot take (non-contiguous, other dtypes) go to ``adamw_ref``.
+    Inputs the kernels cannot take (non-contiguous, other dtypes such as fp64) go to ``adamw_ref``.
     """
     if not params:
         return
@@ -128,7 +131,7 @@ def adamw_ref(
     exp_avg_sqs: Tensors,
     params_out: Tensors = (),
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -136,19 +139,30 @@ def adamw_ref(
     step: float,
     maximize: bool = False,
 ) -> None:
-    """Plain-PyTorch AdamW, op for op as torch.optim.AdamW, computed in fp32 whatever the dtypes."""
+    """Plain-PyTorch AdamW, op for op as torch.optim.AdamW's single-tensor path.
+
+    Computed in fp32 for fp32/bf16/fp16 parameters and in fp64 for fp64 ones, so an fp64 update
+    is torch's to the bit. ``lr`` may be a one-element tensor: like torch, the decay factor and
+    step size are then formed in its dtype.
+    """
+    if isinstance(lr, torch.Tensor):
+        lr = lr.squeeze()
     step_size = lr / (1 - beta1**step)
-    bc2_sqrt = math.sqrt(1 - beta2**step)
+    bc2_sqrt = (1 - beta2**step) ** 0.5  # torch's `** 0.5`; math.sqrt may round differently
+    decay = 1 - lr * weight_decay
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        p32, m32, v32 = p.float(), m.float(), v.float()
-        g32 = -g.float() if maximize else g.float()
-        p32.mul_(1 - lr * weight_decay)
-        m32.lerp_(g32, 1 - beta1)
-        v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-        denom = (v32.sqrt() / bc2_sqrt).add_(eps)
-        p32.addcdiv_(m32, denom, value=-step_size)
-        for dst, src in ((p, p32), (m, m32), (v, v32)):
-            if dst is not src:  # .float() copied a low-precision tensor: write the result back
+        compute = torch.promote_types(p.dtype, torch.float32)
+        p_c, m_c, v_c = p.to(compute), m.to(compute), v.to(compute)
+        g_c = g.to(compute)
+        if maximize:
+            g_c = -g_c
+        p_c.mul_(decay)
+        m_c.lerp_(g_c, 1 - beta1)
+        v_c.mul_(beta2).addcmul_(g_c, g_c, value=1 - beta2)
+        denom = (v_c.sqrt() / bc2_sqrt).add_(eps)
+        p_c.addcdiv_(m_c, denom, value=-step_size)
+        for dst, src in ((p, p_c), (m, m_c), (v, v_c)):
+            if dst is not src:  # .to() copied a tensor of another dtype: write the result back
                 dst.copy_(src)
         if params_out:
-            params_out[i].copy_(p32)
+            params_out[i].copy_(p_c)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,13 @@ class AdamW(torch.optim.Optimizer):
     step; to change weights afterwards, load them through ``load_state_dict``.
 
     Without master weights, bf16/fp16 parameters keep bf16/fp16 moments, as in torch; their
-    update is computed in fp32 by the plain-PyTorch path.
+    update is computed in fp32 by the plain-PyTorch path. fp64 parameters are updated in fp64
+    by that path, op for op as torch. Complex parameters are stepped as ``torch.view_as_real``
+    views (their moments stay complex tensors in the state, as torch's).
+
+    ``self.state`` is read as torch reads it: clearing it, assigning entries or tensors into it
+    (as ``ZeroRedundancyOptimizer.load_state_dict`` does) or replacing it takes effect at the
+    next step, which starts fresh moments for parameters that have none.
 
     ``foreach`` and ``fused`` are accepted for signature compatibility: this optimizer always
     runs its fused kernel, which computes the same update. ``amsgrad``, ``capturable`` and
@@ -122,95 +129,177 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        # torch.optim.AdamW reads self.state afresh at every step, so changes made to it from
+        # outside count (state.clear(), entries or tensors assigned as ZeroRedundancyOptimizer's
+        # load_state_dict does, self.state replaced): the plans step the tensors they were built
+        # from, so rebuild them when self.state no longer holds exactly those.
+        seen = self.__dict__.get("_state_seen")
+        changed = seen is None or not seen.matches(self.state)
+        if changed:
+            self._drop_plans()
+        planned = [self._step_group(group) for group in self.param_groups]
+        if changed or any(planned):  # a step that reuses every plan leaves the same objects in self.state
+            self.__dict__["_state_seen"] = _StateSnapshot.of(self.state)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any]) -> bool:
+        """Step one group; True when its plan was (re)built, which may have added to self.state."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return
+            return False
         plans = self.__dict__.setdefault("_plans", {})
         plan = plans.get(id(group))
-        if plan is None or len(plan.params) != len(params) or any(a is not b for a, b in zip(plan.params, params)):
+        planned = plan is None or not plan.is_current(group, params)
+        if planned:
             plan = plans[id(group)] = self._plan(group, params)
+        lr = group["lr"]
         beta1, beta2 = group["betas"]
-        hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-                     weight_decay=group["weight_decay"], maximize=group["maximize"])
+        hyper = dict(beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+                     maximize=group["maximize"])
         for batch in plan.batches:
-            grads = []
-            for p in batch.params:
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("parallax.optim.AdamW does not support sparse gradients")
-                grads.append(g if g.is_contiguous() else g.contiguous())
-            batch.steps.add_(1.0)  # every state["step"] of the batch is a view into this tensor
-            batch.step += 1
+            grads = batch.gradients()
+            batch.add_step()
             args = (batch.targets, grads, batch.exp_avgs, batch.exp_avg_sqs, batch.outs)
             if batch.kernel:
-                adamw_op.fused_adamw_(*args, **hyper, step=batch.step)
-            else:
-                adamw_op.adamw_(*args, **hyper, step=batch.step)
+                adamw_op.fused_adamw_(*args, lr=float(lr), **hyper, step=batch.step)
+            else:  # a tensor lr reaches the plain-PyTorch path as it is, as torch uses it
+                adamw_op.adamw_(*args, lr=lr, **hyper, step=batch.step)
+        return planned
 
     def _plan(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan:
         """Initialise missing state and sort ``params`` into batches that one kernel call can take.
 
-        Rebuilt whenever the set of parameters with gradients changes, and after loading a state.
+        Rebuilt whenever the set of parameters with gradients changes, and whenever ``self.state``
+        changed since the last step (``step``, ``_StateSnapshot``). Complex parameters, their
+        gradients and moments go to the kernels as ``torch.view_as_real`` views, as torch steps
+        them; their state stays complex, as torch's.
         """
         batches: dict[tuple, _Batch] = {}
         for p in params:
             state = self.state[p]
             mixed = group["master_weights"] and p.dtype in _LOW_PRECISION
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = torch.tensor(0.0, dtype=_step_dtype())
                 moment_dtype = torch.float32 if mixed else p.dtype
                 state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
             if mixed and "master_param" not in state:
                 state["master_param"] = p.detach().float()
-            key = (p.device, float(state["step"]), mixed)
+            key = (p.device, float(state["step"]), mixed, p.is_complex())
             batch = batches.get(key)
             if batch is None:
-                batch = batches[key] = _Batch(step=key[1])
+                batch = batches[key] = _Batch(step=key[1], complex=key[3])
             batch.params.append(p)
-            batch.targets.append(state["master_param"] if mixed else p)
-            batch.exp_avgs.append(state["exp_avg"])
-            batch.exp_avg_sqs.append(state["exp_avg_sq"])
+            batch.targets.append(_real(state["master_param"] if mixed else p))
+            batch.exp_avgs.append(_real(state["exp_avg"]))
+            batch.exp_avg_sqs.append(_real(state["exp_avg_sq"]))
             if mixed:
                 batch.outs.append(p)
-        for (device, _, _), batch in batches.items():
+        for (device, _, _, _), batch in batches.items():
             # One tensor holds the batch's step counts and each state["step"] becomes a 0-dim view
             # of it: one add_ per step instead of one per parameter (torch._foreach_add_ over 51
             # scalar tensors cost 69 us, a quarter of a 1M-parameter step). The state dict still
-            # holds one float32 scalar tensor per parameter, as torch's.
-            batch.steps = torch.full((len(batch.params),), batch.step, dtype=torch.float32)
+            # holds one scalar tensor per parameter, as torch's.
+            batch.steps = torch.full((len(batch.params),), batch.step, dtype=_step_dtype())
+            batch.steps_version = batch.steps._version
             for i, p in enumerate(batch.params):
                 self.state[p]["step"] = batch.steps[i]
             batch.kernel = adamw_op.kernel_can_take(device, batch.targets, batch.exp_avgs, batch.exp_avg_sqs, batch.outs)
-        return _Plan(params=params, batches=list(batches.values()))
+        return _Plan(group=group, params=params, batches=list(batches.values()))
 
     def _drop_plans(self) -> None:
         self.__dict__.pop("_plans", None)
 
 
+def _step_dtype() -> torch.dtype:
+    """The dtype torch.optim.AdamW gives state["step"] (fp64 only under an fp64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a complex tensor its real view (shape + (2,)), which shares its memory."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+@dataclass
+class _StateSnapshot:
+    """Which objects ``opt.state`` held after a step: the dict, its entries and their values.
+
+    Compared by identity, in C loops (no Python code per parameter). Tensors changed in place
+    are the same objects and need no rebuild; the step counts the plans cache as numbers are
+    checked by ``_Batch.steps_unchanged``.
+    """
+
+    state: dict
+    entries: list[dict[str, Any]]
+    views: list[Any]  # entry.values() of each entry: live views, read again by matches()
+    values: list[Any]
+
+    @classmethod
+    def of(cls, state: dict) -> _StateSnapshot:
+        entries = list(state.values())
+        views = list(map(dict.values, entries))
+        return cls(state, entries, views, list(itertools.chain.from_iterable(views)))
+
+    def matches(self, state: dict) -> bool:
+        if state is not self.state or not _same_objects(list(state.values()), self.entries):
+            return False
+        return _same_objects(list(itertools.chain.from_iterable(self.views)), self.values)
+
+
 @dataclass
 class _Batch:
-    """Tensors of one group that share device, step count and precision: one kernel call."""
+    """Tensors of one group that share device, step count, precision and complexness: one kernel call."""
 
     step: float
+    complex: bool = False
     params: list[torch.Tensor] = field(default_factory=list)
-    targets: list[torch.Tensor] = field(default_factory=list)  # the fp32 master or the parameter
+    targets: list[torch.Tensor] = field(default_factory=list)  # the fp32 master or the parameter (real view)
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     outs: list[torch.Tensor] = field(default_factory=list)  # low-precision parameters in master mode
-    steps: torch.Tensor | None = None  # (len(params),) float32; state["step"] are views into it
+    steps: torch.Tensor | None = None  # (len(params),); state["step"] are views into it
+    steps_version: int = 0  # steps._version after our last add_: any other in-place write moves it
     kernel: bool = False
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The parameters' gradients as the kernels take them: dense, contiguous, real views."""
+        grads = []
+        for p in self.params:
+            g = p.grad
+            if g.is_sparse:
+                raise RuntimeError("parallax.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+            grads.append(g if g.is_contiguous() else g.contiguous())
+        return [torch.view_as_real(g) for g in grads] if self.complex else grads
+
+    def add_step(self) -> None:
+        self.steps.add_(1.0)  # every state["step"] of the batch is a view into this tensor
+        self.step += 1
+        self.steps_version = self.steps._version
+
+    def steps_unchanged(self) -> bool:
+        """False when a state["step"] of the batch was written in place from outside (e.g. reset to
+        0): views share their base's version counter."""
+        return self.steps._version == self.steps_version
 
 
 @dataclass
 class _Plan:
+    """One group's batches, built for the parameters that had gradients."""
+
+    group: dict[str, Any]
     params: list[torch.Tensor]
     batches: list[_Batch]
+
+    def is_current(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        """True for the same group, the same parameters with gradients, and unchanged step counts."""
+        if self.group is not group or not _same_objects(params, self.params):
+            return False
+        return all(batch.steps_unchanged() for batch in self.batches)
 
 
 def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

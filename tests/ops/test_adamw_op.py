@@ -131,6 +131,7 @@ def test_bf16_rounding_matches_torch_including_nan_and_ties():
         (lambda a: a["exp_avgs"].__setitem__(0, torch.zeros(3)), "exp_avgs\\[0\\] has shape"),
         (lambda a: a.__setitem__("step", 0), "step must be >= 1"),
         (lambda a: a.__setitem__("params_out", [torch.zeros(5)]), "params_out must be empty"),
+        (lambda a: a["params"].__setitem__(0, torch.zeros(5, dtype=torch.complex64)), "params\\[0\\] is torch.complex"),
     ],
 )
 def test_launcher_rejects_bad_input_with_a_clear_message(mutate, message):

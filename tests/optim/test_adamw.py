@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+from collections import defaultdict
 
 import pytest
 import torch
@@ -40,9 +42,15 @@ def cpu_path(request, monkeypatch):
     _extension.set_cpu_isa(previous)
 
 
+def _randn(shape, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Normal values drawn in ``dtype`` when it is fp64 or complex (every bit random), else drawn in fp32 and cast."""
+    draw = dtype if dtype == torch.float64 or dtype.is_complex else torch.float32
+    return torch.randn(shape, generator=gen, dtype=draw).to(dtype)
+
+
 def _make_params(seed: int, device: str = "cpu", dtype=torch.float32) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in SHAPES]
+    return [torch.nn.Parameter(_randn(s, gen, dtype).to(device)) for s in SHAPES]
 
 
 def _groups(params, **extra):
@@ -60,7 +68,7 @@ def _train(opt_cls, params, steps: int, *, seed: int = 1, start: int = 0, opt=No
     for step in range(start, start + steps):
         gen = torch.Generator().manual_seed(seed * 100_003 + step)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+            p.grad = _randn(p.shape, gen, p.dtype).to(p.device)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -78,13 +86,17 @@ def test_matches_torch_adamw_for_25_steps(cpu_path, maximize):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_matches_torch_adamw_on_cuda():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.float64])
+def test_matches_torch_adamw_on_cuda(dtype):
     assert px.ops.backend("adamw", "cuda") == "cuda", _extension.build_info()
-    ours, theirs = _make_params(0, "cuda"), _make_params(0, "cuda")
+    ours, theirs = _make_params(0, "cuda", dtype), _make_params(0, "cuda", dtype)
     _train(px.optim.AdamW, ours, 25)
     _train(torch.optim.AdamW, theirs, 25, foreach=False)
+    tol = dict(atol=0.0, rtol=1e-15) if dtype == torch.float64 else dict(atol=1e-6)
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert_close(a, b, atol=1e-6, name=f"param {i}")
+        if dtype.is_complex:
+            a, b = torch.view_as_real(a), torch.view_as_real(b)
+        assert_close(a, b, **tol, name=f"param {i}")
 
 
 def test_uses_the_compiled_kernel_on_cpu():
@@ -227,3 +239,205 @@ def test_closure_is_evaluated_with_grad_enabled():
         return loss
 
     assert opt.step(closure) is not None and opt.state[p]["step"].item() == 1
+
+
+# ---------------------------------------------------------------- every parameter torch's takes
+
+
+def _assert_state_matches(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer, params_ours, params_theirs,
+                          **tol) -> None:
+    """Same set of entries, same step counts, moments equal element-wise (complex ones as real views)."""
+    assert len(ours.state) == len(theirs.state), f"{len(ours.state)} state entries, torch has {len(theirs.state)}"
+    for i, (a, b) in enumerate(zip(params_ours, params_theirs)):
+        mine, ref = ours.state[a], theirs.state[b]
+        steps = float(mine["step"]), float(ref["step"])
+        assert steps[0] == steps[1], f"param {i}: step {steps[0]} vs torch's {steps[1]}"
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert mine[key].dtype == ref[key].dtype, f"param {i} {key}: {mine[key].dtype} vs torch's {ref[key].dtype}"
+            got, want = mine[key], ref[key]
+            if got.is_complex():
+                got, want = torch.view_as_real(got), torch.view_as_real(want)
+            assert_close(got, want, **tol, name=f"param {i} {key}")
+
+
+def test_complex64_params_match_torch_adamw(cpu_path):
+    # torch steps a complex parameter as its real view: the imaginary part trains too.
+    ours, theirs = _make_params(0, dtype=torch.complex64), _make_params(0, dtype=torch.complex64)
+    opt, _ = _train(px.optim.AdamW, ours, 25)
+    ref, _ = _train(torch.optim.AdamW, theirs, 25)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close(torch.view_as_real(a), torch.view_as_real(b), atol=1e-6, name=f"param {i} {tuple(a.shape)}")
+    _assert_state_matches(opt, ref, ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=["float64", "complex128"])
+def test_fp64_params_match_torch_adamw_in_fp64(dtype):
+    ours, theirs = _make_params(0, dtype=dtype), _make_params(0, dtype=dtype)
+    opt, _ = _train(px.optim.AdamW, ours, 25)
+    ref, _ = _train(torch.optim.AdamW, theirs, 25)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if dtype.is_complex:
+            a, b = torch.view_as_real(a), torch.view_as_real(b)
+        assert_close(a, b, atol=0.0, rtol=1e-15, name=f"param {i} {tuple(a.shape)}")
+    _assert_state_matches(opt, ref, ours, theirs, atol=0.0, rtol=1e-15)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_fp64_zero_gradient_step_keeps_what_fp32_cannot_hold(weight_decay):
+    start = torch.full((7,), 1 + 1e-12, dtype=torch.float64)  # 1 + 1e-12 rounds to 1.0 in fp32
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    for p, cls in ((ours, px.optim.AdamW), (theirs, torch.optim.AdamW)):
+        p.grad = torch.zeros_like(p)
+        cls([p], weight_decay=weight_decay).step()
+    assert torch.equal(ours, theirs), f"{ours[0].item()!r} vs torch's {theirs[0].item()!r}"
+    if weight_decay == 0.0:
+        assert torch.equal(ours, start), f"a zero-gradient step moved {start[0].item()!r} to {ours[0].item()!r}"
+
+
+def _donor_state() -> dict:
+    """Another optimizer's state for parameters shaped like ours (torch's AdamW, 3 steps in)."""
+    donor = _make_params(7)
+    opt, _ = _train(torch.optim.AdamW, donor, 3, seed=2)
+    return copy.deepcopy(opt.state_dict()["state"])
+
+
+def _clear(opt, params) -> None:
+    opt.state.clear()
+
+
+def _replace(opt, params) -> None:
+    opt.state = defaultdict(dict)
+
+
+def _assign_entries_as_zero_redundancy_load_does(opt, params) -> None:
+    # torch.distributed.optim.ZeroRedundancyOptimizer.load_state_dict: state[param] = a copy of the saved entry
+    for index, entry in _donor_state().items():
+        opt.state[params[index]] = {key: value.clone() for key, value in entry.items()}
+
+
+def _reset_tensors_in_entries(opt, params) -> None:
+    # the usual "move/reset the optimizer state" loop: new tensors in the existing entries
+    for entry in opt.state.values():
+        entry["step"] = torch.tensor(0.0)
+        entry["exp_avg"] = torch.zeros_like(entry["exp_avg"])
+        entry["exp_avg_sq"] = torch.zeros_like(entry["exp_avg_sq"])
+
+
+def _rewind_steps_in_place(opt, params) -> None:
+    for entry in opt.state.values():
+        entry["step"].fill_(2.0)
+
+
+@pytest.mark.parametrize("mutate", [_clear, _replace, _assign_entries_as_zero_redundancy_load_does,
+                                    _reset_tensors_in_entries, _rewind_steps_in_place])
+def test_changes_to_state_from_outside_take_effect_as_in_torch(mutate):
+    ours, theirs = _make_params(0), _make_params(0)
+    runs = []
+    for cls, params in ((px.optim.AdamW, ours), (torch.optim.AdamW, theirs)):
+        opt, sched = _train(cls, params, 12)
+        mutate(opt, params)
+        _train(cls, params, 12, start=12, opt=opt, sched=sched)
+        runs.append(opt)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close(a, b, atol=1e-6, name=f"param {i} {tuple(a.shape)}")
+    _assert_state_matches(*runs, ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_saved_after_state_clear_holds_the_new_state():
+    ours, theirs = _make_params(0), _make_params(0)
+    saved = []
+    for cls, params in ((px.optim.AdamW, ours), (torch.optim.AdamW, theirs)):
+        opt, sched = _train(cls, params, 5)
+        opt.state.clear()
+        _train(cls, params, 1, start=5, opt=opt, sched=sched)
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        saved.append(torch.load(buffer)["state"])
+    mine, ref = saved
+    assert sorted(mine) == sorted(ref) == list(range(len(ours))), f"checkpoint holds state for {sorted(mine)}"
+    for i in ref:
+        assert float(mine[i]["step"]) == float(ref[i]["step"]) == 1.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(mine[i][key], ref[i][key], atol=1e-7, rtol=1e-6, name=f"param {i} {key}")
+
+
+def test_zero_redundancy_optimizer_load_state_dict_mid_run_matches_torch():
+    """ZeroRedundancyOptimizer(optimizer_class=px.optim.AdamW) on a gloo rank: save, step on, load, step on."""
+    from tests.distributed.launch import run_ranks
+    from tests.optim import adamw_workers
+
+    results = run_ranks(adamw_workers.zero_redundancy_save_step_load, 1)
+    expected = adamw_workers.torch_save_step_load()
+    for rank, params in enumerate(results):
+        for i, (a, b) in enumerate(zip(params, expected)):
+            assert_close(a, b, atol=1e-6, name=f"rank {rank} param {i}")
+
+
+def _add_group_later(cls, params, steps):
+    opt = cls(params[:3], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    _train(cls, params[:3], 5, opt=opt)
+    opt.add_param_group({"params": params[3:], "lr": 5e-3, "weight_decay": 0.0})
+    _train(cls, params, steps - 5, start=5, opt=opt)
+    return opt
+
+
+@pytest.mark.parametrize(
+    "case, dtype, kwargs",
+    [
+        pytest.param("tensor lr", torch.float32, dict(lr=torch.tensor(1e-2)), id="tensor-lr-fp32"),
+        pytest.param("tensor lr", torch.float64, dict(lr=torch.tensor(1e-2)), id="fp32-tensor-lr-fp64"),
+        pytest.param("tensor lr", torch.float64, dict(lr=torch.tensor(1e-2, dtype=torch.float64)), id="tensor-lr-fp64"),
+        pytest.param("no weight decay", torch.float32, dict(weight_decay=0.0), id="no-weight-decay"),
+        pytest.param("maximize", torch.float64, dict(maximize=True, weight_decay=0.0), id="maximize-fp64"),
+        pytest.param("foreach", torch.float32, dict(foreach=True), id="foreach"),
+        pytest.param("fused", torch.float32, dict(fused=True), id="fused"),
+        pytest.param("group added later", torch.float32, None, id="add-param-group-fp32"),
+        pytest.param("group added later", torch.float64, None, id="add-param-group-fp64"),
+    ],
+)
+def test_torch_optimizer_cases_match_torch_adamw(case, dtype, kwargs):
+    ours, theirs = _make_params(0, dtype=dtype), _make_params(0, dtype=dtype)
+    runs = []
+    for cls, params in ((px.optim.AdamW, ours), (torch.optim.AdamW, theirs)):
+        if kwargs is None:
+            runs.append(_add_group_later(cls, params, 20))
+        else:
+            runs.append(_train(cls, params, 20, **kwargs)[0])
+    tol = dict(atol=1e-6) if dtype == torch.float32 else dict(atol=0.0, rtol=1e-15)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close(a, b, **tol, name=f"{case}: param {i}")
+    _assert_state_matches(*runs, ours, theirs, **(tol if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)))
+
+
+def test_empty_params_and_params_without_grad_step_like_torch():
+    runs, finals = [], []
+    for cls in (px.optim.AdamW, torch.optim.AdamW):
+        params = [torch.nn.Parameter(torch.randn(0)), torch.nn.Parameter(torch.ones(7)),
+                  torch.nn.Parameter(torch.ones(3, 0)), torch.nn.Parameter(torch.ones(5))]
+        opt = cls(params, lr=1e-2)
+        for step in range(4):
+            for i, p in enumerate(params):  # the last parameter has a gradient on even steps only
+                p.grad = None if i == 3 and step % 2 else torch.full_like(p, 0.5 + step)
+            opt.step()
+        runs.append(opt)
+        finals.append(params)
+    for i, (a, b) in enumerate(zip(*finals)):
+        assert_close(a, b, atol=1e-6, name=f"param {i} {tuple(a.shape)}")
+    _assert_state_matches(*runs, *finals, atol=1e-6, rtol=1e-5)
+
+
+def test_step_dtype_follows_torch_under_an_fp64_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        dtypes = []
+        for cls in (px.optim.AdamW, torch.optim.AdamW):
+            p = torch.nn.Parameter(torch.randn(5))
+            p.grad = torch.randn(5)
+            opt = cls([p])
+            opt.step()
+            dtypes.append(opt.state[p]["step"].dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    assert dtypes[0] == dtypes[1], f"state['step'] is {dtypes[0]}, torch's {dtypes[1]}"
