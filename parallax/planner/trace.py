@@ -64,8 +64,9 @@ class StepTrace:
     ``timeline`` holds ``(live_bytes, kind, arg)`` in time order: ``kind`` is None for a plain
     sample after an allocating op, else an event (``fwd_pre``/``fwd_post``/``bwd_pre`` with the
     unit's index, 0 being the root; ``bwd_post`` with a non-root unit's index when its backward
-    is over, for units whose inputs require grad; ``grad`` with the parameter's index, sampled while ``p.grad``
-    still exists, followed by a plain sample after it is dropped; ``backward`` and ``end``).
+    is over, for units whose inputs require grad; ``grad`` with the parameter's index, sampled
+    while ``p.grad`` still exists, followed by a plain sample after it is dropped; ``backward``
+    and ``end``).
     ``units`` lists the parameter indices of each stage-3 unit (index 0: the root, which holds
     every parameter no single repeated block owns), as ``px.zero.shard`` groups them.
     """
@@ -341,7 +342,8 @@ def synthetic_trace(num_params: int, layers: int = 1) -> StepTrace:
 
     Forward visits the blocks in order, backward in reverse, and each block's gradient is
     complete at the end of its backward (then ``bwd_post``). With one layer the whole model is
-    the root unit. Its FLOPs are unknown (0; ``known`` is False): the caller estimates them from the token count.
+    the root unit. Its FLOPs are unknown (0; ``known`` is False): the caller estimates them
+    from the token count.
     """
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")

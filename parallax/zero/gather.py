@@ -11,7 +11,9 @@ gradients of the unit's inputs), whether or not its gradients are reduced in thi
 (``no_sync``), and whether it has trainable parameters at all. A unit whose inputs need no
 gradient (the first block after a frozen embedding) has no such point and is freed at the end
 of backward, with the root unit (the model's own parameters, e.g. embeddings and a tied head),
-which stays gathered from its forward to the end of backward.
+which stays gathered from its forward to the end of backward. A forward that activation
+checkpointing re-runs inside backward only makes sure the unit is gathered: the original
+forward recorded the order and armed the free after backward.
 
 Orders are re-recorded every iteration: when the actual order differs from the prediction, the
 unit is gathered on demand and the new order is used next time. Every rank runs the same
@@ -21,6 +23,7 @@ counts how each gather was served, so that prefetching can be checked.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,12 +50,17 @@ class Unit:
     is_root: bool
     pending: list[Pending] = field(default_factory=list)
     backward_armed: bool = False
-    # Forward calls of the unit in this iteration whose backward has not finished yet.
-    backwards_left: int = 0
+    # A token per forward call whose backward has not run yet. Each is held by its call's
+    # autograd graph: a call whose graph is dropped unused (a forward without backward) vanishes.
+    backward_calls: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
     @property
     def gathered(self) -> bool:
         return all(b.gathered for b in self.buffers)
+
+
+class _Call:
+    """Stands for one forward call of a unit until its backward has run (see ``Unit.backward_calls``)."""
 
 
 def _in_backward() -> bool:
@@ -173,9 +181,10 @@ class UnitGatherer:
             self._prefetch_next(self._last_forward, self._forward)
             if unit.is_root or not torch.is_grad_enabled():
                 return None
-            rewired = run_after_backward(lambda: self._post_backward(unit), args, kwargs)
+            call = _Call()
+            rewired = run_after_backward(lambda: self._post_backward(unit, call), args, kwargs)
             if rewired is not None:
-                unit.backwards_left += 1
+                unit.backward_calls.add(call)
             return rewired
 
         return hook
@@ -202,7 +211,9 @@ class UnitGatherer:
 
     def _pre_backward(self, unit: Unit):
         def hook(grad: torch.Tensor) -> None:
-            how = self._gather(unit)  # also when armed before: a unit called twice may be freed in between
+            # Also when armed before: a unit called twice, or one with an output whose gradient
+            # comes after the rest of its backward, may have been freed in between.
+            how = self._gather(unit)
             if not unit.backward_armed or how != RESIDENT:
                 self.gathers["backward", how] += 1
             if not unit.backward_armed:
@@ -215,10 +226,10 @@ class UnitGatherer:
 
         return hook
 
-    def _post_backward(self, unit: Unit) -> None:
+    def _post_backward(self, unit: Unit, call: _Call) -> None:
         """Autograd is done with one forward call of the unit: free it after the last one."""
-        unit.backwards_left = max(0, unit.backwards_left - 1)
-        if unit.backwards_left == 0:
+        unit.backward_calls.discard(call)
+        if not unit.backward_calls:
             self.free(unit)
 
     def _next_iteration(self) -> None:
@@ -233,7 +244,7 @@ class UnitGatherer:
     def end_backward(self) -> None:
         """End of backward: free what is left (the root, units whose inputs needed no gradient)."""
         for unit in self.units:
-            unit.backwards_left = 0  # calls whose outputs did not reach the loss never finish
+            unit.backward_calls.clear()  # calls whose outputs did not reach the loss never finish
         self._next_iteration()
 
     def remove(self) -> None:

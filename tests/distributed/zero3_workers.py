@@ -1,9 +1,11 @@
 """Rank-side code of the stage-3 gathering tests (tests/distributed/test_zero3_gather.py).
 
 Models with frozen parameters (the fine-tuning layouts: low-rank adapters beside frozen
-weights, whole frozen blocks, a unit split over two flat buffers, Hugging Face GPT-2 with
-LoRA-style adapters) trained with SGD at stages 1-3 against a single-process run, plus what
-each unit's gather looked like during backward.
+weights, whole frozen blocks, a unit split over two flat buffers, a unit called twice, Hugging
+Face GPT-2 with LoRA-style adapters) trained with SGD at stages 1-3 against a single-process
+run; what was gathered at the start of each unit's backward; the measured peak of a ``no_sync``
+micro-step; how gathers were served (prefetched or on demand); and units whose forward
+activation checkpointing re-runs inside backward.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import parallax as px
 from parallax.planner import CpuMemoryProfile
+from parallax.zero.gather import Unit
 from tests.distributed import zero_workers as zw
 
 WIDTH = 64
@@ -114,7 +117,7 @@ def build(case: str) -> nn.Module:
         for block in model.blocks[1:3]:
             block.requires_grad_(False)
         return model
-    if case == "two_calls":
+    if case == "two_calls":  # every block called twice per layer
         return TwoCalls([LowRankBlock(WIDTH) for _ in range(3)])
     if case == "two_buffers":  # every block: fp32 and fp64 parameters, both trained
         return Stack([LowRankBlock(WIDTH, low_rank_dtype=torch.float64) for _ in range(3)])
@@ -193,10 +196,13 @@ def watch_unit_backwards(model: nn.Module) -> list[dict]:
 def residency_bounds(model: nn.Module) -> dict:
     """Bytes a stage-3 rank is allowed in backward: shards, the root, the two largest units."""
     zs = model._parallax_zero
-    unit_bytes = sorted(sum(b.layout.padded_numel * b.full.element_size() for b in u.buffers)
-                        for u in zs.units if not u.is_root)
+
+    def full_bytes(unit: Unit) -> int:
+        return sum(b.layout.padded_numel * b.full.element_size() for b in unit.buffers)
+
+    unit_bytes = sorted(full_bytes(u) for u in zs.units if not u.is_root)
     return {"shards": sum(b.layout.shard_numel * b.full.element_size() for b in zs.buffers),
-            "root": sum(b.layout.padded_numel * b.full.element_size() for u in zs.units if u.is_root for b in u.buffers),
+            "root": sum(full_bytes(u) for u in zs.units if u.is_root),
             "two_units": sum(unit_bytes[-2:]), "all_units": sum(unit_bytes)}
 
 
@@ -255,7 +261,8 @@ def no_sync_peaks(rank: int, world: int, stages: list[int]) -> dict[int, dict]:
 
 def _no_sync_peak(stage: int) -> dict:
     """Measured peak bytes (CpuMemoryProfile) of a gradient-accumulation micro-step (no_sync),
-    after a synced step, and the samples of ``watch_unit_backwards`` during it (stage 3)."""
+    after a synced step and a forward without backward, and the samples of
+    ``watch_unit_backwards`` during it (stage 3)."""
     prof = CpuMemoryProfile()
     with prof:
         torch.manual_seed(0)
@@ -266,6 +273,7 @@ def _no_sync_peak(stage: int) -> dict:
         opt.backward(model(x, y))
         opt.step()
         opt.zero_grad()
+        model(x, y)  # a forward whose graph is dropped without backward must not keep units gathered later
         samples.clear()
         with prof.window("micro-step"), model.no_sync():
             opt.backward(model(x, y))
@@ -289,8 +297,8 @@ def _prefetch_counts(rank: int, world: int, prefetch: int, steps: int = 3) -> di
     for step in range(steps):
         if step == 1:  # the first step has no recorded order to prefetch from
             gatherer.gathers.clear()
-        idx, tgt = zw._batches(step, 0, 2 * world, 5, 11)
-        opt.backward(model(idx[rank * 2:(rank + 1) * 2], tgt[rank * 2:(rank + 1) * 2]))
+        idx, tgt = zw._batches(step, 0, 2 * world, 5, 11)  # 2 sequences per rank
+        opt.backward(model(idx[2 * rank:2 * rank + 2], tgt[2 * rank:2 * rank + 2]))
         opt.step()
         opt.zero_grad()
     return {"gathers": dict(gatherer.gathers), "units": len(model._parallax_zero.units) - 1,
