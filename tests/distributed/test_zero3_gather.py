@@ -4,6 +4,7 @@ backward (under ``no_sync`` too), prefetching, and units re-run by activation ch
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.distributed import zero3_workers as z3
 from tests.distributed.launch import run_ranks
@@ -44,6 +45,16 @@ def test_frozen_parameters_train_like_a_single_process(cases):
             assert_freed_after_backward(r["samples"], r["bounds"])
             # one all-gather per unit for backward, also for a unit whose two calls' backwards both need it
             assert r["backward_gathers"] == r["steps"] * r["units"], r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_frozen_parameters_on_one_gpu(nccl_group):
+    """The same on one CUDA rank (NCCL, world size 1): autograd's device thread runs the free."""
+    for case, r in z3.frozen_parity(0, 1, ["low_rank", "frozen_blocks", "two_buffers", "two_calls"], [3],
+                                    device="cuda").items():
+        assert r["diff"][3] <= 1e-5, f"{case} stage 3 on one GPU vs plain PyTorch: {r['diff'][3]}"
+        assert_freed_after_backward(r["samples"], r["bounds"])
+        assert r["backward_gathers"] == r["steps"] * r["units"], r
 
 
 def test_stage3_frees_units_under_no_sync():

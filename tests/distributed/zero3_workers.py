@@ -142,18 +142,18 @@ def _loss(case: str, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch
 SGD = {"lr": 0.2, "momentum": 0.9}
 
 
-def _reference(case: str, steps: int, world: int) -> tuple[dict[str, torch.Tensor], float]:
+def _reference(case: str, steps: int, world: int, device: str) -> tuple[dict[str, torch.Tensor], float]:
     """Single process, torch.optim.SGD over the global batch (in the ranks' chunks: same rounding).
 
     Returns the final state dict and the smallest change of a trainable parameter (max over its
     elements), which is > 0 when every trainable parameter trained.
     """
     torch.manual_seed(0)
-    model = build(case)
+    model = build(case).to(device)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **SGD)
     for step in range(steps):
-        batch = _batch(case, step)
+        batch = tuple(t.to(device) for t in _batch(case, step))
         local = batch[0].shape[0] // world
         for r in range(world):
             (_loss(case, model, tuple(t[r * local:(r + 1) * local] for t in batch)) / world).backward()
@@ -161,7 +161,7 @@ def _reference(case: str, steps: int, world: int) -> tuple[dict[str, torch.Tenso
         opt.zero_grad()
     params = dict(model.named_parameters())
     moved = min(float((params[n].detach() - before).abs().max()) for n, before in trainable.items())
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, moved
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, moved
 
 
 def watch_unit_backwards(model: nn.Module) -> list[dict]:
@@ -206,25 +206,26 @@ def residency_bounds(model: nn.Module) -> dict:
             "two_units": sum(unit_bytes[-2:]), "all_units": sum(unit_bytes)}
 
 
-def frozen_parity(rank: int, world: int, cases: list[str], stages: list[int]) -> dict[str, dict]:
+def frozen_parity(rank: int, world: int, cases: list[str], stages: list[int],
+                  device: str = "cpu") -> dict[str, dict]:
     """For each case: see ``_frozen_parity``."""
-    return {case: _frozen_parity(rank, world, case, stages) for case in cases}
+    return {case: _frozen_parity(rank, world, case, stages, device) for case in cases}
 
 
-def _frozen_parity(rank: int, world: int, case: str, stages: list[int], steps: int = 3) -> dict:
+def _frozen_parity(rank: int, world: int, case: str, stages: list[int], device: str, steps: int = 3) -> dict:
     """Per stage: max |ZeRO - single process| over the state dict after ``steps`` SGD steps;
     at stage 3 also the samples of ``watch_unit_backwards`` of the last step and the number of
     all-gathers issued for backward."""
-    ref, moved = _reference(case, steps, world)
+    ref, moved = _reference(case, steps, world, device)
     out: dict = {"diff": {}, "moved": moved}
     for stage in stages:
         torch.manual_seed(0)
-        model, opt = px.initialize(build(case), px.RuntimeConfig(zero_stage=stage, bucket_mb=0.01, timeout_s=60),
+        model, opt = px.initialize(build(case).to(device), px.RuntimeConfig(zero_stage=stage, bucket_mb=0.01, timeout_s=60),
                                    optimizer_cls=torch.optim.SGD, **SGD)
         samples = watch_unit_backwards(model) if stage == 3 else []
         for step in range(steps):
             samples.clear()
-            batch = _batch(case, step)
+            batch = tuple(t.to(device) for t in _batch(case, step))
             local = batch[0].shape[0] // world
             opt.backward(_loss(case, model, tuple(t[rank * local:(rank + 1) * local] for t in batch)))
             opt.step()
