@@ -31,10 +31,10 @@ def assert_freed_after_backward(samples: list[dict], bounds: dict) -> None:
 def test_frozen_parameters_train_like_a_single_process(cases):
     """Frozen weights beside trainable low-rank adapters in one unit (the issue's reproducer and
     an HF GPT-2 with every weight frozen but adapters, with and without HF's activation
-    checkpointing), blocks without any trainable parameter, and units whose parameters are
-    split over two flat buffers (fp32 and fp64), blocks called twice per layer (gathered once for
-    both calls' backwards): 3 SGD steps at stages 1-3 equal the
-    single-process run element-wise, and stage 3 frees each unit after its backward."""
+    checkpointing), blocks without any trainable parameter, units whose parameters are split
+    over two flat buffers (fp32 and fp64), blocks called twice per layer (gathered once for both
+    calls' backwards): 3 SGD steps at stages 1-3 equal the single-process run element-wise, and
+    stage 3 frees each unit after its backward."""
     if cases[0].startswith("gpt2"):
         pytest.importorskip("transformers")
     for results in run_ranks(z3.frozen_parity, 2, list(cases), [1, 2, 3]):
