@@ -8,9 +8,9 @@ each event on top of the live activations:
 
 * stages 0-2 keep every parameter (b bytes each, b = 4 fp32, 2 bf16/fp16); stage 3 keeps its
   shards (b Psi / N) and gathers a unit's full buffer at the unit's forward and again at its
-  backward, ``prefetch`` units ahead, freeing it after the unit's forward and once its
-  gradients are being reduced; the root unit stays gathered from the start of forward to the
-  end of backward;
+  backward, ``prefetch`` units ahead, freeing it after the unit's forward and after its
+  backward (at the end of backward when its inputs need no gradient); the root unit stays
+  gathered from the start of forward to the end of backward;
 * gradients: a flat buffer's full-size gradient is allocated when the first of its gradients
   is complete; stage 0 all-reduces it in place and keeps it until ``zero_grad``; stage 1 keeps
   it for good (ZeRO-1 shards only the optimizer state) and reduce-scatters in place; stages 2-3
@@ -34,6 +34,7 @@ import torch
 
 from parallax.planner.trace import (
     BACKWARD,
+    BWD_POST,
     BWD_PRE,
     END,
     FWD_POST,
@@ -177,11 +178,9 @@ class _Replay:
         self.buffer_of = {i: buf for buf in buffers if buf.trainable for i in buf.params
                           if trace.params[i].requires_grad}
         self.unit_bytes: dict[int, int] = {}
-        self.unit_buffers: dict[int, list[Buffer]] = {}
         if stage == 3:
             for buf in buffers:
                 self.unit_bytes[buf.unit] = self.unit_bytes.get(buf.unit, 0) + buf.full_bytes(self.b)
-                self.unit_buffers.setdefault(buf.unit, []).append(buf)
         self.order = {FWD_PRE: [a for _, k, a in trace.timeline if k == FWD_PRE],
                       BWD_PRE: [a for _, k, a in trace.timeline if k == BWD_PRE]}
         self.gathered: set[int] = set()  # stage-3 units whose full buffers exist
@@ -266,9 +265,6 @@ class _Replay:
         self.consider(live)
         while len(self.in_flight) > MAX_IN_FLIGHT:
             self.finish(self.in_flight[0])
-        if self.stage == 3 and buf.unit != 0 and all(id(x) in self.launched
-                                                    for x in self.unit_buffers[buf.unit] if x.trainable):
-            self.free_unit(buf.unit)  # its gradients are being reduced: parameters no longer needed
 
     def finish(self, buf: Buffer) -> None:
         self.in_flight.remove(buf)
@@ -287,7 +283,7 @@ class _Replay:
                 if self.stage == 3:
                     self.gather(arg, self.order[kind], live)
                 self.consider(live)
-            elif kind == FWD_POST:
+            elif kind in (FWD_POST, BWD_POST):
                 self.consider(live)
                 if self.stage == 3 and arg != 0:
                     self.free_unit(arg)

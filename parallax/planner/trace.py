@@ -11,8 +11,9 @@ allocating op, so the timeline shows what autograd really keeps and frees: saved
 transient outputs of each op, gradients flowing through backward, a recomputed block's
 activations. Parameters and buffers are not counted (model states are accounted separately).
 
-Events mark where the ZeRO runtime acts: each stage-3 unit's forward start and end and the start
-of its backward, and each parameter's gradient becoming complete (the post-accumulate-grad hook
+Events mark where the ZeRO runtime acts: each stage-3 unit's forward start and end, the start
+and the end of its backward (the end: once the gradients of its inputs are computed, when its
+inputs need them), and each parameter's gradient becoming complete (the post-accumulate-grad hook
 where ``parallax.zero``'s reducer copies it into a flat buffer; the trace drops ``p.grad`` there,
 as the reducer does). Matmul and attention FLOPs of forward and backward are counted on the way.
 """
@@ -36,7 +37,8 @@ __all__ = ["ParamSpec", "StepTrace", "LossFn", "default_loss", "fake_copy", "tra
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # event kinds of the timeline
-FWD_PRE, FWD_POST, BWD_PRE, GRAD, BACKWARD, END = "fwd_pre", "fwd_post", "bwd_pre", "grad", "backward", "end"
+FWD_PRE, FWD_POST, BWD_PRE, BWD_POST, GRAD, BACKWARD, END = ("fwd_pre", "fwd_post", "bwd_pre", "bwd_post", "grad",
+                                                            "backward", "end")
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,10 @@ class StepTrace:
 
     ``timeline`` holds ``(live_bytes, kind, arg)`` in time order: ``kind`` is None for a plain
     sample after an allocating op, else an event (``fwd_pre``/``fwd_post``/``bwd_pre`` with the
-    unit's index, 0 being the root; ``grad`` with the parameter's index, sampled while ``p.grad``
-    still exists, followed by a plain sample after it is dropped; ``backward`` and ``end``).
+    unit's index, 0 being the root; ``bwd_post`` with a non-root unit's index when its backward
+    is over, for units whose inputs require grad; ``grad`` with the parameter's index, sampled
+    while ``p.grad`` still exists, followed by a plain sample after it is dropped; ``backward``
+    and ``end``).
     ``units`` lists the parameter indices of each stage-3 unit (index 0: the root, which holds
     every parameter no single repeated block owns), as ``px.zero.shard`` groups them.
     """
@@ -235,6 +239,7 @@ def _unit_groups(model: nn.Module, names: dict[int, int]) -> list[list[int]]:
 
 @contextlib.contextmanager
 def _hooks(model: nn.Module, params: list[nn.Parameter], tracker: _Tracker) -> Iterator[None]:
+    from parallax.zero.gather import run_after_backward
     from parallax.zero.module import default_units
 
     handles = []
@@ -242,8 +247,11 @@ def _hooks(model: nn.Module, params: list[nn.Parameter], tracker: _Tracker) -> I
     armed: set[int] = set()
 
     def pre(u: int):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             tracker.sample(FWD_PRE, u)
+            if u == 0:
+                return None
+            return run_after_backward(lambda: tracker.sample(BWD_POST, u), args, kwargs)
 
         return hook
 
@@ -269,9 +277,9 @@ def _hooks(model: nn.Module, params: list[nn.Parameter], tracker: _Tracker) -> I
 
         return hook
 
-    handles.append(model.register_forward_pre_hook(pre(0)))
+    handles.append(model.register_forward_pre_hook(pre(0), with_kwargs=True))
     for u, block in enumerate(blocks, start=1):
-        handles.append(block.register_forward_pre_hook(pre(u)))
+        handles.append(block.register_forward_pre_hook(pre(u), with_kwargs=True))
         handles.append(block.register_forward_hook(post(u)))
     for i, p in enumerate(params):
         if p.requires_grad:
@@ -333,8 +341,9 @@ def synthetic_trace(num_params: int, layers: int = 1) -> StepTrace:
     """A trace without activations for a bare parameter count: ``layers`` equal blocks in a row.
 
     Forward visits the blocks in order, backward in reverse, and each block's gradient is
-    complete at the end of its backward. With one layer the whole model is the root unit. Its
-    FLOPs are unknown (0; ``known`` is False): the caller estimates them from the token count.
+    complete at the end of its backward (then ``bwd_post``). With one layer the whole model is
+    the root unit. Its FLOPs are unknown (0; ``known`` is False): the caller estimates them
+    from the token count.
     """
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
@@ -351,5 +360,7 @@ def synthetic_trace(num_params: int, layers: int = 1) -> StepTrace:
         if layers > 1:
             timeline.append((0, BWD_PRE, i + 1))
         timeline += [(0, GRAD, i), (0, None, -1)]
+        if layers > 1:
+            timeline.append((0, BWD_POST, i + 1))
     timeline.append((0, END, -1))
     return StepTrace(specs, units, timeline, known=False)

@@ -30,13 +30,11 @@ MAX_IN_FLIGHT = 1
 
 class GradientReducer:
     def __init__(self, buffers: list[FlatBuffer], comm: Comm, stage: int,
-                 on_buffer_reduced: Callable[[FlatBuffer], None] | None = None,
                  on_backward_end: Callable[[], None] | None = None) -> None:
         self.buffers = buffers
         self.comm = comm
         self.stage = stage
         self.sync = True
-        self._on_buffer_reduced = on_buffer_reduced
         self._on_backward_end = on_backward_end
         self._callback_queued = False
         self._fresh_shard = {b.index: True for b in buffers}  # next reduction overwrites grad_shard
@@ -95,8 +93,6 @@ class GradientReducer:
         self._in_flight.append(buffer)
         while len(self._in_flight) > MAX_IN_FLIGHT:
             self._finish(self._in_flight[0])
-        if self._on_buffer_reduced is not None:
-            self._on_buffer_reduced(buffer)
 
     def _accumulate(self, buffer: FlatBuffer, reduced: torch.Tensor) -> None:
         reduced.div_(self.comm.world_size)

@@ -174,16 +174,8 @@ def shard(model: nn.Module, stage: int = 3, group: dist.ProcessGroup | None = No
             buffers.append(FlatBuffer(len(buffers), members, comm, stage))
 
     gatherer = UnitGatherer(unit_list, prefetch) if stage == 3 else None
-    buffer_unit = {b.index: unit for unit in unit_list for b in unit.buffers}
-
-    def on_buffer_reduced(buffer: FlatBuffer) -> None:
-        unit = buffer_unit.get(buffer.index)
-        if gatherer is not None and unit is not None and all(b.reduction is not None or b.num_trainable == 0
-                                                              for b in unit.buffers):
-            gatherer.unit_reduced(unit)
-
-    reducer = GradientReducer([b for b in buffers if b.num_trainable], comm, stage, on_buffer_reduced,
-                              gatherer.end_iteration if gatherer is not None else None)
+    reducer = GradientReducer([b for b in buffers if b.num_trainable], comm, stage,
+                              gatherer.end_backward if gatherer is not None else None)
     model._parallax_zero = ZeroState(stage, comm, buffers, reducer, gatherer, unit_list, prefetch, bucket_mb)
     cls = type(model)
     if not issubclass(cls, ZeroModule):
