@@ -120,9 +120,21 @@ SCHEDULES = {
     "accumulation": Schedule(_accumulation, accum=2),
     "always": Schedule(_always),
 }
+
+
+@dataclass(frozen=True)
+class Optim:
+    ours: type[torch.optim.Optimizer]  # what ZeroOptimizer wraps
+    reference: type[torch.optim.Optimizer]
+    kwargs: dict
+    offload: str = "none"
+
+
+_ADAMW = {"lr": 1e-2, "weight_decay": 0.1}
 OPTIMIZERS = {
-    "sgd": (torch.optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-    "adamw": (px.optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "sgd": Optim(torch.optim.SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "adamw": Optim(px.optim.AdamW, torch.optim.AdamW, _ADAMW),
+    "adamw_offload": Optim(px.optim.AdamW, torch.optim.AdamW, _ADAMW, offload="cpu"),  # HostAdamW, stages 1-3
 }
 
 
@@ -156,10 +168,10 @@ def _differences(ours: dict[str, torch.Tensor | None], ref: dict[str, torch.Tens
 class Reference:
     """Single-process plain PyTorch on the global batch, one rank's chunk at a time."""
 
-    def __init__(self, world: int, opt_cls: type[torch.optim.Optimizer], opt_kwargs: dict) -> None:
+    def __init__(self, world: int, optim: Optim) -> None:
         torch.manual_seed(0)
         self.model = GatedNet()
-        self.opt = opt_cls(self.model.parameters(), **opt_kwargs)
+        self.opt = optim.reference(self.model.parameters(), **optim.kwargs)
         self.world = world
 
     def backward(self, step: int, gates: Gates, accum: int) -> dict[str, torch.Tensor | None]:
@@ -179,10 +191,10 @@ class Reference:
         self.opt.zero_grad(set_to_none=set_to_none)
 
 
-def _sharded(stage: int, bucket_mb: float, opt_cls, opt_kwargs: dict):
+def _sharded(stage: int, bucket_mb: float, optim: Optim):
     torch.manual_seed(0)
-    config = px.RuntimeConfig(zero_stage=stage, bucket_mb=bucket_mb, timeout_s=30)
-    return px.initialize(GatedNet(), config, optimizer_cls=opt_cls, **opt_kwargs)
+    config = px.RuntimeConfig(zero_stage=stage, bucket_mb=bucket_mb, offload=optim.offload, timeout_s=30)
+    return px.initialize(GatedNet(), config, optimizer_cls=optim.ours, **optim.kwargs)
 
 
 def _backward(model, opt, rank: int, world: int, step: int, gates: Gates, accum: int) -> None:
@@ -199,9 +211,9 @@ def unused_parameters(rank: int, world: int, cases: list[tuple[str, str, int]], 
     out = []
     for schedule, opt_name, stage in cases:
         plan = SCHEDULES[schedule]
-        ours_cls, ref_cls, kwargs = OPTIMIZERS[opt_name]
-        ref = Reference(world, ref_cls, kwargs)
-        model, opt = _sharded(stage, plan.bucket_mb, ours_cls, kwargs)
+        optim = OPTIMIZERS[opt_name]
+        ref = Reference(world, optim)
+        model, opt = _sharded(stage, plan.bucket_mb, optim)
         grad_diffs: dict[str, float] = {}
         for step in range(steps):
             ref_grads = ref.backward(step, plan.gates, plan.accum)
@@ -224,9 +236,10 @@ def clipping(rank: int, world: int, stages: list[int], norm_types: list[float], 
     plan = SCHEDULES["always"]
     for stage in stages:
         for norm_type in norm_types:
-            max_norm = 0.01 if norm_type == float("inf") else 0.05  # both clip every step
-            ref = Reference(world, torch.optim.SGD, dict(lr=0.5))
-            model, opt = _sharded(stage, plan.bucket_mb, torch.optim.SGD, dict(lr=0.5))
+            max_norm = 0.01 if norm_type == float("inf") else 0.05
+            sgd = Optim(torch.optim.SGD, torch.optim.SGD, {"lr": 0.5})
+            ref = Reference(world, sgd)
+            model, opt = _sharded(stage, plan.bucket_mb, sgd)
             norms, ref_norms = [], []
             for step in range(steps):
                 ref.backward(step, plan.gates, 1)
@@ -238,6 +251,37 @@ def clipping(rank: int, world: int, stages: list[int], norm_types: list[float], 
                 opt.zero_grad()
             full = px.zero.full_state_dict(model)
             diff = max(float((full[n] - p).abs().max()) for n, p in ref.model.state_dict().items())
-            out.append({"case": (stage, norm_type), "norms": norms, "ref_norms": ref_norms, "params": diff})
+            out.append({"case": (stage, norm_type), "max_norm": max_norm, "norms": norms, "ref_norms": ref_norms,
+                        "params": diff})
             dist.barrier()
     return out
+
+
+def _layerdrop_steps(model, opt, rank: int, world: int, steps: range) -> None:
+    plan = SCHEDULES["layerdrop"]
+    for step in steps:
+        _backward(model, opt, rank, world, step, plan.gates, plan.accum)
+        opt.step()
+        opt.zero_grad()
+
+
+def save_layerdrop(rank: int, world: int, stage: int, steps: int, directory: str) -> None:
+    """AdamW under LayerDrop for ``steps`` steps (block 1 then has had fewer Adam steps than the
+    rest, its bias correction differs), then a checkpoint."""
+    model, opt = _sharded(stage, SCHEDULES["layerdrop"].bucket_mb, OPTIMIZERS["adamw"])
+    _layerdrop_steps(model, opt, rank, world, range(steps))
+    px.checkpoint.save(directory, model, opt, step=steps)
+
+
+def resume_layerdrop(rank: int, world: int, stage: int, steps: int, directory: str) -> float:
+    """Resume that checkpoint (any world size and stage), train ``steps`` more: the largest
+    difference from a single-process run of all the steps."""
+    model, opt = _sharded(stage, SCHEDULES["layerdrop"].bucket_mb, OPTIMIZERS["adamw"])
+    start = px.checkpoint.load(directory, model, opt)["step"]
+    _layerdrop_steps(model, opt, rank, world, range(start, start + steps))
+    ref = Reference(world, OPTIMIZERS["adamw"])
+    for step in range(start + steps):
+        ref.backward(step, SCHEDULES["layerdrop"].gates, 1)
+        ref.step()
+    full = px.zero.full_state_dict(model)
+    return max(float((full[n] - p).abs().max()) for n, p in ref.model.state_dict().items())
