@@ -263,15 +263,12 @@ def _write_shard(st, tmp: Path, model: nn.Module, optimizer: ZeroOptimizer | Non
     entries = []
     run_of = {}
     if optimizer is not None:
-        for run in optimizer.runs:
-            for seg in run.segments:
-                run_of[(seg.name, seg.start)] = (run, seg)
+        run_of = {(run.segment.name, run.segment.start): run for run in optimizer.runs}
     for name, start, end, values in _local_pieces(zs, model):
         tensors[_key("param", name, start)] = values.detach().cpu().clone()
         entry = {"name": name, "start": start, "end": end, "group": None, "state": []}
-        found = run_of.get((name, start))
-        if found is not None:
-            run, seg = found
+        run = run_of.get((name, start))
+        if run is not None:
             entry["group"] = run.group
             for key, value in optimizer.inner.state.get(run.param, {}).items():
                 if not isinstance(value, torch.Tensor):
@@ -279,9 +276,8 @@ def _write_shard(st, tmp: Path, model: nn.Module, optimizer: ZeroOptimizer | Non
                 if value.dim() == 0:
                     tensors[_key(f"scalar.{key}", name, start)] = value.detach().cpu().clone()
                     entry["state"].append(key)
-                elif value.numel() == run.param.numel():
-                    piece = value.reshape(-1)[seg.shard_offset: seg.shard_offset + seg.numel]
-                    tensors[_key(f"state.{key}", name, start)] = piece.detach().cpu().clone()
+                elif value.numel() == run.param.numel():  # element-wise state of this piece
+                    tensors[_key(f"state.{key}", name, start)] = value.detach().reshape(-1).cpu().clone()
                     entry["state"].append(key)
         entries.append(entry)
     if zs.comm.rank == 0:
@@ -520,20 +516,19 @@ def _optimizer_state(source: _Source, manifest: dict[str, Any], optimizer: ZeroO
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for run in optimizer.runs:
-        first = run.segments[0]
-        keys = source.state_keys(first.name, first.start)
+        seg = run.segment
+        keys = source.state_keys(seg.name, seg.start)
         if not keys:
             continue  # never stepped when saved
         entry: dict[str, torch.Tensor] = {}
         for key in keys:
-            if source.has_scalar(key, first.name, first.start):
-                entry[key] = source.scalar(key, first.name, first.start)
+            if source.has_scalar(key, seg.name, seg.start):
+                entry[key] = source.scalar(key, seg.name, seg.start)
             else:
-                entry[key] = torch.cat([source.read(f"state.{key}", s.name, s.start, s.end) for s in run.segments])
+                entry[key] = source.read(f"state.{key}", seg.name, seg.start, seg.end)
         if run.param.dtype in (torch.bfloat16, torch.float16) and "master_param" not in entry:
             # an fp32 checkpoint resumed in low precision: its values are the master weights
-            entry["master_param"] = torch.cat([source.read("param", s.name, s.start, s.end, torch.float32)
-                                               for s in run.segments])
+            entry["master_param"] = source.read("param", seg.name, seg.start, seg.end, torch.float32)
         state[index[id(run.param)]] = entry
     param_groups = []
     for saved_group, group in zip(groups, optimizer.param_groups):

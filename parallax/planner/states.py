@@ -12,7 +12,8 @@ each event on top of the live activations:
   backward (at the end of backward when its inputs need no gradient); the root unit stays
   gathered from the start of forward to the end of backward;
 * gradients: a flat buffer's full-size gradient is allocated when the first of its gradients
-  is complete; stage 0 all-reduces it in place and keeps it until ``zero_grad``; stage 1 keeps
+  is complete and reduced when the last is (the order of reductions the ranks agree on is, in
+  steady state, the order in which gradients arrive); stage 0 all-reduces it in place and keeps it until ``zero_grad``; stage 1 keeps
   it for good (ZeRO-1 shards only the optimizer state) and reduce-scatters in place; stages 2-3
   reduce-scatter into a new shard (b Psi / N in all) and free the full buffer once
   ``MAX_IN_FLIGHT`` newer reductions are in flight (or at the end of backward);
@@ -294,8 +295,8 @@ class _Replay:
                 after = items[k + 1][0] if k + 1 < len(items) else live
                 self.gradient(arg, live, after)
             elif kind == END:
-                for buf in self.buffers:  # buffers with unused parameters are reduced now
-                    if buf.trainable and id(buf) not in self.launched and self.written.get(id(buf)):
+                for buf in self.buffers:  # every buffer is reduced once; those with unused parameters now
+                    if buf.trainable and id(buf) not in self.launched:
                         self.launch(buf, live)
                 while self.in_flight:
                     self.finish(self.in_flight[0])

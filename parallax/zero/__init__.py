@@ -8,7 +8,7 @@
 from parallax.zero.comm import CollectiveError
 from parallax.zero.module import STAGES, ZeroModule, default_units, shard
 from parallax.zero.optimizer import ZeroOptimizer
-from parallax.zero.state import full_state_dict, memory_report
+from parallax.zero.state import full_grads, full_state_dict, memory_report
 
-__all__ = ["CollectiveError", "STAGES", "ZeroModule", "ZeroOptimizer", "default_units", "full_state_dict",
-           "memory_report", "shard"]
+__all__ = ["CollectiveError", "STAGES", "ZeroModule", "ZeroOptimizer", "default_units", "full_grads",
+           "full_state_dict", "memory_report", "shard"]

@@ -56,8 +56,12 @@ class FlatBuffer:
         # reduced slice. Stages 0-1 keep the full one; stages 2-3 allocate it per backward.
         self.grad_full: torch.Tensor | None = None
         self.grad_shard: torch.Tensor | None = None
-        self.written = [False] * len(self.params)  # slot got a gradient since the last reduction
-        self.ready_this_pass = 0
+        n = len(self.params)
+        self.written = [False] * n  # slot holds a local gradient not reduced yet (this accumulation window)
+        self.arrived = [False] * n  # slot's gradient arrived in the backward pass running now
+        self.num_arrived = 0
+        self.sent = [False] * n  # slot held a local gradient in a reduction of the backward running now
+        self.has_grad = [False] * n  # some rank's gradient reached the slot since zero_grad (agreed by all)
         self.reduction: Pending | None = None
 
     # ---------------------------------------------------------------- parameters (stage 3)
@@ -92,14 +96,7 @@ class FlatBuffer:
         slot = self.layout.slots[i]
         return self.grad_full[slot.offset: slot.offset + slot.numel].view(slot.shape)
 
-    def ensure_grad_shard(self) -> torch.Tensor:
-        if self.grad_shard is None:
-            self.grad_shard = torch.zeros(self.layout.shard_numel, dtype=self.dtype, device=self.device)
-        return self.grad_shard
-
-    def full_grad_views(self) -> list[torch.Tensor | None]:
-        """Stage 0 only: per-parameter views of the reduced gradient (for ``p.grad``)."""
-        if self.grad_shard is None:
-            return [None] * len(self.params)
-        return [self.grad_shard[s.offset: s.offset + s.numel].view(s.shape) if t else None
-                for s, t in zip(self.layout.slots, self.trainable)]
+    @property
+    def complete(self) -> bool:
+        """Every trainable parameter's gradient arrived in this backward pass."""
+        return self.num_arrived == self.num_trainable

@@ -1,12 +1,24 @@
 """Gradient reduction during backward: bucketed, asynchronous, overlapped with the rest of backward.
 
 A post-accumulate-grad hook moves each parameter's gradient into its flat buffer (and drops
-``p.grad``). When every trainable parameter of a buffer has its gradient, the buffer's
+``p.grad``). Once every trainable parameter of a buffer has its gradient, the buffer's
 reduction is issued asynchronously (all-reduce in stage 0, reduce-scatter into this rank's
 slice in stages 1-3) while autograd goes on with earlier layers. A callback at the end of
-backward issues what is left (buffers with unused parameters), waits for everything, and
-averages over ranks. With gradient sync off (accumulation micro-steps) gradients only
-accumulate locally; the next synced backward reduces the sum.
+backward issues what is left, waits for everything, and averages over ranks. With gradient
+sync off (accumulation micro-steps) gradients only accumulate locally; the next synced
+backward reduces the sum.
+
+Parameters unused in a step (LayerDrop, mixture-of-experts routing, conditional heads) follow
+DDP with ``find_unused_parameters=True``: every rank reduces every buffer in every synced
+backward, a rank contributing zeros for parameters it did not use, so a parameter used on some
+ranks gets the average with zeros from the others; one that no rank used since ``zero_grad``
+has no gradient (``has_grad`` is False) and the optimizer skips it, as single-process torch
+skips a parameter whose ``.grad`` is None.
+
+Stage 3 interleaves these reductions with the gathers of backward, so a buffer must become
+complete at the same point on every rank: a stage-3 unit's parameters must be used alike by
+all ranks in a step (a whole unit may be skipped by all). Data-dependent use works in stages
+0-2, and in stage 3 for parameters of the root unit, which completes last (the embedding).
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd import Variable
 
-from parallax.zero.comm import Comm
+from parallax.zero.comm import Comm, Pending
 from parallax.zero.flat import FlatBuffer
 
 __all__ = ["GradientReducer"]
@@ -39,18 +51,31 @@ class GradientReducer:
         self._callback_queued = False
         self._fresh_shard = {b.index: True for b in buffers}  # next reduction overwrites grad_shard
         self._in_flight: list[FlatBuffer] = []
+        # Collectives are matched by the order ranks issue them, so every rank reduces the buffers
+        # in one agreed order (positions in self.buffers), even when its gradients arrive in
+        # another (a parameter it did not use never arrives). A buffer that completes out of
+        # order waits for those before it. First guess: stages 0-2 pack buckets in reverse
+        # registration order, roughly backward's; stage-3 units are in forward order, backward
+        # visits them in reverse and the root (position 0) completes last. From then on: rank 0's
+        # arrival order in the previous synced backward, so in steady state nothing waits.
+        positions = list(range(len(buffers)))
+        self.order = positions[::-1] if stage == 3 else positions
+        self._next = 0  # position in self.order of the next buffer to reduce in this backward
+        self._arrival: list[int] = []  # buffers in the order they completed in this backward
+        self._agreement: tuple[Pending | None, torch.Tensor] | None = None
         self._handles = []
-        for buffer in buffers:
+        for position, buffer in enumerate(buffers):
             for i, p in enumerate(buffer.params):
                 if buffer.trainable[i]:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(buffer, i)))
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(position, buffer, i)))
 
-    def _hook(self, buffer: FlatBuffer, i: int):
+    def _hook(self, position: int, buffer: FlatBuffer, i: int):
         def hook(p: torch.Tensor) -> None:
-            if not self._callback_queued:
+            if not self._callback_queued:  # the first gradient of a backward pass
+                self.settle()
                 Variable._execution_engine.queue_callback(self._end_of_backward)
                 self._callback_queued = True
-            if buffer.reduction is not None:  # a second backward over a buffer already in flight
+            if buffer.reduction is not None:  # a second gradient after the buffer's reduction was issued
                 self._finish(buffer)
             if not any(buffer.written) and buffer.grad_shard is not None and buffer.grad_shard._base is buffer.grad_full \
                     and buffer.grad_full is not None:
@@ -63,12 +88,22 @@ class GradientReducer:
             else:
                 view.copy_(p.grad)
                 buffer.written[i] = True
-                buffer.ready_this_pass += 1
             p.grad = None
-            if self.sync and buffer.ready_this_pass == buffer.num_trainable and buffer.reduction is None:
-                self._launch(buffer)
+            if not buffer.arrived[i]:
+                buffer.arrived[i] = True
+                buffer.num_arrived += 1
+                if buffer.complete:
+                    self._arrival.append(position)
+                    if self.sync:
+                        self._launch_in_order()
 
         return hook
+
+    def _launch_in_order(self) -> None:
+        """Reduce the complete buffers that are next in the agreed order."""
+        while self._next < len(self.order) and self.buffers[self.order[self._next]].complete:
+            self._launch(self.buffers[self.order[self._next]])
+            self._next += 1
 
     def _launch(self, buffer: FlatBuffer) -> None:
         # Parameters that got no gradient this window (unused in forward) contribute zeros;
@@ -76,6 +111,7 @@ class GradientReducer:
         for i in range(len(buffer.params)):
             if buffer.trainable[i] and not buffer.written[i]:
                 buffer.grad_view(i).zero_()
+        buffer.sent = [s or w for s, w in zip(buffer.sent, buffer.written)]
         if self.stage == 0:
             out = buffer.grad_full
             buffer.reduction = self.comm.all_reduce(out, f"all_reduce of the gradients of flat buffer {buffer.index}")
@@ -105,15 +141,59 @@ class GradientReducer:
     def _end_of_backward(self) -> None:
         self._callback_queued = False
         if self.sync:
-            for buffer in self.buffers:
+            # Every buffer, used here or not: another rank may have gradients for it.
+            for position in self.order[self._next:]:
+                self._launch(self.buffers[position])
+            for position in self.order:  # gradients that arrived after their buffer's reduction
+                buffer = self.buffers[position]
                 if buffer.reduction is None and any(buffer.written):
                     self._launch(buffer)
+            self._agree()
+        self._next = 0
+        self._arrival = []
         for buffer in self.buffers:
-            buffer.ready_this_pass = 0
+            buffer.arrived = [False] * len(buffer.params)
+            buffer.num_arrived = 0
             if buffer.reduction is not None:
                 self._finish(buffer)
         if self._on_backward_end is not None:
             self._on_backward_end()
+
+    def _agree(self) -> None:
+        """Issue one small all-reduce (after this backward's reductions, so at the same place in
+        every rank's sequence of collectives): which parameters some rank sent a gradient for,
+        and rank 0's arrival order, the reduction order of the next backward. ``settle`` reads it."""
+        sent = [int(s) for buffer in self.buffers for s in buffer.sent]
+        arrived = set(self._arrival)
+        order = self._arrival + [position for position in self.order if position not in arrived]
+        values = sent + (order if self.comm.rank == 0 else [0] * len(order))
+        agreed = torch.tensor(values, dtype=torch.int32, device=self.comm.device)
+        pending = None
+        if self.comm.world_size > 1:
+            pending = self.comm.all_reduce(agreed, "all_reduce of the parameters used and the reduction order")
+        self._agreement = (pending, agreed)
+        for buffer in self.buffers:
+            buffer.sent = [False] * len(buffer.params)
+
+    def settle(self) -> None:
+        """Apply the last backward's agreement (``has_grad``, ``order``), waiting for it if needed.
+
+        Read lazily, when the flags or the order are needed, so that a device backend does not
+        wait for the end of backward there.
+        """
+        if self._agreement is None:
+            return
+        pending, agreed = self._agreement
+        self._agreement = None
+        if pending is not None:
+            pending.wait()
+        values = agreed.tolist()
+        k = 0
+        for buffer in self.buffers:
+            for i in range(len(buffer.params)):
+                buffer.has_grad[i] = buffer.has_grad[i] or values[k] > 0
+                k += 1
+        self.order = values[k:]
 
     def _finish(self, buffer: FlatBuffer) -> None:
         """Wait for the buffer's reduction; its gradient window starts afresh."""
@@ -126,14 +206,17 @@ class GradientReducer:
             # gradient between backwards. Stage 1 keeps it (ZeRO-1 shards optimizer state only).
             buffer.grad_full = None
 
-    def zero_grad(self) -> None:
-        """Forget reduced and pending local gradients (the next reduction overwrites)."""
+    def zero_grad(self, keep_has_grad: bool = False) -> None:
+        """Forget reduced and pending local gradients (the next reduction overwrites); with
+        ``keep_has_grad`` the parameters that had a gradient keep one (zeros until reduced)."""
+        self.settle()
         for buffer in self.buffers:
             if self.stage != 1:
                 buffer.grad_full = None  # stage 1 keeps its full gradient buffer (ZeRO-1)
             buffer.grad_shard = None
             buffer.written = [False] * len(buffer.params)
-            buffer.ready_this_pass = 0
+            if not keep_has_grad:
+                buffer.has_grad = [False] * len(buffer.params)
             self._fresh_shard[buffer.index] = True
 
     def remove(self) -> None:

@@ -1,11 +1,11 @@
 """``ZeroOptimizer``: any element-wise ``torch.optim.Optimizer`` run on this rank's shards only.
 
-Each flat buffer's shard is cut at parameter-group boundaries into *runs*; every run is one
-tensor (a view of the shard, with a view of the reduced gradient shard as ``.grad``) handed to
-the wrapped optimizer, so optimizer state exists only for this rank's elements. Element-wise
-optimizers (AdamW, Adam, SGD, ...) then give exactly the unsharded result. After the step,
-stages 1-2 all-gather the updated shards into every rank's full parameters; stage 3 keeps
-only the shards (the next forward gathers them).
+Each flat buffer's shard is cut into *runs*, one per parameter piece; every run is one tensor
+(a view of the shard, with a view of the reduced gradient shard as ``.grad``, or None for a
+parameter no rank used) handed to the wrapped optimizer, so optimizer state exists only for
+this rank's elements. Element-wise optimizers (AdamW, Adam, SGD, ...) then give exactly the
+unsharded result. After the step, stages 1-2 all-gather the updated shards into every rank's
+full parameters; stage 3 keeps only the shards (the next forward gathers them).
 """
 
 from __future__ import annotations
@@ -34,43 +34,45 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 @dataclass(eq=False)
 class Run:
-    """Contiguous elements ``[lo, hi)`` of a buffer's shard that belong to one param group."""
+    """One parameter's elements in this rank's shard: ``buffer.shard[lo:hi]``, in param group ``group``.
+
+    One run per parameter piece, so that the wrapped optimizer sees a parameter that no rank used
+    since ``zero_grad`` as one whose ``.grad`` is None and skips it exactly as torch does (no
+    momentum, moment, step-count or weight-decay update), whatever the optimizer. Runs covering
+    several parameters would share one state entry, and Adam's step count, between them.
+    """
 
     buffer: FlatBuffer
     group: int
-    lo: int
-    hi: int
-    segments: list[Segment]  # the parameter pieces it covers; shard_offset is relative to the run
+    slot: int  # the parameter's index in buffer.params
+    segment: Segment  # its piece; shard_offset is relative to this rank's shard
     param: nn.Parameter  # view of buffer.shard[lo:hi], what the wrapped optimizer updates
 
+    @property
+    def lo(self) -> int:
+        return self.segment.shard_offset
+
+    @property
+    def hi(self) -> int:
+        return self.segment.shard_offset + self.segment.numel
+
     def grad(self) -> torch.Tensor | None:
+        """The reduced gradient of this piece; None when no rank used the parameter (call
+        ``reducer.settle()`` first)."""
         g = self.buffer.grad_shard
-        return None if g is None else g[self.lo: self.hi]
+        return None if g is None or not self.buffer.has_grad[self.slot] else g[self.lo: self.hi]
 
 
 def _runs(buffers: list[FlatBuffer], group_of: dict[str, int]) -> list[Run]:
     runs: list[Run] = []
     for buffer in buffers:
-        trainable = {s.name for s, t in zip(buffer.layout.slots, buffer.trainable) if t}
-        current: list[Segment] = []
+        slot_of = {s.name: i for i, s in enumerate(buffer.layout.slots)}
         for seg in buffer.layout.segments(buffer.rank):
-            if seg.name not in trainable or seg.name not in group_of:
-                continue
-            if current and (group_of[current[0].name] != group_of[seg.name]
-                            or current[-1].shard_offset + current[-1].numel != seg.shard_offset):
-                runs.append(_make_run(buffer, group_of, current))
-                current = []
-            current.append(seg)
-        if current:
-            runs.append(_make_run(buffer, group_of, current))
+            i = slot_of[seg.name]
+            if buffer.trainable[i] and seg.name in group_of:
+                view = buffer.shard[seg.shard_offset: seg.shard_offset + seg.numel]
+                runs.append(Run(buffer, group_of[seg.name], i, seg, nn.Parameter(view)))
     return runs
-
-
-def _make_run(buffer: FlatBuffer, group_of: dict[str, int], segments: list[Segment]) -> Run:
-    lo = segments[0].shard_offset
-    hi = segments[-1].shard_offset + segments[-1].numel
-    rel = [Segment(s.name, s.start, s.end, s.shard_offset - lo) for s in segments]
-    return Run(buffer, group_of[segments[0].name], lo, hi, rel, nn.Parameter(buffer.shard[lo:hi]))
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -79,7 +81,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ``param_groups`` lists groups of the *model's* parameters with their options (as for any
     torch optimizer); default: one group of every trainable parameter. ``defaults`` are the
     wrapped optimizer's keyword arguments. Works with ``torch.optim.lr_scheduler``. Gradients
-    live in the shards, not in ``p.grad``: clip with ``clip_grad_norm_`` here.
+    live in the shards, not in ``p.grad``: clip with ``clip_grad_norm_`` here, read them with
+    ``px.zero.full_grads``. A parameter that no rank used since ``zero_grad`` has no gradient
+    and is not stepped (as in torch, and DDP with ``find_unused_parameters=True``).
 
     ``offload="cpu"`` keeps the fp32 master shard and the moments in pinned host memory and
     steps them with the C++ CPU AdamW (``parallax.offload.HostAdamW``; stages 1-3, AdamW only).
@@ -153,6 +157,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._unscaled = False
             if skip:
                 return None
+        self.zero.reducer.settle()
         for run in self.runs:
             run.param.grad = run.grad()
         loss = self.inner.step(closure)
@@ -169,7 +174,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         (self.loss_scaler.scale(loss) if self.loss_scaler is not None else loss).backward()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.zero.reducer.zero_grad()
+        """Drop the gradients. ``set_to_none=False`` keeps a zero gradient for each parameter that
+        had one (torch's rule): such a parameter is stepped even if no rank uses it next time."""
+        self.zero.reducer.zero_grad(keep_has_grad=not set_to_none)
         for run in self.runs:
             run.param.grad = None
 

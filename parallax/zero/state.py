@@ -9,7 +9,7 @@ from torch import nn
 
 from parallax.zero.module import zero_state
 
-__all__ = ["full_state_dict", "memory_report"]
+__all__ = ["full_grads", "full_state_dict", "memory_report"]
 
 
 @torch.no_grad()
@@ -33,6 +33,33 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict(keep_vars=True).items():
         out[name] = values[id(t)] if id(t) in values else t.detach().cpu().clone()
     return out
+
+
+@torch.no_grad()
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Every trainable parameter's reduced gradient (the average over ranks, what the optimizer
+    steps with) as a full CPU tensor of the parameter's shape, on every rank; None for a
+    parameter without one: no rank used it since ``zero_grad``, or no synced backward ran yet.
+
+    Every rank must call it (stages 1-3 all-gather the gradient shards, one buffer at a time).
+    With a loss scaler the gradients are still scaled until ``clip_grad_norm_`` or ``step``
+    unscales them. Tied parameters appear once, under their first name.
+    """
+    zs = zero_state(model)
+    zs.reducer.settle()
+    values: dict[int, torch.Tensor] = {}
+    for buffer in zs.reducer.buffers:
+        shard = buffer.grad_shard
+        if shard is None:  # no reduction since zero_grad: the same on every rank
+            continue
+        full = shard
+        if zs.stage > 0:
+            full = torch.empty(buffer.layout.padded_numel, dtype=shard.dtype, device=shard.device)
+            zs.comm.all_gather(full, shard, what=f"all_gather of the gradients of flat buffer {buffer.index}").wait()
+        for i, (slot, p) in enumerate(zip(buffer.layout.slots, buffer.params)):
+            if buffer.trainable[i] and buffer.has_grad[i]:
+                values[id(p)] = full[slot.offset: slot.offset + slot.numel].view(slot.shape).cpu().clone()
+    return {name: values.get(id(p)) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:

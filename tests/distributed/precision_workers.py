@@ -120,9 +120,8 @@ def bf16_to_fp32_resume(rank: int, world: int, directory: str) -> float:
     px.checkpoint.save(directory, model, opt, step=3)
     masters = {}
     for run in opt.runs:
-        master = opt.inner.state[run.param]["master_param"]
-        for seg in run.segments:
-            masters[(seg.name, seg.start, seg.end)] = master[seg.shard_offset: seg.shard_offset + seg.numel].clone()
+        seg = run.segment
+        masters[(seg.name, seg.start, seg.end)] = opt.inner.state[run.param]["master_param"].clone()
     fresh = zw.TinyNet()
     fresh, fresh_opt = px.initialize(fresh, px.RuntimeConfig(zero_stage=2, bucket_mb=0.0005),
                                      param_groups=zw._groups(fresh), lr=1e-2)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import parallax as px
+from tests.distributed import gradient_workers as gw
 from tests.distributed import zero_workers as zw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -36,3 +37,26 @@ def test_stage_matches_adamw_on_one_gpu(nccl_group, stage, tmp_path):
         assert (full[name] - value.cpu()).abs().max() <= 1e-5, name
     px.checkpoint.save(tmp_path / "c", model, opt, step=10)
     px.checkpoint.load(tmp_path / "c", model, opt)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_block_dropped_on_odd_steps_is_not_stepped_on_one_gpu(nccl_group, stage):
+    """LayerDrop with parallax's CUDA AdamW: the dropped block (no gradient) keeps its moments,
+    step count and weights, as in torch.optim.AdamW."""
+    gates = gw.SCHEDULES["layerdrop"].gates
+    torch.manual_seed(0)
+    ref = gw.GatedNet().cuda()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    model, opt = px.initialize(gw.GatedNet().cuda(), px.RuntimeConfig(zero_stage=stage), lr=1e-2, weight_decay=0.1)
+    for step in range(6):
+        idx, tgt = (t.cuda() for t in gw._batch(step, 0))
+        ref(idx, tgt, gates(step, 0, 0)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        opt.backward(model(idx, tgt, gates(step, 0, 0)))
+        opt.step()
+        opt.zero_grad()
+    full = px.zero.full_state_dict(model)
+    for name, value in ref.state_dict().items():
+        assert (full[name] - value.cpu()).abs().max() <= 1e-5, name
