@@ -45,6 +45,19 @@ class LossScaleError(RuntimeError):
         self.skips = skips
 
 
+def _check_settings(scale_name: str, scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any,
+                    hysteresis: Any, min_scale: Any, max_consecutive_skips: Any) -> None:
+    """The constructor's and ``load_state_dict``'s checks: ValueError naming the first bad field."""
+    positive_number(scale_name, scale)
+    positive_number("growth_factor", growth_factor, above_one=True)
+    positive_number("backoff_factor", backoff_factor, below_one=True)
+    positive_int("growth_interval", growth_interval)
+    positive_int("hysteresis", hysteresis)
+    positive_number("min_scale", min_scale)
+    if max_consecutive_skips is not None:
+        positive_int("max_consecutive_skips", max_consecutive_skips)
+
+
 class LossScaler:
     """Dynamic loss scaling, ``torch.amp.GradScaler``-compatible.
 
@@ -74,16 +87,10 @@ class LossScaler:
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
                  growth_interval: int = 1000, hysteresis: int = 2, min_scale: float = 1.0,
                  max_consecutive_skips: int | None = 10, *, model: nn.Module | None = None) -> None:
-        positive_number("init_scale", init_scale)
-        positive_number("growth_factor", growth_factor, above_one=True)
-        positive_number("backoff_factor", backoff_factor, below_one=True)
-        positive_int("growth_interval", growth_interval)
-        positive_int("hysteresis", hysteresis)
-        positive_number("min_scale", min_scale)
+        _check_settings("init_scale", init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
+                        min_scale, max_consecutive_skips)
         if min_scale > init_scale:
             raise ValueError(f"min_scale must be <= init_scale ({init_scale!r}), got {min_scale!r}")
-        if max_consecutive_skips is not None:
-            positive_int("max_consecutive_skips", max_consecutive_skips)
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = growth_interval
@@ -196,14 +203,8 @@ class LossScaler:
         hysteresis = get("hysteresis", self.hysteresis)
         min_scale = get("min_scale", self.min_scale)
         max_skips = get("max_consecutive_skips", self.max_consecutive_skips)
-        positive_number("scale", scale)
-        positive_number("growth_factor", growth_factor, above_one=True)
-        positive_number("backoff_factor", backoff_factor, below_one=True)
-        positive_int("growth_interval", growth_interval)
-        positive_int("hysteresis", hysteresis)
-        positive_number("min_scale", min_scale)
-        if max_skips is not None:
-            positive_int("max_consecutive_skips", max_skips)
+        _check_settings("scale", scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale,
+                        max_skips)
         if scale < min_scale:
             raise ValueError(f"the state dict's scale {scale!r} is below min_scale {min_scale!r}")
         self._scale, self.min_scale, self.max_consecutive_skips = scale, float(min_scale), max_skips
