@@ -1,71 +1,112 @@
-"""Causal self-attention backends: one function per backend, all with the same signature.
+"""Causal self-attention: the backends, the ``Attention`` layer every model family uses, and the
+per-step context through which an inference engine takes over that layer.
 
-Each backend maps q (B, nh, T, hs), k and v (B, nkv, T, hs) to y (B, nh, T, hs), where nh is a
-multiple of nkv and query head h reads KV head h // (nh // nkv) (grouped-query attention).
-Adding a backend is one entry in ``ATTENTION_BACKENDS``; ``GPTConfig`` validates against it.
+Each backend maps q (B, T, H, D), k and v (B, T, Hkv, D) to y (B, T, H, D) (FlashAttention's
+layout), where H is a multiple of Hkv and query head h reads KV head h // (H // Hkv)
+(grouped-query attention). ``sliding_window=W`` lets a query at position p see only keys at
+positions k with p - k < W (Hugging Face Mistral's convention); None sees the whole prefix.
+Adding a backend is one entry in ``ATTENTION_BACKENDS``; the configs validate against it.
 "auto" (the default) is resolved on every call: "flash" for CUDA tensors (when parallax's Triton
-kernel runs there and no attention dropout is asked for), "sdpa" otherwise; the Triton
-interpreter that runs the kernel on CPU is for tests, not for CPU training.
+kernel runs there, no attention dropout is asked for and no window cuts the sequence), "sdpa"
+otherwise; the Triton interpreter that runs the kernel on CPU is for tests, not for CPU training.
+
+One forward for training and serving (vLLM's shape): a model computes q, k, v and calls its
+``Attention`` layer. Outside an engine the layer runs the configured backend over the batch.
+Inside ``forward_context(ctx)`` the layer hands q, k, v to ``ctx.attend(layer, q, k, v)``
+instead: the engine's context writes the new keys and values into its paged cache and attends
+over each sequence's cached context (``parallax.inference.attention_metadata``). The model code
+is the same in both cases.
 """
 
+from __future__ import annotations
+
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Explicit softmax(q k^T / sqrt(hs)) v with a causal mask; the readable reference.
+def causal_mask(T: int, device: torch.device, sliding_window: int | None = None) -> torch.Tensor:
+    """(T, T) bool, True where query i may see key j: j <= i, and i - j < sliding_window if set."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    mask = j <= i
+    if sliding_window is not None:
+        mask &= i - j < sliding_window
+    return mask
 
-    q (B, nh, T, hs), k/v (B, nkv, T, hs) -> (B, nh, T, hs).
+
+def _window_cuts(T: int, sliding_window: int | None) -> bool:
+    """Whether a window hides anything from a causal sequence of T tokens."""
+    return sliding_window is not None and sliding_window < T
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                   sliding_window: int | None = None) -> torch.Tensor:
+    """Explicit softmax(q k^T / sqrt(D)) v with a causal (and window) mask; the readable reference.
+
+    q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
     """
-    T, hs = q.size(-2), q.size(-1)
+    T, D = q.size(1), q.size(-1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     group = q.size(1) // k.size(1)
     if group > 1:
         # Each KV head serves `group` consecutive query heads.
-        k = k.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
-        v = v.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~causal, float("-inf"))
+        k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
+        v = v.repeat_interleave(group, dim=1)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, T)
+    att = att.masked_fill(~causal_mask(T, q.device, sliding_window), float("-inf"))
     att = F.softmax(att, dim=-1)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
-    return att @ v  # (B, nh, T, hs)
+    return (att @ v).transpose(1, 2)  # (B, T, H, D)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                   sliding_window: int | None = None) -> torch.Tensor:
     """PyTorch's fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
 
-    q (B, nh, T, hs), k/v (B, nkv, T, hs) -> (B, nh, T, hs).
+    q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D). A window that cuts the sequence becomes
+    an explicit mask (SDPA's causal flag has no window).
     """
-    return F.scaled_dot_product_attention(
-        q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=q.size(1) != k.size(1)
-    )
+    T = q.size(1)
+    mask = causal_mask(T, q.device, sliding_window) if _window_cuts(T, sliding_window) else None
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       dropout_p=dropout_p, is_causal=mask is None,
+                                       enable_gqa=q.size(2) != k.size(2))  # (B, H, T, D)
+    return y.transpose(1, 2)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """parallax's Triton FlashAttention kernel (``parallax.ops.flash_attention``); no attention dropout.
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """parallax's Triton FlashAttention kernel (``parallax.ops.flash_attention``); no attention
+    dropout and no sliding window shorter than the sequence.
 
-    q (B, nh, T, hs), k/v (B, nkv, T, hs) -> (B, nh, T, hs). hs must be a multiple of 8 up to 256.
+    q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D). D must be a multiple of 8 up to 256.
     """
     if dropout_p > 0.0:
         raise ValueError(f"the 'flash' attention backend has no attention dropout (dropout_p={dropout_p}); "
                          "use attention='sdpa' or 'math', or dropout=0.0")
+    if _window_cuts(q.size(1), sliding_window):
+        raise ValueError(f"the 'flash' attention backend has no sliding window (sliding_window={sliding_window} "
+                         f"< sequence length {q.size(1)}); use attention='sdpa' or 'math'")
     from parallax.ops.flash_attention import flash_attention as flash
 
-    # the kernel takes (B, T, nh, hs): these transposes are views, read through their strides
-    y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (B, T, nh, hs)
-    return y.transpose(1, 2)  # (B, nh, T, hs)
+    return flash(q, k, v, causal=True)
 
 
-def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """"flash" for CUDA tensors when the Triton kernel runs there, takes this head size and no
-    attention dropout is asked for; "sdpa" otherwise. Same shapes as the other backends."""
-    if q.is_cuda and dropout_p == 0.0 and _flash_runs(q):
+def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                   sliding_window: int | None = None) -> torch.Tensor:
+    """"flash" for CUDA tensors when the Triton kernel runs there, takes this head size, no
+    attention dropout is asked for and no window cuts the sequence; "sdpa" otherwise."""
+    if q.is_cuda and dropout_p == 0.0 and not _window_cuts(q.size(1), sliding_window) and _flash_runs(q):
         return flash_attention(q, k, v)
-    return sdpa_attention(q, k, v, dropout_p)
+    return sdpa_attention(q, k, v, dropout_p, sliding_window)
 
 
 def _flash_runs(q: torch.Tensor) -> bool:
@@ -74,7 +115,7 @@ def _flash_runs(q: torch.Tensor) -> bool:
     return q.size(-1) in SUPPORTED_HEAD_DIMS and backend(q.device) == "triton"
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "int | None"], torch.Tensor]
 
 ATTENTION_BACKENDS: dict[str, AttentionFn] = {
     "math": math_attention,
@@ -82,3 +123,61 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {
     "flash": flash_attention,
     "auto": auto_attention,
 }
+
+
+class AttentionContext(Protocol):
+    """What an engine provides for one step: ``attend`` replaces the layer's backend."""
+
+    def attend(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, T, H, D), k/v (B, T, Hkv, D) of this step's new tokens -> (B, T, H, D)."""
+        ...
+
+
+_local = threading.local()
+
+
+@contextmanager
+def forward_context(ctx: AttentionContext) -> Iterator[None]:
+    """Within this block (on this thread) every ``Attention`` layer calls ``ctx.attend``."""
+    previous = getattr(_local, "ctx", None)
+    _local.ctx = ctx
+    try:
+        yield
+    finally:
+        _local.ctx = previous
+
+
+def get_forward_context() -> AttentionContext | None:
+    """The context set by ``forward_context`` on this thread, or None (training, plain forward)."""
+    return getattr(_local, "ctx", None)
+
+
+class Attention(nn.Module):
+    """Causal attention over projected q, k, v; no parameters.
+
+    Every model family calls this layer, so ZeRO, checkpointing and the inference engine see one
+    attention contract. ``n_head``, ``n_kv_head``, ``head_dim`` and ``sliding_window`` describe
+    the layer to an engine (cache shapes, masks).
+    """
+
+    def __init__(self, backend: str, n_head: int, n_kv_head: int, head_dim: int, dropout: float = 0.0,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}; got {backend!r}")
+        self.backend = backend
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.dropout = dropout
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
+        ctx = get_forward_context()
+        if ctx is not None:
+            return ctx.attend(self, q, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        return ATTENTION_BACKENDS[self.backend](q, k, v, dropout_p, self.sliding_window)
+
+    def extra_repr(self) -> str:
+        window = f", sliding_window={self.sliding_window}" if self.sliding_window is not None else ""
+        return f"{self.backend}, heads={self.n_head}, kv_heads={self.n_kv_head}, head_dim={self.head_dim}{window}"

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ATTENTION_BACKENDS
+from .attention import Attention
 from .config import GPTConfig
+from .loss import check_token_ids, lm_loss
 from .hf import read_hf
 from .weights import read_safetensors, write_safetensors
 
@@ -37,20 +38,18 @@ class CausalSelfAttention(nn.Module):
         # q, k, v projections in one matmul; k and v are narrower under grouped-query attention.
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.attend = ATTENTION_BACKENDS[config.attention]
+        self.attend = Attention(config.attention, self.n_head, self.n_kv_head, self.head_dim, config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C)."""
         B, T, C = x.size()
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        y = self.attend(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
+        y = self.attend(q, k, v).reshape(B, T, C)  # (B, T, nh, hs): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -134,27 +133,27 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T), or with targets (B, T) the mean cross-entropy.
 
-        Target positions equal to -1 are ignored in the loss.
+        Target positions equal to -1 or -100 (Hugging Face's ignore index) are ignored in the loss.
         """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (B, T); got {tuple(idx.shape)}")
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} is longer than block_size={self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        h = self.hidden_states(idx)
+        return self.logits(h) if targets is None else lm_loss(h, self.lm_head.weight, targets)
+
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C) for token ids idx (B, T) at positions (B, T)
+        (default 0 .. T-1 in every row; an engine passes each token's position in its sequence)."""
+        check_token_ids(idx, self.config.block_size, positions)
+        if positions is None:
+            positions = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        pos_emb = self.transformer.wpe(positions)  # (B or 1, T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-        if targets is None:
-            return logits
-        # Softmax and loss in at least fp32: a 16-bit loss loses precision, and under fp16 loss
-        # scaling its gradient (the scale, 2**16 by default) would overflow before reaching the logits.
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(wide.view(-1, wide.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return self.transformer.ln_f(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (..., V) logits, in the model's dtype."""
+        return self.lm_head(h)
 
     @torch.no_grad()
     def generate(

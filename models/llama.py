@@ -1,0 +1,129 @@
+"""The Llama-style decoder: Llama 2/3, Mistral, Qwen2/2.5, Qwen3 (and SmolLM), with Hugging
+Face's parameter names, so imported weights, PEFT adapters and exported directories need no
+renaming. No parallelism here.
+
+Shapes: B batch, T sequence length, C = n_embd, H query heads, Hkv key/value heads, D head_dim,
+V vocabulary size.
+"""
+
+import torch
+import torch.nn as nn
+
+from .attention import Attention
+from .layers import RMSNorm, SwiGLU, rotary_embedding
+from .llama_config import LlamaConfig
+from .loss import check_token_ids, lm_loss
+from .rope import inv_frequencies, rope_tables
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with rotary positions, optional q/k/v biases (Qwen2) and
+    per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        H, Hkv, D, C = config.n_head, config.kv_heads, config.head_dim, config.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
+        self.q_proj = nn.Linear(C, H * D, bias=config.attention_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=config.attention_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps)
+        self.attend = Attention(config.attention, H, Hkv, D, config.dropout, config.sliding_window)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C), cos/sin (B or 1, T, D // 2) -> (B, T, C)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary_embedding(q, k, cos, sin)
+        y = self.attend(q, k, v)  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-RMSNorm block; the unit that ZeRO-3 and activation checkpointing wrap."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C), cos/sin (B or 1, T, D // 2) -> (B, T, C)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, the decoder layers and the final norm (Hugging Face's ``model.`` prefix)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """A Llama-style causal language model: ``model(idx)`` -> logits (B, T, V),
+    ``model(idx, targets)`` -> mean cross-entropy (negative targets ignored)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Inverse rotary frequencies per device, outside the state dict and outside model.to(dtype):
+        # a bf16 table would rotate long positions by visibly wrong angles.
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self) -> int:
+        """Number of parameters, counting a tied embedding / LM head matrix once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T), or with targets (B, T) the mean cross-entropy."""
+        h = self.hidden_states(idx)
+        return self.logits(h) if targets is None else lm_loss(h, self.lm_head.weight, targets)
+
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C) for token ids idx (B, T) at positions (B or 1, T)
+        (default 0 .. T-1; an engine passes each token's position in its sequence)."""
+        check_token_ids(idx, self.config.block_size, positions)
+        if positions is None:
+            positions = torch.arange(idx.size(1), device=idx.device)[None]  # (1, T)
+        cos, sin = rope_tables(self._frequencies(idx.device), positions)  # (B or 1, T, D // 2) each
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (..., V) logits, in the model's dtype."""
+        return self.lm_head(h)
+
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            cfg = self.config
+            self._inv_freq[device] = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        return self._inv_freq[device]

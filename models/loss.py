@@ -1,0 +1,29 @@
+"""What every model family shares around its layers: input checks and the language-model loss."""
+
+import torch
+import torch.nn.functional as F
+
+
+def check_token_ids(idx: torch.Tensor, max_positions: int, positions: torch.Tensor | None = None) -> None:
+    """Raise ValueError unless idx is (B, T) with T <= max_positions and positions, if given,
+    broadcasts to idx's shape."""
+    if idx.dim() != 2:
+        raise ValueError(f"idx must have shape (B, T); got {tuple(idx.shape)}")
+    if positions is None:
+        if idx.size(1) > max_positions:
+            raise ValueError(f"sequence length {idx.size(1)} is longer than block_size={max_positions}")
+    elif positions.dim() != 2 or positions.size(1) != idx.size(1) or positions.size(0) not in (1, idx.size(0)):
+        raise ValueError(f"positions must have shape (B, T) or (1, T) for idx {tuple(idx.shape)}; "
+                         f"got {tuple(positions.shape)}")
+
+
+def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of hidden states h (B, T, C) under lm_head_weight (V, C).
+
+    Negative targets (-1, or Hugging Face's -100) are left out of the loss. The softmax and the
+    loss are computed in fp32: a 16-bit loss loses precision, and under fp16 loss scaling its
+    gradient (the scale, 2**16 by default) would overflow before reaching the logits.
+    """
+    targets = targets.reshape(-1).masked_fill(targets.reshape(-1) < 0, -100)
+    logits = F.linear(h.reshape(-1, h.size(-1)), lm_head_weight).float()  # (B * T, V)
+    return F.cross_entropy(logits, targets, ignore_index=-100)
