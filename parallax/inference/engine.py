@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn as nn
 
 from parallax.inference.block_manager import BlockManager, KVCacheStats
-from parallax.inference.model_runner import ATTENTION_IMPLS, ModelRunner, SeqInput
+from parallax.inference.model_runner import ATTENTION_IMPLS, ModelRunner, SeqInput, attention_layers
 from parallax.inference.sampling import SamplingParams, sample, sample_generator
 from parallax.inference.scheduler import Scheduler
 from parallax.inference.sequence import (
@@ -32,7 +33,6 @@ from parallax.inference.sequence import (
     RequestOutput,
     Sequence,
 )
-from parallax.models import GPT
 from parallax.validate import is_int, positive_int
 
 __all__ = ["EngineConfig", "LLMEngine", "LLM", "Tokenizer", "Prompt"]
@@ -95,9 +95,9 @@ class EngineConfig:
 class LLMEngine:
     """Requests in, one batch per ``step``, results out. Holds the model, KV pool and scheduler."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None) -> None:
-        if not isinstance(model, GPT):
-            raise ValueError(f"model must be a parallax.models.GPT; got {type(model).__name__}")
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None,
+                 config: EngineConfig | None = None) -> None:
+        attention_layers(model)  # raises ValueError for a model the runner cannot serve
         config = config or EngineConfig()
         self.config = config
         self.model = model.eval()  # the runner calls its modules directly: no dropout
@@ -303,13 +303,14 @@ class LLMEngine:
 class LLM:
     """Offline generation with the paged-KV engine.
 
-    model: a ``parallax.models.GPT`` (its device and dtype are used; it is put in eval mode).
+    model: a parallax model of any family (``parallax.models.from_preset`` / ``from_hf``); its
+        device and dtype are used; it is put in eval mode.
     tokenizer: encodes string prompts and decodes outputs (``encode``/``decode``; its ``eot_id``
     or ``eos_token_id`` ends a sample); None takes token-id prompts only. The rest configure the
     KV pool and the scheduler (``EngineConfig``).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, block_size: int = 16,
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  **config: Any) -> None:
         self.engine = LLMEngine(model, tokenizer, EngineConfig(
@@ -384,7 +385,7 @@ def _eos_id(tokenizer: Tokenizer | None) -> int | None:
     return None
 
 
-def _memory_budget(model: GPT, config: EngineConfig) -> int:
+def _memory_budget(model: nn.Module, config: EngineConfig) -> int:
     if config.kv_cache_memory is not None:
         return config.kv_cache_memory
     device = next(model.parameters()).device
@@ -394,7 +395,7 @@ def _memory_budget(model: GPT, config: EngineConfig) -> int:
     return int(_available_host_memory() * CPU_KV_FRACTION)
 
 
-def _blocks_from_memory(model: GPT, config: EngineConfig, per_seq: int) -> int:
+def _blocks_from_memory(model: nn.Module, config: EngineConfig, per_seq: int) -> int:
     """Blocks that the memory budget holds, capped at what max_num_seqs full sequences can use."""
     fits = _memory_budget(model, config) // ModelRunner.bytes_per_block(model, config.block_size)
     return min(fits, config.max_num_seqs * per_seq)

@@ -1,0 +1,222 @@
+"""Per-step attention metadata and the paged attention that the model's own ``Attention`` layers
+run while the engine's forward context is active (vLLM's shape: the model is unchanged, its
+attention layer reads this step's metadata).
+
+A step computes T new tokens of S sequences side by side (no padding): sequences computing one
+token (decodes) first, then those computing several (prefills: prompts, prompt chunks,
+recomputation after preemption). In every attention layer the new tokens' K/V are written into
+the paged cache (``reshape_and_cache``), then each token attends over its sequence's context:
+
+* ``"paged"`` (CUDA): decodes with ``parallax.ops.paged_attention``; prefills (and decodes when a
+  sliding window cuts the context) with ``parallax.ops.paged_attention_varlen``, which reads K/V
+  from the cache blocks through the block tables: the context is never copied out.
+* ``"torch"`` (CPU): decodes attend over their gathered blocks with SDPA (sequences sorted by
+  context length and grouped, so little padding is read); a prefill with nothing cached before
+  it attends over its own fresh K/V (no cache read), one with a cached prefix over its own
+  blocks (``paged_attention_varlen``'s reference).
+
+Shapes: T tokens this step, H query heads, Hkv KV heads, D head size, N blocks of B slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from parallax import ops
+from parallax.models.attention import Attention, causal_mask
+
+__all__ = ["SeqInput", "StepMetadata", "PagedAttentionContext", "build_metadata"]
+
+# Decode sequences attended together by the "torch" path (sorted by context length, so a group's
+# padding is small).
+DECODE_GROUP = 16
+
+
+@dataclass
+class SeqInput:
+    """One sequence's part of a step: compute ``token_ids`` at positions ``start, start + 1, ...``
+    with the blocks of ``block_table``; ``sample`` asks for the logits after the last one."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool
+
+
+@dataclass
+class StepMetadata:
+    """The tensors of one step (decodes first, then prefills)."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each token
+    logits_rows: torch.Tensor  # (S_sample,) int64: the rows whose logits are returned, in input order
+    num_decode: int
+    max_context: int  # longest context of any sequence this step
+    # "paged": per sequence, decodes then prefills
+    block_tables: torch.Tensor | None  # (S, max_blocks) int32
+    context_lens: torch.Tensor | None  # (S,) int32, new tokens included
+    cu_seqlens_q: torch.Tensor | None  # (S + 1,) int32, offsets of each sequence's new tokens
+    max_query: int
+    # "torch" decode: groups of (first row, last row + 1, block ids (G * W,) int64, context lengths (G,) int64)
+    # where W is the group's widest block table
+    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    # "torch" prefill: (first row, last row + 1, start position, block ids (W,) int64) per sequence
+    prefill_spans: list[tuple[int, int, int, torch.Tensor]]
+
+
+def build_metadata(seqs: list[SeqInput], block_size: int, implementation: str,
+                   device: torch.device) -> StepMetadata:
+    """The step's tensors for ``implementation`` ("paged" or "torch"), on ``device``."""
+
+    def tensor(data, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(data)).to(device=device, dtype=dtype)
+
+    decode = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1]
+    prefill = [i for i, s in enumerate(seqs) if len(s.token_ids) > 1]
+    if implementation == "torch":
+        decode.sort(key=lambda i: seqs[i].start)  # similar context lengths side by side
+    order = decode + prefill
+    ids: list[int] = []
+    row_of = {}
+    for i in order:
+        ids.extend(seqs[i].token_ids)
+        row_of[i] = len(ids) - 1
+    ends = [seqs[i].start + len(seqs[i].token_ids) for i in order]
+    positions = np.concatenate([np.arange(seqs[i].start, end) for i, end in zip(order, ends)])
+    slots = np.concatenate([_slots(seqs[i].block_table, seqs[i].start, end, block_size)
+                            for i, end in zip(order, ends)])
+    logits_rows = [row_of[i] for i, s in enumerate(seqs) if s.sample]
+
+    block_tables = context_lens = cu_q = None
+    groups, spans = [], []
+    if implementation == "paged":
+        block_tables = tensor(_pad_tables([seqs[i].block_table for i in order]), torch.int32)
+        context_lens = tensor(ends, torch.int32)
+        cu_q = tensor(np.cumsum([0] + [len(seqs[i].token_ids) for i in order]), torch.int32)
+    else:
+        for lo in range(0, len(decode), DECODE_GROUP):
+            members = [seqs[i] for i in decode[lo:lo + DECODE_GROUP]]
+            tables = _pad_tables([s.block_table for s in members])  # (G, W)
+            groups.append((lo, lo + len(members), tensor(tables.reshape(-1)), tensor([s.start + 1 for s in members])))
+        row = len(decode)
+        for i in prefill:
+            s = seqs[i]
+            n = len(s.token_ids)
+            used = -(-(s.start + n) // block_size)  # blocks holding this sequence's context
+            spans.append((row, row + n, s.start, tensor(s.block_table[:used])))
+            row += n
+    return StepMetadata(
+        input_ids=tensor(ids), positions=tensor(positions), slot_mapping=tensor(slots),
+        logits_rows=tensor(logits_rows), num_decode=len(decode), max_context=max(ends),
+        block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_q,
+        max_query=max(len(s.token_ids) for s in seqs), decode_groups=groups, prefill_spans=spans,
+    )
+
+
+class PagedAttentionContext:
+    """The forward context of one engine step: every ``Attention`` layer of the model writes its
+    new K/V into its cache and attends over the paged context (see the module docstring).
+
+    kv_cache: (2, L, N, B, Hkv, D), one (keys, values) pair per attention layer in ``layers`` order.
+    """
+
+    def __init__(self, kv_cache: torch.Tensor, layers: list[Attention], implementation: str,
+                 metadata: StepMetadata) -> None:
+        self.kv_cache = kv_cache
+        self.layer_index = {id(layer): i for i, layer in enumerate(layers)}
+        self.implementation = implementation
+        self.meta = metadata
+
+    def attend(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, T, H, D), k/v (1, T, Hkv, D) of this step's new tokens -> (1, T, H, D)."""
+        i = self.layer_index[id(layer)]
+        k_cache, v_cache = self.kv_cache[0, i], self.kv_cache[1, i]  # (N, B, Hkv, D) each
+        q, k, v = q[0], k[0], v[0]
+        m = self.meta
+        paged = self.implementation == "paged"
+        # "torch" pins the reference write: on CPU the default may be the Triton interpreter (for tests)
+        ops.reshape_and_cache(k, v, k_cache, v_cache, m.slot_mapping, backend=None if paged else "reference")
+        if paged:
+            y = self._paged(layer, q, k_cache, v_cache)
+        else:
+            y = torch.empty_like(q)
+            if m.num_decode:
+                y[:m.num_decode] = self._decode_gather(layer, q[:m.num_decode], k_cache, v_cache)
+            for lo, hi, start, blocks in m.prefill_spans:
+                y[lo:hi] = self._prefill(layer, q[lo:hi], k[lo:hi], v[lo:hi], start, blocks, k_cache, v_cache)
+        return y[None]
+
+    def _paged(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """The CUDA path: q (T, H, D) -> (T, H, D), K/V read from the cache blocks by the kernels."""
+        m = self.meta
+        window = layer.sliding_window
+        nd = m.num_decode if window is None or window >= m.max_context else 0
+        y = torch.empty_like(q)
+        if nd:
+            y[:nd] = ops.paged_attention(q[:nd].contiguous(), k_cache, v_cache, m.block_tables[:nd],
+                                         m.context_lens[:nd])
+        if nd < q.size(0):
+            cu = m.cu_seqlens_q[nd:] - m.cu_seqlens_q[nd]
+            y[nd:] = ops.paged_attention_varlen(q[nd:], k_cache, v_cache, m.block_tables[nd:], cu,
+                                                m.context_lens[nd:], m.max_query, sliding_window=window)
+        return y
+
+    def _decode_gather(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> torch.Tensor:
+        """q (S, H, D), one token per sequence -> (S, H, D), attending over gathered cache blocks."""
+        _, B, Hkv, D = k_cache.shape
+        out = torch.empty_like(q)
+        for lo, hi, blocks, lens in self.meta.decode_groups:
+            G = hi - lo
+            # whole blocks (B x Hkv x D contiguous values each) gather faster than single slots
+            k = k_cache.index_select(0, blocks).view(G, -1, Hkv, D).transpose(1, 2)  # (G, Hkv, L, D)
+            v = v_cache.index_select(0, blocks).view(G, -1, Hkv, D).transpose(1, 2)
+            p = torch.arange(k.size(2), device=q.device)[None, :]
+            mask = p < lens[:, None]  # (G, L)
+            if layer.sliding_window is not None:
+                mask &= p >= lens[:, None] - layer.sliding_window
+            y = F.scaled_dot_product_attention(q[lo:hi, :, None], k, v, attn_mask=mask[:, None, None, :],
+                                               enable_gqa=q.size(1) != Hkv)  # (G, H, 1, D)
+            out[lo:hi] = y[:, :, 0]
+        return out
+
+    def _prefill(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                 blocks: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """One sequence's n new tokens q (n, H, D) at positions start .. start + n - 1 -> (n, H, D)."""
+        n, H, D = q.shape
+        Hkv = k.size(1)
+        if start > 0:  # a cached prefix: attend over this sequence's own blocks
+            k = k_cache.index_select(0, blocks).view(-1, Hkv, D)[:start + n]  # (ctx, Hkv, D)
+            v = v_cache.index_select(0, blocks).view(-1, Hkv, D)[:start + n]
+        window = layer.sliding_window
+        if start == 0:  # the causal flag picks SDPA's fused kernels; a cutting window needs a mask
+            mask = causal_mask(n, q.device, window) if window is not None and window < n else None
+        else:
+            rows = torch.arange(start, start + n, device=q.device)[:, None]  # the new tokens' positions
+            cols = torch.arange(start + n, device=q.device)[None, :]
+            mask = cols <= rows
+            if window is not None:
+                mask &= rows - cols < window
+        y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                           attn_mask=mask, is_causal=start == 0 and mask is None,
+                                           enable_gqa=H != Hkv)  # (1, H, n, D)
+        return y[0].transpose(0, 1)
+
+
+def _slots(block_table: list[int], lo: int, hi: int, block_size: int) -> np.ndarray:
+    """Cache slots of tokens ``lo .. hi - 1`` of a sequence: (hi - lo,) int64."""
+    p = np.arange(lo, hi)
+    return np.asarray(block_table, dtype=np.int64)[p // block_size] * block_size + p % block_size
+
+
+def _pad_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one (S, max_blocks) int64 array, padded with block 0 (never read unmasked)."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
+    for row, t in zip(out, tables):
+        row[:len(t)] = t
+    return out
