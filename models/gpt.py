@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import Attention
 from .config import GPTConfig
+from .generate import generate
 from .loss import check_token_ids, lm_loss
 from .hf import read_hf
 from .weights import read_safetensors, write_safetensors
@@ -155,39 +155,11 @@ class GPT(nn.Module):
         """(..., C) hidden states -> (..., V) logits, in the model's dtype."""
         return self.lm_head(h)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
-
-        temperature 0 picks the most likely token (greedy). top_k keeps only the k most likely
-        tokens before sampling. The context is cropped to the last block_size tokens. Call
-        model.eval() first unless dropout is wanted. No KV cache: each step reruns the context.
-        """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0; got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be None or >= 1; got {top_k}")
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]  # (B, <= block_size)
-            logits = self(idx_cond)[:, -1, :]  # (B, V)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens, recomputing the context each step
+        (no KV cache; ``parallax.inference.LLM`` serves with one). See ``models.generate.generate``."""
+        return generate(self, idx, max_new_tokens, temperature, top_k, generator)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the weights and config to a safetensors file, atomically (needs safetensors)."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .attention import Attention
+from .generate import generate
 from .layers import RMSNorm, SwiGLU, rotary_embedding
 from .llama_config import LlamaConfig
 from .loss import check_token_ids, lm_loss
@@ -121,6 +122,12 @@ class Llama(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., C) hidden states -> (..., V) logits, in the model's dtype."""
         return self.lm_head(h)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens, recomputing the context each step
+        (no KV cache; ``parallax.inference.LLM`` serves with one). See ``models.generate.generate``."""
+        return generate(self, idx, max_new_tokens, temperature, top_k, generator)
 
     def _frequencies(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
