@@ -27,13 +27,15 @@ def assert_freed_after_backward(samples: list[dict], bounds: dict) -> None:
 
 
 @pytest.mark.parametrize("cases", [("low_rank", "frozen_blocks", "two_buffers", "two_calls"),
-                                   ("gpt2_low_rank", "gpt2_low_rank_checkpointed")], ids=["blocks", "gpt2"])
+                                   ("gpt2_low_rank", "gpt2_low_rank_checkpointed"),
+                                   ("qwen3_tiny", "mistral_tiny_checkpointed")], ids=["blocks", "gpt2", "llama_family"])
 def test_frozen_parameters_train_like_a_single_process(cases):
     """Frozen weights beside trainable low-rank adapters in one unit (the issue's reproducer and
     an HF GPT-2 with every weight frozen but adapters, with and without HF's activation
     checkpointing), blocks without any trainable parameter, units whose parameters are split
     over two flat buffers (fp32 and fp64), blocks called twice per layer (gathered once for both
-    calls' backwards): 3 SGD steps at stages 1-3 equal the single-process run element-wise, and
+    calls' backwards), and the Llama family (Qwen3- and Mistral-style, the latter under
+    parallax's activation checkpointing): 3 SGD steps at stages 1-3 equal the single-process run element-wise, and
     stage 3 frees each unit after its backward."""
     if cases[0].startswith("gpt2"):
         pytest.importorskip("transformers")

@@ -108,6 +108,20 @@ def _gpt2_low_rank(checkpointing: bool) -> nn.Module:
     return model
 
 
+def _llama_family(case: str) -> nn.Module:
+    """Tiny Llama-family models: Qwen3-style (qk-norm, biases, tied head, explicit head_dim) and
+    Mistral-style (sliding window shorter than the batch's 12 tokens, untied) under parallax's
+    activation checkpointing: ZeRO units and checkpointed blocks are found without model code."""
+    from parallax.models import Llama, LlamaConfig
+
+    common = dict(block_size=16, vocab_size=61, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48)
+    if case == "qwen3_tiny":
+        return Llama(LlamaConfig(model_type="qwen3", qk_norm=True, attention_bias=True, head_dim=16,
+                                 tie_word_embeddings=True, attention="math", **common))
+    model = Llama(LlamaConfig(model_type="mistral", sliding_window=5, attention="sdpa", **common))
+    return px.checkpoint.activation(model)
+
+
 def build(case: str) -> nn.Module:
     """The model of ``case``, from the current random state."""
     if case == "low_rank":  # the reproducer of the issue
@@ -121,6 +135,8 @@ def build(case: str) -> nn.Module:
         return TwoCalls([LowRankBlock(WIDTH) for _ in range(3)])
     if case == "two_buffers":  # every block: fp32 and fp64 parameters, both trained
         return Stack([LowRankBlock(WIDTH, low_rank_dtype=torch.float64) for _ in range(3)])
+    if case in ("qwen3_tiny", "mistral_tiny_checkpointed"):
+        return _llama_family(case)
     if case in ("gpt2_low_rank", "gpt2_low_rank_checkpointed"):
         return _gpt2_low_rank(checkpointing=case.endswith("checkpointed"))
     raise ValueError(f"unknown case {case!r}")
@@ -128,7 +144,7 @@ def build(case: str) -> nn.Module:
 
 def _batch(case: str, step: int, size: int = 4) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(100 + step)
-    if case.startswith("gpt2"):
+    if case.startswith(("gpt2", "qwen3", "mistral")):
         return (torch.randint(0, 61, (size, 12), generator=g),)
     return torch.randn(size, WIDTH, generator=g), torch.randn(size, WIDTH, generator=g)
 
@@ -136,6 +152,8 @@ def _batch(case: str, step: int, size: int = 4) -> tuple[torch.Tensor, ...]:
 def _loss(case: str, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if case.startswith("gpt2"):
         return model(input_ids=batch[0], labels=batch[0]).loss
+    if case.startswith(("qwen3", "mistral")):
+        return model(batch[0], batch[0])
     return model(*batch)
 
 
