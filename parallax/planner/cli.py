@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from parallax.models import PRESETS
+from parallax.models import ALL_PRESETS
 from parallax.planner.cost import Hardware
 from parallax.planner.search import OFFLOADS, PRECISIONS, STAGES, plan
 from parallax.planner.states import BACKENDS
@@ -23,11 +23,11 @@ def build_parser(prog: str = "parallax plan") -> argparse.ArgumentParser:
         epilog="Sizes: GB/MB = powers of 1000, GiB/MiB (and a bare G/M) = powers of 1024; nvidia-smi shows MiB. "
                "Exit status: 0 a configuration fits, 1 none fits, 2 bad arguments.")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--preset", default=None, help=f"model preset ({', '.join(PRESETS)}; default tiny)")
+    what.add_argument("--preset", default=None, help=f"model preset ({', '.join(ALL_PRESETS)}; default tiny)")
     what.add_argument("--params", default=None, help="a bare parameter count instead of a model (e.g. 7e9): "
                                                      "activations unknown")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a GPTConfig field of the preset, e.g. --model n_layer=24 (repeatable)")
+                   help="override a model config field of the preset, e.g. --model n_layer=24 (repeatable)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
     p.add_argument("--device-memory", required=True, metavar="SIZE", help="memory of one device, e.g. 16GB, 80GiB, or 'auto' (this machine's: the "
                                                               "GPU's total memory, else RAM / LOCAL_WORLD_SIZE)")
@@ -54,8 +54,8 @@ def build_parser(prog: str = "parallax plan") -> argparse.ArgumentParser:
 
 
 def _model(args: argparse.Namespace):
-    from parallax.models import GPTConfig
-    from parallax.models.config import PRESETS, parse_overrides
+    from parallax.models import ALL_PRESETS, config_from_preset
+    from parallax.models.config import parse_overrides
 
     if args.params is not None:
         if args.model:
@@ -68,12 +68,12 @@ def _model(args: argparse.Namespace):
             raise ValueError(f"--params must be a positive whole number, got {args.params!r}")
         return int(count)
     preset = args.preset or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    if preset not in ALL_PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(ALL_PRESETS)}")
     overrides = parse_overrides(args.model)
-    if args.seq_len is not None and args.seq_len > overrides.get("block_size", PRESETS[preset]["block_size"]):
+    if args.seq_len is not None and args.seq_len > overrides.get("block_size", config_from_preset(preset).block_size):
         overrides["block_size"] = args.seq_len
-    return GPTConfig.from_preset(preset, **overrides) if overrides else preset
+    return config_from_preset(preset, **overrides) if overrides else preset
 
 
 def _list(text: str, kind=str) -> list:

@@ -189,12 +189,11 @@ def _policies(values: Any) -> tuple[str, ...]:
 
 def _resolve(model: Any) -> tuple[nn.Module | None, int, int | None, str]:
     """(module to trace or None, parameter count, default sequence length, a name)."""
-    from parallax.models import GPT, GPTConfig
-    from parallax.models.config import PRESETS
+    from parallax.models import ALL_PRESETS, GPTConfig, LlamaConfig, build_model, config_from_preset
 
     if isinstance(model, bool):
-        raise ValueError(f"model_or_num_params must be a module, a GPTConfig, a preset name or a parameter count, "
-                         f"got {model!r}")
+        raise ValueError(f"model_or_num_params must be a module, a model config, a preset name or a parameter "
+                         f"count, got {model!r}")
     if isinstance(model, numbers.Integral):
         if model < 1:
             raise ValueError(f"model_or_num_params: a parameter count must be positive, got {model}")
@@ -202,20 +201,20 @@ def _resolve(model: Any) -> tuple[nn.Module | None, int, int | None, str]:
     if isinstance(model, float) and model.is_integer() and model >= 1:
         return None, int(model), None, "bare parameter count"
     if isinstance(model, str):
-        if model not in PRESETS:
-            raise ValueError(f"model_or_num_params: unknown preset {model!r}; known presets: {', '.join(PRESETS)}")
-        model, name = GPTConfig.from_preset(model), f"preset {model}"
+        if model not in ALL_PRESETS:
+            raise ValueError(f"model_or_num_params: unknown preset {model!r}; known presets: {', '.join(ALL_PRESETS)}")
+        model, name = config_from_preset(model), f"preset {model}"
     else:
         name = None
-    if isinstance(model, GPTConfig):
+    if isinstance(model, (GPTConfig, LlamaConfig)):
         with torch.device("meta"):
-            module = GPT(model)
-        return module, module.num_params(non_embedding=False), model.block_size, name or "GPT"
+            module = build_model(model)
+        return module, sum(p.numel() for p in module.parameters()), model.block_size, name or type(module).__name__
     if isinstance(model, nn.Module):
         seq = getattr(getattr(model, "config", None), "block_size", None) or getattr(
             getattr(model, "config", None), "n_positions", None)
         return model, sum(p.numel() for p in model.parameters()), seq, type(model).__name__
-    raise ValueError(f"model_or_num_params must be an nn.Module, a GPTConfig, a preset name or a parameter count, "
+    raise ValueError(f"model_or_num_params must be an nn.Module, a model config, a preset name or a parameter count, "
                      f"got {type(model).__name__}")
 
 
@@ -234,7 +233,8 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
 
     Args:
         model_or_num_params: an ``nn.Module`` (any device, meta included: nothing is run on it),
-            a ``parallax.models.GPTConfig``, a preset name ("gpt2", ...) or a parameter count.
+            a model config (``GPTConfig``, ``LlamaConfig``), a preset name of any family ("gpt2",
+            "llama-3.2-1b", ...) or a parameter count.
             A module or config is traced: one forward + backward on fake tensors measures the
             activations, gradients and their timing exactly as the runtime would see them. A
             bare count has no activations (reported as unknown and left out of the peak) and no
@@ -301,7 +301,7 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
         for size in {_DTYPES[p].itemsize for p in precisions}:
             traces[(size, "none")] = synthetic
         notes.append("activations unknown (a bare parameter count): peaks are model states and gradient/communication "
-                     "buffers only; pass a module or GPTConfig to include activations")
+                     "buffers only; pass a module or model config to include activations")
     else:
         skipped: dict[str, str] = {}
         for size in sorted({_DTYPES[p].itemsize for p in precisions}, reverse=True):

@@ -206,13 +206,13 @@ def fake_copy(model: nn.Module, mode, dtype: torch.dtype | None = None) -> nn.Mo
 def default_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The training loss of a language model on token ids ``idx`` (B, T) and ``targets`` (B, T).
 
-    The reference GPT: ``model(idx, targets)``. A Hugging Face causal LM (its forward takes
+    parallax's model families: ``model(idx, targets)``. A Hugging Face causal LM (its forward takes
     ``labels``): ``model(input_ids=idx, labels=targets).loss``. Anything else: ``model(idx)``,
     reduced to a scalar with ``.float().mean()`` if it is not one.
     """
-    from parallax.models import GPT
+    from parallax.models import GPT, Llama
 
-    if isinstance(model, GPT):
+    if isinstance(model, (GPT, Llama)):
         return model(idx, targets)
     import inspect
 
