@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from parallax.models import GPT, GPTConfig
+from parallax.models import GPT, GPTConfig, LlamaConfig, build_model
 
 import parallax as px
 from parallax.planner import (
@@ -33,6 +33,8 @@ TOLERANCE = 0.15  # the issue's bound on |predicted - measured| / measured
 MODELS = {
     "tiny": (GPTConfig.from_preset("tiny"), 4, 128),
     "small": (GPTConfig.from_preset("tiny", n_layer=6, n_embd=256, block_size=256), 4, 256),
+    "llama-tiny": (LlamaConfig.from_preset("llama-tiny"), 4, 128),
+    "qwen3-tiny": (LlamaConfig.from_preset("qwen3-tiny"), 4, 128),
 }
 
 
@@ -98,13 +100,16 @@ CASES = [
     ("small", 0, "fp32", "none", "block"),
     ("small", 0, "bf16", "none", "none"),
     ("small", 3, "bf16", "none", "block"),
+    ("llama-tiny", 0, "fp32", "none", "none"),
+    ("llama-tiny", 3, "bf16", "none", "block"),
+    ("qwen3-tiny", 2, "fp32", "none", "block"),
 ]
 
 
 @pytest.mark.parametrize("name,stage,precision,offload,checkpointing", CASES)
 def test_predicted_peak_matches_measured(group, name, stage, precision, offload, checkpointing):
     config, batch, seq = MODELS[name]
-    measured, report = measure(lambda: GPT(config), config.vocab_size, batch, seq, stage, precision, offload,
+    measured, report = measure(lambda: build_model(config), config.vocab_size, batch, seq, stage, precision, offload,
                                checkpointing)
     est = predict(config, batch, seq, stage, precision, offload, checkpointing)
     predicted = est.peak_bytes + est.host_bytes  # on CPU the host memory is the same memory
