@@ -47,3 +47,41 @@ def triton_interpreter_problem() -> str | None:
         return (f"triton {triton.__version__} with numpy {numpy.__version__}: the interpreter fails on loops over "
                 "runtime bounds (triton-lang/triton#9171); use triton >= 3.8 or numpy < 2.4")
     return None
+
+
+def assert_error_within_twice_pytorch(got: torch.Tensor, pytorch: torch.Tensor, exact: torch.Tensor, *,
+                                      atol: float, name: str = "") -> None:
+    """FlashAttention's rule: ``got``'s max error against ``exact`` (a float64 reference) is at most
+    twice the error of ``pytorch`` (PyTorch's own computation at ``got``'s precision) plus
+    ``atol`` times the largest |exact| (at least 1). Also checks dtype, shape and finiteness."""
+    assert got.dtype == pytorch.dtype and got.shape == exact.shape, (
+        f"{name}: {got.dtype} {tuple(got.shape)}, expected {pytorch.dtype} {tuple(exact.shape)}")
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if got.numel() == 0:
+        return
+    exact = exact.detach().double().cpu()
+    err = (got.detach().double().cpu() - exact).abs().max().item()
+    ref_err = (pytorch.detach().double().cpu() - exact).abs().max().item()
+    bound = 2 * ref_err + atol * max(1.0, exact.abs().max().item())
+    assert err <= bound, (f"{name}: max error {err:.3g} against float64 exceeds twice PyTorch's {pytorch.dtype} "
+                          f"error {ref_err:.3g} + {atol} x scale")
+
+
+def interpreter_rounds_bf16_like_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Triton's CPU interpreter convert fp32 to bf16 by rounding to nearest even, as compiled
+    kernels do (``cvt.rn.bf16.f32``) and as PyTorch does; the interpreter (3.9 at least) truncates
+    toward zero, an error of up to one bf16 ulp per conversion that no GPU makes. For the tests
+    of kernels that compute in fp32 and round once to bf16."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return truncating_cast(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)

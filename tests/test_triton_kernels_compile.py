@@ -26,8 +26,9 @@ FLASH_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 PAGED_POINTERS = {"bt_ptr": "i32", "ctx_ptr": "i32", "part_acc_ptr": "fp32", "part_m_ptr": "fp32",
                   "part_l_ptr": "fp32", "slot_ptr": "i64"}
 
-# name -> (module, kernel, dtype, constexprs, num_warps, num_stages); flash kernels use the
-# launcher's default configuration for their head dim and dtype (see _jobs)
+# name -> (module, kernel, dtype, constexprs, num_warps, num_stages[, types]); flash kernels use
+# the launcher's default configuration for their head dim and dtype (see _jobs); ``types`` gives
+# the signature of parameters the naming rules of _compile would get wrong (mixed dtypes)
 FLASH_CASES = {"bf16-d128-causal": ("bf16", 128, True, False), "fp32-d72-varlen": ("fp32", 72, False, True)}
 
 
@@ -60,7 +61,33 @@ def _jobs() -> dict[str, tuple]:
     jobs["paged-reduce"] = ("paged_attention", "_paged_attn_reduce", "bf16", dict(HEAD_DIM=128, PARTS=16), 4, 2)
     jobs["reshape-and-cache"] = ("paged_attention", "_reshape_and_cache", "fp16",
                                  dict(NUM_KV_HEADS=3, HEADS_PAD=4, HEAD_DIM=64, DIM_PAD=64, BLOCK_SIZE=16), 4, 2)
+    jobs.update(_fused_jobs())
     return jobs
+
+
+def _fused_jobs() -> dict[str, tuple]:
+    """RMSNorm, rotary embedding and SwiGLU in the launchers' configurations for Llama-sized
+    shapes: hidden 4096 and 8192, QK-norm over a head dim of 128, head dims 128 and 80."""
+    fp32_stats = {"rstd_ptr": "*fp32", "dw_ptr": "*fp32", "eps": "fp32"}
+    mixed = dict(fp32_stats, w_ptr="*fp32", y_ptr="*fp32")  # bf16 x, fp32 weight -> fp32 y
+    tables = {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+    return {
+        "rms-norm-fwd-bf16-c4096": ("rms_norm", "_rms_norm_fwd", "bf16", dict(BLOCK_R=1, BLOCK_C=4096), 4, 2,
+                                    fp32_stats),
+        "rms-norm-fwd-bf16-fp32w-qknorm": ("rms_norm", "_rms_norm_fwd", "bf16", dict(BLOCK_R=32, BLOCK_C=128), 4, 2,
+                                           mixed),
+        "rms-norm-bwd-bf16-c8192": ("rms_norm", "_rms_norm_bwd", "bf16",
+                                    dict(BLOCK_R=1, BLOCK_C=8192, COMPUTE_DW=True), 8, 2, fp32_stats),
+        "rms-norm-bwd-fp32-qknorm-no-dw": ("rms_norm", "_rms_norm_bwd", "fp32",
+                                           dict(BLOCK_R=32, BLOCK_C=128, COMPUTE_DW=False), 4, 2, fp32_stats),
+        "rotary-bf16-d128": ("rotary_embedding", "_rotary_embedding", "bf16",
+                             dict(HALF=64, HALF_PAD=64, BLOCK_R=32, INVERSE=False), 4, 2, tables),
+        "rotary-fp32-d80-inverse": ("rotary_embedding", "_rotary_embedding", "fp32",
+                                    dict(HALF=40, HALF_PAD=64, BLOCK_R=32, INVERSE=True), 4, 2, tables),
+        "swiglu-fwd-bf16": ("swiglu", "_swiglu_fwd", "bf16", dict(BLOCK=4096), 8, 2),
+        "swiglu-bwd-bf16": ("swiglu", "_swiglu_bwd", "bf16", dict(BLOCK=4096), 8, 2),
+        "swiglu-bwd-fp16-narrow": ("swiglu", "_swiglu_bwd", "fp16", dict(BLOCK=16), 4, 2),
+    }
 
 
 def _compile(job: tuple) -> dict:
@@ -70,13 +97,16 @@ def _compile(job: tuple) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, kernel, dtype, const, num_warps, num_stages = job
+    module, kernel, dtype, const, num_warps, num_stages, *extra = job
+    types = extra[0] if extra else {}
     fn = getattr(_load(module), kernel)
     names = [p.name for p in fn.params]
     signature, attrs = {}, {}
     for i, name in enumerate(names):
         if name in const:
             signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
         elif name in FLASH_POINTERS or name.endswith("_ptr") and name not in PAGED_POINTERS:
             signature[name] = "*" + dtype
         elif name in ("LSE", "DELTA") or name in ("CU_Q", "CU_K") and not const.get("VARLEN"):
