@@ -1,25 +1,24 @@
-"""Layers of the Llama-style family: RMSNorm and the SwiGLU MLP, on parallax's fused ops."""
+"""Layers of the Llama-style family on parallax's fused ops: RMSNorm, rotary embedding, SwiGLU.
+
+On CUDA tensors the ops run their Triton kernels (forward and backward); on CPU the plain-PyTorch
+references, even when tests have set TRITON_INTERPRET=1 (the interpreter is for testing kernels,
+not for running models).
+"""
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from parallax import ops
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+def _backend(x: torch.Tensor) -> str | None:
+    return None if x.is_cuda else "reference"
 
 
-def rotary_embedding(q, k, cos, sin):
-    def rot(x):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        c, s = cos[:, :, None], sin[:, :, None]
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-    return rot(q), rot(k)
-
-
-def swiglu(gate, up):
-    return F.silu(gate) * up
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, T, H, D) and k (B, T, Hkv, D) rotated by cos/sin (B or 1, T, D // 2) float32 tables."""
+    return ops.rotary_embedding(q, k, cos, sin, backend=_backend(q))
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +32,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
-        return rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, backend=_backend(x))
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
@@ -50,4 +49,5 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C)."""
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ops.swiglu(gate, up, backend=_backend(gate)))
