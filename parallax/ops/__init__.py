@@ -7,21 +7,24 @@ import torch
 from parallax.ops import adamw as _adamw
 from parallax.ops import flash_attention as _flash_attention
 from parallax.ops import paged_attention as _paged_attention
+from parallax.ops import paged_attention_varlen as _paged_attention_varlen
 from parallax.ops import stream as _stream
 from parallax.ops import unscale as _unscale
 from parallax.ops.adamw import adamw_, adamw_ref
 from parallax.ops.flash_attention import (flash_attention, flash_attention_ref, flash_attention_varlen,
                                           flash_attention_varlen_ref)
 from parallax.ops.paged_attention import paged_attention, paged_attention_ref, reshape_and_cache, reshape_and_cache_ref
+from parallax.ops.paged_attention_varlen import paged_attention_varlen, paged_attention_varlen_ref
 from parallax.ops.stream import stream_triad_, stream_triad_ref
 from parallax.ops.unscale import unscale_, unscale_ref
 
 __all__ = ["adamw_", "adamw_ref", "flash_attention", "flash_attention_ref", "flash_attention_varlen",
-           "flash_attention_varlen_ref", "paged_attention", "paged_attention_ref", "reshape_and_cache",
-           "reshape_and_cache_ref", "stream_triad_", "stream_triad_ref", "unscale_", "unscale_ref", "backend"]
+           "flash_attention_varlen_ref", "paged_attention", "paged_attention_ref", "paged_attention_varlen",
+           "paged_attention_varlen_ref", "reshape_and_cache", "reshape_and_cache_ref", "stream_triad_",
+           "stream_triad_ref", "unscale_", "unscale_ref", "backend"]
 
 _BACKENDS = {"adamw": _adamw.backend, "flash_attention": _flash_attention.backend,
-             "paged_attention": _paged_attention.backend,
+             "paged_attention": _paged_attention.backend, "paged_attention_varlen": _paged_attention_varlen.backend,
              "reshape_and_cache": _paged_attention.reshape_and_cache_backend, "stream_triad": _stream.backend,
              "unscale": _unscale.backend}
 
