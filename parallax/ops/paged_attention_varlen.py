@@ -37,9 +37,12 @@ never decreases, ends at T and bounds no sequence longer than max_seqlen_q; that
 length is in ``[n, max_blocks * block_size]``; and that every block id a sequence reads points
 into the cache; a violation raises ``ValueError``. On CUDA those checks would need a device-to-host
 sync per call, so by default the kernel guards instead: it never dereferences a block id outside
-the cache nor a q row at or past T, and writes NaN for the query tokens whose tile would have read
-past such a block or whose context length is out of range. ``validate=True`` runs the host checks
-for CUDA tensors too (a few small device ops, then syncs).
+the cache nor a q row at or past T, and writes NaN for the query tokens of a sequence whose
+context length is out of range, and for those whose query tile (BLOCK_Q consecutive tokens) needs
+a block whose id is out of range. ``validate=True`` runs the host checks for CUDA tensors too (a
+few small device ops, then syncs). On CUDA a max_seqlen_q below the longest sequence's new
+tokens changes only the tile size, not the result; rows of the output past ``cu_seqlens_q[-1]``
+(which must equal T) are left unwritten.
 """
 
 from __future__ import annotations
@@ -210,7 +213,8 @@ def paged_attention_varlen(
     ``t % block_size``. cu_seqlens_q: int32 (S + 1,), starting at 0 and ending at T.
     context_lens: int32 (S,), each sequence's tokens in the cache, its new ones included (so at
     least its new-token count). max_seqlen_q: the most new tokens of one sequence (sizes the
-    tiles; checked on CPU). fp16, bf16 or fp32, accumulated in fp32.
+    tiles; checked on CPU). fp16, bf16 or fp32, accumulated in fp32. A sequence may have no new
+    tokens (it is skipped).
 
     The n new tokens of a sequence are its last n positions: query j at position
     ``p = context_len - n + j`` sees the keys at positions k <= p, and with ``sliding_window=W``
