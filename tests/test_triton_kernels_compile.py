@@ -30,7 +30,8 @@ PAGED_POINTERS = {"bt_ptr": "i32", "ctx_ptr": "i32", "cu_q_ptr": "i32", "part_ac
 VARLEN_CASES = {"bf16-d128-gqa4-prefill-window": ("bf16", 512, 4, 128, 16, True),
                 "fp16-d64-mha-prefill": ("fp16", 512, 1, 64, 16, False),
                 "bf16-d256-gqa2-bs32": ("bf16", 64, 2, 256, 32, False),
-                "fp32-d64-gqa8-decode": ("fp32", 1, 8, 64, 8, True)}
+                "fp32-d64-gqa8-decode": ("fp32", 1, 8, 64, 8, True),
+                "fp32-d256-mha-prefill": ("fp32", 300, 1, 256, 16, False)}
 
 # name -> (module, kernel, dtype, constexprs, num_warps, num_stages); flash kernels use the
 # launcher's default configuration for their head dim and dtype (see _jobs)
@@ -66,7 +67,7 @@ def _jobs() -> dict[str, tuple]:
     jobs["paged-reduce"] = ("paged_attention", "_paged_attn_reduce", "bf16", dict(HEAD_DIM=128, PARTS=16), 4, 2)
     varlen = _load("paged_attention_varlen")
     for case, (dtype, max_q, group, d, block_size, sliding) in VARLEN_CASES.items():
-        cfg = varlen.launch_config(max_q, group, d, block_size, interpreted=False)
+        cfg = varlen.launch_config(max_q, group, d, block_size, 4 if dtype == "fp32" else 2, interpreted=False)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         const = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, SLIDING=sliding, **cfg)
         jobs[f"paged-varlen-{case}"] = ("paged_attention_varlen", "_paged_attn_varlen_fwd", dtype, const, num_warps,

@@ -47,26 +47,32 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def launch_config(max_seqlen_q: int, group: int, head_dim: int, block_size: int, interpreted: bool) -> dict:
+def launch_config(max_seqlen_q: int, group: int, head_dim: int, block_size: int, element_size: int,
+                  interpreted: bool) -> dict:
     """Tile sizes and launch options of ``_paged_attn_varlen_fwd``: the constexprs GROUP_PAD,
     BLOCK_Q and BLOCK_N, plus num_warps and num_stages.
 
     A tile has BLOCK_Q * GROUP_PAD query rows (at least 16, the smallest ``tl.dot``): 16 when
-    every sequence decodes one token (memory-bound: rows are wasted work) and under the
-    interpreter (small tiles cross more boundaries in small tests), else 128 rows for D <= 64 and
-    64 above. BLOCK_N is a multiple of the cache block size, so a key step reads whole blocks.
+    every sequence decodes one token (memory-bound: more rows are wasted work) and under the
+    interpreter (small tiles cross more boundaries in small tests); 32 for fp32 inputs (exact FMA
+    dots, a correctness path whose compile time grows with the tile); else 128 rows for D <= 64
+    and 64 above. BLOCK_N is a multiple of the cache block size, so a key step reads whole blocks.
     """
     group_pad = _next_pow2(group)
     if interpreted or max_seqlen_q <= 1:
         rows = 16
+    elif element_size == 4:
+        rows = 32
     else:
         rows = 128 if head_dim <= 64 else 64
     block_q = min(max(1, rows // group_pad), _next_pow2(max(max_seqlen_q, 1)))
     block_q = max(block_q, 16 // min(group_pad, 16))
     if interpreted:
         block_n = max(16, block_size)
+    elif element_size == 4 or head_dim > 128:
+        block_n = max(32, block_size)
     else:
-        block_n = max(block_size, 32 if head_dim > 128 else 64)
+        block_n = max(64, block_size)
     tile_rows = block_q * group_pad
     return dict(GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=8 if tile_rows >= 128 else 4,
                 num_stages=2)

@@ -254,7 +254,8 @@ def _paged_attention_varlen_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, 
     if q.stride(2) != 1:
         q = q.contiguous()
     block_tables, cu_seqlens_q, context_lens = (t.contiguous() for t in (block_tables, cu_seqlens_q, context_lens))
-    cfg = kernels.launch_config(max_seqlen_q, h // h_kv, d, block_size, interpreted=q.device.type == "cpu")
+    cfg = kernels.launch_config(max_seqlen_q, h // h_kv, d, block_size, q.element_size(),
+                                interpreted=q.device.type == "cpu")
     # sequence s's tiles start at cu[s] // BLOCK_Q + s: T // BLOCK_Q + S bounds them all
     grid = (total // cfg["BLOCK_Q"] + num_seqs, h_kv)
     kernels._paged_attn_varlen_fwd[grid](
