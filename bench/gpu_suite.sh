@@ -50,7 +50,8 @@ step bench-adamw "$PY" -m bench adamw --device cuda --budget 1
 step bench-train "$PY" -m bench train --device cuda --cases tiny,small --steps 40
 step bench-offload "$PY" -m bench offload --device cuda --steps 10
 # attention: the issue's full setting (bf16, 16k tokens, seqlens 512-16k, D 64/128, causal and
-# not), autotuned; paged_attention: batch 1/8/64 x context 512/4k/16k, GQA 32/8, D 128.
+# not), autotuned; paged_attention: decode batch 1/8/64 x context 512/4k/16k, GQA 32/8, D 128, and
+# prefill of 512 new tokens after a 4k/16k cached prefix (paged_attention_varlen vs gather + flash).
 step bench-attention "$PY" -m bench attention --device cuda --budget 0.25
 step bench-paged "$PY" -m bench paged_attention --device cuda --budget 0.5
 # the engine on CUDA (paged kernels; HF baselines only where transformers is installed)
@@ -93,6 +94,10 @@ for name in ("adamw", "train", "offload", "attention", "paged_attention", "serve
                   f"{r['provider']:<11} TFLOP/s fwd {num(r['fwd_tflops'], '6.1f')} bwd {num(r['bwd_tflops'], '6.1f')} "
                   f"f+b {num(r['fwdbwd_tflops'], '6.1f')}  fwd {num(r['fwd_of_mm'], '.2f')} of mm  vs flash: "
                   f"fwd {num(r.get('fwd_vs_flash'), '.2f')}x f+b {num(r.get('fwdbwd_vs_flash'), '.2f')}x")
+        elif name == "paged_attention" and r.get("case") == "prefill":
+            print(f"  prefill batch {r['batch']:<3} ctx {r['context']:<6} new {r['new_tokens']:<5} {r['provider']:<12} "
+                  f"{num(r['median_us'], '9.1f')} us {num(r['tflops'], '6.1f')} TFLOP/s  "
+                  f"{num(r.get('vs_gather'), '.2f')}x gather+flash")
         elif name == "paged_attention":
             print(f"  batch {r['batch']:<3} ctx {r['context']:<6} {r['provider']:<7} {num(r['median_us'], '9.1f')} us "
                   f"{num(r['gbps'], '6.0f')} GB/s  {num(r['of_copy'], '.2f')} of copy  "

@@ -1,4 +1,5 @@
-"""PagedAttention decode: both parallax kernels against SDPA on a contiguous cache, as KV bandwidth.
+"""PagedAttention decode (both parallax kernels against SDPA on a contiguous cache, as KV bandwidth),
+and prefill after a long cached prefix (``paged_attention_varlen`` against gather + FlashAttention).
 
 Decode attention reads every cached key and value once per step and does little else, so it is
 memory-bound and its figure of merit is the bandwidth of that read: 2 (K and V) * context * H_kv
@@ -18,8 +19,22 @@ Providers, on the same queries and the same keys/values:
 The shape is Llama-style GQA (32 query heads over 8 KV heads, head dim 128), bf16, every
 sequence at the full context. Caches are flushed from L2 before each timed call (a real decode
 step meets each layer's cache cold). ``max diff`` is the largest difference from SDPA's output.
+Prefill rows (``case`` = prefill): ``--prefill-batch`` sequences, each with a cached prefix of
+``--prefill-prefixes`` tokens and ``--prefill-new`` new tokens already written to the cache (a
+chunked prefill, or a prompt after a prefix-cache hit), causal attention of the new tokens over
+prefix + new. Providers:
+
+* ``varlen``: ``px.ops.paged_attention_varlen``, reading K/V through the block table;
+* ``gather+flash``: what the engine's runner did per layer before it: gather every context
+  token's K/V out of the cache into packed tensors (``k_cache.view(-1, H_kv, D)[slots]``), then
+  ``px.ops.flash_attention_varlen(causal=True)``.
+
+Compute-bound, so the figure is TFLOP/s (FlashAttention's count: 4 * D * H per visible
+query-key pair); ``vs gather`` is the speedup over ``gather+flash``, whose output ``max diff``
+is measured against.
+
 On CPU there is nothing to measure: the benchmark says so, or with ``--quick`` runs one tiny
-fp32 case of every code path (the Triton kernel interpreted when TRITON_INTERPRET=1), which
+fp32 case of every code path (the Triton kernels interpreted when TRITON_INTERPRET=1), which
 keeps this file from rotting between GPU runs.
 """
 
@@ -40,11 +55,14 @@ from .table import Column
 from .timing import CacheFlusher, interleave
 
 PROVIDERS = ("cuda", "triton", "sdpa")
+PREFILL_PROVIDERS = ("varlen", "gather+flash")
 GOAL = 0.8  # fraction of the copy bandwidth, at contexts >= 4k
 
 COLUMNS = [
+    Column("case", "case"),
     Column("batch", "batch", "d"),
     Column("context", "context", "d"),
+    Column("new_tokens", "new", "d"),
     Column("provider", "provider"),
     Column("partition", "split [tok]"),
     Column("median_us", "median [us]", ".1f"),
@@ -54,6 +72,8 @@ COLUMNS = [
     Column("gbps", "KV GB/s", ".0f"),
     Column("of_copy", "of copy", ".2f"),
     Column("vs_sdpa", "vs sdpa [x]", ".2f"),
+    Column("tflops", "TFLOP/s", ".1f"),
+    Column("vs_gather", "vs gather [x]", ".2f"),
     Column("max_diff", "max diff", ".1e"),
 ]
 
@@ -70,6 +90,11 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed rounds per case")
     parser.add_argument("--copy-mb", type=int, default=1024, help="size of the copy-bandwidth buffers in MB")
+    parser.add_argument("--prefill-prefixes", default=None,
+                        help="cached prefix tokens per sequence of the prefill case (default 4096,16384; --quick: "
+                             "4096; empty: no prefill case)")
+    parser.add_argument("--prefill-new", type=int, default=512, help="new tokens per sequence (default 512)")
+    parser.add_argument("--prefill-batch", type=int, default=4, help="sequences of the prefill case (default 4)")
 
 
 def _ints(text: str) -> list[int]:
@@ -171,8 +196,10 @@ def run(ctx) -> Iterator[dict]:
             for name, t in timings.items():
                 gbps = kv_bytes / t.median_s / 1e9
                 yield {
+                    "case": "decode",
                     "batch": batch,
                     "context": context,
+                    "new_tokens": 1,
                     "provider": name,
                     "partition": "-" if name == "sdpa" else (str(partition) if partition else "none"),
                     "median_us": 1e6 * t.median_s,
@@ -193,9 +220,100 @@ def run(ctx) -> Iterator[dict]:
                     "block_size": bs,
                 }
             del q, k, v, k_cache, v_cache, tables, lens, fns, outs
-            gc.collect()
-            with contextlib.suppress(Exception):
-                torch.cuda.empty_cache()
+            _free_memory()
+    shape = dict(h=h, h_kv=h_kv, d=d, bs=bs, dtype=dtype, dtype_name=dtype_name)
+    yield from _prefill_rows(ctx, shape, copy_bw, budget, flush, gen)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        torch.cuda.empty_cache()
+
+
+def _prefill_cache(batch, context, h_kv, d, block_size, dtype, device, gen):
+    """Random caches whose blocks all belong to the batch's sequences, each sequence's blocks
+    shuffled over the pool: k_cache, v_cache (num_blocks, block_size, H_kv, D), tables int32."""
+    blocks_per_seq = math.ceil(context / block_size)
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, block_size, h_kv, d, generator=gen, device=device).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, h_kv, d, generator=gen, device=device).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen, device=device).view(batch, blocks_per_seq).int()
+    return k_cache, v_cache, tables
+
+
+def _gather_flash(q, k_cache, v_cache, slots, cu_q, cu_k, max_q, max_k):
+    """The engine runner's prefill before paged_attention_varlen: copy every context token's K/V
+    out of the cache into packed tensors, then FlashAttention over them."""
+    from parallax.ops import flash_attention_varlen
+
+    h_kv, d = k_cache.shape[2], k_cache.shape[3]
+    k = k_cache.view(-1, h_kv, d)[slots]  # (total context, H_kv, D)
+    v = v_cache.view(-1, h_kv, d)[slots]
+    return flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+
+
+def _prefill_rows(ctx, shape: dict, copy_bw: float, budget: float, flush, gen) -> Iterator[dict]:
+    """The prefill case: new tokens after a cached prefix, paged_attention_varlen against
+    gather + flash_attention_varlen (see the module docstring)."""
+    from parallax import ops
+
+    device, args = ctx.device, ctx.args
+    h, h_kv, d, bs, dtype = shape["h"], shape["h_kv"], shape["d"], shape["bs"], shape["dtype"]
+    if device.type != "cuda":  # smoke run, like the decode case
+        batch, prefixes, new = 2, [31], 9
+    else:
+        default = "4096" if ctx.quick else "4096,16384"
+        batch, new = args.prefill_batch, args.prefill_new
+        prefixes = _ints(default if args.prefill_prefixes is None else args.prefill_prefixes)
+    ctx.note("prefill_backends", f"paged_attention_varlen: {ops.backend('paged_attention_varlen', device)!r}, "
+                                 f"flash_attention_varlen: {ops.backend('flash_attention', device)!r}")
+    esize = torch.empty((), dtype=dtype).element_size()
+    for prefix in prefixes:
+        context = prefix + new
+        k_cache, v_cache, tables = _prefill_cache(batch, context, h_kv, d, bs, dtype, device, gen)
+        q = torch.randn(batch * new, h, d, generator=gen, device=device).to(dtype)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        offsets = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        tok = torch.arange(context, device=device)
+        slots = (tables.long()[:, tok // bs] * bs + tok % bs).reshape(-1)  # every context token's cache slot
+        fns = {"varlen": functools.partial(ops.paged_attention_varlen, q, k_cache, v_cache, tables, offsets * new, lens,
+                                           new),
+               "gather+flash": functools.partial(_gather_flash, q, k_cache, v_cache, slots, offsets * new,
+                                                 offsets * context, new, context)}
+        outs = {name: fn() for name, fn in fns.items()}
+        ctx.log(f"prefill: {batch} sequences x ({prefix} cached + {new} new tokens)")
+        timings = interleave(fns, device=device, warmup=1 if device.type != "cuda" else 3, budget_s=budget,
+                             min_repeat=3 if device.type != "cuda" else 10, max_repeat=200, flush=flush)
+        flops = 4.0 * batch * h * d * (new * prefix + new * (new + 1) / 2)  # visible query-key pairs, causal
+        kv_bytes = 2 * batch * context * h_kv * d * esize
+        for name, t in timings.items():
+            gbps = kv_bytes / t.median_s / 1e9
+            yield {
+                "case": "prefill",
+                "batch": batch,
+                "context": context,
+                "new_tokens": new,
+                "provider": name,
+                "median_us": 1e6 * t.median_s,
+                "p20_us": 1e6 * t.p20_s,
+                "p80_us": 1e6 * t.p80_s,
+                "reps": t.n,
+                "kv_mb": kv_bytes / 1e6,
+                "gbps": gbps,
+                "copy_gbps": copy_bw / 1e9,
+                "of_copy": gbps * 1e9 / copy_bw,
+                "tflops": flops / t.median_s / 1e12,
+                "vs_gather": timings["gather+flash"].median_s / t.median_s,
+                "max_diff": (outs[name].float() - outs["gather+flash"].float()).abs().max().item(),
+                "dtype": shape["dtype_name"],
+                "heads": h,
+                "kv_heads": h_kv,
+                "head_dim": d,
+                "block_size": bs,
+            }
+        del k_cache, v_cache, tables, q, slots, fns, outs
+        _free_memory()
 
 
 def plot(rows: list[dict], path) -> None:
@@ -204,6 +322,7 @@ def plot(rows: list[dict], path) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in rows if r.get("case", "decode") == "decode"]
     for provider in PROVIDERS:
         for batch in sorted({r["batch"] for r in rows}):
             pts = sorted((r["context"], r["gbps"]) for r in rows if r["provider"] == provider and r["batch"] == batch)

@@ -23,8 +23,15 @@ from pathlib import Path
 KERNELS = Path(__file__).resolve().parents[1] / "parallax" / "kernels"
 SM90_SMEM = 232448  # bytes of shared memory one H100/H200 thread block may opt into (227 KiB)
 FLASH_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-PAGED_POINTERS = {"bt_ptr": "i32", "ctx_ptr": "i32", "part_acc_ptr": "fp32", "part_m_ptr": "fp32",
+PAGED_POINTERS = {"bt_ptr": "i32", "ctx_ptr": "i32", "cu_q_ptr": "i32", "part_acc_ptr": "fp32", "part_m_ptr": "fp32",
                   "part_l_ptr": "fp32", "slot_ptr": "i64"}
+# paged_attention_varlen: name -> (dtype, max_seqlen_q, GQA group, head dim, block size, sliding window),
+# compiled with the launcher's configuration (launch_config)
+VARLEN_CASES = {"bf16-d128-gqa4-prefill-window": ("bf16", 512, 4, 128, 16, True),
+                "fp16-d64-mha-prefill": ("fp16", 512, 1, 64, 16, False),
+                "bf16-d256-gqa2-bs32": ("bf16", 64, 2, 256, 32, False),
+                "fp32-d64-gqa8-decode": ("fp32", 1, 8, 64, 8, True),
+                "fp32-d256-mha-prefill": ("fp32", 300, 1, 256, 16, False)}
 
 # name -> (module, kernel, dtype, constexprs, num_warps, num_stages[, types]); flash kernels use
 # the launcher's default configuration for their head dim and dtype (see _jobs); ``types`` gives
@@ -59,6 +66,13 @@ def _jobs() -> dict[str, tuple]:
                      UPCAST=False)
         jobs[f"paged-fwd-{case}"] = ("paged_attention", "_paged_attn_fwd", dtype, const, 4, 2)
     jobs["paged-reduce"] = ("paged_attention", "_paged_attn_reduce", "bf16", dict(HEAD_DIM=128, PARTS=16), 4, 2)
+    varlen = _load("paged_attention_varlen")
+    for case, (dtype, max_q, group, d, block_size, sliding) in VARLEN_CASES.items():
+        cfg = varlen.launch_config(max_q, group, d, block_size, 4 if dtype == "fp32" else 2, interpreted=False)
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        const = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, SLIDING=sliding, **cfg)
+        jobs[f"paged-varlen-{case}"] = ("paged_attention_varlen", "_paged_attn_varlen_fwd", dtype, const, num_warps,
+                                        num_stages)
     jobs["reshape-and-cache"] = ("paged_attention", "_reshape_and_cache", "fp16",
                                  dict(NUM_KV_HEADS=3, HEADS_PAD=4, HEAD_DIM=64, DIM_PAD=64, BLOCK_SIZE=16), 4, 2)
     jobs.update(_fused_jobs())

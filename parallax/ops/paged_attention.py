@@ -51,6 +51,7 @@ __all__ = [
     "backend",
     "reshape_and_cache_backend",
     "check_block_tables",
+    "check_cache_inputs",
     "choose_partition_size",
     "DEFAULT_CUDA_BACKEND",
     "BLOCK_SIZES",
@@ -160,8 +161,11 @@ def _pick(op: str, name: str, requested: str | None, device: torch.device) -> st
 # checks
 
 
-def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor) -> None:
-    op = "paged_attention"
+def check_cache_inputs(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                       context_lens: Tensor) -> None:
+    """The checks ``paged_attention`` and ``paged_attention_varlen`` share: ranks, devices and
+    dtypes of q (rows, H, D), the caches, block_tables and context_lens; the cache layout, head
+    dim, block size and GQA grouping. Raises ``TypeError``/``ValueError`` naming the argument."""
     for name, t, rank in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
                           ("block_tables", block_tables, 2), ("context_lens", context_lens, 1)):
         if not isinstance(t, torch.Tensor):
@@ -182,7 +186,7 @@ def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
             raise ValueError(f"{op}: {name} must be int32, got {t.dtype}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"{op}: v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
-    n, h, d = q.shape
+    h, d = q.shape[1], q.shape[2]
     _, block_size, h_kv, d_cache = k_cache.shape
     if d_cache != d:
         raise ValueError(f"{op}: q has head dim {d} but k_cache has {d_cache}")
@@ -194,25 +198,34 @@ def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
     if h_kv == 0 or h % h_kv != 0:
         raise ValueError(f"{op}: q has {h} heads, which is not a multiple of k_cache's {h_kv} KV heads "
                          "(q.shape[1] % k_cache.shape[2] must be 0)")
-    if block_tables.shape[0] != n:
-        raise ValueError(f"{op}: block_tables has {block_tables.shape[0]} rows but q has {n} sequences")
-    if context_lens.shape[0] != n:
-        raise ValueError(f"{op}: context_lens has {context_lens.shape[0]} entries but q has {n} sequences")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (num_blocks, block_size, H_kv, D)")
 
 
-def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,
-                       block_size: int) -> None:
-    """Raise ``ValueError`` when a context length is outside ``[0, max_blocks * block_size]`` or a
-    block id that a sequence uses (its first ceil(context / block_size) entries) is outside
-    ``[0, num_blocks)``. Unused entries (padding) may hold anything. Syncs on CUDA tensors."""
+def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor) -> None:
     op = "paged_attention"
+    check_cache_inputs(op, q, k_cache, v_cache, block_tables, context_lens)
+    n = q.shape[0]
+    if block_tables.shape[0] != n:
+        raise ValueError(f"{op}: block_tables has {block_tables.shape[0]} rows but q has {n} sequences")
+    if context_lens.shape[0] != n:
+        raise ValueError(f"{op}: context_lens has {context_lens.shape[0]} entries but q has {n} sequences")
+
+
+def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,
+                       block_size: int, op: str = "paged_attention", first_blocks: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` (its message starting with ``op``) when a context length is outside
+    ``[0, max_blocks * block_size]`` or a block id that a sequence uses (its first
+    ceil(context / block_size) entries, from entry ``first_blocks[i]`` on when given) is outside
+    ``[0, num_blocks)``. Unused entries (padding) may hold anything. Syncs on CUDA tensors."""
     max_blocks = block_tables.shape[1]
     ctx = context_lens.long()
     too_long = (ctx < 0) | (ctx > max_blocks * block_size)
-    used = torch.arange(max_blocks, device=ctx.device) * block_size < ctx[:, None]
+    entries = torch.arange(max_blocks, device=ctx.device)
+    used = entries * block_size < ctx[:, None]
+    if first_blocks is not None:
+        used &= entries >= first_blocks[:, None]
     bad = used & ((block_tables < 0) | (block_tables >= num_blocks))
     flags = torch.stack([too_long.any(), bad.any()]).tolist()  # one sync on CUDA
     if flags[0]:

@@ -55,3 +55,6 @@ def test_paged_attention_quick_smoke_run_on_cpu(tmp_path, capsys):
     for r in rows:
         assert r["max_diff"] < 1e-5 and r["gbps"] > 0 and r["copy_gbps"] > 0, r
     assert "cuda" in rows[0]["notes"]["skipped"]  # the CUDA kernel needs CUDA tensors: skipped, with the reason
+    prefill = [r for r in rows if r["case"] == "prefill"]
+    assert {r["provider"] for r in prefill} == {"varlen", "gather+flash"}
+    assert all(r["tflops"] > 0 and r["new_tokens"] < r["context"] for r in prefill), prefill
