@@ -5,7 +5,7 @@ safetensors with model.safetensors.index.json, or pytorch_model.bin) or takes a 
 object, duck-typed: transformers is never imported. It dispatches on config.json's ``model_type``
 (or ``architectures``) to GPT (gpt2) or Llama (llama, mistral, qwen2, qwen3), builds the model on
 the meta device, allocates it in the checkpoint's dtype and copies the weights in one tensor at a
-time, shard by shard, so the weights are never held twice. ``to_hf`` writes a directory that
+time, shard by shard, so a directory's weights are never held twice in memory. ``to_hf`` writes a directory that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads. The per-family mappings are in
 ``hf_gpt2`` and ``hf_llama``; the file work in ``hf_read`` and ``hf_write``.
 """

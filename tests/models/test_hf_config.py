@@ -39,8 +39,10 @@ def test_defaults_are_transformers_defaults(model_type):
 HARMLESS = {
     "llama": ({"use_cache": False, "bos_token_id": 5, "eos_token_id": [6, 7], "pad_token_id": 0},
               {"pretraining_tp": 2, "torch_dtype": "bfloat16", "transformers_version": "4.43.1"}),
-    # Qwen configs carry a window that applies only with use_sliding_window; Qwen2.5's carry use_mrope.
-    "qwen2": ({"sliding_window": 4, "max_window_layers": 1, "initializer_range": 0.01}, {"use_mrope": False}),
+    # Published Qwen2.5 configs (transformers 4.x, no layer_types) carry a window that applies only
+    # with use_sliding_window, and use_mrope.
+    "qwen2": ({"initializer_range": 0.01},
+              {"use_sliding_window": False, "sliding_window": 4, "max_window_layers": 1, "use_mrope": False}),
 }
 
 
@@ -50,6 +52,7 @@ def test_harmless_fields_are_accepted(tmp_path, kind):
     hf = hf_model(kind, **hf_fields)
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("layer_types", None)
     (tmp_path / "config.json").write_text(json.dumps({**config, **written_fields}))
     ours = from_hf(tmp_path)
     assert ours.config.sliding_window is None
