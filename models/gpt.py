@@ -16,7 +16,6 @@ from .attention import Attention
 from .config import GPTConfig
 from .generate import generate
 from .loss import check_token_ids, lm_loss
-from .hf import read_hf
 from .weights import read_safetensors, write_safetensors
 
 # lm_head.weight is transformer.wte.weight; checkpoints store the tensor once, under the value.
@@ -185,10 +184,11 @@ class GPT(nn.Module):
         sharded safetensors, or pytorch_model.bin; transformers is not needed), or a
         ``transformers`` GPT2LMHeadModel / GPT2Model object. overrides replace GPTConfig fields
         derived from the HF config, e.g. ``attention="math"`` or ``dropout=0.0``. The model is on
-        the CPU, in the dtype of the source's weights.
+        the CPU, in the dtype of the source's weights. ``parallax.models.from_hf`` reads every family.
         """
-        config, state = read_hf(source, **overrides)
-        return cls._from_state(config, state, "cpu")
+        from .hf import load_hf  # models.hf imports this module
+
+        return load_hf(source, overrides, cls)
 
     @classmethod
     def _from_state(

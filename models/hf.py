@@ -1,114 +1,166 @@
-"""Hugging Face GPT-2 import: map HF config fields and weight names onto GPTConfig and GPT's.
+"""Hugging Face import and export for every family: ``from_hf`` and ``to_hf``.
 
-Reads a ``save_pretrained`` directory directly (transformers not needed) or takes a
-``transformers`` GPT2LMHeadModel / GPT2Model object, duck-typed (transformers is never imported).
+``from_hf`` reads a ``save_pretrained`` directory (config.json plus model.safetensors, sharded
+safetensors with model.safetensors.index.json, or pytorch_model.bin) or takes a transformers model
+object, duck-typed: transformers is never imported. It dispatches on config.json's ``model_type``
+(or ``architectures``) to GPT (gpt2) or Llama (llama, mistral, qwen2, qwen3), builds the model on
+the meta device, allocates it in the checkpoint's dtype and copies the weights in one tensor at a
+time, shard by shard, so a directory's weights are never held twice in memory. ``to_hf`` writes a directory that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads. The per-family mappings are in
+``hf_gpt2`` and ``hf_llama``; the file work in ``hf_read`` and ``hf_write``.
 """
 
 import json
 import os
-from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .config import GPTConfig
-from .weights import require_safetensors
+from . import hf_gpt2, hf_llama
+from .hf_read import (
+    WeightSource,
+    load_weights,
+    materialize,
+    open_directory,
+    open_state_dict,
+    plan_load,
+    unique_tensors,
+)
+from .hf_write import CONFIG_FILE, parse_size, write_hf_directory
+from .llama_config import MODEL_TYPES
 
-# HF activation names that compute GPT-2's tanh-approximated GELU.
-TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# config.json's model_type -> the module that maps that architecture.
+FAMILIES: dict[str, ModuleType] = {"gpt2": hf_gpt2, **dict.fromkeys(MODEL_TYPES, hf_llama)}
+ARCHITECTURES: dict[str, str] = {**hf_gpt2.ARCHITECTURES, **hf_llama.ARCHITECTURES}
 
-# HF's Conv1D stores weights as (in, out); nn.Linear stores (out, in).
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-# HF config fields that change the computation, with the only value GPT supports.
-_REQUIRED_HF_VALUES = {
-    "scale_attn_weights": True,
-    "scale_attn_by_inverse_layer_idx": False,
-    "add_cross_attention": False,
-    "tie_word_embeddings": True,
-}
-
-
-def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
-    """GPTConfig for an HF GPT-2 config (the dict in config.json); overrides replace fields."""
-    model_type = hf_config.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"HF model_type must be 'gpt2'; got {model_type!r}")
-    activation = hf_config.get("activation_function", "gelu_new")
-    if activation not in TANH_GELU_NAMES:
-        raise ValueError(f"HF activation_function must be one of {list(TANH_GELU_NAMES)}; got {activation!r}")
-    for name, required in _REQUIRED_HF_VALUES.items():
-        if hf_config.get(name, required) != required:
-            raise ValueError(f"HF {name} must be {required} to import into GPT; got {hf_config[name]!r}")
-    n_embd = hf_config["n_embd"]
-    if hf_config.get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(
-            f"HF n_inner must be None or 4 * n_embd = {4 * n_embd}; got {hf_config['n_inner']!r}"
-        )
-    fields: dict[str, Any] = dict(
-        block_size=hf_config["n_positions"],
-        vocab_size=hf_config["vocab_size"],
-        n_layer=hf_config["n_layer"],
-        n_head=hf_config["n_head"],
-        n_embd=n_embd,
-        bias=True,
-        layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
-    )
-    if "dropout" not in overrides:
-        # GPT has one dropout probability; HF has three that are equal in every GPT-2 release.
-        pdrops = {k: hf_config.get(k, 0.1) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
-        if len(set(pdrops.values())) != 1:
-            raise ValueError(f"HF dropouts differ ({pdrops}); pass dropout=... to choose GPTConfig.dropout")
-        fields["dropout"] = pdrops["resid_pdrop"]
-    return GPTConfig.from_dict({**fields, **overrides})
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
 
-def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPT state dict (tied embedding stored once, under transformer.wte.weight) from HF tensors.
+def from_hf(source: "str | os.PathLike | nn.Module", **overrides: Any) -> nn.Module:
+    """A parallax model (GPT or Llama) with the weights of a Hugging Face model.
 
-    Accepts GPT2LMHeadModel names (``transformer.h.0...``) and GPT2Model / hub names (``h.0...``).
-    Returns views of the HF tensors (Conv1D weights transposed); loading copies them.
+    source: a directory written by ``save_pretrained`` (transformers is not needed) or a
+    transformers GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or
+    Qwen3ForCausalLM object (or their base ``*Model``). overrides replace fields of the config
+    derived from the HF one, e.g. ``attention="math"`` or ``dropout=0.0``. The model is on the
+    CPU, in the dtype of the source's embedding, and owns its weights. Raises ValueError naming the
+    field of an HF config parallax cannot compute as transformers does, or every missing,
+    unexpected or wrongly shaped tensor and its file.
     """
-    state = {}
-    for key, tensor in hf_state.items():
-        if key == "lm_head.weight":
-            continue  # tied to wte (tie_word_embeddings is checked in config_from_hf)
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers that older transformers versions saved
-        name = key if key.startswith("transformer.") else "transformer." + key
-        state[name] = tensor.t() if name.endswith(_CONV1D_SUFFIXES) else tensor
-    return state
+    return load_hf(source, overrides)
 
 
-def read_hf(
-    source: "str | os.PathLike | nn.Module", **overrides: Any
-) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(GPTConfig, GPT state dict) from a save_pretrained directory or an HF model object."""
+def load_hf(source: "str | os.PathLike | nn.Module", overrides: dict[str, Any],
+            model_class: type[nn.Module] | None = None) -> nn.Module:
+    """``from_hf``, refusing a source of another model class than model_class when it is given."""
+    hf_config, config_where = _read_config(source)
+    model_type = hf_model_type(hf_config, config_where)
+    hf_config = {**hf_config, "model_type": model_type}
+    family = FAMILIES[model_type]
+    if model_class is not None and family.MODEL_CLASS is not model_class:
+        raise ValueError(f"{config_where} describes a {model_type!r} model, not a "
+                         f"{model_class.__name__}; use parallax.models.from_hf")
+    try:
+        config = family.config_from_hf(hf_config, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{config_where}: {e}") from e
+    weights = _open_weights(source)
+    with torch.device("meta"):
+        model = family.MODEL_CLASS(config)
+    plan = plan_load(model, weights, lambda name: family.import_name(name, config),
+                     lambda name: family.export_name(name, config), family.transposed,
+                     what=f"the {config.__class__.__name__} of {config_where}")
+    materialize(model, weights.index[plan[family.EMBEDDING]].dtype)
+    load_weights(model, weights, plan, family.transposed)
+    return model
+
+
+def hf_model_type(hf_config: dict[str, Any], where: str) -> str:
+    """The supported model_type of an HF config (from ``architectures`` when it has none), or a
+    ValueError naming ``where`` and the field that makes it unsupported."""
+    architectures = hf_config.get("architectures") or []
+    unknown = [a for a in architectures if a not in ARCHITECTURES]
+    if unknown:
+        raise ValueError(f"{where}: HF architectures {unknown} are not supported; parallax imports "
+                         f"{sorted(ARCHITECTURES)}")
+    model_type = hf_config.get("model_type") or (ARCHITECTURES[architectures[0]] if architectures else None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"{where}: HF model_type {model_type!r} is not supported; parallax imports "
+                         f"{sorted(FAMILIES)}")
+    if hf_config.get("quantization_config"):
+        raise ValueError(f"{where}: HF quantization_config is set; parallax imports unquantized weights only")
+    custom = {"AutoModel", "AutoModelForCausalLM"} & set(hf_config.get("auto_map") or {})
+    if custom:
+        raise ValueError(f"{where}: HF auto_map names custom modeling code for {sorted(custom)}; parallax "
+                         "computes the built-in architecture only")
+    return model_type
+
+
+def _read_config(source: "str | os.PathLike | nn.Module") -> tuple[dict[str, Any], str]:
+    """(HF config dict, what to name in messages about it) of a directory or a transformers model."""
     if isinstance(source, (str, os.PathLike)):
-        hf_config, hf_state = _read_hf_directory(os.fspath(source))
-    else:
-        hf_config, hf_state = source.config.to_dict(), source.state_dict()
-    return config_from_hf(hf_config, **overrides), state_dict_from_hf(hf_state)
+        config_file = os.path.join(os.fspath(source), CONFIG_FILE)
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {os.fspath(source)!r}: from_hf reads a save_pretrained "
+                                    "directory")
+        with open(config_file) as f:
+            try:
+                return json.load(f), config_file
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+    if not (hasattr(source, "state_dict") and hasattr(getattr(source, "config", None), "to_dict")):
+        raise TypeError(f"from_hf expects a directory or a transformers model (with .config and .state_dict()); "
+                        f"got {type(source).__name__}")
+    return source.config.to_dict(), f"the config of the {type(source).__name__} object"
 
 
-def _read_hf_directory(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    with open(os.path.join(directory, "config.json")) as f:
-        hf_config = json.load(f)
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    pickled = os.path.join(directory, "pytorch_model.bin")
-    if os.path.exists(single):
-        return hf_config, require_safetensors().load_file(single)
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(require_safetensors().load_file(os.path.join(directory, shard)))
-        return hf_config, state
-    if os.path.exists(pickled):
-        return hf_config, torch.load(pickled, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {directory!r}"
-    )
+def _open_weights(source: "str | os.PathLike | nn.Module") -> WeightSource:
+    if isinstance(source, (str, os.PathLike)):
+        return open_directory(os.fspath(source))
+    return open_state_dict(source.state_dict(), f"the {type(source).__name__} object")
+
+
+def to_hf(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+          ) -> Path:
+    """Write model (a parallax GPT or Llama) as a Hugging Face directory that
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads: config.json, and
+    model.safetensors or, beyond max_shard_size (bytes, or a string such as "5GB"), shards plus
+    model.safetensors.index.json; tied weights are stored once. Written atomically (see
+    ``hf_write``); other files of an existing model directory (tokenizer...) are kept.
+    ValueError naming a config field the model's HF architecture cannot express. Returns the path.
+    """
+    family = _family_of(model)
+    max_bytes = parse_size(max_shard_size)
+    hf_config = family.config_to_hf(model.config)
+    ours = _checked_tensors(model, family)
+    tensors = {family.export_name(name, model.config): t for name, t in ours.items()}
+    transpose = {family.export_name(name, model.config) for name in ours if family.transposed(name)}
+    hf_config["dtype"] = str(ours[family.EMBEDDING].dtype).removeprefix("torch.")
+    return write_hf_directory(directory, hf_config, tensors, lambda name, t: t.t() if name in transpose else t,
+                              max_bytes)
+
+
+def _family_of(model: nn.Module) -> ModuleType:
+    for family in (hf_gpt2, hf_llama):
+        if isinstance(model, family.MODEL_CLASS):
+            return family
+    raise TypeError(f"to_hf expects a parallax GPT or Llama model; got {type(model).__name__} "
+                    "(an adapter-wrapped model must be merged first)")
+
+
+def _checked_tensors(model: nn.Module, family: ModuleType) -> dict[str, torch.Tensor]:
+    """The model's tensors (tied ones once), or ValueError when they are not the full tensors its
+    config describes (e.g. a ZeRO-sharded model: gather its full state first)."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in unique_tensors(family.MODEL_CLASS(model.config)).items()}
+    tensors = unique_tensors(model)
+    actual = {name: tuple(t.shape) for name, t in tensors.items()}
+    differ = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+    if differ:
+        details = ", ".join(f"{n}: {list(actual[n]) if n in actual else 'absent'} (config: "
+                            f"{list(expected[n]) if n in expected else 'absent'})" for n in differ[:10])
+        raise ValueError(f"to_hf: the model's tensors are not the full tensors of its config: {details}")
+    return tensors

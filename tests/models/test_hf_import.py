@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parallax.models import GPT
-from parallax.models.hf import config_from_hf
+from parallax.models.hf_gpt2 import config_from_hf
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
