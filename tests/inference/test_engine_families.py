@@ -2,7 +2,7 @@
 own modules, and greedy decoding equals (a) recomputing the full forward without a cache and
 (b) Hugging Face ``generate`` on the same random weights, for 32 new tokens.
 
-Tiny fp32 models on CPU; head size 16 so the paged kernels take it; GQA everywhere; the Mistral
+Tiny fp32 models on CPU; head size 16 so the paged kernels take it; GQA but in GPT-2; the Mistral
 model's sliding window (24) is shorter than the context (64), so windows cut during prefill,
 chunked prefill and decode.
 """
@@ -41,7 +41,7 @@ def build(family: str) -> torch.nn.Module:
     projections and the final norm's gain are scaled up."""
     torch.manual_seed(0)
     if family == "gpt2":
-        model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+        model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64))  # GPT-2 has no GQA
         blocks, final_norm = model.transformer.h, model.transformer.ln_f
         boosts = [("attn.c_attn.weight", 8), ("attn.c_proj.weight", 30), ("mlp.c_proj.weight", 30)]
     else:
