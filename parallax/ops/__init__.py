@@ -6,21 +6,25 @@ import torch
 
 from parallax.ops import adamw as _adamw
 from parallax.ops import flash_attention as _flash_attention
+from parallax.ops import linear_cross_entropy as _linear_cross_entropy
 from parallax.ops import paged_attention as _paged_attention
 from parallax.ops import stream as _stream
 from parallax.ops import unscale as _unscale
 from parallax.ops.adamw import adamw_, adamw_ref
 from parallax.ops.flash_attention import (flash_attention, flash_attention_ref, flash_attention_varlen,
                                           flash_attention_varlen_ref)
+from parallax.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from parallax.ops.paged_attention import paged_attention, paged_attention_ref, reshape_and_cache, reshape_and_cache_ref
 from parallax.ops.stream import stream_triad_, stream_triad_ref
 from parallax.ops.unscale import unscale_, unscale_ref
 
 __all__ = ["adamw_", "adamw_ref", "flash_attention", "flash_attention_ref", "flash_attention_varlen",
-           "flash_attention_varlen_ref", "paged_attention", "paged_attention_ref", "reshape_and_cache",
-           "reshape_and_cache_ref", "stream_triad_", "stream_triad_ref", "unscale_", "unscale_ref", "backend"]
+           "flash_attention_varlen_ref", "linear_cross_entropy", "linear_cross_entropy_ref", "paged_attention",
+           "paged_attention_ref", "reshape_and_cache", "reshape_and_cache_ref", "stream_triad_", "stream_triad_ref",
+           "unscale_", "unscale_ref", "backend"]
 
 _BACKENDS = {"adamw": _adamw.backend, "flash_attention": _flash_attention.backend,
+             "linear_cross_entropy": _linear_cross_entropy.backend,
              "paged_attention": _paged_attention.backend,
              "reshape_and_cache": _paged_attention.reshape_and_cache_backend, "stream_triad": _stream.backend,
              "unscale": _unscale.backend}
