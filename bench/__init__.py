@@ -38,6 +38,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "activation checkpointing on the reference GPT: saved activation bytes and step time, none vs every "
         "block vs every 2nd block",
     ),
+    "kernels": (
+        ".kernels",
+        "fused kernels (linear+cross-entropy, RMSNorm, rotary, SwiGLU) vs the PyTorch composition and Liger-Kernel: "
+        "fwd/bwd time and peak memory",
+    ),
     "memory": (
         ".memory",
         "per-rank peak memory and step time of fp32/bf16 x ZeRO stage 0-3 x offload x checkpointing on 2 gloo ranks: "

@@ -3,7 +3,7 @@
 #   1. build parallax._C with its CUDA kernels (sm_90 for the card at hand),
 #   2. run the GPU tests (the CUDA tests of AdamW, unscale, ZeRO, precision and offload on one NCCL
 #      rank, FlashAttention and PagedAttention compiled, not interpreted, the inference engine),
-#   3. run the GPU benchmarks: adamw, train, offload, attention, paged_attention, serve,
+#   3. run the GPU benchmarks: adamw, train, offload, attention, paged_attention, kernels, serve,
 #   4. print one summary table last, then exit non-zero, naming the failed steps, if any failed.
 # Results go to $OUT (the device tool's folder) or bench/results/; copy the .jsonl files back
 # into bench/results/ and name the card in the commit.
@@ -54,6 +54,9 @@ step bench-offload "$PY" -m bench offload --device cuda --steps 10
 # prefill of 512 new tokens after a 4k/16k cached prefix (paged_attention_varlen vs gather + flash).
 step bench-attention "$PY" -m bench attention --device cuda --budget 0.25
 step bench-paged "$PY" -m bench paged_attention --device cuda --budget 0.5
+# fused kernels vs their PyTorch composition and Liger-Kernel (where installed); the issue's
+# linear + cross-entropy goal at a 128k vocabulary and 8k tokens
+step bench-kernels "$PY" -m bench kernels --device cuda --budget 0.5
 # the engine on CUDA (paged kernels; HF baselines only where transformers is installed)
 step bench-serve "$PY" -m bench serve --device cuda --requests 128
 
@@ -74,7 +77,7 @@ if xml.exists():
     root = ET.parse(xml).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     print("tests: " + ", ".join(f"{k} {suite.get(k)}" for k in ("tests", "failures", "errors", "skipped")))
-for name in ("adamw", "train", "offload", "attention", "paged_attention", "serve"):
+for name in ("adamw", "train", "offload", "attention", "paged_attention", "kernels", "serve"):
     path = results / f"{name}.jsonl"
     if not path.exists():
         continue
@@ -102,6 +105,10 @@ for name in ("adamw", "train", "offload", "attention", "paged_attention", "serve
             print(f"  batch {r['batch']:<3} ctx {r['context']:<6} {r['provider']:<7} {num(r['median_us'], '9.1f')} us "
                   f"{num(r['gbps'], '6.0f')} GB/s  {num(r['of_copy'], '.2f')} of copy  "
                   f"{num(r.get('vs_sdpa'), '.2f')}x sdpa")
+        elif name == "kernels":
+            print(f"  {r['case']:<21} {r['provider']:<9} f+b {num(r.get('fwdbwd_ms'), '8.3f')} ms "
+                  f"{num(r.get('vs_torch'), '5.2f')}x torch  peak {num(r['fwdbwd_peak_mb'], '9.1f')} MB "
+                  f"{num(r['mem_x'], '5.2f')}x less than torch")
         else:
             keep = {k: v for k, v in r.items() if isinstance(v, (int, float, str)) and k not in (
                 "timestamp", "run_id", "benchmark", "threads")}

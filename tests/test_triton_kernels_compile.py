@@ -23,8 +23,10 @@ from pathlib import Path
 KERNELS = Path(__file__).resolve().parents[1] / "parallax" / "kernels"
 SM90_SMEM = 232448  # bytes of shared memory one H100/H200 thread block may opt into (227 KiB)
 FLASH_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-PAGED_POINTERS = {"bt_ptr": "i32", "ctx_ptr": "i32", "cu_q_ptr": "i32", "part_acc_ptr": "fp32", "part_m_ptr": "fp32",
-                  "part_l_ptr": "fp32", "slot_ptr": "i64"}
+# pointers whose element type is fixed (others take the job's dtype)
+TYPED_POINTERS = {"bt_ptr": "i32", "ctx_ptr": "i32", "cu_q_ptr": "i32", "part_acc_ptr": "fp32", "part_m_ptr": "fp32",
+                  "part_l_ptr": "fp32", "slot_ptr": "i64", "targets_ptr": "i64", "loss_ptr": "fp32",
+                  "scale_ptr": "fp32"}
 # paged_attention_varlen: name -> (dtype, max_seqlen_q, GQA group, head dim, block size, sliding window),
 # compiled with the launcher's configuration (launch_config)
 VARLEN_CASES = {"bf16-d128-gqa4-prefill-window": ("bf16", 512, 4, 128, 16, True),
@@ -76,6 +78,11 @@ def _jobs() -> dict[str, tuple]:
     jobs["reshape-and-cache"] = ("paged_attention", "_reshape_and_cache", "fp16",
                                  dict(NUM_KV_HEADS=3, HEADS_PAD=4, HEAD_DIM=64, DIM_PAD=64, BLOCK_SIZE=16), 4, 2)
     jobs.update(_fused_jobs())
+    # the launcher's widest block (a 128k vocabulary) and a narrow one without the gradient pass
+    jobs["cross-entropy-bf16-grad"] = ("cross_entropy", "_cross_entropy_fwd_bwd", "bf16",
+                                       dict(COMPUTE_GRAD=True, BLOCK_V=8192), 16, 3)
+    jobs["cross-entropy-fp32-loss"] = ("cross_entropy", "_cross_entropy_fwd_bwd", "fp32",
+                                       dict(COMPUTE_GRAD=False, BLOCK_V=1024), 4, 3)
     return jobs
 
 
@@ -121,15 +128,15 @@ def _compile(job: tuple) -> dict:
             signature[name] = "constexpr"
         elif name in types:
             signature[name] = types[name]
-        elif name in FLASH_POINTERS or name.endswith("_ptr") and name not in PAGED_POINTERS:
+        elif name in FLASH_POINTERS or name.endswith("_ptr") and name not in TYPED_POINTERS:
             signature[name] = "*" + dtype
         elif name in ("LSE", "DELTA") or name in ("CU_Q", "CU_K") and not const.get("VARLEN"):
             signature[name] = "*fp32"
         elif name in ("CU_Q", "CU_K"):
             signature[name] = "*i32"
-        elif name in PAGED_POINTERS:
-            signature[name] = "*" + PAGED_POINTERS[name]
-        elif "scale" in name:
+        elif name in TYPED_POINTERS:
+            signature[name] = "*" + TYPED_POINTERS[name]
+        elif "scale" in name and not name.startswith("stride"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

@@ -1,0 +1,430 @@
+"""Fused kernels against the PyTorch composition (and Liger-Kernel): time and peak memory, forward and backward.
+
+One small entry per case in ``CASES``: the ``px.ops`` function it measures, how to make its
+inputs, the PyTorch composition it replaces and Liger-Kernel's counterpart. Providers, on the
+same values (each on its own copy of the inputs):
+
+* ``parallax``: ``px.ops.<op>`` as dispatched for the device (``backend`` column);
+* ``torch``: the PyTorch composition the models would otherwise run; every ratio is against it;
+* ``liger``: Liger-Kernel's functional op, on CUDA when ``liger_kernel`` imports (its kernels
+  are GPU Triton kernels: on CPU it is reported as unavailable).
+
+A case whose op is not in ``px.ops`` (yet) is skipped with a note, so the benchmark runs in a
+tree that has only some of the fused ops.
+
+Measured per provider:
+
+* time (CUDA): ``fwd`` (a training forward: inputs require grad), ``bwd`` (``autograd.grad`` of
+  a kept forward, retain_graph) and ``fwd+bwd``, interleaved round-robin (``bench.timing``),
+  medians; ``vs torch`` = the provider's fwd+bwd median / torch's. On CPU the kernels do not run
+  (the ops take their plain-PyTorch paths), so only memory is measured, except that ``--quick``
+  also times its tiny shapes to keep every code path of this file alive (numbers that measure
+  nothing);
+* peak memory of one forward (``fwd peak``) and of one forward + backward (``f+b peak``): the
+  highest bytes allocated during the call above what was allocated before it (the inputs), the
+  outputs and gradients included. CUDA: ``torch.cuda.max_memory_allocated``. CPU:
+  ``parallax.planner.CpuMemoryProfile``, which replays ``torch.profiler``'s memory events (every
+  allocation and free of torch's CPU allocator made during the call, in order) to the exact
+  peak; ``mem saved`` = torch's f+b peak / the provider's;
+* ``max diff``: the largest difference of the provider's output and input gradients from torch's.
+
+Goal (issue 10, reported in the ``goals`` note, not asserted): linear_cross_entropy at a 128k
+vocabulary and 8k tokens uses >= 4x less peak memory than ``F.cross_entropy(lm_head(x))`` at
+<= 1.1x its time on GPU; on CPU (memory only) the same vocabulary with fewer tokens, sized to
+run in seconds on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .table import Column
+from .timing import interleave, synchronize
+
+MB = 2**20
+PROVIDERS = ("parallax", "torch", "liger")
+MODES = ("fwd", "bwd", "fwd+bwd")
+GOAL_MEMORY_X = 4.0
+GOAL_TIME_X = 1.1
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+COLUMNS = [
+    Column("case", "case"),
+    Column("shape", "shape"),
+    Column("dtype", "dtype"),
+    Column("provider", "provider"),
+    Column("backend", "backend"),
+    Column("fwd_ms", "fwd [ms]", ".3f"),
+    Column("bwd_ms", "bwd [ms]", ".3f"),
+    Column("fwdbwd_ms", "f+b [ms]", ".3f"),
+    Column("vs_torch", "vs torch [x]", ".2f"),
+    Column("fwd_peak_mb", "fwd peak [MB]", ".1f"),
+    Column("fwdbwd_peak_mb", "f+b peak [MB]", ".1f"),
+    Column("mem_x", "mem saved [x]", ".2f"),
+    Column("max_diff", "max diff", ".1e"),
+]
+
+Tensor = torch.Tensor
+Inputs = tuple[list[Tensor], dict[str, Any]]  # (tensors that get gradients, other arguments)
+
+
+# --------------------------------------------------------------------------------------------
+# the cases: inputs, the PyTorch composition, Liger-Kernel's function
+
+
+@dataclass(frozen=True)
+class Case:
+    """One fused op: ``make(shape, device, dtype, gen)`` builds its inputs; ``parallax_fn``,
+    ``torch_fn`` and ``liger_fn`` map (leaves, others) to the output (a tensor or a tuple, in one
+    layout for all providers); ``liger_fn`` imports liger_kernel when called. ``shapes`` by
+    setting ('cuda', 'cpu', 'quick'), ``dtypes`` by device type."""
+
+    name: str
+    op: str
+    make: Callable[[dict, torch.device, torch.dtype, torch.Generator], Inputs]
+    parallax_fn: Callable[[list[Tensor], dict], Any]
+    torch_fn: Callable[[list[Tensor], dict], Any]
+    liger_fn: Callable[[list[Tensor], dict], Any]
+    shapes: dict[str, dict]
+    dtypes: dict[str, str]
+
+
+def _randn(shape, device, dtype, gen, scale=1.0) -> Tensor:
+    return (torch.randn(shape, generator=gen, device=device) * scale).to(dtype)
+
+
+def _lce_inputs(s, device, dtype, gen) -> Inputs:
+    x = _randn((s["tokens"], s["hidden"]), device, dtype, gen)
+    weight = _randn((s["vocab"], s["hidden"]), device, dtype, gen, scale=s["hidden"] ** -0.5)
+    targets = torch.randint(0, s["vocab"], (s["tokens"],), generator=gen, device=device)
+    return [x, weight], {"targets": targets}
+
+
+def _liger_lce(leaves, o):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(*leaves, o["targets"])
+
+
+def _rms_norm_inputs(s, device, dtype, gen) -> Inputs:
+    x = _randn((s["tokens"], s["hidden"]), device, dtype, gen)
+    weight = (1.0 + _randn((s["hidden"],), device, torch.float32, gen, scale=0.1)).to(dtype)
+    return [x, weight], {"eps": 1e-6}
+
+
+def _torch_rms_norm(leaves, o):
+    """transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale."""
+    x, weight = leaves
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + o["eps"])
+    return weight * h.to(x.dtype)
+
+
+def _liger_rms_norm(leaves, o):
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    return liger_rms_norm(*leaves, o["eps"], in_place=False)
+
+
+def _rotary_inputs(s, device, dtype, gen) -> Inputs:
+    b, t, d = s["batch"], s["seq"], s["head_dim"]
+    q = _randn((b, t, s["heads"], d), device, dtype, gen)
+    k = _randn((b, t, s["kv_heads"], d), device, dtype, gen)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    angles = torch.arange(t, device=device, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    cos = angles.cos().expand(b, t, d // 2).contiguous()
+    sin = angles.sin().expand(b, t, d // 2).contiguous()
+    return [q, k], {"cos": cos, "sin": sin}
+
+
+def _torch_rotary(leaves, o):
+    """transformers' apply_rotary_pos_emb (rotate_half; cos/sin in the inputs' dtype) on (B, T, H, D)."""
+    cos = torch.cat([o["cos"], o["cos"]], dim=-1)[:, :, None, :]  # (B, T, 1, D)
+    sin = torch.cat([o["sin"], o["sin"]], dim=-1)[:, :, None, :]
+
+    def rotate(x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+    return tuple(rotate(t) for t in leaves)
+
+
+def _liger_rotary(leaves, o):
+    """Liger takes (B, H, T, D) views of (B, T, H, D) storage and half-width cos/sin with rotary_dim."""
+    from liger_kernel.transformers.functional import liger_rope
+
+    q, k = (t.transpose(1, 2) for t in leaves)
+    q, k = liger_rope(q, k, o["cos"], o["sin"], rotary_dim=leaves[0].shape[-1])
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def _swiglu_inputs(s, device, dtype, gen) -> Inputs:
+    return [_randn((s["tokens"], s["ffn"]), device, dtype, gen) for _ in range(2)], {}
+
+
+def _liger_swiglu(leaves, o):
+    from liger_kernel.transformers.functional import liger_swiglu
+
+    return liger_swiglu(*leaves)
+
+
+def _px(op: str) -> Callable[..., Any]:
+    import parallax as px
+
+    return getattr(px.ops, op)
+
+
+CASES = [
+    Case("linear_cross_entropy", "linear_cross_entropy", _lce_inputs,
+         parallax_fn=lambda leaves, o: _px("linear_cross_entropy")(*leaves, o["targets"]),
+         torch_fn=lambda leaves, o: F.cross_entropy(F.linear(*leaves).float(), o["targets"]),
+         liger_fn=_liger_lce,
+         # cpu: a 128k vocabulary with tokens / hidden as on the GPU (2), a few seconds per call
+         shapes={"cuda": dict(tokens=8192, hidden=4096, vocab=128256),
+                 "cpu": dict(tokens=512, hidden=256, vocab=128256),
+                 "quick": dict(tokens=64, hidden=32, vocab=1000)},
+         dtypes={"cuda": "bf16", "cpu": "fp32"}),
+    Case("rms_norm", "rms_norm", _rms_norm_inputs,
+         parallax_fn=lambda leaves, o: _px("rms_norm")(*leaves, o["eps"]),
+         torch_fn=_torch_rms_norm, liger_fn=_liger_rms_norm,
+         shapes={"cuda": dict(tokens=16384, hidden=4096), "cpu": dict(tokens=2048, hidden=1024),
+                 "quick": dict(tokens=64, hidden=128)},
+         dtypes={"cuda": "bf16", "cpu": "fp32"}),
+    Case("rotary_embedding", "rotary_embedding", _rotary_inputs,
+         parallax_fn=lambda leaves, o: tuple(_px("rotary_embedding")(*leaves, o["cos"], o["sin"])),
+         torch_fn=_torch_rotary, liger_fn=_liger_rotary,
+         shapes={"cuda": dict(batch=4, seq=4096, heads=32, kv_heads=8, head_dim=128),
+                 "cpu": dict(batch=1, seq=512, heads=8, kv_heads=2, head_dim=64),
+                 "quick": dict(batch=1, seq=16, heads=4, kv_heads=2, head_dim=16)},
+         dtypes={"cuda": "bf16", "cpu": "fp32"}),
+    Case("swiglu", "swiglu", _swiglu_inputs,
+         parallax_fn=lambda leaves, o: _px("swiglu")(*leaves),
+         torch_fn=lambda leaves, o: F.silu(leaves[0]) * leaves[1], liger_fn=_liger_swiglu,
+         shapes={"cuda": dict(tokens=16384, ffn=14336), "cpu": dict(tokens=1024, ffn=2048),
+                 "quick": dict(tokens=32, ffn=64)},
+         dtypes={"cuda": "bf16", "cpu": "fp32"}),
+]
+
+
+def _shape_text(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+# --------------------------------------------------------------------------------------------
+# measuring one provider
+
+
+def _as_tuple(out: Any) -> tuple[Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+class _Provider:
+    """One provider's leaves (its own copies, requiring grad), the output gradients and its calls;
+    ``kept`` (set for timing) is a forward whose graph ``bwd`` reuses."""
+
+    def __init__(self, fn: Callable, leaves: list[Tensor], others: dict) -> None:
+        self.fn, self.others = fn, others
+        self.leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        self.grad_outs: tuple[Tensor, ...] = ()
+        self.kept: tuple[Tensor, ...] = ()
+
+    def fwd(self) -> tuple[Tensor, ...]:
+        return _as_tuple(self.fn(self.leaves, self.others))
+
+    def bwd(self) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(self.kept, self.leaves, self.grad_outs, retain_graph=True)
+
+    def fwd_bwd(self) -> tuple[Tensor, ...]:
+        """The outputs and the gradients of every leaf."""
+        out = self.fwd()
+        return tuple(o.detach() for o in out) + torch.autograd.grad(out, self.leaves, self.grad_outs)
+
+
+def _output_grads(outputs: tuple[Tensor, ...], gen: torch.Generator) -> tuple[Tensor, ...]:
+    """1 for a loss (as loss.backward() passes), a random gradient for other outputs."""
+    return tuple(torch.ones_like(o) if o.dim() == 0 else
+                 torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype) for o in outputs)
+
+
+def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[int, Any]:
+    """(highest bytes allocated while ``fn`` runs above what was allocated before, its result);
+    see the module doc for how."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, result
+    from parallax.planner import CpuMemoryProfile
+
+    prof = CpuMemoryProfile()
+    with prof:
+        result = fn()
+    return prof.peak()[0], result
+
+
+def _max_diff(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> float:
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want) if a.numel())
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def add_arguments(parser: argparse._ArgumentGroup) -> None:
+    names = ",".join(c.name for c in CASES)
+    parser.add_argument("--cases", default=names, help=f"comma-separated subset of {names}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)} "
+                                                                         "(torch, the baseline, always runs)")
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timed rounds per case and mode (CUDA)")
+
+
+def _liger_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "needs CUDA (Liger-Kernel's ops are GPU Triton kernels)"
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as exc:
+        return f"liger_kernel is not installed (pip install liger-kernel, in the bench extra): {exc}"
+    return None
+
+
+def _backend_name(op: str, device: torch.device) -> str | None:
+    from parallax import ops
+
+    try:
+        name = ops.backend(op, device)
+    except ValueError:  # an op without a backend entry
+        return None
+    return f"{name} (interpreted)" if name == "triton" and device.type == "cpu" else name
+
+
+def _selected(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in chosen if p not in allowed]
+    if bad:
+        raise ValueError(f"--{what}: unknown {bad}; allowed: {', '.join(allowed)}")
+    return chosen
+
+
+def run(ctx) -> Iterator[dict]:
+    import parallax as px
+
+    device, args = ctx.device, ctx.args
+    cases = _selected(args.cases, tuple(c.name for c in CASES), "cases")
+    providers = ["torch"] + [p for p in _selected(args.providers, PROVIDERS, "providers") if p != "torch"]
+    liger_problem = _liger_problem(device)
+    if "liger" in providers and liger_problem:
+        providers.remove("liger")
+        ctx.skip("liger", liger_problem)
+    elif "liger" in providers:
+        import importlib.metadata
+
+        ctx.add_version("liger-kernel", importlib.metadata.version("liger-kernel"))
+    timed = device.type == "cuda" or ctx.quick
+    setting = "quick" if ctx.quick else device.type
+    ctx.note("memory", "peak bytes allocated during the call above those allocated before it (inputs excluded, "
+                       "outputs and gradients included): " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                                                               else "parallax.planner.CpuMemoryProfile (torch.profiler "
+                                                                    "memory events of the CPU allocator, replayed)"))
+    if not timed:
+        ctx.note("time", "not measured on CPU (the fused kernels run on GPUs; on CPU the ops take their "
+                         "plain-PyTorch paths): memory only")
+    elif device.type == "cpu":
+        ctx.note("time", "--quick on CPU: tiny shapes that keep every code path alive; the times measure nothing")
+    runnable = []
+    for case in CASES:  # skips noted before the first row, so that every record carries them
+        if case.name not in cases:
+            continue
+        if hasattr(px.ops, case.op):
+            runnable.append(case)
+        else:
+            ctx.skip(case.name, f"px.ops.{case.op} does not exist in this tree (not merged yet)")
+    for case in runnable:
+        rows = list(_measure_case(ctx, case, providers, setting, timed))
+        if case.name == "linear_cross_entropy" and not ctx.quick:
+            ctx.note("goals", _lce_goal(rows, device))
+        yield from rows
+
+
+def _measure_case(ctx, case: Case, providers: list[str], setting: str, timed: bool) -> Iterator[dict]:
+    device = ctx.device
+    shape = case.shapes[setting]
+    dtype_name = case.dtypes[device.type]
+    gen = torch.Generator(device=device).manual_seed(0)
+    leaves, others = case.make(shape, device, DTYPES[dtype_name], gen)
+    ctx.log(f"{case.name}: {_shape_text(shape)} {dtype_name}: {', '.join(providers)}")
+
+    made: dict[str, _Provider] = {}
+    peaks: dict[str, tuple[int, int]] = {}
+    results: dict[str, tuple[Tensor, ...]] = {}
+    grad_outs = None
+    for name in providers:  # torch first: its outputs fix the output gradients every provider gets
+        provider = _Provider(getattr(case, f"{name}_fn"), leaves, others)
+        try:
+            fwd_peak, outputs = _peak_bytes(provider.fwd, device)
+            provider.grad_outs = grad_outs = grad_outs or _output_grads(outputs, gen)
+            del outputs
+            fwd_bwd_peak, outputs_and_grads = _peak_bytes(provider.fwd_bwd, device)
+            if timed:
+                provider.kept = provider.fwd()
+        except Exception as exc:  # a provider that cannot run this case here: noted, the others go on
+            if name == "torch":
+                raise
+            ctx.skip(f"{name} on {case.name}", f"{type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        made[name], peaks[name], results[name] = provider, (fwd_peak, fwd_bwd_peak), outputs_and_grads
+    diffs = {name: _max_diff(got, results["torch"]) for name, got in results.items()}
+    timings = {}
+    if timed:
+        on_cpu = device.type == "cpu"
+        for mode, method in zip(MODES, ("fwd", "bwd", "fwd_bwd")):
+            timings[mode] = interleave({name: getattr(p, method) for name, p in made.items()}, device=device,
+                                       warmup=1 if on_cpu else 3, budget_s=0.02 if on_cpu else ctx.args.budget,
+                                       min_repeat=3 if on_cpu else 5, max_repeat=100)
+
+    for name in made:
+        row = {"case": case.name, "shape": _shape_text(shape), "dtype": dtype_name, "provider": name,
+               "backend": _backend_name(case.op, device) if name == "parallax" else None, **shape,
+               "fwd_peak_mb": peaks[name][0] / MB, "fwdbwd_peak_mb": peaks[name][1] / MB,
+               "fwdbwd_peak_bytes": peaks[name][1], "mem_x": peaks["torch"][1] / max(peaks[name][1], 1),
+               "max_diff": diffs[name]}
+        for mode, key in zip(MODES, ("fwd", "bwd", "fwdbwd")):
+            if timings:
+                t = timings[mode][name]
+                row.update({f"{key}_ms": t.median_ms, f"{key}_p20_ms": t.p20_ms, f"{key}_p80_ms": t.p80_ms})
+        if timings:
+            row["vs_torch"] = timings["fwd+bwd"][name].median_s / timings["fwd+bwd"]["torch"].median_s
+        yield row
+    del made, leaves, others, results
+    gc.collect()
+    with contextlib.suppress(Exception):
+        torch.cuda.empty_cache()
+
+
+def _lce_goal(rows: list[dict], device: torch.device) -> dict[str, str]:
+    """The issue's goal for parallax's row: memory (and on CUDA time) against torch's."""
+    row = next((r for r in rows if r["provider"] == "parallax"), None)
+    if row is None:
+        return {}
+    setting = f"vocab {row['vocab']}, {row['tokens']} tokens, hidden {row['hidden']}, {row['dtype']}"
+    if device.type == "cuda":
+        ok = row["mem_x"] >= GOAL_MEMORY_X and row["vs_torch"] <= GOAL_TIME_X
+        text = f"{row['mem_x']:.2f}x less peak memory at {row['vs_torch']:.2f}x the time"
+        goal = f">= {GOAL_MEMORY_X:g}x less peak memory at <= {GOAL_TIME_X}x time"
+    else:
+        ok = row["mem_x"] >= GOAL_MEMORY_X
+        text = f"{row['mem_x']:.2f}x less peak memory (time not measured on CPU)"
+        goal = f">= {GOAL_MEMORY_X:g}x less peak memory"
+    return {f"linear_cross_entropy ({setting}): {goal} than F.cross_entropy(lm_head(x))":
+            f"{text}, {'met' if ok else 'NOT met'}"}
