@@ -39,6 +39,7 @@ _BACKENDS = {"adamw": _adamw.backend, "flash_attention": _flash_attention.backen
              "rotary_embedding": _rotary_embedding.backend, "stream_triad": _stream.backend, "swiglu": _swiglu.backend,
              "unscale": _unscale.backend}
 
+
 def backend(op: str, device: torch.device | str = "cpu") -> str:
     """Name of the implementation ``op`` runs for tensors on ``device`` (e.g. 'cpp', 'cuda', 'triton', 'reference')."""
     if op not in _BACKENDS:

@@ -24,6 +24,9 @@ exactly 1 hands them to autograd as they are. With ``reduction='none'`` the
 output gradient is per row and must scale each row of dlogits *before* the rows are summed into
 grad_weight, so the forward computes only the losses and the backward recomputes the chunks
 with grad_output as the per-row scale (one more logits matmul per chunk; memory stays bounded).
+fp16 inputs do the same for every reduction: d loss / d logits (~ softmax / N) lies below fp16's
+smallest normal number at real sizes, so it must be multiplied by grad_output (the fp16 loss
+scale) before it is rounded to fp16, as autograd through ``F.cross_entropy(logits.float())`` does.
 
 Semantics follow ``F.cross_entropy``: 'mean' divides by the number of targets that are not
 ``ignore_index`` (NaN when there is none; the gradients are then 0), 'sum' adds, 'none' returns
@@ -331,20 +334,23 @@ def _row_scale(counted: Tensor, reduction: str) -> Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """'mean'/'sum': gradients computed in the forward, scaled by grad_output in the backward.
-    'none': the forward computes the losses only, the backward recomputes the chunks with
-    grad_output as the per-row scale."""
+    'none', and fp16 inputs: the forward computes the losses only, the backward recomputes the
+    chunks with grad_output as the (per-row) scale."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets, ignore_index, reduction, step):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.reduction = reduction
         counted = (targets != ignore_index).sum()
-        if reduction == "none":
-            ctx.save_for_backward(x, weight, bias, targets)
+        # fp16 defers too: d loss / d logits is ~ p / N, which fp16 flushes to zero unless the
+        # grad_output (the loss scale, 2**16 by default) multiplies it before it is rounded
+        ctx.deferred = reduction == "none" or x.dtype == torch.float16
+        if ctx.deferred:
+            ctx.save_for_backward(x, weight, bias, targets, counted)
             ctx.ignore_index, ctx.step = ignore_index, step
             loss, *_ = _run_chunks(x, weight, bias, targets, ignore_index, _row_scale(counted, "sum"),
                                    (False, False, False), step)
-            return loss
+            return _reduce(loss, counted, reduction)
         loss, grad_x, grad_w, grad_b = _run_chunks(x, weight, bias, targets, ignore_index,
                                                    _row_scale(counted, reduction), needs, step)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
@@ -353,10 +359,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        if ctx.reduction == "none":
-            x, weight, bias, targets = ctx.saved_tensors
-            _, grad_x, grad_w, grad_b = _run_chunks(x, weight, bias, targets, ctx.ignore_index,
-                                                    grad_output.float().contiguous(),
+        if ctx.deferred:
+            x, weight, bias, targets, counted = ctx.saved_tensors
+            scale = grad_output.float().contiguous() if ctx.reduction == "none" else \
+                grad_output.float().reshape(1) * _row_scale(counted, ctx.reduction)
+            _, grad_x, grad_w, grad_b = _run_chunks(x, weight, bias, targets, ctx.ignore_index, scale,
                                                     tuple(ctx.needs_input_grad[:3]), ctx.step)
         else:
             grad_x, grad_w, grad_b = ctx.saved_tensors
