@@ -96,14 +96,12 @@ def _read_template(path: Path) -> str:
 
 
 class ChatTemplateMixin:
-    """``apply_chat_template`` for a tokenizer with ``encode``, ``chat_templates`` (name ->
-    ``ChatTemplate``; empty means ``DEFAULT_CHAT_TEMPLATE``) and ``special_tokens`` (name -> text)."""
+    """``apply_chat_template`` for a tokenizer with ``encode(text, add_special_tokens)``,
+    ``chat_templates`` (name -> ``ChatTemplate``; empty means ``DEFAULT_CHAT_TEMPLATE``) and
+    ``special_tokens`` (name -> text)."""
 
     chat_templates: dict[str, ChatTemplate]
     special_tokens: dict[str, str]
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        raise NotImplementedError
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                             tokenize: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,

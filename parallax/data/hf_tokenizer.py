@@ -37,7 +37,7 @@ from parallax.data.cache import token_dtype
 from parallax.data.chat import ChatTemplate, ChatTemplateMixin, load_chat_templates
 from parallax.data.errors import TokenizerError
 
-__all__ = ["HFTokenizer", "SPECIAL_TOKEN_NAMES"]
+__all__ = ["HFTokenizer", "SPECIAL_TOKEN_NAMES", "tokenizers_library"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # transformers' named special tokens (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES), in its order.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 
 
 class HFTokenizer(ChatTemplateMixin):
@@ -109,14 +110,13 @@ class HFTokenizer(ChatTemplateMixin):
     def _add_missing_tokens(self) -> list[str]:
         """Add the config's added and special tokens that tokenizer.json lacks (transformers does);
         returns their texts, which change ids and so are part of ``describe()``."""
-        from tokenizers import AddedToken
-
+        AddedToken = tokenizers_library().AddedToken
         present = {t.content for t in self._backend.get_added_tokens_decoder().values()}
         wanted: list[AddedToken] = []
         decoder = self.config.get("added_tokens_decoder") or {}
         for _, fields in sorted(decoder.items(), key=lambda item: int(item[0])):
             if isinstance(fields, dict) and fields.get("content") not in present:
-                wanted.append(AddedToken(**{k: v for k, v in fields.items() if k != "__type"}))
+                wanted.append(AddedToken(**{k: v for k, v in fields.items() if k in _ADDED_TOKEN_FIELDS}))
         extra = self.config.get("extra_special_tokens") or self.config.get("additional_special_tokens") or []
         if isinstance(extra, dict):  # named: already in special_tokens
             extra = []
@@ -236,19 +236,25 @@ def _locate(path: Path) -> tuple[Path, Path]:
 def _backend_from(raw: bytes, path: Path) -> tuple[Any, dict[str, Any] | None]:
     """The Rust tokenizer of tokenizer.json's bytes, padding and truncation off, and the padding
     settings the file had (their pad token is transformers' default pad_token)."""
+    library = tokenizers_library()
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ImportError("loading a tokenizer.json needs the tokenizers library: pip install tokenizers "
-                          "(or pip install 'parallax[cli]')") from None
-    try:
-        backend = Tokenizer.from_str(raw.decode("utf-8"))
+        backend = library.Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as exc:  # the Rust library raises a plain Exception; bad UTF-8 a UnicodeDecodeError
         raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers library can read ({exc})") from None
     backend.no_truncation()  # transformers encodes untruncated and unpadded unless asked
     padding = backend.padding
     backend.no_padding()
     return backend, padding
+
+
+def tokenizers_library():
+    """The ``tokenizers`` module, or an ImportError saying how to install it (it is optional)."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError("Hugging Face tokenizers need the tokenizers library: pip install tokenizers "
+                          "(or pip install 'parallax[cli]')") from None
+    return tokenizers
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from parallax.data.chat import DEFAULT_CHAT_TEMPLATE
 from parallax.data.errors import TokenizerError
-from parallax.data.hf_tokenizer import CONFIG_FILE, TOKENIZER_FILE, HFTokenizer
+from parallax.data.hf_tokenizer import CONFIG_FILE, TOKENIZER_FILE, HFTokenizer, tokenizers_library
 
 __all__ = ["train_tokenizer", "SPECIAL_TOKENS", "MIN_VOCAB_SIZE"]
 
@@ -39,8 +39,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | os.Pat
     ``out`` must not exist, or be empty, unless ``overwrite``. Returns the written tokenizer.
     Raises ``TokenizerError`` for a bad argument or ``out``, before any training.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
+    tk = tokenizers_library()
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 bytes + "
                              f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
@@ -50,13 +49,13 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | os.Pat
     _check_out(out, overwrite)
 
     t0 = time.perf_counter()
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer = tk.Tokenizer(tk.models.BPE())
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    tokenizer.post_processor = tk.processors.ByteLevel(trim_offsets=False)
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                     special_tokens=list(SPECIAL_TOKENS),
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(documents, trainer)
     trained = tokenizer.get_vocab_size()
     if trained < vocab_size:

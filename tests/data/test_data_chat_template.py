@@ -60,7 +60,8 @@ def test_tools_tojson_namespace_loop_controls_and_kwargs(styles: dict[str, Path]
     tools = [{"type": "function", "function": {"name": "lookup", "description": "Find <b> & ünïcode",
                                                "parameters": {"type": "object", "properties": {}}}}]
     messages = [SYSTEM, {"role": "skip", "content": "hidden"}, {"role": "user", "content": "hi", "tool_calls": None},
-                {"role": "assistant", "content": "yo"}, {"role": "stop", "content": "x"}, {"role": "user", "content": "z"}]
+                {"role": "assistant", "content": "yo"}, {"role": "stop", "content": "x"},
+                {"role": "user", "content": "z"}]
     ours, ref = load_tokenizer(styles["tools"]), hf_tokenizer(styles["tools"])
     kw = dict(tools=tools, add_generation_prompt=add_generation_prompt, greeting="hey")
     text, ids = _reference(ref, messages, **kw)
@@ -129,8 +130,8 @@ def test_raise_exception_names_the_config_file(styles: dict[str, Path]):
 
 
 def test_syntax_error_names_the_jinja_file_and_line(tmp_path: Path):
-    path = write_tokenizer_dir(tmp_path / "t", config={"eos_token": "</s>"},
-                               files={"chat_template.jinja": "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"})
+    broken = "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"  # line 2: "}" instead of "}}"
+    path = write_tokenizer_dir(tmp_path / "t", config={"eos_token": "</s>"}, files={"chat_template.jinja": broken})
     tok = load_tokenizer(path)  # templates compile on first use: loading for data needs no jinja2
     with pytest.raises(TokenizerError, match=rf"{path / 'chat_template.jinja'}, line 2: chat template syntax error"):
         tok.apply_chat_template(CHATS["one user turn"])

@@ -19,7 +19,8 @@ pytest.importorskip("transformers")
 
 TEXTS = [
     "", "Hello world", " leading space", "trailing space ", "two  spaces\tand\ttabs\n\nnewlines\r\n",
-    "The quick brown fox jumps over the lazy dog.", "héllo, 世界 🚀 naïve café", "def f(x):\n    return x ** 2\n",
+    "The quick brown fox jumps over the lazy dog.", "héllo, 世界 🚀 naïve café",
+    "def f(x):\n    return x ** 2\n",
     "<|begin_of_text|>special inside<|eot_id|> text<|im_start|>user", "<s>[INST] hi [/INST]</s>", "1234567890" * 5,
 ]
 
@@ -180,3 +181,31 @@ def test_no_eos_cannot_separate_documents(tmp_path: Path, data_dir: Path):
     (data_dir / "a.txt").write_text("hello")
     with pytest.raises(TokenizerError, match="no end-of-text token.*eos_token"):
         load_dataset(data_dir, tokenizer=path)
+
+
+_WITHOUT_OPTIONAL = """
+import sys
+sys.modules["tokenizers"] = None  # what an interpreter without the cli extra sees
+sys.modules["jinja2"] = None
+import parallax
+from parallax.data import ByteTokenizer, load_dataset, load_tokenizer
+assert load_tokenizer("byte").encode("hi") == [104, 105]
+for call, name in ((lambda: load_tokenizer(sys.argv[1]), "pip install tokenizers"),
+                   (lambda: ByteTokenizer().apply_chat_template([{"role": "user", "content": "x"}]), "jinja2")):
+    try:
+        call()
+    except ImportError as exc:
+        assert name in str(exc), exc
+    else:
+        raise AssertionError(name)
+print("ok")
+"""
+
+
+def test_core_imports_without_tokenizers_and_jinja2(styles: dict[str, Path]):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_OPTIONAL, str(styles["qwen2"])], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
