@@ -1,5 +1,5 @@
 """The ``parallax`` command: ``train`` (the main job), ``plan`` (the memory planner), ``generate``
-(sampling from a checkpoint) and ``bench``."""
+(sampling from a checkpoint), ``tokenizer`` (training a BPE tokenizer) and ``bench``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def _generate(rest: list[str]) -> int:
     return generate_main(rest, prog="parallax generate")
 
 
+def _tokenizer(rest: list[str]) -> int:
+    from parallax.data.tokenizer_cli import tokenizer_main
+
+    return tokenizer_main(rest, prog="parallax tokenizer")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="parallax", description=__doc__)
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "checkpointing and pick the fastest that fits", add_help=False)
     commands.add_parser("generate", help="generate text from a parallax train checkpoint (paged-KV engine)",
                         add_help=False)
+    commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text (`parallax tokenizer "
+                                          "train --help`)", add_help=False)
     commands.add_parser("bench", help="run a microbenchmark (`parallax bench` lists them)", add_help=False)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(argv[1:])
     if argv[:1] == ["generate"]:
         return _generate(argv[1:])
+    if argv[:1] == ["tokenizer"]:
+        return _tokenizer(argv[1:])
     args = parser.parse_args(argv)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from parallax.data.errors import DataError
-from parallax.data.tokenizer import ByteTokenizer
+from parallax.data.tokenizer import ByteTokenizer, Tokenizer
 from parallax.validate import non_negative_int, positive_int
 
 __all__ = ["TokenDataset", "Split", "SPLITS"]
@@ -28,12 +28,12 @@ _SPLIT_IDS = {"train": 0, "val": 1}  # mixed into the seed so train and val draw
 class TokenDataset:
     """A 1-D token array with the last ``val_fraction`` of it held out for validation.
 
-    ``tokens`` is usually the read-only uint16 memmap from the cache (see ``load_dataset``);
+    ``tokens`` is usually the read-only uint16 (or uint32) memmap from the cache (see ``load_dataset``);
     any 1-D integer array with ids below ``tokenizer.vocab_size`` works. Splitting on a token
     boundary (not a document boundary) keeps the split sizes exact and cheap to compute.
     """
 
-    def __init__(self, tokens: np.ndarray, *, tokenizer: ByteTokenizer | None = None, source: str = "<array>",
+    def __init__(self, tokens: np.ndarray, *, tokenizer: Tokenizer | None = None, source: str = "<array>",
                  val_fraction: float = 0.1, content_hash: str | None = None, cache_path: str | None = None):
         if tokens.ndim != 1:
             raise ValueError(f"TokenDataset: tokens must be 1-D, got shape {tokens.shape}")

@@ -12,39 +12,54 @@ import numpy as np
 
 from parallax.data import cache
 from parallax.data.dataset import TokenDataset
+from parallax.data.errors import TokenizerError
 from parallax.data.sources import Source, resolve_source
-from parallax.data.tokenizer import ByteTokenizer
+from parallax.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["load_dataset"]
 
 log = logging.getLogger(__name__)
 
+# Documents are handed to the tokenizer in batches (the Rust tokenizers library encodes a batch
+# in parallel) of at most this many documents or characters, whichever comes first.
+_BATCH_DOCS = 512
+_BATCH_CHARS = 8 << 20
 
-def load_dataset(path: str | os.PathLike[str] | None = None, *, val_fraction: float = 0.1,
-                 cache_dir: str | os.PathLike[str] | None = None) -> TokenDataset:
+
+def load_dataset(path: str | os.PathLike[str] | None = None, *, tokenizer: str | os.PathLike[str] | Tokenizer | None
+                 = None, val_fraction: float = 0.1, cache_dir: str | os.PathLike[str] | None = None) -> TokenDataset:
     """Tokenized dataset for ``path`` (a .txt file, a .jsonl file with a "text" field per line, or a
     directory of them), or for the built-in corpus (CPython's documentation) when ``path`` is None.
 
+    ``tokenizer`` is anything ``load_tokenizer`` takes: None or ``"byte"`` (the default), a
+    tokenizer directory, or a tokenizer object. Documents are encoded without special tokens
+    and joined with one ``tokenizer.eot_id`` between them.
+
     Tokens come from the cache in ``cache_dir`` (default: see ``cache.resolve_cache_dir``) when
-    the content is unchanged; otherwise they are built and cached first. The last
-    ``val_fraction`` of the tokens is the 'val' split. Raises ``DataError`` (a ``ValueError``)
-    naming the path and the problem for unusable input.
+    the content and the tokenizer are unchanged; otherwise they are built and cached first. The
+    last ``val_fraction`` of the tokens is the 'val' split. Raises ``DataError`` (a
+    ``ValueError``) naming the path and the problem for unusable input.
     """
     if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
         raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
-    tokenizer = ByteTokenizer()
+    tokenizer = load_tokenizer(tokenizer)
+    if tokenizer.eot_id is None:
+        raise TokenizerError(f"tokenizer {tokenizer.source} has no end-of-text token to separate documents; "
+                             "set eos_token in its tokenizer_config.json")
     source = resolve_source(path)
     root = cache.resolve_cache_dir(cache_dir)
     content_hash = source.fingerprint()
-    key = cache.cache_key(content_hash, tokenizer.describe())
+    description = tokenizer.describe()
+    key = cache.cache_key(content_hash, description)
 
     entry = cache.read_entry(root, key)
     if entry is None:
         t0 = time.perf_counter()
-        log.info("data: tokenizing %s (cache miss in %s)", source.description, root)
-        meta = {"source": source.description, "content_hash": content_hash, "tokenizer": tokenizer.describe(),
+        log.info("data: tokenizing %s with %s (cache miss in %s)", source.description, tokenizer.source, root)
+        meta = {"source": source.description, "content_hash": content_hash, "tokenizer": description,
                 "created_by": f"parallax (Python {platform.python_version()})"}
-        cache.write_entry(root, key, _token_chunks(source, tokenizer), meta)
+        dtype = cache.token_dtype(tokenizer.vocab_size)
+        cache.write_entry(root, key, _token_chunks(source, tokenizer, dtype), meta, dtype=dtype)
         entry = cache.read_entry(root, key)
         if entry is None:  # only if something removed the entry we just wrote
             raise RuntimeError(f"data cache entry {key} in {root} vanished right after it was written")
@@ -57,11 +72,27 @@ def load_dataset(path: str | os.PathLike[str] | None = None, *, val_fraction: fl
                         content_hash=content_hash, cache_path=str(bin_path))
 
 
-def _token_chunks(source: Source, tokenizer: ByteTokenizer) -> Iterator[np.ndarray]:
-    """Each document's (len,) uint16 tokens with one EOT between documents, streamed so the
+def _token_chunks(source: Source, tokenizer: Tokenizer, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each document's (len,) tokens with one EOT between documents, streamed in batches so the
     whole corpus never has to sit in memory."""
-    eot = np.array([tokenizer.eot_id], dtype=np.uint16)
-    for i, doc in enumerate(source.documents()):
-        if i:
-            yield eot
-        yield tokenizer.encode_array(doc)
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    first = True
+    for batch in _batches(source.documents()):
+        for ids in tokenizer.encode_arrays(batch):
+            if not first:
+                yield eot
+            first = False
+            yield ids
+
+
+def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch

@@ -17,12 +17,16 @@ log = logging.getLogger(__name__)
 
 def build_parser(prog: str = "parallax generate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Generate text from a parallax train checkpoint (byte-level tokens) with the "
-                               "paged-KV inference engine; one prompt streams as it is generated.",
+        prog=prog, description="Generate text from a parallax train checkpoint with the paged-KV inference "
+                               "engine, decoding with the tokenizer the run was trained with; one prompt "
+                               "streams as it is generated.",
         epilog="Exit status: 0 done, 2 bad arguments or no checkpoint.")
     p.add_argument("--checkpoint", default=None,
                    help=f"a checkpoint directory (OUT/checkpoints/step_N) or a run directory OUT (its newest "
                         f"checkpoint); default: the newest under {DEFAULT_RUN}/checkpoints")
+    p.add_argument("--tokenizer", default=None,
+                   help="byte or a tokenizer directory (default: the one the run was trained with, as its "
+                        "checkpoint records it)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
@@ -63,9 +67,10 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import torch
 
-    from parallax.data import ByteTokenizer
+    from parallax.data import load_tokenizer
     from parallax.inference import LLM, SamplingParams
     from parallax.train.checkpoints import load_model
+    from parallax.train.checkpoints import load_tokenizer as load_run_tokenizer
 
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
@@ -75,11 +80,11 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, n=args.n)
         path = find_checkpoint(args.checkpoint)
+        tokenizer = load_run_tokenizer(path) if args.tokenizer is None else load_tokenizer(args.tokenizer)
         model = load_model(path).to(device)
-        tokenizer = ByteTokenizer()
         if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"{path}: the model's vocabulary ({model.config.vocab_size}) is smaller than the byte "
-                             f"tokenizer's ({tokenizer.vocab_size})")
+            raise ValueError(f"{path}: the model's vocab_size ({model.config.vocab_size}) is smaller than the "
+                             f"vocabulary of the tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)")
         llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max(64, args.n))
         context = llm.engine.max_model_len
         room = {}  # prompt index -> new tokens the context leaves, where fewer than --max-tokens

@@ -19,16 +19,22 @@ from typing import Any
 from torch import nn
 
 from parallax import checkpoint
+from parallax.data.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_reference, tokenizer_reference
 from parallax.models import GPT, GPTConfig
 from parallax.zero import ZeroOptimizer
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_model", "GPT_CONFIG_KEY"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_model", "load_tokenizer",
+           "saved_tokenizer_reference", "GPT_CONFIG_KEY", "TOKENIZER_KEY"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(rf"^step_(\d{{6,}})(?:{re.escape(checkpoint.sharded.BACKUP_SUFFIX)})?$")
 # A checkpoint's own name, its backup, or a temporary/half-deleted directory of it (".step_N.tmp-...").
 _ANY_ENTRY = re.compile(r"^\.?(step_\d{6,})(?:\.|$)")
 GPT_CONFIG_KEY = "parallax.gpt_config"  # same metadata key as GPT.save, so consolidated files load with GPT.load
+# The run's tokenizer_reference (where it was loaded from, and its identity); checkpoints written
+# before it existed were trained on bytes.
+TOKENIZER_KEY = "parallax.tokenizer"
+_BYTE_REFERENCE = tokenizer_reference(ByteTokenizer())
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -51,12 +57,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, model: nn.Module, optimizer: ZeroOptimizer, *, step: int,
-                    config: dict[str, Any], gpt_config: GPTConfig, keep: int, is_main: bool) -> Path:
-    """Every rank writes its shard of step ``step``; rank 0 then keeps only the ``keep`` newest."""
+                    config: dict[str, Any], gpt_config: GPTConfig, tokenizer: dict[str, Any], keep: int,
+                    is_main: bool) -> Path:
+    """Every rank writes its shard of step ``step``; rank 0 then keeps only the ``keep`` newest.
+    ``tokenizer`` is the run's ``tokenizer_reference``."""
     root = Path(root)
     path = root / f"step_{step:06d}"
-    checkpoint.save(path, model, optimizer, step=step,
-                    extra={"train_config": config, "metadata": {GPT_CONFIG_KEY: json.dumps(gpt_config.to_dict())}})
+    metadata = {GPT_CONFIG_KEY: json.dumps(gpt_config.to_dict()), TOKENIZER_KEY: json.dumps(tokenizer)}
+    checkpoint.save(path, model, optimizer, step=step, extra={"train_config": config, "metadata": metadata})
     if is_main:
         _prune(root, keep)
         log.info("checkpoint: saved step %d to %s", step, path)
@@ -82,3 +90,15 @@ def load_model(path: str | Path) -> GPT:
         tensors.setdefault(alias, tensors[name])
     model.load_state_dict(tensors)
     return model
+
+
+def saved_tokenizer_reference(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``tokenizer_reference`` a checkpoint's manifest records (bytes for older checkpoints)."""
+    saved = manifest.get("extra", {}).get("metadata", {}).get(TOKENIZER_KEY)
+    return _BYTE_REFERENCE if saved is None else json.loads(saved)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer the checkpoint at ``path`` was trained with, checked to be unchanged since;
+    ``TokenizerError`` naming the checkpoint when it is gone or its files changed."""
+    return tokenizer_from_reference(saved_tokenizer_reference(checkpoint.read_manifest(path)), f"checkpoint {path}")

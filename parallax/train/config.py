@@ -36,6 +36,9 @@ class TrainConfig:
 
     preset: str = _field("tiny", "model preset ({presets}); --model overrides its fields")
     model: dict[str, Any] = _field({}, "override a GPTConfig field, e.g. --model n_layer=2 (repeatable)")
+    tokenizer: str = _field("byte", "byte (UTF-8 bytes, 257 ids) or a tokenizer directory (tokenizer.json + "
+                                    "tokenizer_config.json, e.g. from `parallax tokenizer train`); the model's "
+                                    "vocab_size is the tokenizer's unless --model vocab_size=N is given")
     data: str | None = _field(None, "a .txt / .jsonl file or a directory of them (default: the built-in corpus, "
                                     "CPython's documentation text)")
     val_fraction: float = _field(0.1, "share of the data held out for validation")
@@ -107,18 +110,37 @@ class TrainConfig:
                 raise ConfigError(f"{exc}; or 'auto' (this machine's memory), or 'off'") from None
         if not isinstance(self.model, dict):
             raise ConfigError(f"model must be a table of GPTConfig fields, got {self.model!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError(f"tokenizer must be 'byte' or a tokenizer directory, got {self.tokenizer!r}")
         try:
             self.gpt_config()
             self.runtime_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    def gpt_config(self) -> GPTConfig:
-        """The model's config: the preset, then ``model`` overrides, then ``block_size``."""
+    def gpt_config(self, tokenizer_vocab_size: int | None = None) -> GPTConfig:
+        """The model's config: the preset, then ``model`` overrides, then ``block_size``.
+
+        With ``tokenizer_vocab_size`` (the tokenizer's ``vocab_size``), the model's ``vocab_size``
+        is that, unless ``model`` sets one, which must then be at least as large (ConfigError).
+        """
         overrides = dict(self.model)
         if self.block_size is not None:
             overrides["block_size"] = self.block_size
-        return GPTConfig.from_preset(self.preset, **overrides)
+        if tokenizer_vocab_size is not None:
+            overrides.setdefault("vocab_size", tokenizer_vocab_size)
+        config = GPTConfig.from_preset(self.preset, **overrides)
+        if tokenizer_vocab_size is not None and config.vocab_size < tokenizer_vocab_size:
+            raise ConfigError(f"model vocab_size {config.vocab_size} (--model vocab_size) is smaller than the "
+                              f"vocabulary of the tokenizer {self.tokenizer} ({tokenizer_vocab_size} ids); raise it "
+                              "or leave it unset to take the tokenizer's")
+        return config
+
+    def load_tokenizer(self):
+        """The run's tokenizer (``parallax.data.load_tokenizer(self.tokenizer)``); TokenizerError if unusable."""
+        from parallax.data import load_tokenizer
+
+        return load_tokenizer(self.tokenizer)
 
     def runtime_config(self) -> RuntimeConfig:
         checkpointing = False if self.activation_checkpointing == "off" else self.activation_checkpointing

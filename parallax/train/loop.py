@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from parallax import checkpoint
 from parallax.data import TokenDataset, load_dataset
+from parallax.data.tokenizer import tokenizer_reference
 from parallax.distributed import DistInfo, init_from_env, shutdown
 from parallax.models import GPT
 from parallax.optim import AdamW
@@ -30,6 +31,7 @@ from parallax.train.checkpoints import (
     latest_checkpoint,
     list_checkpoints,
     save_checkpoint,
+    saved_tokenizer_reference,
 )
 from parallax.train.config import ConfigError, TrainConfig
 from parallax.train.metrics import MetricsLog, plot_losses
@@ -113,10 +115,9 @@ def _prepare_out(cfg: TrainConfig) -> Path | None:
 def _validate(cfg: TrainConfig) -> tuple[TokenDataset, Any, Path | None]:
     """Everything that can be wrong with the input, checked before anything is written."""
     _device(cfg.device)
-    ds = load_dataset(cfg.data, val_fraction=cfg.val_fraction)
-    gpt_config = cfg.gpt_config()
-    if ds.vocab_size > gpt_config.vocab_size:
-        raise ConfigError(f"model vocab_size {gpt_config.vocab_size} is smaller than the data's {ds.vocab_size}")
+    tokenizer = cfg.load_tokenizer()
+    gpt_config = cfg.gpt_config(tokenizer.vocab_size)  # before tokenizing: a too-small vocabulary fails fast
+    ds = load_dataset(cfg.data, tokenizer=tokenizer, val_fraction=cfg.val_fraction)
     ds.check_block_size(gpt_config.block_size)
     return ds, gpt_config, _prepare_out(cfg)
 
@@ -148,7 +149,7 @@ def train(cfg: TrainConfig, *, progress: bool = True,
                                       param_groups=param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         start = 0
         if resume_from is not None:
-            start = _resume(resume_from, model, optimizer, gpt_config, cfg)
+            start = _resume(resume_from, model, optimizer, gpt_config, ds.tokenizer, cfg)
         out = Path(cfg.out)
         metrics = None
         if info.is_main:
@@ -169,8 +170,14 @@ def train(cfg: TrainConfig, *, progress: bool = True,
             shutdown()
 
 
-def _resume(path: Path, model: GPT, optimizer, gpt_config, cfg: TrainConfig) -> int:
+def _resume(path: Path, model: GPT, optimizer, gpt_config, tokenizer, cfg: TrainConfig) -> int:
     manifest = checkpoint.read_manifest(path)
+    # First: another tokenizer also changes the model's vocab_size, and this names the cause.
+    saved_tokenizer = saved_tokenizer_reference(manifest)
+    if saved_tokenizer["describe"] != tokenizer.describe():
+        raise ConfigError(f"resume: the checkpoint {path} was trained with another tokenizer "
+                          f"({saved_tokenizer['source']}) than --tokenizer {cfg.tokenizer}, whose ids differ; "
+                          "resume with the run's tokenizer")
     saved = manifest.get("extra", {}).get("metadata", {}).get(GPT_CONFIG_KEY)
     if saved is None or json.loads(saved) != gpt_config.to_dict():
         raise ConfigError(f"resume: the checkpoint {path} holds a different model ({saved}) than this config "
@@ -226,7 +233,8 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
         if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
             save_checkpoint(Path(cfg.out) / "checkpoints", model, optimizer, step=done,
                             config=cfg.to_dict() | {"data_hash": ds.content_hash}, gpt_config=model.config,
-                            keep=cfg.keep_checkpoints, is_main=info.is_main)
+                            tokenizer=tokenizer_reference(ds.tokenizer), keep=cfg.keep_checkpoints,
+                            is_main=info.is_main)
         if "loss" in record:  # restart the throughput window after logging, eval and checkpoint
             window_tokens, window_start = 0, time.perf_counter()
         if bar is not None:

@@ -48,7 +48,7 @@ def resolve_plan(cfg: TrainConfig, fixed: Collection[str] = ()) -> TrainConfig:
         from parallax.planner import device_memory_bytes
 
         device_bytes = device_memory_bytes("cpu", local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc)))
-    gpt_config = cfg.gpt_config()
+    gpt_config = cfg.gpt_config(cfg.load_tokenizer().vocab_size)
     try:
         result = plan(gpt_config, world, device_bytes, gpt_config.block_size, cfg.batch_size, stages=stages,
                       precisions=precisions, offloads=offloads, checkpointing=checkpointing, bucket_mb=cfg.bucket_mb,
