@@ -1,7 +1,8 @@
 """What every model family shares around its layers: input checks and the language-model loss."""
 
 import torch
-import torch.nn.functional as F
+
+from parallax import ops
 
 
 def check_token_ids(idx: torch.Tensor, max_positions: int, positions: torch.Tensor | None = None) -> None:
@@ -20,10 +21,12 @@ def check_token_ids(idx: torch.Tensor, max_positions: int, positions: torch.Tens
 def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of hidden states h (B, T, C) under lm_head_weight (V, C).
 
-    Negative targets (-1, or Hugging Face's -100) are left out of the loss. The softmax and the
-    loss are computed in fp32: a 16-bit loss loses precision, and under fp16 loss scaling its
-    gradient (the scale, 2**16 by default) would overflow before reaching the logits.
+    Negative targets (-1, or Hugging Face's -100) are left out of the loss. Fused linear +
+    cross-entropy (``parallax.ops.linear_cross_entropy``): the (B * T, V) logits are never
+    materialised, and the softmax and loss are computed in fp32 (a 16-bit loss loses precision,
+    and under fp16 loss scaling its gradient would overflow before reaching the logits). Triton
+    on CUDA; the chunked PyTorch path on CPU, also when tests set TRITON_INTERPRET=1.
     """
     targets = targets.reshape(-1).masked_fill(targets.reshape(-1) < 0, -100)
-    logits = F.linear(h.reshape(-1, h.size(-1)), lm_head_weight).float()  # (B * T, V)
-    return F.cross_entropy(logits, targets, ignore_index=-100)
+    return ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), lm_head_weight, targets, ignore_index=-100,
+                                    backend=None if h.is_cuda else "chunked")
