@@ -16,7 +16,7 @@ inference engine calls), its repeated blocks in one ``nn.ModuleList``, and atten
 from .attention import ATTENTION_BACKENDS, Attention, forward_context, get_forward_context
 from .config import PRESETS, GPTConfig
 from .gpt import GPT, MLP, Block, CausalSelfAttention
-from .hf import from_hf, to_hf
+from .hf import from_hf, read_hf_config, to_hf
 from .llama import Llama, LlamaAttention, LlamaDecoderLayer
 from .llama_config import LLAMA_PRESETS, MODEL_TYPES, LlamaConfig
 from .presets import ALL_PRESETS, build_model, config_from_dict, config_from_preset, family_of, from_preset
@@ -24,4 +24,4 @@ from .presets import ALL_PRESETS, build_model, config_from_dict, config_from_pre
 __all__ = ["GPT", "GPTConfig", "PRESETS", "ATTENTION_BACKENDS", "Attention", "Block", "CausalSelfAttention", "MLP",
            "Llama", "LlamaAttention", "LlamaDecoderLayer", "LlamaConfig", "LLAMA_PRESETS", "MODEL_TYPES",
            "ALL_PRESETS", "build_model", "config_from_dict", "config_from_preset", "family_of", "from_preset",
-           "forward_context", "get_forward_context", "from_hf", "to_hf"]
+           "forward_context", "get_forward_context", "from_hf", "read_hf_config", "to_hf"]

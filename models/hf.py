@@ -56,17 +56,10 @@ def from_hf(source: "str | os.PathLike | nn.Module", **overrides: Any) -> nn.Mod
 def load_hf(source: "str | os.PathLike | nn.Module", overrides: dict[str, Any],
             model_class: type[nn.Module] | None = None) -> nn.Module:
     """``from_hf``, refusing a source of another model class than model_class when it is given."""
-    hf_config, config_where = _read_config(source)
-    model_type = hf_model_type(hf_config, config_where)
-    hf_config = {**hf_config, "model_type": model_type}
-    family = FAMILIES[model_type]
+    family, config, config_where = _config(source, overrides)
     if model_class is not None and family.MODEL_CLASS is not model_class:
-        raise ValueError(f"{config_where} describes a {model_type!r} model, not a "
+        raise ValueError(f"{config_where} describes a {getattr(config, 'model_type', 'gpt2')!r} model, not a "
                          f"{model_class.__name__}; use parallax.models.from_hf")
-    try:
-        config = family.config_from_hf(hf_config, **overrides)
-    except ValueError as e:
-        raise ValueError(f"{config_where}: {e}") from e
     weights = _open_weights(source)
     with torch.device("meta"):
         model = family.MODEL_CLASS(config)
@@ -76,6 +69,23 @@ def load_hf(source: "str | os.PathLike | nn.Module", overrides: dict[str, Any],
     materialize(model, weights.index[plan[family.EMBEDDING]].dtype)
     load_weights(model, weights, plan, family.transposed)
     return model
+
+
+def read_hf_config(source: "str | os.PathLike | nn.Module", **overrides: Any) -> Any:
+    """The parallax config (GPTConfig or LlamaConfig) ``from_hf`` would build for source, without
+    reading any weights; the same errors for fields parallax cannot compute."""
+    return _config(source, overrides)[1]
+
+
+def _config(source: "str | os.PathLike | nn.Module", overrides: dict[str, Any]) -> tuple[ModuleType, Any, str]:
+    """(family module, parallax config, what to name in messages) of an HF source."""
+    hf_config, config_where = _read_config(source)
+    model_type = hf_model_type(hf_config, config_where)
+    family = FAMILIES[model_type]
+    try:
+        return family, family.config_from_hf({**hf_config, "model_type": model_type}, **overrides), config_where
+    except ValueError as e:
+        raise ValueError(f"{config_where}: {e}") from e
 
 
 def hf_model_type(hf_config: dict[str, Any], where: str) -> str:
