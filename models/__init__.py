@@ -19,9 +19,9 @@ from .gpt import GPT, MLP, Block, CausalSelfAttention
 from .hf import from_hf, read_hf_config, to_hf
 from .llama import Llama, LlamaAttention, LlamaDecoderLayer
 from .llama_config import LLAMA_PRESETS, MODEL_TYPES, LlamaConfig
-from .presets import ALL_PRESETS, build_model, config_from_dict, config_from_preset, family_of, from_preset
+from .presets import ALL_PRESETS, ModelConfig, build_model, config_from_dict, config_from_preset, family_of, from_preset
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "ATTENTION_BACKENDS", "Attention", "Block", "CausalSelfAttention", "MLP",
            "Llama", "LlamaAttention", "LlamaDecoderLayer", "LlamaConfig", "LLAMA_PRESETS", "MODEL_TYPES",
-           "ALL_PRESETS", "build_model", "config_from_dict", "config_from_preset", "family_of", "from_preset",
+           "ALL_PRESETS", "ModelConfig", "build_model", "config_from_dict", "config_from_preset", "family_of", "from_preset",
            "forward_context", "get_forward_context", "from_hf", "read_hf_config", "to_hf"]

@@ -1,4 +1,5 @@
-"""``parallax generate``: sample from a ``parallax train`` checkpoint with the paged-KV engine."""
+"""``parallax generate``: sample from a ``parallax train`` checkpoint or a Hugging Face model
+directory with the paged-KV engine."""
 
 from __future__ import annotations
 
@@ -17,16 +18,24 @@ log = logging.getLogger(__name__)
 
 def build_parser(prog: str = "parallax generate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Generate text from a parallax train checkpoint with the paged-KV inference "
-                               "engine, decoding with the tokenizer the run was trained with; one prompt "
-                               "streams as it is generated.",
+        prog=prog, description="Generate text from a parallax train checkpoint (decoding with the tokenizer "
+                               "the run was trained with) or a Hugging Face model directory (with its "
+                               "tokenizer) with the paged-KV inference engine; one prompt streams as it is "
+                               "generated.",
         epilog="Exit status: 0 done, 2 bad arguments or no checkpoint.")
-    p.add_argument("--checkpoint", default=None,
-                   help=f"a checkpoint directory (OUT/checkpoints/step_N) or a run directory OUT (its newest "
-                        f"checkpoint); default: the newest under {DEFAULT_RUN}/checkpoints")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None,
+                        help=f"a checkpoint directory (OUT/checkpoints/step_N) or a run directory OUT (its newest "
+                             f"checkpoint); default: the newest under {DEFAULT_RUN}/checkpoints")
+    source.add_argument("--hf", default=None, metavar="DIR",
+                        help="a Hugging Face model directory (config.json, safetensors, tokenizer.json): GPT-2, "
+                             "Llama, Mistral, Qwen2, Qwen3")
     p.add_argument("--tokenizer", default=None,
-                   help="byte or a tokenizer directory (default: the one the run was trained with, as its "
-                        "checkpoint records it)")
+                   help="byte or a tokenizer directory (default: the --hf directory, or the one the run was "
+                        "trained with, as its checkpoint records it)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the tokenizer's chat template (with the "
+                        "assistant turn opened)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
@@ -69,6 +78,7 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
 
     from parallax.data import load_tokenizer
     from parallax.inference import LLM, SamplingParams
+    from parallax.models import from_hf
     from parallax.train.checkpoints import load_model
     from parallax.train.checkpoints import load_tokenizer as load_run_tokenizer
 
@@ -79,13 +89,20 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
                               "cpu" if args.device == "auto" else args.device)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, n=args.n)
-        path = find_checkpoint(args.checkpoint)
-        tokenizer = load_run_tokenizer(path) if args.tokenizer is None else load_tokenizer(args.tokenizer)
-        model = load_model(path).to(device)
+        if args.hf is not None:
+            path = args.hf
+            model = from_hf(path).to(device)
+            tokenizer = load_tokenizer(args.tokenizer or path)
+        else:
+            path = find_checkpoint(args.checkpoint)
+            tokenizer = load_run_tokenizer(path) if args.tokenizer is None else load_tokenizer(args.tokenizer)
+            model = load_model(path).to(device)
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"{path}: the model's vocab_size ({model.config.vocab_size}) is smaller than the "
                              f"vocabulary of the tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)")
         llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max(64, args.n))
+        if args.chat:
+            args.prompt = [_chat_prompt(tokenizer, prompt) for prompt in args.prompt]
         context = llm.engine.max_model_len
         room = {}  # prompt index -> new tokens the context leaves, where fewer than --max-tokens
         for i, prompt in enumerate(args.prompt):
@@ -95,7 +112,7 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
                 print(f"{prog}: note: --prompt #{i + 1} has {prompt_len} tokens, so the model's {context}-token "
                       f"context leaves room for {room[i]} new tokens, fewer than --max-tokens {args.max_tokens}",
                       file=sys.stderr)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -114,6 +131,14 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
     print(f"[{path}: {tokens} tokens in {elapsed:.2f} s ({tokens / max(elapsed, 1e-9):.1f} tokens/s) on {device}; "
           f"finish: {', '.join(reasons)}]", file=sys.stderr)
     return 0
+
+
+def _chat_prompt(tokenizer, prompt: str) -> str:
+    """The text of one user turn through the tokenizer's chat template, the assistant turn opened."""
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise ValueError("--chat needs a tokenizer with a chat template (a Hugging Face tokenizer directory)")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def _reason(sample, context_bound: bool, context: int) -> str:

@@ -11,6 +11,7 @@ n > 1 requests at their first sample (sharing blocks), samples, and retires fini
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -49,7 +50,7 @@ CPU_KV_FRACTION = 0.25
 
 class Tokenizer(Protocol):
     """What the engine needs of a tokenizer (``parallax.data.ByteTokenizer`` is one). An end-of-
-    sequence id, when it has one, is read from ``eot_id`` or ``eos_token_id``."""
+    sequence ids, when it has them, are read from ``eos_token_ids``, ``eot_id`` and ``eos_token_id``."""
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -102,7 +103,10 @@ class LLMEngine:
         self.config = config
         self.model = model.eval()  # the runner calls its modules directly: no dropout
         self.tokenizer = tokenizer
-        self.eos_token_id = _eos_id(tokenizer)
+        # tokenizers whose decode can leave special tokens out (parallax's do; a user's may not)
+        self._decode_skips = (tokenizer is not None
+                              and "skip_special_tokens" in inspect.signature(tokenizer.decode).parameters)
+        self.eos_token_ids = _eos_ids(tokenizer)
         self.max_model_len = config.max_model_len or model.config.block_size
         if self.max_model_len > model.config.block_size:
             raise ValueError(f"max_model_len={self.max_model_len} is longer than the model's context "
@@ -268,10 +272,10 @@ class LLMEngine:
         if request.first_token_time is None:
             request.first_token_time = now
         reason = None
-        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
         elif params.stop:
-            text = self.tokenizer.decode(seq.output_token_ids)
+            text = self._decode(seq.output_token_ids, params)
             cuts = [i for i in (text.find(s) for s in params.stop) if i >= 0]
             if cuts:
                 seq.stop_text = text[:min(cuts)]
@@ -283,6 +287,11 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 
+    def _decode(self, ids: list[int], params: SamplingParams) -> str:
+        if params.skip_special_tokens and self._decode_skips:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids)
+
     def _output(self, request: Request) -> RequestOutput:
         if request.error is not None:
             outputs = [CompletionOutput(0, [], None if self.tokenizer is None else "", "error")]
@@ -293,7 +302,8 @@ class LLMEngine:
                 ids = list(seq.output_token_ids) if seq is not None else []
                 text = None
                 if self.tokenizer is not None:
-                    text = seq.stop_text if seq is not None and seq.stop_text is not None else self.tokenizer.decode(ids)
+                    text = seq.stop_text if seq is not None and seq.stop_text is not None else \
+                        self._decode(ids, request.params)
                 outputs.append(CompletionOutput(i, ids, text, seq.finish_reason if seq is not None else None))
         return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), outputs,
                              finished=request.finished, error=request.error, arrival_time=request.arrival_time,
@@ -305,8 +315,8 @@ class LLM:
 
     model: a parallax model of any family (``parallax.models.from_preset`` / ``from_hf``); its
         device and dtype are used; it is put in eval mode.
-    tokenizer: encodes string prompts and decodes outputs (``encode``/``decode``; its ``eot_id``
-    or ``eos_token_id`` ends a sample); None takes token-id prompts only. The rest configure the
+    tokenizer: encodes string prompts and decodes outputs (``encode``/``decode``; its
+    end-of-sequence ids end a sample); None takes token-id prompts only. The rest configure the
     KV pool and the scheduler (``EngineConfig``).
     """
 
@@ -377,12 +387,15 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
     return list(prompts)
 
 
-def _eos_id(tokenizer: Tokenizer | None) -> int | None:
+def _eos_ids(tokenizer: Tokenizer | None) -> frozenset[int]:
+    """Every id that ends a sample: the tokenizer's ``eos_token_ids`` (Llama 3 has two, from
+    generation_config.json), ``eos_token_id`` and ``eot_id``."""
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or ())
     for name in ("eot_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:
-            return int(value)
-    return None
+            ids.add(int(value))
+    return frozenset(ids)
 
 
 def _memory_budget(model: nn.Module, config: EngineConfig) -> int:

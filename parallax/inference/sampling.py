@@ -30,7 +30,9 @@ class SamplingParams:
         draws a seed from torch's global generator when the request is added.
     stop: strings that end a sample; the text is cut before the first one (needs a tokenizer).
     stop_token_ids: token ids that end a sample (kept in ``token_ids``).
-    ignore_eos: do not stop at the tokenizer's end-of-text token (benchmarks).
+    ignore_eos: do not stop at the tokenizer's end-of-sequence tokens (benchmarks).
+    skip_special_tokens: leave special tokens (end of sequence, chat markers) out of the text, as
+        vLLM does by default; ``token_ids`` keeps them.
     """
 
     max_tokens: int = 16
@@ -42,6 +44,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -66,8 +69,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.stop_token_ids must be a list of token ids >= 0; "
                              f"got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"SamplingParams.ignore_eos must be True or False; got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SamplingParams.{name} must be True or False; got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

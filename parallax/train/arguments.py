@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any, get_type_hints
 
-from parallax.models import PRESETS
+from parallax.models import ALL_PRESETS
 from parallax.models.config import parse_overrides
 from parallax.train.config import ConfigError, TrainConfig, load_config_file
 from parallax.train.planning import PLANNED_FIELDS, resolve_plan
@@ -21,7 +21,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        text = f.metadata["help"].format(presets=", ".join(PRESETS))
+        text = f.metadata["help"].format(presets=", ".join(ALL_PRESETS))
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         elif f.name == "model":

@@ -20,11 +20,12 @@ from torch import nn
 
 from parallax import checkpoint
 from parallax.data.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_reference, tokenizer_reference
-from parallax.models import GPT, GPTConfig
+from parallax.models import ModelConfig, build_model, config_from_dict, family_of
+from parallax.models.config import GPTConfig
 from parallax.zero import ZeroOptimizer
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_model", "load_tokenizer",
-           "saved_tokenizer_reference", "GPT_CONFIG_KEY", "TOKENIZER_KEY"]
+           "saved_model_config", "saved_tokenizer_reference", "GPT_CONFIG_KEY", "MODEL_CONFIG_KEY", "TOKENIZER_KEY"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(rf"^step_(\d{{6,}})(?:{re.escape(checkpoint.sharded.BACKUP_SUFFIX)})?$")
@@ -34,6 +35,7 @@ GPT_CONFIG_KEY = "parallax.gpt_config"  # same metadata key as GPT.save, so cons
 # The run's tokenizer_reference (where it was loaded from, and its identity); checkpoints written
 # before it existed were trained on bytes.
 TOKENIZER_KEY = "parallax.tokenizer"
+MODEL_CONFIG_KEY = "parallax.model_config"  # {"family": "gpt2" | "llama", "config": config.to_dict()}
 _BYTE_REFERENCE = tokenizer_reference(ByteTokenizer())
 
 
@@ -57,13 +59,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, model: nn.Module, optimizer: ZeroOptimizer, *, step: int,
-                    config: dict[str, Any], gpt_config: GPTConfig, tokenizer: dict[str, Any], keep: int,
+                    config: dict[str, Any], model_config: ModelConfig, tokenizer: dict[str, Any], keep: int,
                     is_main: bool) -> Path:
     """Every rank writes its shard of step ``step``; rank 0 then keeps only the ``keep`` newest.
     ``tokenizer`` is the run's ``tokenizer_reference``."""
     root = Path(root)
     path = root / f"step_{step:06d}"
-    metadata = {GPT_CONFIG_KEY: json.dumps(gpt_config.to_dict()), TOKENIZER_KEY: json.dumps(tokenizer)}
+    metadata = {MODEL_CONFIG_KEY: json.dumps({"family": family_of(model_config), "config": model_config.to_dict()}),
+                TOKENIZER_KEY: json.dumps(tokenizer)}
+    if isinstance(model_config, GPTConfig):  # consolidated files of GPTs also load with GPT.load
+        metadata[GPT_CONFIG_KEY] = json.dumps(model_config.to_dict())
     checkpoint.save(path, model, optimizer, step=step, extra={"train_config": config, "metadata": metadata})
     if is_main:
         _prune(root, keep)
@@ -79,13 +84,25 @@ def _prune(root: Path, keep: int) -> None:
         checkpoint.remove(root / name)
 
 
-def load_model(path: str | Path) -> GPT:
-    """The GPT of a training checkpoint, on CPU, without a process group."""
-    tensors, manifest = checkpoint.full_tensors(path)
+def saved_model_config(manifest: dict[str, Any]) -> ModelConfig | None:
+    """The model config a checkpoint's manifest records (any family; older checkpoints: a GPT's),
+    or None when it records none."""
     metadata = manifest.get("extra", {}).get("metadata", {})
-    if GPT_CONFIG_KEY not in metadata:
-        raise checkpoint.CheckpointError(f"{path} holds no GPT config (was it written by parallax train?)")
-    model = GPT(GPTConfig.from_dict(json.loads(metadata[GPT_CONFIG_KEY])))
+    if MODEL_CONFIG_KEY in metadata:
+        saved = json.loads(metadata[MODEL_CONFIG_KEY])
+        return config_from_dict(saved["family"], saved["config"])
+    if GPT_CONFIG_KEY in metadata:
+        return GPTConfig.from_dict(json.loads(metadata[GPT_CONFIG_KEY]))
+    return None
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The model of a training checkpoint (any family), on CPU, without a process group."""
+    tensors, manifest = checkpoint.full_tensors(path)
+    config = saved_model_config(manifest)
+    if config is None:
+        raise checkpoint.CheckpointError(f"{path} holds no model config (was it written by parallax train?)")
+    model = build_model(config)
     for alias, name in manifest["aliases"].items():
         tensors.setdefault(alias, tensors[name])
     model.load_state_dict(tensors)

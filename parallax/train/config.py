@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parallax.models import GPTConfig
+from parallax.models import ModelConfig, config_from_preset, read_hf_config
 from parallax.runtime_config import RuntimeConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load_config_file"]
@@ -34,11 +34,15 @@ class TrainConfig:
     """Configuration of one training run; each field's ``help`` (``parallax train --help``) says
     what it does. A bad value raises ``ConfigError`` naming the field."""
 
-    preset: str = _field("tiny", "model preset ({presets}); --model overrides its fields")
-    model: dict[str, Any] = _field({}, "override a GPTConfig field, e.g. --model n_layer=2 (repeatable)")
-    tokenizer: str = _field("byte", "byte (UTF-8 bytes, 257 ids) or a tokenizer directory (tokenizer.json + "
-                                    "tokenizer_config.json, e.g. from `parallax tokenizer train`); the model's "
-                                    "vocab_size is the tokenizer's unless --model vocab_size=N is given")
+    preset: str = _field("tiny", "model preset, random init ({presets}); --model overrides its fields")
+    hf: str | None = _field(None, "start from a Hugging Face model directory (config.json + safetensors: GPT-2, "
+                                  "Llama, Mistral, Qwen2, Qwen3) instead of --preset, with its tokenizer unless "
+                                  "--tokenizer is given; --model overrides config fields such as attention")
+    model: dict[str, Any] = _field({}, "override a model config field, e.g. --model n_layer=2 (repeatable)")
+    tokenizer: str | None = _field(None, "byte (UTF-8 bytes, 257 ids) or a tokenizer directory (tokenizer.json + "
+                                         "tokenizer_config.json, e.g. from `parallax tokenizer train`); default: "
+                                         "the --hf directory, else byte. A preset's vocab_size is the tokenizer's "
+                                         "unless --model vocab_size=N is given")
     data: str | None = _field(None, "a .txt / .jsonl file or a directory of them (default: the built-in corpus, "
                                     "CPython's documentation text)")
     val_fraction: float = _field(0.1, "share of the data held out for validation")
@@ -109,38 +113,58 @@ class TrainConfig:
             except ValueError as exc:
                 raise ConfigError(f"{exc}; or 'auto' (this machine's memory), or 'off'") from None
         if not isinstance(self.model, dict):
-            raise ConfigError(f"model must be a table of GPTConfig fields, got {self.model!r}")
-        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError(f"model must be a table of model config fields, got {self.model!r}")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
             raise ConfigError(f"tokenizer must be 'byte' or a tokenizer directory, got {self.tokenizer!r}")
+        if self.hf is not None and (not isinstance(self.hf, str) or not self.hf):
+            raise ConfigError(f"hf must be a Hugging Face model directory, got {self.hf!r}")
         try:
-            self.gpt_config()
+            self.model_config()
             self.runtime_config()
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
 
-    def gpt_config(self, tokenizer_vocab_size: int | None = None) -> GPTConfig:
-        """The model's config: the preset, then ``model`` overrides, then ``block_size``.
+    @property
+    def model_name(self) -> str:
+        """What the run trains, for logs: the preset or the Hugging Face directory."""
+        return self.preset if self.hf is None else f"hf:{self.hf}"
 
-        With ``tokenizer_vocab_size`` (the tokenizer's ``vocab_size``), the model's ``vocab_size``
-        is that, unless ``model`` sets one, which must then be at least as large (ConfigError).
+    @property
+    def tokenizer_source(self) -> str:
+        """The tokenizer to load: --tokenizer, else the --hf directory, else 'byte'."""
+        return self.tokenizer or self.hf or "byte"
+
+    def model_config(self, tokenizer_vocab_size: int | None = None) -> ModelConfig:
+        """The model's config: the preset (or the --hf directory's), then ``model`` overrides,
+        then ``block_size``.
+
+        With ``tokenizer_vocab_size`` (the tokenizer's ``vocab_size``), a preset's ``vocab_size``
+        is that, unless ``model`` sets one; the model's vocabulary must cover the tokenizer's
+        (ConfigError naming both).
         """
         overrides = dict(self.model)
         if self.block_size is not None:
             overrides["block_size"] = self.block_size
-        if tokenizer_vocab_size is not None:
-            overrides.setdefault("vocab_size", tokenizer_vocab_size)
-        config = GPTConfig.from_preset(self.preset, **overrides)
+        if self.hf is not None:
+            config = read_hf_config(self.hf, **overrides)
+            where = f"the model of --hf {self.hf}"
+        else:
+            if tokenizer_vocab_size is not None:
+                overrides.setdefault("vocab_size", tokenizer_vocab_size)
+            config = config_from_preset(self.preset, **overrides)
+            where = "--model vocab_size"
         if tokenizer_vocab_size is not None and config.vocab_size < tokenizer_vocab_size:
-            raise ConfigError(f"model vocab_size {config.vocab_size} (--model vocab_size) is smaller than the "
-                              f"vocabulary of the tokenizer {self.tokenizer} ({tokenizer_vocab_size} ids); raise it "
-                              "or leave it unset to take the tokenizer's")
+            raise ConfigError(f"model vocab_size {config.vocab_size} ({where}) is smaller than the vocabulary of the "
+                              f"tokenizer {self.tokenizer_source} ({tokenizer_vocab_size} ids); "
+                              + ("use the model's tokenizer" if self.hf else
+                                 "raise it or leave it unset to take the tokenizer's"))
         return config
 
     def load_tokenizer(self):
-        """The run's tokenizer (``parallax.data.load_tokenizer(self.tokenizer)``); TokenizerError if unusable."""
+        """The run's tokenizer (``parallax.data.load_tokenizer(self.tokenizer_source)``); TokenizerError if unusable."""
         from parallax.data import load_tokenizer
 
-        return load_tokenizer(self.tokenizer)
+        return load_tokenizer(self.tokenizer_source)
 
     def runtime_config(self) -> RuntimeConfig:
         checkpointing = False if self.activation_checkpointing == "off" else self.activation_checkpointing

@@ -1,4 +1,4 @@
-"""The ``parallax train`` loop: GPT on a token dataset with parallax's fused AdamW.
+"""The ``parallax train`` loop: any model family on a token dataset with parallax's fused AdamW.
 
 Every source of randomness is a pure function of (seed, step, rank): the batch sampler and
 the dropout seed, re-set each step. So a run resumed from a checkpoint reproduces the losses
@@ -7,7 +7,6 @@ of an uninterrupted run bit for bit, with no sampler or RNG state to save.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -18,19 +17,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from parallax import checkpoint
 from parallax.data import TokenDataset, load_dataset
 from parallax.data.tokenizer import tokenizer_reference
 from parallax.distributed import DistInfo, init_from_env, shutdown
-from parallax.models import GPT
+from parallax.models import ModelConfig, build_model, from_hf
 from parallax.optim import AdamW
 from parallax.runtime import initialize
 from parallax.train.checkpoints import (
-    GPT_CONFIG_KEY,
     latest_checkpoint,
     list_checkpoints,
     save_checkpoint,
+    saved_model_config,
     saved_tokenizer_reference,
 )
 from parallax.train.config import ConfigError, TrainConfig
@@ -88,7 +88,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 @torch.no_grad()
-def _evaluate(model: GPT, ds: TokenDataset, cfg: TrainConfig, block_size: int, device: torch.device) -> float:
+def _evaluate(model: nn.Module, ds: TokenDataset, cfg: TrainConfig, block_size: int, device: torch.device) -> float:
     model.eval()
     losses = [model(x, y).item() for x, y in ds.iter_eval_batches("val", cfg.batch_size, block_size,
                                                                   max_batches=cfg.eval_batches, device=device)]
@@ -116,10 +116,10 @@ def _validate(cfg: TrainConfig) -> tuple[TokenDataset, Any, Path | None]:
     """Everything that can be wrong with the input, checked before anything is written."""
     _device(cfg.device)
     tokenizer = cfg.load_tokenizer()
-    gpt_config = cfg.gpt_config(tokenizer.vocab_size)  # before tokenizing: a too-small vocabulary fails fast
+    model_config = cfg.model_config(tokenizer.vocab_size)  # before tokenizing: a too-small vocabulary fails fast
     ds = load_dataset(cfg.data, tokenizer=tokenizer, val_fraction=cfg.val_fraction)
-    ds.check_block_size(gpt_config.block_size)
-    return ds, gpt_config, _prepare_out(cfg)
+    ds.check_block_size(model_config.block_size)
+    return ds, model_config, _prepare_out(cfg)
 
 
 def validate_before_launch(cfg: TrainConfig) -> None:
@@ -139,17 +139,17 @@ def train(cfg: TrainConfig, *, progress: bool = True,
     if cfg.plan != "off":  # the CLI resolves it with the fields given explicitly; here the planner picks all
         cfg = resolve_plan(cfg)
     device = _device(cfg.device)
-    ds, gpt_config, resume_from = _validate(cfg)
+    ds, model_config, resume_from = _validate(cfg)
     created_group = not dist.is_initialized()
     info = init_from_env(device.type, cfg.timeout_s)
     try:
         torch.manual_seed(cfg.seed)
-        model = GPT(gpt_config).to(device)
+        model = _build(cfg, model_config).to(device)
         model, optimizer = initialize(model, cfg.runtime_config(), optimizer_cls=AdamW,
                                       param_groups=param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         start = 0
         if resume_from is not None:
-            start = _resume(resume_from, model, optimizer, gpt_config, ds.tokenizer, cfg)
+            start = _resume(resume_from, model, optimizer, model_config, ds.tokenizer, cfg)
         out = Path(cfg.out)
         metrics = None
         if info.is_main:
@@ -158,8 +158,8 @@ def train(cfg: TrainConfig, *, progress: bool = True,
                 (out / "loss.png").unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
             metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)
-            log.info("train: %s, %.2fM parameters, %d process(es), ZeRO stage %d, steps %d..%d on %s", cfg.preset,
-                     model.num_params() / 1e6, info.world_size, cfg.zero_stage, start + 1, cfg.steps, device)
+            log.info("train: %s, %.2fM parameters, %d process(es), ZeRO stage %d, steps %d..%d on %s", cfg.model_name,
+                     sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, cfg.zero_stage, start + 1, cfg.steps, device)
         try:
             return _loop(cfg, ds, model, optimizer, info, device, start, metrics, progress, on_step)
         finally:
@@ -170,18 +170,28 @@ def train(cfg: TrainConfig, *, progress: bool = True,
             shutdown()
 
 
-def _resume(path: Path, model: GPT, optimizer, gpt_config, tokenizer, cfg: TrainConfig) -> int:
+def _build(cfg: TrainConfig, model_config: ModelConfig) -> nn.Module:
+    """A random initialisation of the preset, or the --hf directory's weights (on the CPU)."""
+    if cfg.hf is None:
+        return build_model(model_config)
+    overrides = dict(cfg.model)
+    if cfg.block_size is not None:
+        overrides["block_size"] = cfg.block_size
+    return from_hf(cfg.hf, **overrides)
+
+
+def _resume(path: Path, model: nn.Module, optimizer, model_config: ModelConfig, tokenizer, cfg: TrainConfig) -> int:
     manifest = checkpoint.read_manifest(path)
     # First: another tokenizer also changes the model's vocab_size, and this names the cause.
     saved_tokenizer = saved_tokenizer_reference(manifest)
     if saved_tokenizer["describe"] != tokenizer.describe():
         raise ConfigError(f"resume: the checkpoint {path} was trained with another tokenizer "
-                          f"({saved_tokenizer['source']}) than --tokenizer {cfg.tokenizer}, whose ids differ; "
+                          f"({saved_tokenizer['source']}) than --tokenizer {cfg.tokenizer_source}, whose ids differ; "
                           "resume with the run's tokenizer")
-    saved = manifest.get("extra", {}).get("metadata", {}).get(GPT_CONFIG_KEY)
-    if saved is None or json.loads(saved) != gpt_config.to_dict():
+    saved = saved_model_config(manifest)
+    if saved != model_config:
         raise ConfigError(f"resume: the checkpoint {path} holds a different model ({saved}) than this config "
-                          f"({json.dumps(gpt_config.to_dict())})")
+                          f"({model_config})")
     if manifest["step"] >= cfg.steps:
         raise ConfigError(f"resume: checkpoint {path} is at step {manifest['step']}, steps is {cfg.steps}: nothing to do")
     checkpoint.load(path, model, optimizer)
@@ -232,7 +242,7 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
             metrics.write(record)
         if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
             save_checkpoint(Path(cfg.out) / "checkpoints", model, optimizer, step=done,
-                            config=cfg.to_dict() | {"data_hash": ds.content_hash}, gpt_config=model.config,
+                            config=cfg.to_dict() | {"data_hash": ds.content_hash}, model_config=model.config,
                             tokenizer=tokenizer_reference(ds.tokenizer), keep=cfg.keep_checkpoints,
                             is_main=info.is_main)
         if "loss" in record:  # restart the throughput window after logging, eval and checkpoint
@@ -262,7 +272,7 @@ def _global_mean(value: torch.Tensor, comm) -> float:
     return value.item()
 
 
-def _sample(model: GPT, ds: TokenDataset, cfg: TrainConfig, device: torch.device) -> str | None:
+def _sample(model: nn.Module, ds: TokenDataset, cfg: TrainConfig, device: torch.device) -> str | None:
     if cfg.sample_tokens == 0:
         return None
     prompt = torch.tensor([ds.tokenizer.encode(SAMPLE_PROMPT)], device=device)

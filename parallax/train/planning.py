@@ -48,9 +48,9 @@ def resolve_plan(cfg: TrainConfig, fixed: Collection[str] = ()) -> TrainConfig:
         from parallax.planner import device_memory_bytes
 
         device_bytes = device_memory_bytes("cpu", local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc)))
-    gpt_config = cfg.gpt_config(cfg.load_tokenizer().vocab_size)
+    model_config = cfg.model_config(cfg.load_tokenizer().vocab_size)
     try:
-        result = plan(gpt_config, world, device_bytes, gpt_config.block_size, cfg.batch_size, stages=stages,
+        result = plan(model_config, world, device_bytes, model_config.block_size, cfg.batch_size, stages=stages,
                       precisions=precisions, offloads=offloads, checkpointing=checkpointing, bucket_mb=cfg.bucket_mb,
                       prefetch=cfg.prefetch, backend="nccl" if on_cuda else "gloo")
     except ValueError as exc:
@@ -63,7 +63,7 @@ def resolve_plan(cfg: TrainConfig, fixed: Collection[str] = ()) -> TrainConfig:
     best = result.best
     if best is None:
         raise ConfigError(f"plan: no configuration of {', '.join(PLANNED_FIELDS)} fits in {cfg.plan} per device "
-                          f"with batch_size {cfg.batch_size} x block_size {gpt_config.block_size} on {world} rank(s); "
+                          f"with batch_size {cfg.batch_size} x block_size {model_config.block_size} on {world} rank(s); "
                           "lower batch_size or block_size, add ranks, or give more memory")
     chosen = dict(zero_stage=best.zero_stage, precision=best.precision, offload=best.offload,
                   activation_checkpointing="off" if best.checkpointing == "none" else best.checkpointing)
