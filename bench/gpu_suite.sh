@@ -3,7 +3,8 @@
 #   1. build parallax._C with its CUDA kernels (sm_90 for the card at hand),
 #   2. run the GPU tests (the CUDA tests of AdamW, unscale, ZeRO, precision and offload on one NCCL
 #      rank, FlashAttention and PagedAttention compiled, not interpreted, the inference engine),
-#   3. run the GPU benchmarks: adamw, train, offload, attention, paged_attention, kernels, serve,
+#   3. run the GPU benchmarks: adamw, train (GPT-2 and, with transformers, Llama), offload, attention,
+#      paged_attention, kernels, serve,
 #   4. print one summary table last, then exit non-zero, naming the failed steps, if any failed.
 # Results go to $OUT (the device tool's folder) or bench/results/; copy the .jsonl files back
 # into bench/results/ and name the card in the commit.
@@ -48,6 +49,10 @@ step tests "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --ju
 export PARALLAX_BENCH_RESULTS=$RESULTS
 step bench-adamw "$PY" -m bench adamw --device cuda --budget 1
 step bench-train "$PY" -m bench train --device cuda --cases tiny,small --steps 40
+# parallax train on a Llama-family preset (fused kernels) vs transformers' LlamaForCausalLM, when installed
+if "$PY" -c "import transformers" 2>/dev/null; then
+  step bench-train-llama "$PY" -m bench train --device cuda --family llama --steps 40
+fi
 step bench-offload "$PY" -m bench offload --device cuda --steps 10
 # attention: the issue's full setting (bf16, 16k tokens, seqlens 512-16k, D 64/128, causal and
 # not), autotuned; paged_attention: decode batch 1/8/64 x context 512/4k/16k, GQA 32/8, D 128, and

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from parallax import ops
+
 from parallax.models import (LLAMA_PRESETS, Attention, Llama, LlamaConfig, build_model, config_from_preset,
                              forward_context, from_preset)
 from parallax.models.attention import ATTENTION_BACKENDS
@@ -184,3 +186,32 @@ def test_bf16_model_keeps_fp32_rotary_tables():
     (table,) = model._inv_freq.values()
     assert table.dtype == torch.float32
     assert model(x, x).dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_model_runs_the_fused_kernels_and_matches_the_references(dtype, monkeypatch):
+    """On CUDA the family runs the Triton RMSNorm, rotary, SwiGLU and linear + cross-entropy
+    kernels; loss and every gradient equal the same model on the PyTorch references."""
+    from models import layers, loss as loss_module
+
+    torch.manual_seed(0)
+    model = Llama(tiny(n_embd=256, n_head=4, n_kv_head=2, intermediate_size=512, vocab_size=1000, qk_norm=True,
+                       block_size=128)).to("cuda", dtype)
+    x = torch.randint(0, 1000, (2, 97), device="cuda")
+    results = {}
+    for path in ("fused", "reference"):
+        if path == "reference":
+            monkeypatch.setattr(layers, "_backend", lambda t: "reference")
+            fused = ops.linear_cross_entropy
+            monkeypatch.setattr(loss_module.ops, "linear_cross_entropy",
+                                lambda *a, backend=None, **kw: fused(*a, backend="reference", **kw))
+        model.zero_grad(set_to_none=True)
+        loss = model(x, x)
+        loss.backward()
+        results[path] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(results["fused"][0], results["reference"][0], **tol)
+    for name, grad in results["fused"][1].items():
+        torch.testing.assert_close(grad.float(), results["reference"][1][name].float(), **tol, msg=name)
