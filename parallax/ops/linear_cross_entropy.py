@@ -44,13 +44,13 @@ chunked algorithm in plain PyTorch: the default on CPU, where it saves the same 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from parallax.ops import _triton
 
 Tensor = torch.Tensor
 
@@ -87,20 +87,8 @@ Step = Callable[[Tensor, Tensor, Tensor, Tensor, int, bool], None]
 # dispatch
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _triton_runs_on(device_type: str) -> bool:
-    return _triton_importable() and (device_type == "cuda" or device_type == "cpu" and _interpreting())
+    return _triton.default_backend(device_type) == "triton"
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -108,26 +96,6 @@ def backend(device: torch.device | str = "cpu") -> str:
     'triton' (compiled on CUDA; interpreted on CPU under ``TRITON_INTERPRET=1``) or 'chunked'
     (the same chunked algorithm in plain PyTorch)."""
     return "triton" if _triton_runs_on(torch.device(device).type) else "chunked"
-
-
-def _kernels() -> ModuleType:
-    """The kernel module, imported on first use (``triton.jit`` reads TRITON_INTERPRET at import)."""
-    from parallax.kernels import cross_entropy as kernels
-
-    if _interpreting() and not _is_interpreted(kernels._cross_entropy_fwd_bwd):
-        raise RuntimeError(
-            "linear_cross_entropy: TRITON_INTERPRET=1 was set after parallax.kernels.cross_entropy had been "
-            "imported for compiled use; set it before the first linear_cross_entropy call in this process"
-        )
-    return kernels
-
-
-def _is_interpreted(fn: Any) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(fn, InterpretedFunction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,11 +184,11 @@ def _step_torch(logits: Tensor, targets: Tensor, scale: Tensor, loss: Tensor, ig
 def _step_triton(logits: Tensor, targets: Tensor, scale: Tensor, loss: Tensor, ignore_index: int,
                  compute_grad: bool) -> None:
     """``_step_torch`` as one Triton program per row (``parallax.kernels.cross_entropy``)."""
-    kernels = _kernels()
+    kernels = _triton.kernels("linear_cross_entropy", "cross_entropy", logits.device)
     rows, vocab = logits.shape
     if rows == 0:
         return
-    interpreted = _is_interpreted(kernels._cross_entropy_fwd_bwd)
+    interpreted = logits.device.type == "cpu"  # CPU tensors meet Triton only under the interpreter
     block_v = min(_INTERPRETER_BLOCK_V if interpreted else _BLOCK_V, 1 << (vocab - 1).bit_length())
     num_warps = 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
     kernels._cross_entropy_fwd_bwd[(rows,)](

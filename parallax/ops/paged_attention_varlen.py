@@ -47,14 +47,12 @@ tokens changes only the tile size, not the result; rows of the output past ``cu_
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from parallax.ops import _triton
 from parallax.ops.paged_attention import check_block_tables, check_cache_inputs
 
 Tensor = torch.Tensor
@@ -69,35 +67,9 @@ _OP = "paged_attention_varlen"
 # dispatch
 
 
-@functools.cache
-def _triton_kernels() -> ModuleType | None:
-    """The Triton kernel module, or None when triton is not installed. On CPU it runs only when
-    ``TRITON_INTERPRET=1`` was set before this first import."""
-    try:
-        from parallax.kernels import paged_attention_varlen as kernels
-    except ImportError:
-        return None
-    return kernels
-
-
-def _triton_runs_on_cpu() -> bool:
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
-        return False
-    kernels = _triton_kernels()
-    if kernels is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernels._paged_attn_varlen_fwd, InterpretedFunction)
-
-
 def _available(device_type: str) -> list[str]:
     """Implementations that can run on ``device_type``, best first."""
-    if device_type == "cuda" and _triton_kernels() is not None:
-        return ["triton", "reference"]
-    if device_type == "cpu" and _triton_runs_on_cpu():
-        return ["triton", "reference"]
-    return ["reference"]
+    return ["triton", "reference"] if _triton.default_backend(device_type) == "triton" else ["reference"]
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -244,7 +216,7 @@ def _paged_attention_varlen_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, 
                                    cu_seqlens_q: Tensor, context_lens: Tensor, max_seqlen_q: int, scale: float,
                                    sliding_window: int | None) -> Tensor:
     """The Triton kernel: q (T, H, D) over caches (num_blocks, block_size, H_kv, D) -> (T, H, D)."""
-    kernels = _triton_kernels()
+    kernels = _triton.kernels(_OP, "paged_attention_varlen", q.device)
     total, h, d = q.shape
     num_blocks, block_size, h_kv, _ = k_cache.shape
     num_seqs = block_tables.shape[0]
