@@ -50,6 +50,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from torch._subclasses.fake_tensor import is_fake
+
 from parallax.ops import _triton
 
 Tensor = torch.Tensor
@@ -135,7 +137,7 @@ def _check(x: Any, weight: Any, targets: Any, bias: Any, ignore_index: Any, redu
         raise TypeError(f"{name}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    if targets.device.type == "cpu":  # free to check here (on CUDA it would cost a host sync)
+    if targets.device.type == "cpu" and not is_fake(targets):  # free here (on CUDA it would cost a host sync)
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -337,7 +339,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_x, grad_w, grad_b = ctx.saved_tensors
             # loss.backward() passes exactly 1: then autograd takes the saved gradients as they are,
             # without a weight-sized copy (the test costs one host sync on CUDA, as in Liger-Kernel)
-            if bool(grad_output != 1):
+            if not is_fake(grad_output) and bool(grad_output != 1):  # a trace (px.plan) sees the usual 1
                 grad_x, grad_w, grad_b = (None if g is None else g * grad_output for g in (grad_x, grad_w, grad_b))
         return grad_x, grad_w, grad_b, None, None, None, None
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import parallax as px
+from parallax.data import ByteTokenizer
+from parallax.data.tokenizer import tokenizer_reference
 from parallax.models import GPT, GPTConfig
 from parallax.train.checkpoints import latest_checkpoint, list_checkpoints, load_model, save_checkpoint
 from tests.checkpoint.kill_points import run_forked
@@ -118,7 +120,8 @@ def _train_save(rank: int, arm, root: str, steps: int) -> None:
     model, opt = _tiny_gpt()
     _gpt_steps(model, opt, rank, steps)
     arm()
-    save_checkpoint(root, model, opt, step=steps, config={}, gpt_config=model.config, keep=1, is_main=rank == 0)
+    save_checkpoint(root, model, opt, step=steps, config={}, model_config=model.config,
+                    tokenizer=tokenizer_reference(ByteTokenizer()), keep=1, is_main=rank == 0)
 
 
 def test_train_checkpoints_killed_at_any_point_resume_from_a_verified_checkpoint(tmp_path):

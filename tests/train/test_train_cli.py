@@ -151,7 +151,7 @@ def test_config_file_and_flags(tmp_path):
     [
         (["--data", "missing_dir"], "missing_dir"),
         (["--data", "empty.txt"], "empty.txt"),
-        (["--preset", "gpt5"], "unknown GPT preset 'gpt5'"),
+        (["--preset", "gpt5"], "unknown preset 'gpt5'"),
         (["--steps", "0"], "steps must be a positive integer"),
         (["--steps", "-3"], "steps must be a positive integer"),
         (["--config", "nope.toml"], "cannot read config nope.toml"),

@@ -127,11 +127,11 @@ def test_bad_tokenizer_flag_fails_with_one_line(tmp_path, make, message):
 
 
 def test_model_vocab_size_follows_the_tokenizer_unless_set():
-    assert TrainConfig(preset="gpt2").gpt_config(257).vocab_size == 257
-    assert TrainConfig(preset="gpt2").gpt_config().vocab_size == 50257  # no tokenizer given: the preset's
-    assert TrainConfig(preset="gpt2", model={"vocab_size": 50304}).gpt_config(257).vocab_size == 50304
+    assert TrainConfig(preset="gpt2").model_config(257).vocab_size == 257
+    assert TrainConfig(preset="gpt2").model_config().vocab_size == 50257  # no tokenizer given: the preset's
+    assert TrainConfig(preset="gpt2", model={"vocab_size": 50304}).model_config(257).vocab_size == 50304
     with pytest.raises(ConfigError, match=r"model vocab_size 256 .* tokenizer byte \(257 ids\)"):
-        TrainConfig(model={"vocab_size": 256}).gpt_config(ByteTokenizer.vocab_size)
+        TrainConfig(model={"vocab_size": 256}).model_config(ByteTokenizer.vocab_size)
     with pytest.raises(ConfigError, match="tokenizer must be 'byte' or a tokenizer directory"):
         TrainConfig(tokenizer="")
 
