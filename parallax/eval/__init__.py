@@ -1,4 +1,8 @@
-"""Evaluation: metrics with lm-evaluation-harness's and the official SQuAD v1.1 script's definitions.
+"""Evaluation: task files with lm-evaluation-harness's vocabulary, scored on any parallax model
+with lm-eval's definitions (``evaluate``, ``ParallaxLM``), and the metrics (lm-eval's and the
+official SQuAD v1.1 script's).
+
+    px.eval.evaluate(model, tokenizer, tasks=["path/task.yaml"])     # {"results": {task: {metric: value}}}
 
     px.eval.exact_match("The Eiffel Tower!", ["eiffel tower"])        # 1.0
     px.eval.f1("in Paris, France", ["Paris"])                          # 0.5
@@ -6,6 +10,8 @@
     px.eval.bleu(["the cat sat"], [["the cat sat down", "a cat sat"]])  # sacrebleu corpus BLEU
 """
 
+from parallax.eval.evaluate import evaluate
+from parallax.eval.lm import ParallaxLM
 from parallax.eval.metrics import (
     acc,
     acc_bytes,
@@ -30,8 +36,10 @@ from parallax.eval.metrics import (
     word_perplexity,
 )
 
+from parallax.eval.tasks import Task, load_task
+
 __all__ = [
-    "acc", "acc_bytes", "acc_norm", "aggregate_stderr", "bits_per_byte", "bleu", "bootstrap_stderr",
+    "evaluate", "ParallaxLM", "Task", "load_task", "acc", "acc_bytes", "acc_norm", "aggregate_stderr", "bits_per_byte", "bleu", "bootstrap_stderr",
     "byte_perplexity", "chrf", "count_bytes", "count_words", "exact_match", "f1", "mean", "mean_stderr",
     "normalize_answer", "perplexity", "rouge", "ter", "weighted_perplexity", "word_perplexity",
 ]

@@ -105,6 +105,9 @@ class ParallaxLM:
                 raise ValueError(f"generate_until supports greedy decoding with until/max_gen_toks; got {kwargs}")
             until = kwargs.get("until") or []
             max_new = int(kwargs.get("max_gen_toks", 256))
+            if max_new >= self.max_length:
+                raise ValueError(f"generate_until: max_gen_toks {max_new} leaves no room for a context in the "
+                                 f"model's {self.max_length} positions")
             ids = self.tok_encode(context)[-(self.max_length - max_new):]  # lm-eval keeps the context's end
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=max_new, temperature=0.0,

@@ -43,8 +43,8 @@ OUTPUT_TYPES: tuple[str, ...] = ("loglikelihood", "loglikelihood_rolling", "mult
                                  "generate_until")
 KNOWN_METRICS: tuple[str, ...] = (
     "acc", "acc_norm", "acc_bytes", "perplexity", "word_perplexity", "byte_perplexity",
-    "bits_per_byte", "exact_match", "f1", "bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL",
-    "bertscore")
+    "bits_per_byte", "exact_match", "f1", "squad_exact_match", "bleu", "chrf", "ter", "rouge1", "rouge2",
+    "rougeL", "bertscore")
 # lm-eval's DEFAULT_METRIC_REGISTRY (lm_eval/api/registry.py): used when metric_list is absent.
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "loglikelihood": ("perplexity", "acc"),

@@ -1,0 +1,83 @@
+"""px.eval.evaluate on local lm-eval task files equals lm-eval's `hf` backend on the same model
+directory: acc, acc_norm and exact_match exactly, perplexities within 1e-4 relative."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import parallax as px
+from parallax.data import load_tokenizer
+from parallax.models import from_hf
+from tests.data.tokenizer_dirs import write_style
+
+transformers = pytest.importorskip("transformers")  # installed by the test command
+lm_eval = pytest.importorskip("lm_eval")  # installed by the test command
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("evaluate") / "llama"
+    write_style(path, "llama3")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=load_tokenizer(path).vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True))
+    hf.save_pretrained(path)
+    return path
+
+
+def _write_tasks(root: Path) -> list[Path]:
+    """Three tasks over the same JSONL: multiple choice with few-shot, greedy generation, rolling."""
+    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b)], "label": 0,
+             "answer": str(a + b), "text": f"The sum of {a} and {b} is {a + b}. " * 3}
+            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n    train: {data}\n" \
+             "test_split: test\ntraining_split: train\n"
+    specs = {
+        "px_mc": "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+                 "doc_to_choice: choices\ndoc_to_target: label\nnum_fewshot: 2\n"
+                 "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+        "px_gen": "output_type: generate_until\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+                  "doc_to_target: \" {{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 5\n"
+                  "metric_list:\n  - metric: exact_match\n",
+        "px_ppl": "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n",
+    }
+    paths = []
+    for name, body in specs.items():
+        path = root / f"{name}.yaml"
+        path.write_text(f"task: {name}\n{common}{body}")
+        paths.append(path)
+    return paths
+
+
+def test_scores_equal_lm_eval_hf_backend(model_dir, tmp_path):
+    tasks = _write_tasks(tmp_path)
+    ours = px.eval.evaluate(from_hf(model_dir), load_tokenizer(model_dir), tasks=tasks, batch_size=4)["results"]
+    from lm_eval.tasks import TaskManager
+
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", batch_size=4,
+                                     tasks=["px_mc", "px_gen", "px_ppl"], device="cpu",
+                                     task_manager=TaskManager(include_path=str(tmp_path)))["results"]
+    for metric in ("acc", "acc_norm"):
+        assert ours["px_mc"][metric] == theirs["px_mc"][f"{metric},none"]
+        assert ours["px_mc"][f"{metric}_stderr"] == pytest.approx(theirs["px_mc"][f"{metric}_stderr,none"])
+    assert ours["px_gen"]["exact_match"] == theirs["px_gen"]["exact_match,none"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours["px_ppl"][metric] == pytest.approx(theirs["px_ppl"][f"{metric},none"], rel=1e-4)
+
+
+def test_bad_metric_for_the_task_type_is_named(model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"q": "x", "a": "y"}) + "\n")
+    task = tmp_path / "t.yaml"
+    task.write_text(f"task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+                    "output_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n"
+                    "metric_list:\n  - metric: acc_norm\n")
+    with pytest.raises(ValueError, match="acc_norm.*does not apply to output_type 'generate_until'"):
+        px.eval.evaluate(from_hf(model_dir), load_tokenizer(model_dir), tasks=[task])
