@@ -1,5 +1,6 @@
 """The ``parallax`` command: ``train`` (the main job), ``plan`` (the memory planner), ``generate``
-(sampling from a checkpoint), ``tokenizer`` (training a BPE tokenizer) and ``bench``."""
+(sampling from a checkpoint), ``eval`` (task files, lm-eval's definitions), ``tokenizer``
+(training a BPE tokenizer) and ``bench``."""
 
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def _generate(rest: list[str]) -> int:
     return generate_main(rest, prog="parallax generate")
 
 
+def _eval(rest: list[str]) -> int:
+    from parallax.eval.cli import eval_main
+
+    return eval_main(rest, prog="parallax eval")
+
+
 def _tokenizer(rest: list[str]) -> int:
     from parallax.data.tokenizer_cli import tokenizer_main
 
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "checkpointing and pick the fastest that fits", add_help=False)
     commands.add_parser("generate", help="generate text from a parallax train checkpoint (paged-KV engine)",
                         add_help=False)
+    commands.add_parser("eval", help="score a checkpoint or a Hugging Face directory on task files "
+                                     "(lm-evaluation-harness's YAML vocabulary and metrics)", add_help=False)
     commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text (`parallax tokenizer "
                                           "train --help`)", add_help=False)
     commands.add_parser("bench", help="run a microbenchmark (`parallax bench` lists them)", add_help=False)
@@ -82,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(argv[1:])
     if argv[:1] == ["tokenizer"]:
         return _tokenizer(argv[1:])
+    if argv[:1] == ["eval"]:
+        return _eval(argv[1:])
     args = parser.parse_args(argv)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")

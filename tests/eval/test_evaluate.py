@@ -81,3 +81,34 @@ def test_bad_metric_for_the_task_type_is_named(model_dir, tmp_path):
                     "metric_list:\n  - metric: acc_norm\n")
     with pytest.raises(ValueError, match="acc_norm.*does not apply to output_type 'generate_until'"):
         px.eval.evaluate(from_hf(model_dir), load_tokenizer(model_dir), tasks=[task])
+
+
+def test_the_eval_command_writes_results_and_compares_them(model_dir, tmp_path, capsys):
+    from parallax.cli import main
+
+    tasks = _write_tasks(tmp_path)
+    out = tmp_path / "a.json"
+    args = ["eval", "--hf", str(model_dir), "--tasks", ",".join(map(str, tasks[:2])), "--limit", "3"]
+    assert main([*args, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "px_mc" in printed and "acc_norm" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"px_mc", "px_gen"} and saved["n_samples"] == {"px_mc": 3, "px_gen": 3}
+    assert saved["config"]["limit"] == 3
+    assert main(["eval", "--compare", str(out), str(out)]) == 0
+    assert "0.0000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [(["--limit", "0"], "--limit"), (["--tasks", "missing.yaml"], "missing"),
+                                            ([], "--tasks")])
+def test_bad_eval_input_fails_with_one_line_and_writes_nothing(model_dir, tmp_path, capsys, extra, message):
+    from parallax.cli import main
+
+    tasks = _write_tasks(tmp_path)
+    out = tmp_path / "r.json"
+    base = ["eval", "--hf", str(model_dir), "--output", str(out)]
+    if extra[:1] != ["--tasks"] and extra:
+        base += ["--tasks", str(tasks[0])]
+    assert main([*base, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,149 @@
+"""``parallax eval``: score a checkpoint or a Hugging Face directory on task files, print a table
+(task, metric, value, stderr) and write the results as JSON; ``--compare a.json b.json`` prints
+two results files side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["eval_main", "build_parser"]
+
+
+def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Evaluate a parallax train checkpoint or a Hugging Face model directory on task "
+                               "files written in lm-evaluation-harness's YAML vocabulary.",
+        epilog="Exit status: 0 done, 2 bad arguments or input (nothing is written then).")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a checkpoint directory or a parallax train run directory")
+    source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="byte or a tokenizer directory (default: the model's)")
+    p.add_argument("--tasks", help="comma-separated task files (.yaml)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--output", help="write the results as JSON to this file (atomically)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two results files side by side")
+    return p
+
+
+def eval_main(argv: list[str], prog: str = "parallax eval") -> int:
+    """Entry point of ``parallax eval``; returns the exit status."""
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.compare:
+            print(_compare(*(_read_results(p) for p in args.compare), *args.compare))
+            return 0
+        if not args.tasks:
+            raise ValueError("--tasks: give one or more task files (comma-separated)")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit: expected a number of documents >= 1, got {args.limit}")
+        from parallax.eval.tasks import load_task
+
+        tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]  # all checked before the model
+        model, tokenizer, source = _load(args)
+        from parallax.eval.evaluate import evaluate
+
+        start = time.perf_counter()
+        out = evaluate(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                       batch_size=args.batch_size, seed=args.seed)
+        out["config"] = {"model": source, "tasks": [str(t.path) for t in tasks], "num_fewshot": args.num_fewshot,
+                         "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
+                         "seconds": round(time.perf_counter() - start, 3), "git": _git_revision()}
+    except (ValueError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(_table(out["results"]))
+    if args.output:
+        _write_atomically(Path(args.output), json.dumps(out, indent=2))
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    import torch
+
+    from parallax.data import load_tokenizer
+    from parallax.inference.cli import find_checkpoint
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch.cuda.is_available() is False")
+    device = "cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available() else "cpu"
+    if args.hf is not None:
+        from parallax.models import from_hf
+
+        return from_hf(args.hf).to(device), load_tokenizer(args.tokenizer or args.hf), f"hf:{args.hf}"
+    from parallax.train.checkpoints import load_model, load_tokenizer as run_tokenizer
+
+    path = find_checkpoint(args.checkpoint)
+    tokenizer = run_tokenizer(path) if args.tokenizer is None else load_tokenizer(args.tokenizer)
+    return load_model(path).to(device), tokenizer, str(path)
+
+
+def _table(results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'task':<24} {'metric':<18} {'value':>12} {'stderr':>10}"]
+    for task, scores in results.items():
+        for metric, value in scores.items():
+            if not metric.endswith("_stderr"):
+                lines.append(f"{task:<24} {metric:<18} {value:>12.4f} {scores.get(metric + '_stderr', 0.0):>10.4f}")
+    return "\n".join(lines)
+
+
+def _compare(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    lines = [f"{'task':<24} {'metric':<18} {Path(name_a).name[:14]:>14} {Path(name_b).name[:14]:>14} {'b - a':>10}"]
+    for task in sorted(set(a) | set(b)):
+        metrics = [m for m in {**a.get(task, {}), **b.get(task, {})} if not m.endswith("_stderr")]
+        for metric in metrics:
+            va, vb = a.get(task, {}).get(metric), b.get(task, {}).get(metric)
+            fmt = lambda v: f"{v:>14.4f}" if v is not None else f"{'-':>14}"  # noqa: E731
+            diff = f"{vb - va:>10.4f}" if va is not None and vb is not None else f"{'-':>10}"
+            lines.append(f"{task:<24} {metric:<18} {fmt(va)} {fmt(vb)} {diff}")
+    return "\n".join(lines)
+
+
+def _read_results(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--compare: {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ValueError(f"--compare: {path} has no 'results' table (was it written by parallax eval --output?)")
+    return data["results"]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write text to path so that path is either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _git_revision() -> str | None:
+    """The source tree's commit, when parallax runs from a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
