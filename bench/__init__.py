@@ -38,6 +38,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "activation checkpointing on the reference GPT: saved activation bytes and step time, none vs every "
         "block vs every 2nd block",
     ),
+    "eval": (
+        ".eval",
+        "evaluation: px.eval.evaluate vs lm-evaluation-harness's hf backend on the same model and local tasks "
+        "(multiple choice, generation): wall time, requests/s, identical scores",
+    ),
     "kernels": (
         ".kernels",
         "fused kernels (linear+cross-entropy, RMSNorm, rotary, SwiGLU) vs the PyTorch composition and Liger-Kernel: "
