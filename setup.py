@@ -75,7 +75,8 @@ packages += ["parallax.bench"]  # the benchmark harness ships too: `parallax ben
 setup(
     packages=packages,
     package_dir={"parallax": "parallax", "parallax.models": "models", "parallax.bench": "bench"},
-    package_data={"parallax.models": ["*.toml"]},
+    package_data={"parallax.models": ["*.toml"],
+                  "parallax.eval.builtin": ["*.yaml", "*.jsonl", "corpus.sha256", "README.md"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

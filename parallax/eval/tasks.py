@@ -300,8 +300,12 @@ class Task:
 
 
 def load_task(path: str | Path) -> Task:
-    """Read a task YAML file and its JSON/JSONL data; raise TaskError naming any bad field."""
-    path = Path(path)
+    """Read a task YAML file and its JSON/JSONL data; raise TaskError naming any bad field.
+
+    ``path`` may also be a built-in task's name (``parallax.eval.builtin.BUILTIN_TASKS``)."""
+    from parallax.eval.builtin import BUILTIN_TASKS, builtin_task_path
+
+    path = builtin_task_path(path) if path in BUILTIN_TASKS else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist")
     config = _read_yaml(path)
