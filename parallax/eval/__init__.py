@@ -8,6 +8,7 @@ official SQuAD v1.1 script's).
     px.eval.f1("in Paris, France", ["Paris"])                          # 0.5
     px.eval.acc_norm([-4.2, -9.1], ["yes", "certainly"], gold=1)      # 1.0
     px.eval.bleu(["the cat sat"], [["the cat sat down", "a cat sat"]])  # sacrebleu corpus BLEU
+    px.eval.bertscore(["the cat sat"], ["a cat sat"], model="encoder_dir")  # {"precision", "recall", "f1"}
 """
 
 from parallax.eval.evaluate import evaluate
@@ -17,6 +18,7 @@ from parallax.eval.metrics import (
     acc_bytes,
     acc_norm,
     aggregate_stderr,
+    bertscore,
     bits_per_byte,
     bleu,
     bootstrap_stderr,
@@ -35,11 +37,11 @@ from parallax.eval.metrics import (
     weighted_perplexity,
     word_perplexity,
 )
-
-from parallax.eval.tasks import Task, load_task
+from parallax.eval.tasks import Task, TaskError, load_task
 
 __all__ = [
-    "evaluate", "ParallaxLM", "Task", "load_task", "acc", "acc_bytes", "acc_norm", "aggregate_stderr", "bits_per_byte", "bleu", "bootstrap_stderr",
+    "evaluate", "ParallaxLM", "Task", "TaskError", "load_task", "acc", "acc_bytes", "acc_norm", "aggregate_stderr",
+    "bertscore", "bits_per_byte", "bleu", "bootstrap_stderr",
     "byte_perplexity", "chrf", "count_bytes", "count_words", "exact_match", "f1", "mean", "mean_stderr",
     "normalize_answer", "perplexity", "rouge", "ter", "weighted_perplexity", "word_perplexity",
 ]

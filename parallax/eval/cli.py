@@ -33,6 +33,7 @@ def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--output", help="write the results as JSON to this file (atomically)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two results files side by side")
     return p
@@ -58,7 +59,7 @@ def eval_main(argv: list[str], prog: str = "parallax eval") -> int:
 
         start = time.perf_counter()
         out = evaluate(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                       batch_size=args.batch_size, seed=args.seed)
+                       batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
         out["config"] = {"model": source, "tasks": [str(t.path) for t in tasks], "num_fewshot": args.num_fewshot,
                          "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
                          "seconds": round(time.perf_counter() - start, 3), "git": _git_revision()}

@@ -18,7 +18,9 @@ Metric names in ``metric_list`` and what they compute:
   ``regexes_to_ignore`` options; ``f1``: SQuAD v1.1 token F1 (best over the gold answers),
   ``squad_exact_match``: SQuAD v1.1 normalised exact match.
 * ``bleu`` / ``chrf`` / ``ter`` (sacrebleu corpus scores), ``rouge1`` / ``rouge2`` / ``rougeL``
-  (rouge-score F-measure, mean over documents).
+  (rouge-score F-measure, mean over documents), ``bertscore`` (bert-score F1, mean over
+  documents; options ``model`` (a local encoder directory, relative to the task file),
+  ``num_layers``, ``idf``, ``batch_size``).
 """
 
 from __future__ import annotations
@@ -43,20 +45,22 @@ APPLICABLE: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("acc", "acc_norm", "acc_bytes"),
     "loglikelihood": ("perplexity", "acc"),
     "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-    "generate_until": ("exact_match", "f1", "squad_exact_match", "bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL"),
+    "generate_until": ("exact_match", "f1", "squad_exact_match", "bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "bertscore"),
 }
 
 
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | Task], *, num_fewshot: int | None = None,
              limit: int | None = None, batch_size: int = 8, seed: int = 1234,
-             bootstrap_iters: int = 1000) -> dict[str, Any]:
+             bootstrap_iters: int = 1000, progress: bool = False) -> dict[str, Any]:
     """Scores of ``model`` on each task: ``{"results": {task: {metric: value, metric_stderr: se}},
     "n_samples": {task: documents}}``.
 
     tasks: task YAML files (or loaded ``Task``s). num_fewshot overrides each task's; limit
-    evaluates the first N documents; seed draws the few-shot examples (lm-eval's default 1234).
+    evaluates the first N documents; seed draws the few-shot examples (lm-eval's default 1234);
+    progress: tqdm bars over each task's requests.
     """
-    lm = model if isinstance(model, ParallaxLM) else ParallaxLM(model, tokenizer, batch_size=batch_size)
+    lm = model if isinstance(model, ParallaxLM) else ParallaxLM(model, tokenizer, batch_size=batch_size,
+                                                                  progress=progress)
     results, counts = {}, {}
     for spec in tasks:
         task = spec if isinstance(spec, Task) else load_task(spec)
@@ -73,9 +77,9 @@ def evaluate_task(lm: ParallaxLM, task: Task, *, num_fewshot: int | None = None,
     for spec in task.metric_list:  # before any model work
         if spec.metric not in APPLICABLE[task.output_type]:
             raise ValueError(f"{task.path}: metric {spec.metric!r} does not apply to output_type "
-                             f"{task.output_type!r} (it takes {', '.join(APPLICABLE[task.output_type])})"
-                             + ("; BERTScore is not implemented yet" if spec.metric == "bertscore" else ""))
+                             f"{task.output_type!r} (it takes {', '.join(APPLICABLE[task.output_type])})")
     requests = task.build_requests(limit=limit, num_fewshot=num_fewshot, seed=seed)
+    log.info("eval: %s: %d requests", task.name, len(requests))
     outputs = _run(lm, requests)
     per_doc: dict[int, list] = {}
     for request, output in zip(requests, outputs):
@@ -85,6 +89,8 @@ def evaluate_task(lm: ParallaxLM, task: Task, *, num_fewshot: int | None = None,
     for spec in task.metric_list:
         values = [_per_document(spec.metric, task, doc, per_doc[i], spec.kwargs)
                   for i, doc in zip(sorted(per_doc), docs)]
+        if spec.metric == "bertscore":  # one batched pass of the encoder over every document
+            values = M.bertscore([p for p, _ in values], [r for _, r in values], **spec.kwargs)["f1"]
         aggregate = _AGGREGATES[spec.metric]
         scores[spec.metric] = float(aggregate(values))
         scores[f"{spec.metric}_stderr"] = float(M.aggregate_stderr(aggregate, values, iters=bootstrap_iters))
@@ -152,7 +158,7 @@ def _per_document(metric: str, task: Task, doc: dict, outputs: list, kwargs: dic
             return M.f1(prediction, golds)
         if metric == "squad_exact_match":
             return M.exact_match(prediction, golds)
-        if metric in ("bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL"):
+        if metric in ("bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "bertscore"):
             return (prediction, golds)
     raise AssertionError(f"{metric} for {kind} passed APPLICABLE")  # evaluate_task checked it
 
@@ -179,7 +185,7 @@ _AGGREGATES: dict[str, Callable[[list], float]] = {
     "acc": M.mean, "acc_norm": M.mean, "acc_bytes": M.mean, "exact_match": M.mean, "f1": M.mean,
     "squad_exact_match": M.mean, "perplexity": M.perplexity, "word_perplexity": M.weighted_perplexity,
     "byte_perplexity": M.weighted_perplexity, "bits_per_byte": M.bits_per_byte,
-    "bleu": _corpus(M.bleu), "chrf": _corpus(M.chrf), "ter": _corpus(M.ter),
+    "bertscore": M.mean, "bleu": _corpus(M.bleu), "chrf": _corpus(M.chrf), "ter": _corpus(M.ter),
     **{name: _corpus(lambda p, r, name=name: M.rouge(p, r, types=(name,))[name])
        for name in ("rouge1", "rouge2", "rougeL")},
 }

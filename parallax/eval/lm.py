@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from parallax.progress import progress_bar
+
 __all__ = ["ParallaxLM", "rolling_windows"]
 
 
@@ -38,15 +40,17 @@ class ParallaxLM:
     over a parallax model of any family and a parallax tokenizer.
 
     batch_size: sequences per forward. max_length: longest input (default: the model's
-    ``config.block_size``).
+    ``config.block_size``). progress: a tqdm bar per call over its requests.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 8, max_length: int | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 8, max_length: int | None = None,
+                 progress: bool = False) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.progress = progress
         self.max_length = max_length or model.config.block_size
         self.device = next(model.parameters()).device
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -112,7 +116,9 @@ class ParallaxLM:
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=max_new, temperature=0.0,
                                          stop=[until] if isinstance(until, str) else list(until)))
-        return [out.outputs[0].text for out in llm.generate(prompts, params)] if prompts else []
+        if not prompts:
+            return []
+        return [out.outputs[0].text for out in llm.generate(prompts, params, use_tqdm=self.progress)]
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -130,6 +136,7 @@ class ParallaxLM:
             inputs.setdefault((tuple(ids), len(continuation)), []).append(i)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         keys = sorted(inputs, key=lambda k: -len(k[0]))
+        bar = progress_bar(len(pairs), "loglikelihood", "request", enabled=self.progress)
         for start in range(0, len(keys), self.batch_size):
             batch = keys[start:start + self.batch_size]
             for key, logprobs in zip(batch, self._continuation_logprobs(batch)):
@@ -137,6 +144,10 @@ class ParallaxLM:
                     targets = torch.tensor(pairs[i][1], device=logprobs.device)
                     picked = logprobs.gather(1, targets[:, None])[:, 0]
                     results[i] = (float(picked.sum()), bool((logprobs.argmax(-1) == targets).all()))
+                if bar is not None:
+                    bar.update(len(inputs[key]))
+        if bar is not None:
+            bar.close()
         return results
 
     def _continuation_logprobs(self, batch: list[tuple[tuple[int, ...], int]]) -> list[torch.Tensor]:

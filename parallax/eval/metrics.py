@@ -6,25 +6,28 @@ Three kinds of function live here:
   (multiple choice from the log-likelihood of each choice);
 - aggregates over a list of items: ``mean``, ``perplexity``, ``weighted_perplexity``
   (``word_perplexity``, ``byte_perplexity``), ``bits_per_byte``, and the corpus metrics ``bleu``,
-  ``chrf``, ``ter`` (``sacrebleu``) and ``rouge`` (``rouge-score``);
+  ``chrf``, ``ter`` (``sacrebleu``) and ``rouge`` (``rouge-score``), and ``bertscore``
+  (``bert-score``, per item, with a local model directory);
 - standard errors: ``mean_stderr`` (closed form, for ``mean``) and ``bootstrap_stderr`` (every
   other aggregate); ``aggregate_stderr`` picks between them as lm-eval's ``stderr_for_metric`` does.
 
 Scales: per-item scores, ``mean`` and ``rouge`` are in [0, 1]; ``bleu``, ``chrf`` and ``ter`` are
 sacrebleu's 0-100 scores, as lm-eval reports them.
 
-``sacrebleu`` and ``rouge-score`` are optional (``pip install 'parallax[eval]'``) and imported only
-when a corpus metric is called.
+``sacrebleu``, ``rouge-score`` and ``bert-score`` are optional (``pip install 'parallax[eval]'``) and
+imported only when their metric is called.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +37,7 @@ __all__ = [
     "acc", "acc_norm", "acc_bytes",
     "mean", "perplexity", "weighted_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
     "count_words", "count_bytes",
-    "bleu", "chrf", "ter", "rouge",
+    "bleu", "chrf", "ter", "rouge", "bertscore",
     "mean_stderr", "bootstrap_stderr", "aggregate_stderr",
 ]
 
@@ -283,6 +286,44 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
         for rouge_type in types:
             totals[rouge_type] += scores[rouge_type].fmeasure
     return {rouge_type: total / len(per_item) for rouge_type, total in totals.items()}
+
+
+def bertscore(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *, model: str | Path,
+              num_layers: int | None = None, idf: bool = False, batch_size: int = 64,
+              device: str | None = None) -> dict[str, list[float]]:
+    """BERTScore (Zhang et al. 2020) of each prediction through ``bert-score``:
+    ``{"precision": [...], "recall": [...], "f1": [...]}``, one value per prediction, in [-1, 1].
+
+    model: a local Hugging Face encoder directory (config, weights, tokenizer); nothing is
+    downloaded. num_layers: the hidden layer whose token embeddings are matched (default: the
+    model's last). idf: weight tokens by inverse document frequency over the references. With
+    several references a prediction takes its best one (``BERTScorer.score``'s rule). No baseline
+    rescaling: bert-score's baselines are per published model, not per local directory.
+    """
+    per_item = _reference_lists(predictions, references)
+    directory = Path(model)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"model: expected a local Hugging Face model directory with config.json, got {str(model)!r}")
+    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0):
+        raise ValueError(f"num_layers: expected a layer index >= 0, got {num_layers!r}")
+    try:
+        from bert_score import BERTScorer
+    except ImportError as error:
+        raise ImportError(f"bertscore needs bert-score: {_EVAL_EXTRA_HINT}") from error
+    config = json.loads((directory / "config.json").read_text())
+    if num_layers is None:
+        num_layers = int(config["num_hidden_layers"])
+    scorer = BERTScorer(model_type=str(directory), num_layers=num_layers, batch_size=batch_size, idf=idf,
+                        idf_sents=[ref for refs in per_item for ref in refs] if idf else None,
+                        device=device)
+    # bert-score truncates at the tokenizer's model_max_length, which a directory whose tokenizer
+    # config does not set it leaves at 1e30 (an OverflowError in the tokenizer): cap it at the
+    # encoder's positions.
+    positions = config.get("max_position_embeddings")
+    if positions and scorer._tokenizer.model_max_length > positions:
+        scorer._tokenizer.model_max_length = positions
+    precision, recall, f1_score = scorer.score(list(predictions), per_item, batch_size=batch_size)
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1_score.tolist()}
 
 
 # --------------------------------------------------------------------------- standard errors

@@ -45,6 +45,11 @@ KNOWN_METRICS: tuple[str, ...] = (
     "acc", "acc_norm", "acc_bytes", "perplexity", "word_perplexity", "byte_perplexity",
     "bits_per_byte", "exact_match", "f1", "squad_exact_match", "bleu", "chrf", "ter", "rouge1", "rouge2",
     "rougeL", "bertscore")
+# The options a metric_list entry may give its metric (everything else is an error).
+METRIC_OPTIONS: dict[str, frozenset[str]] = {
+    "exact_match": frozenset({"regexes_to_ignore", "ignore_case", "ignore_punctuation", "ignore_numbers"}),
+    "bertscore": frozenset({"model", "num_layers", "idf", "batch_size"}),
+}
 # lm-eval's DEFAULT_METRIC_REGISTRY (lm_eval/api/registry.py): used when metric_list is absent.
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "loglikelihood": ("perplexity", "acc"),
@@ -566,9 +571,29 @@ def _metrics(path: Path, value: Any, output_type: str) -> list[MetricSpec]:
         higher = entry.get("higher_is_better")
         if higher is not None and not isinstance(higher, bool):
             raise TaskError(path, f"{where}.higher_is_better", f"expected true/false, got {higher!r}")
-        kwargs = {k: v for k, v in entry.items() if k not in _METRIC_KEYS}
+        kwargs = _metric_options(path, where, metric, {k: v for k, v in entry.items() if k not in _METRIC_KEYS})
         specs.append(MetricSpec(metric, aggregation, higher, kwargs))
     return specs
+
+
+def _metric_options(path: Path, where: str, metric: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A metric's options, checked against what it takes; bertscore's model directory resolved
+    from the task file's folder."""
+    allowed = METRIC_OPTIONS.get(metric, frozenset())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TaskError(path, f"{where}.{unknown[0]}", f"metric {metric!r} takes "
+                        + (", ".join(sorted(allowed)) if allowed else "no options"))
+    if metric == "bertscore":
+        if "model" not in options:
+            raise TaskError(path, f"{where}.model", "bertscore needs a local encoder model directory")
+        if not isinstance(options["model"], str):
+            raise TaskError(path, f"{where}.model", f"expected a directory name, got {options['model']!r}")
+        model_dir = path.parent / options["model"]  # absolute names stay absolute
+        if not (model_dir / "config.json").is_file():
+            raise TaskError(path, f"{where}.model", f"{model_dir} is not a model directory (no config.json)")
+        options = {**options, "model": str(model_dir)}
+    return options
 
 
 def _generation_kwargs(path: Path, value: Any, output_type: str,

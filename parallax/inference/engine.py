@@ -34,6 +34,7 @@ from parallax.inference.sequence import (
     RequestOutput,
     Sequence,
 )
+from parallax.progress import progress_bar
 from parallax.validate import is_int, positive_int
 
 __all__ = ["EngineConfig", "LLMEngine", "LLM", "Tokenizer", "Prompt"]
@@ -328,17 +329,25 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, **config))
 
     def generate(self, prompts: Prompt | abc.Sequence[Prompt],
-                 params: SamplingParams | abc.Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | abc.Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion; one ``RequestOutput`` per prompt, in order.
 
         prompts: a string, a list of token ids, or a list of those. params: one SamplingParams
-        for all, or one per prompt (default: SamplingParams()).
+        for all, or one per prompt (default: SamplingParams()). use_tqdm: a progress bar over
+        finished requests (vLLM's flag).
         """
         final: dict[str, RequestOutput] = {}
-        ids = []
-        for out in self._run(prompts, params, ids):
+        ids: list[str] = []
+        outputs = self._run(prompts, params, ids)
+        bar = progress_bar(len(ids), "generate", "request", enabled=use_tqdm)
+        for out in outputs:
             if out.finished:
                 final[out.request_id] = out
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
         return [final[i] for i in ids]
 
     def stream(self, prompts: Prompt | abc.Sequence[Prompt],

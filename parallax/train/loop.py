@@ -25,6 +25,7 @@ from parallax.data.tokenizer import tokenizer_reference
 from parallax.distributed import DistInfo, init_from_env, shutdown
 from parallax.models import ModelConfig, build_model, from_hf
 from parallax.optim import AdamW
+from parallax.progress import progress_bar
 from parallax.runtime import initialize
 from parallax.train.checkpoints import (
     latest_checkpoint,
@@ -202,7 +203,7 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
     comm = zero_state(model).comm
     block_size = model.config.block_size
     tokens_per_step = cfg.batch_size * block_size * info.world_size
-    bar = _progress_bar(cfg, start) if (progress and info.is_main) else None
+    bar = progress_bar(cfg.steps, "train", "step", enabled=progress and info.is_main, initial=start)
     # Every rank evaluates (stage 3 needs all of them for its gathers); rank 0 logs.
     initial_val = _evaluate(model, ds, cfg, block_size, device) if start == 0 else None
     if metrics is not None and initial_val is not None:
@@ -281,11 +282,3 @@ def _sample(model: nn.Module, ds: TokenDataset, cfg: TrainConfig, device: torch.
     ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=generator)
     return ds.tokenizer.decode(ids[0].tolist())
 
-
-def _progress_bar(cfg: TrainConfig, start: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        log.warning("tqdm is not installed: no progress bar (pip install tqdm)")
-        return None
-    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -90,8 +90,14 @@ def test_the_eval_command_writes_results_and_compares_them(model_dir, tmp_path, 
     out = tmp_path / "a.json"
     args = ["eval", "--hf", str(model_dir), "--tasks", ",".join(map(str, tasks[:2])), "--limit", "3"]
     assert main([*args, "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "px_mc" in printed and "acc_norm" in printed
+    # progress bars on stderr: the multiple-choice requests (3 documents x 3 choices), then the generations
+    assert "loglikelihood: 100%" in captured.err and "9/9" in captured.err
+    assert "generate: 100%" in captured.err and "3/3" in captured.err
+    assert main([*args, "--no-progress"]) == 0
+    assert "100%" not in capsys.readouterr().err
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"px_mc", "px_gen"} and saved["n_samples"] == {"px_mc": 3, "px_gen": 3}
     assert saved["config"]["limit"] == 3
