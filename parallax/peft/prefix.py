@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from parallax.models.attention import Attention
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "add_prefix_tuning", "prefix_adapter_state_dict",
-           "save_prefix_adapter", "load_prefix_adapter", "prefix_encoder"]
+           "save_prefix_adapter", "load_prefix_adapter", "read_prefix_adapter", "prefix_encoder"]
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,15 @@ P = 5  # virtual tokens
 KINDS = ["llama", "mistral", "gpt2"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one intra-op thread (and do not spin against other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def ids(B: int = 2, T: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
@@ -94,7 +103,7 @@ def test_a_training_step_changes_only_the_prefix(projection):
             assert p.grad is None and torch.equal(p, before[name]), name
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_engine_greedy_equals_full_recompute(kind):
     """Chunked prefill, decodes, preemption and recomputation with the virtual tokens in every layer."""
     model = prefix_tuned(kind, projection=True)
@@ -107,6 +116,14 @@ def test_engine_greedy_equals_full_recompute(kind):
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == recompute_greedy(model, prompt, 8), len(prompt)
     assert engine.num_preemptions > 0, "the pool was meant to force preemption"
+
+
+def test_engine_context_leaves_room_for_the_virtual_tokens():
+    """GPT-2's 64 learned positions hold the 5 virtual tokens and at most 59 real ones."""
+    model = prefix_tuned("gpt2", projection=False)
+    assert LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=16)).max_model_len == 59
+    with pytest.raises(ValueError, match="max_model_len=64 .*block_size=64 less 5 prefix-tuning virtual tokens"):
+        LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=16, max_model_len=64))
 
 
 def test_engine_refuses_paged_kernels_for_a_prefix():
