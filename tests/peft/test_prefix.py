@@ -118,6 +118,20 @@ def test_engine_greedy_equals_full_recompute(kind):
     assert engine.num_preemptions > 0, "the pool was meant to force preemption"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_serves_a_prefix_tuned_model():
+    """On CUDA "auto" would pick the paged kernels; a prefix-tuned model is served by SDPA instead."""
+    model = prefix_tuned("llama", projection=True).cuda()
+    rng = random.Random(6)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (2, 13, 21)]
+    engine = LLMEngine(model, config=EngineConfig(block_size=16, num_blocks=16, max_model_len=64))
+    assert engine.runner.attention == "torch"
+    outs = run_all(engine, prompts, SamplingParams(max_tokens=8, temperature=0), rng)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == recompute_greedy(model, prompt, 8), len(prompt)
+
+
 def test_engine_context_leaves_room_for_the_virtual_tokens():
     """GPT-2's 64 learned positions hold the 5 virtual tokens and at most 59 real ones."""
     model = prefix_tuned("gpt2", projection=False)
