@@ -16,6 +16,11 @@ Inside ``forward_context(ctx)`` the layer hands q, k, v to ``ctx.attend(layer, q
 instead: the engine's context writes the new keys and values into its paged cache and attends
 over each sequence's cached context (``parallax.inference.attention_metadata``). The model code
 is the same in both cases.
+
+Prefix tuning (``parallax.peft.prefix``) sets a layer's ``prefix``: a callable giving P virtual
+keys and values (P, Hkv, D) that every query sees ahead of the real tokens, which sit at positions
+P, P + 1, ... (Hugging Face PEFT's past_key_values). The layer then attends with
+``prefix_attention``; an engine's context reads ``layer.prefix`` itself.
 """
 
 from __future__ import annotations
@@ -44,6 +49,36 @@ def causal_mask(T: int, device: torch.device, sliding_window: int | None = None)
 def _window_cuts(T: int, sliding_window: int | None) -> bool:
     """Whether a window hides anything from a causal sequence of T tokens."""
     return sliding_window is not None and sliding_window < T
+
+
+def prefixed_causal_mask(num_prefix: int, start: int, n: int, device: torch.device,
+                         sliding_window: int | None = None) -> torch.Tensor:
+    """(n, num_prefix + start + n) bool: queries at positions num_prefix + start + i over keys at
+    positions 0 .. num_prefix + start + n - 1 (the virtual tokens first), causal and windowed."""
+    rows = torch.arange(num_prefix + start, num_prefix + start + n, device=device)[:, None]
+    cols = torch.arange(num_prefix + start + n, device=device)[None, :]
+    mask = cols <= rows
+    if sliding_window is not None:
+        mask &= rows - cols < sliding_window
+    return mask
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
+                     v_prefix: torch.Tensor, dropout_p: float = 0.0,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention whose keys and values start with P virtual tokens seen by every query.
+
+    q (B, T, H, D), k/v (B, T, Hkv, D), k_prefix/v_prefix (P, Hkv, D) -> (B, T, H, D). The real
+    tokens sit at positions P .. P + T - 1, so a window counts the virtual tokens too.
+    """
+    B, T = q.shape[:2]
+    P = k_prefix.size(0)
+    k = torch.cat([k_prefix.to(k.dtype).expand(B, *k_prefix.shape), k], dim=1)  # (B, P + T, Hkv, D)
+    v = torch.cat([v_prefix.to(v.dtype).expand(B, *v_prefix.shape), v], dim=1)
+    mask = prefixed_causal_mask(P, 0, T, q.device, sliding_window)  # (T, P + T)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       dropout_p=dropout_p, enable_gqa=q.size(2) != k.size(2))  # (B, H, T, D)
+    return y.transpose(1, 2)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -125,6 +160,9 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {
 }
 
 
+PrefixFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
 class AttentionContext(Protocol):
     """What an engine provides for one step: ``attend`` replaces the layer's backend."""
 
@@ -157,7 +195,9 @@ class Attention(nn.Module):
 
     Every model family calls this layer, so ZeRO, checkpointing and the inference engine see one
     attention contract. ``n_head``, ``n_kv_head``, ``head_dim`` and ``sliding_window`` describe
-    the layer to an engine (cache shapes, masks).
+    the layer to an engine (cache shapes, masks). ``prefix``, when set (prefix tuning), returns
+    this layer's virtual keys and values (P, Hkv, D); it is a plain callable, not a submodule, so
+    the parameters behind it stay in one place of the state dict.
     """
 
     def __init__(self, backend: str, n_head: int, n_kv_head: int, head_dim: int, dropout: float = 0.0,
@@ -169,6 +209,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.dropout = dropout
         self.sliding_window = sliding_window
+        self.prefix: PrefixFn | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
@@ -176,8 +217,13 @@ class Attention(nn.Module):
         if ctx is not None:
             return ctx.attend(self, q, k, v)
         dropout_p = self.dropout if self.training else 0.0
+        if self.prefix is not None:
+            k_prefix, v_prefix = self.prefix()
+            return prefix_attention(q, k, v, k_prefix, v_prefix, dropout_p, self.sliding_window)
         return ATTENTION_BACKENDS[self.backend](q, k, v, dropout_p, self.sliding_window)
 
     def extra_repr(self) -> str:
         window = f", sliding_window={self.sliding_window}" if self.sliding_window is not None else ""
-        return f"{self.backend}, heads={self.n_head}, kv_heads={self.n_kv_head}, head_dim={self.head_dim}{window}"
+        prefix = ", prefix" if self.prefix is not None else ""
+        return (f"{self.backend}, heads={self.n_head}, kv_heads={self.n_kv_head}, head_dim={self.head_dim}"
+                f"{window}{prefix}")

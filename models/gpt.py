@@ -101,6 +101,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 does
+        # Prefix tuning's virtual tokens take positions 0 .. P-1; the real tokens follow them.
+        self.position_offset = 0
 
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer),
@@ -139,10 +141,12 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for token ids idx (B, T) at positions (B, T)
-        (default 0 .. T-1 in every row; an engine passes each token's position in its sequence)."""
+        (default 0 .. T-1 in every row; an engine passes each token's position in its sequence), each
+        shifted by ``position_offset`` (the number of prefix-tuning virtual tokens, else 0)."""
         check_token_ids(idx, self.config.block_size, positions)
         if positions is None:
             positions = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+        positions = positions + self.position_offset
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)

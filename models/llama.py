@@ -87,6 +87,8 @@ class Llama(nn.Module):
         # Inverse rotary frequencies per device, outside the state dict and outside model.to(dtype):
         # a bf16 table would rotate long positions by visibly wrong angles.
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        # Prefix tuning's virtual tokens take positions 0 .. P-1; the real tokens follow them.
+        self.position_offset = 0
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -109,10 +111,12 @@ class Llama(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for token ids idx (B, T) at positions (B or 1, T)
-        (default 0 .. T-1; an engine passes each token's position in its sequence)."""
+        (default 0 .. T-1; an engine passes each token's position in its sequence), each shifted by
+        ``position_offset`` (the number of prefix-tuning virtual tokens, else 0)."""
         check_token_ids(idx, self.config.block_size, positions)
         if positions is None:
             positions = torch.arange(idx.size(1), device=idx.device)[None]  # (1, T)
+        positions = positions + self.position_offset
         cos, sin = rope_tables(self._frequencies(idx.device), positions)  # (B or 1, T, D // 2) each
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:

@@ -15,6 +15,10 @@ the paged cache (``reshape_and_cache``), then each token attends over its sequen
   it attends over its own fresh K/V (no cache read), one with a cached prefix over its own
   blocks (``paged_attention_varlen``'s reference).
 
+A prefix-tuned model (``Attention.prefix`` set) is served by the ``"torch"`` path: each sequence
+attends over the layer's P virtual keys and values ahead of its cached context (they are not in
+the cache; the model has already shifted the real tokens' rotary positions by P).
+
 Shapes: T tokens this step, H query heads, Hkv KV heads, D head size, N blocks of B slots.
 """
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from parallax import ops
-from parallax.models.attention import Attention, causal_mask
+from parallax.models.attention import Attention, causal_mask, prefixed_causal_mask
 
 __all__ = ["SeqInput", "StepMetadata", "PagedAttentionContext", "build_metadata"]
 
@@ -141,14 +145,19 @@ class PagedAttentionContext:
         paged = self.implementation == "paged"
         # "torch" pins the reference write: on CPU the default may be the Triton interpreter (for tests)
         ops.reshape_and_cache(k, v, k_cache, v_cache, m.slot_mapping, backend=None if paged else "reference")
+        prefix = _layer_prefix(layer, k_cache.dtype)
         if paged:
+            if prefix is not None:
+                raise ValueError("the 'paged' attention kernels take no prefix-tuning virtual tokens; "
+                                 "serve a prefix-tuned model with attention='torch'")
             y = self._paged(layer, q, k_cache, v_cache)
         else:
             y = torch.empty_like(q)
             if m.num_decode:
-                y[:m.num_decode] = self._decode_gather(layer, q[:m.num_decode], k_cache, v_cache)
+                y[:m.num_decode] = self._decode_gather(layer, q[:m.num_decode], k_cache, v_cache, prefix)
             for lo, hi, start, blocks in m.prefill_spans:
-                y[lo:hi] = self._prefill(layer, q[lo:hi], k[lo:hi], v[lo:hi], start, blocks, k_cache, v_cache)
+                y[lo:hi] = self._prefill(layer, q[lo:hi], k[lo:hi], v[lo:hi], start, blocks, k_cache, v_cache,
+                                         prefix)
         return y[None]
 
     def _paged(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -166,9 +175,10 @@ class PagedAttentionContext:
                                                 m.context_lens[nd:], m.max_query, sliding_window=window)
         return y
 
-    def _decode_gather(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor) -> torch.Tensor:
-        """q (S, H, D), one token per sequence -> (S, H, D), attending over gathered cache blocks."""
+    def _decode_gather(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """q (S, H, D), one token per sequence -> (S, H, D), attending over gathered cache blocks
+        (after the layer's virtual keys/values (P, Hkv, D) when ``prefix`` is given)."""
         _, B, Hkv, D = k_cache.shape
         out = torch.empty_like(q)
         for lo, hi, blocks, lens in self.meta.decode_groups:
@@ -180,32 +190,58 @@ class PagedAttentionContext:
             mask = p < lens[:, None]  # (G, L)
             if layer.sliding_window is not None:
                 mask &= p >= lens[:, None] - layer.sliding_window
+            if prefix is not None:
+                k, v, mask = _prepend_prefix(k, v, mask, prefix, lens, layer.sliding_window)
             y = F.scaled_dot_product_attention(q[lo:hi, :, None], k, v, attn_mask=mask[:, None, None, :],
                                                enable_gqa=q.size(1) != Hkv)  # (G, H, 1, D)
             out[lo:hi] = y[:, :, 0]
         return out
 
     def _prefill(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                 blocks: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """One sequence's n new tokens q (n, H, D) at positions start .. start + n - 1 -> (n, H, D)."""
+                 blocks: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One sequence's n new tokens q (n, H, D) at positions start .. start + n - 1 -> (n, H, D)
+        (after the layer's virtual keys/values (P, Hkv, D) when ``prefix`` is given)."""
         n, H, D = q.shape
         Hkv = k.size(1)
         if start > 0:  # a cached prefix: attend over this sequence's own blocks
             k = k_cache.index_select(0, blocks).view(-1, Hkv, D)[:start + n]  # (ctx, Hkv, D)
             v = v_cache.index_select(0, blocks).view(-1, Hkv, D)[:start + n]
         window = layer.sliding_window
-        if start == 0:  # the causal flag picks SDPA's fused kernels; a cutting window needs a mask
+        num_prefix = 0
+        if prefix is not None:
+            num_prefix = prefix[0].size(0)
+            k, v = torch.cat([prefix[0], k]), torch.cat([prefix[1], v])  # (P + ctx, Hkv, D)
+        if start == 0 and num_prefix == 0:  # the causal flag picks SDPA's fused kernels; a cutting window needs a mask
             mask = causal_mask(n, q.device, window) if window is not None and window < n else None
         else:
-            rows = torch.arange(start, start + n, device=q.device)[:, None]  # the new tokens' positions
-            cols = torch.arange(start + n, device=q.device)[None, :]
-            mask = cols <= rows
-            if window is not None:
-                mask &= rows - cols < window
+            mask = prefixed_causal_mask(num_prefix, start, n, q.device, window)  # (n, P + start + n)
         y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                           attn_mask=mask, is_causal=start == 0 and mask is None,
+                                           attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=H != Hkv)  # (1, H, n, D)
         return y[0].transpose(0, 1)
+
+
+def _layer_prefix(layer: Attention, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's prefix-tuning virtual keys and values (P, Hkv, D) in the cache's dtype, or None."""
+    if layer.prefix is None:
+        return None
+    k_prefix, v_prefix = layer.prefix()
+    return k_prefix.to(dtype), v_prefix.to(dtype)
+
+
+def _prepend_prefix(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor],
+                    lens: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gathered decode keys/values k, v (G, Hkv, L, D) and their mask (G, L) with the P virtual
+    tokens in front: (G, Hkv, P + L, D) and (G, P + L). A decode query sits at position P + lens - 1
+    and virtual token j at position j, so a window hides j when P + lens - 1 - j >= window."""
+    G, P = k.size(0), prefix[0].size(0)
+    k_prefix, v_prefix = (t.transpose(0, 1)[None].expand(G, -1, -1, -1) for t in prefix)  # (G, Hkv, P, D)
+    seen = torch.ones(G, P, dtype=torch.bool, device=mask.device)
+    if window is not None:
+        j = torch.arange(P, device=mask.device)[None, :]
+        seen &= P + lens[:, None] - 1 - j < window
+    return torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2), torch.cat([seen, mask], dim=1)
 
 
 def _slots(block_table: list[int], lo: int, hi: int, block_size: int) -> np.ndarray:

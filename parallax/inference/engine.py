@@ -68,7 +68,8 @@ class EngineConfig:
         of max_model_len tokens can use.
     max_num_seqs: most sequences in a step. max_num_batched_tokens: most tokens in a step
         (longer prompts are prefilled in chunks).
-    max_model_len: most tokens a sequence may feed to the model; None is the model's block_size.
+    max_model_len: most tokens a sequence may feed to the model; None is the model's block_size
+        (less the virtual tokens of a prefix-tuned model).
     enable_prefix_caching: reuse the KV of full blocks whose whole prefix was seen before.
     attention: 'auto', 'paged' or 'torch' (see ``parallax.inference.model_runner``).
     """
@@ -108,10 +109,14 @@ class LLMEngine:
         self._decode_skips = (tokenizer is not None
                               and "skip_special_tokens" in inspect.signature(tokenizer.decode).parameters)
         self.eos_token_ids = _eos_ids(tokenizer)
-        self.max_model_len = config.max_model_len or model.config.block_size
-        if self.max_model_len > model.config.block_size:
+        # prefix tuning's virtual tokens take the first positions of the model's context
+        virtual = getattr(model, "position_offset", 0)
+        context = model.config.block_size - virtual
+        self.max_model_len = config.max_model_len or context
+        if self.max_model_len > context:
+            prefix = f" less {virtual} prefix-tuning virtual tokens" if virtual else ""
             raise ValueError(f"max_model_len={self.max_model_len} is longer than the model's context "
-                             f"(block_size={model.config.block_size})")
+                             f"(block_size={model.config.block_size}{prefix})")
         bs = config.block_size
         per_seq = -(-self.max_model_len // bs)
         num_blocks = config.num_blocks or _blocks_from_memory(model, config, per_seq)

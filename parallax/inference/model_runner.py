@@ -9,7 +9,8 @@ over the paged context. Then ``model.logits`` runs on each sampling sequence's l
 
 Attention implementations (``attention=``): ``"paged"`` (the CUDA kernels), ``"torch"`` (SDPA;
 the CPU path), ``"auto"``: ``"paged"`` on CUDA when the kernels take this head size and block
-size, else ``"torch"``. See ``attention_metadata`` for what each does.
+size, else ``"torch"``; a prefix-tuned model always ``"torch"``. See ``attention_metadata`` for
+what each does.
 
 Shapes: T tokens this step, L attention layers, N blocks of B slots, Hkv KV heads, D head size, V vocabulary.
 """
@@ -63,6 +64,16 @@ def attention_layers(model: nn.Module) -> list[Attention]:
     return layers
 
 
+def _prefix_attention(requested: str, resolved: str) -> str:
+    """The implementation for a prefix-tuned model: 'torch' (the paged kernels read only the cache)."""
+    if requested == "paged":
+        raise ValueError("attention='paged' cannot serve a prefix-tuned model (the kernels read no virtual "
+                         "tokens); use attention='torch' or 'auto'")
+    if resolved == "paged":
+        log.info("inference: prefix-tuned model; attending with SDPA over gathered K/V and the virtual tokens")
+    return "torch"
+
+
 class ModelRunner:
     """Runs the model over engine steps; owns the KV cache tensor (2, L, N, B, Hkv, D)."""
 
@@ -75,6 +86,8 @@ class ModelRunner:
         self.layers = attention_layers(model)
         head_dim, kv_heads = self.layers[0].head_dim, self.layers[0].n_kv_head
         self.attention = resolve_attention(attention, self.device, head_dim, block_size)
+        if any(layer.prefix is not None for layer in self.layers):
+            self.attention = _prefix_attention(attention, self.attention)
         # zeros, not empty: the "torch" decode reads (and masks) stale slots, which must be finite
         self.kv_cache = torch.zeros((2, len(self.layers), num_blocks, block_size, kv_heads, head_dim),
                                     dtype=self.dtype, device=self.device)
