@@ -147,7 +147,14 @@ class _LoraLinear(torch.autograd.Function):
         lora_rows = x_rows if lora_x is None else _rows(lora_x)
         u = lora_rows.to(lora_a.dtype) @ lora_a.t()  # (M, r), computed once, kept for the backward
         out = _fused_matmul(x_rows, weight, u, lora_b, scaling, bias)
-        ctx.save_for_backward(x_rows, None if lora_x is None else lora_rows, weight, lora_a, lora_b, u)
+        # activations are kept only for the gradients that read them: x for W's (and A's when the
+        # LoRA path reads x), lora_x for A's; a frozen base with dropout keeps lora_x alone
+        need_w, need_a = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        keep_x = need_w or (lora_x is None and need_a)
+        keep_lora_x = lora_x is not None and need_a
+        ctx.save_for_backward(x_rows if keep_x else None, lora_rows if keep_lora_x else None, weight, lora_a,
+                              lora_b, u)
+        ctx.fused_input, ctx.lora_x_dtype = lora_x is None, lora_rows.dtype
         ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
         return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -159,7 +166,7 @@ class _LoraLinear(torch.autograd.Function):
         s = ctx.scaling
         dy = _rows(dout)
         dy_adapter = dy.to(lora_b.dtype)
-        fused_input = lora_rows is None
+        fused_input = ctx.fused_input
         v = dy_adapter @ lora_b if need_a or need_lora_x or (need_x and fused_input) else None  # (M, r), once
         dx = dw = dbias = da = db = dlora_x = None
         if need_x and fused_input:
@@ -167,7 +174,7 @@ class _LoraLinear(torch.autograd.Function):
         elif need_x:
             dx = (dy @ weight).view(ctx.x_shape)
         if need_lora_x:
-            dlora_x = ((v @ lora_a) * s).to(lora_rows.dtype).view(ctx.x_shape)
+            dlora_x = ((v @ lora_a) * s).to(ctx.lora_x_dtype).view(ctx.x_shape)
         if need_a:
             lora_in = (x_rows if fused_input else lora_rows).to(lora_a.dtype)
             da = (v.t() @ lora_in) * s

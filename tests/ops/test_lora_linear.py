@@ -91,7 +91,8 @@ def _against_float64(lead, k, n, r, dtype, *, seed, frozen=(), **kw):
 
 # (leading dims of x, K, N, r, bias, separate lora_x)
 CASES = [((1,), 33, 65, 1, True, False), ((7,), 65, 33, 8, False, True), ((97,), 33, 65, 16, True, True),
-         ((2, 5), 17, 9, 8, True, False), ((3, 1, 7), 40, 24, 16, False, False), ((97,), 65, 33, 8, False, False)]
+         ((2, 5), 17, 9, 8, True, False), ((3, 1, 7), 40, 24, 16, False, False), ((97,), 65, 33, 8, False, False),
+         ((0,), 33, 65, 8, True, True)]
 
 
 @needs_kernel
@@ -128,6 +129,24 @@ def test_frozen_base_has_no_gradient(separate):
     got = _against_float64((7,), 33, 65, 8, torch.float32, seed=5, frozen=("weight", "bias"),
                            separate_lora_x=separate)
     assert "dweight" not in got and "dbias" not in got
+
+
+@needs_kernel
+@pytest.mark.parametrize("separate", [False, True], ids=["lora_x=x", "dropout"])
+def test_frozen_base_keeps_only_the_activations_its_gradients_read(separate):
+    """With a frozen base, x is kept for the backward only when the LoRA path reads it (A's
+    gradient): with dropout, lora_x alone (PEFT keeps no more); the rank-r u, not (M, N) values."""
+    tensors, _ = _inputs((7,), 33, 65, 8, torch.float32, seed=11, separate_lora_x=separate)
+    leaves = {name: t.detach().clone().requires_grad_(name not in ("weight", "bias"))
+              for name, t in tensors.items() if t is not None}
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], SCALING,
+                    leaves.get("lora_x"))
+    kept_rows = [t for t in kept if t.shape[0] == 7]  # activations; weights have other first dims
+    assert sorted(tuple(t.shape) for t in kept_rows) == [(7, 8), (7, 33)]  # u and one input
+    read = leaves["lora_x"] if separate else leaves["x"]
+    assert [t.data_ptr() for t in kept_rows if t.shape == (7, 33)] == [read.data_ptr()]
 
 
 @needs_kernel
@@ -235,10 +254,11 @@ def test_cpu_without_the_interpreter_runs_peft_forward(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", [((2, 1024), 4096, 4096, 16, torch.bfloat16),
-                                  ((4096,), 4096, 14336, 64, torch.float32),
-                                  ((3, 333), 4096, 1027, 8, None)], ids=str)
+# (leading dims of x, K, N, r, adapter dtype, separate lora_x): a frozen bf16 base, as PEFT trains
+@pytest.mark.parametrize("case", [((2, 1024), 4096, 4096, 16, torch.bfloat16, False),
+                                  ((4096,), 4096, 14336, 64, torch.float32, False),
+                                  ((3, 333), 4096, 1027, 8, torch.bfloat16, True)], ids=str)
 def test_llama_sizes_bf16_on_gpu(case):
-    lead, k, n, r, adapter_dtype = case
+    lead, k, n, r, adapter_dtype, separate = case
     _against_float64(lead, k, n, r, torch.bfloat16, seed=k + n + r, frozen=("weight", "bias"),
-                     adapter_dtype=adapter_dtype, separate_lora_x=n == 1027)
+                     adapter_dtype=adapter_dtype, separate_lora_x=separate)
