@@ -92,7 +92,8 @@ def _against_float64(lead, k, n, r, dtype, *, seed, frozen=(), **kw):
 # (leading dims of x, K, N, r, bias, separate lora_x)
 CASES = [((1,), 33, 65, 1, True, False), ((7,), 65, 33, 8, False, True), ((97,), 33, 65, 16, True, True),
          ((2, 5), 17, 9, 8, True, False), ((3, 1, 7), 40, 24, 16, False, False), ((97,), 65, 33, 8, False, False),
-         ((0,), 33, 65, 8, True, True)]
+         ((0,), 33, 65, 8, True, True),
+         ((600,), 16, 150, 4, True, False)]  # 10 x 3 tiles: two groups of row tiles, the last one partial
 
 
 @needs_kernel
