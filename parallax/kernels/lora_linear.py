@@ -10,7 +10,8 @@ a = x, b = W, u = x A^T (precomputed), c = B; the backward's input gradient with
 b = W^T, u = dy B, c = A^T.
 
 One program per (BLOCK_M, BLOCK_N) tile of out, in groups of GROUP_M row tiles (consecutive
-programs share b's column tiles in L2). Row offsets are int64 (M * K may pass 2^31).
+programs share b's column tiles in L2). Row offsets are int64 (M * K may pass 2^31); the inner dim
+is walked by advancing pointers.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ def _tile_ids(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 @triton.jit
 def _dot_loop(acc, lhs_ptr, rhs_ptr, rows, cols, mask_rows, mask_cols, inner, stride_lhs_row, stride_lhs_in,
               stride_rhs_col, stride_rhs_in, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + lhs[rows, :] @ rhs[cols, :]^T over ``inner`` elements, BLOCK at a time (fp32)."""
-    lhs_rows = lhs_ptr + rows.to(tl.int64)[:, None] * stride_lhs_row
-    rhs_cols = rhs_ptr + cols.to(tl.int64)[None, :] * stride_rhs_col
+    """acc + lhs[rows, :] @ rhs[cols, :]^T over ``inner`` elements, BLOCK at a time (fp32). The
+    pointers advance by BLOCK steps: no int32 product of an offset and a stride can overflow."""
+    steps = tl.arange(0, BLOCK)
+    lhs = lhs_ptr + rows.to(tl.int64)[:, None] * stride_lhs_row + steps[None, :] * stride_lhs_in
+    rhs = rhs_ptr + cols.to(tl.int64)[None, :] * stride_rhs_col + steps[:, None] * stride_rhs_in
     for start in range(0, inner, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        in_range = offs < inner
-        lhs = tl.load(lhs_rows + offs[None, :] * stride_lhs_in, mask=mask_rows[:, None] & in_range[None, :],
-                      other=0.0)
-        rhs = tl.load(rhs_cols + offs[:, None] * stride_rhs_in, mask=in_range[:, None] & mask_cols[None, :],
-                      other=0.0)
-        acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+        in_range = start + steps < inner
+        lhs_tile = tl.load(lhs, mask=mask_rows[:, None] & in_range[None, :], other=0.0)
+        rhs_tile = tl.load(rhs, mask=in_range[:, None] & mask_cols[None, :], other=0.0)
+        acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
+        lhs += BLOCK * stride_lhs_in
+        rhs += BLOCK * stride_rhs_in
     return acc
 
 
