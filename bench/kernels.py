@@ -176,6 +176,27 @@ def _liger_swiglu(leaves, o):
     return liger_swiglu(*leaves)
 
 
+def _lora_inputs(s, device, dtype, gen) -> Inputs:
+    """A frozen base linear layer (weight and bias not trained, as in PEFT) and a rank-r adapter
+    with a non-zero B; the leaves are x, A and B."""
+    hidden, out, r = s["hidden"], s["out"], s["rank"]
+    x = _randn((s["tokens"], hidden), device, dtype, gen)
+    lora_a = _randn((r, hidden), device, dtype, gen, scale=hidden ** -0.5)
+    lora_b = _randn((out, r), device, dtype, gen, scale=r ** -0.5)
+    weight = _randn((out, hidden), device, dtype, gen, scale=hidden ** -0.5)
+    return [x, lora_a, lora_b], {"weight": weight, "bias": _randn((out,), device, dtype, gen), "scaling": 2.0}
+
+
+def _torch_lora(leaves, o):
+    """PEFT's lora.Linear forward (no dropout): ``base_layer(x) + lora_B(lora_A(x)) * scaling``."""
+    x, lora_a, lora_b = leaves
+    return F.linear(x, o["weight"], o["bias"]) + F.linear(F.linear(x, lora_a), lora_b) * o["scaling"]
+
+
+def _no_liger_lora(leaves, o):
+    raise NotImplementedError("Liger-Kernel has no LoRA op")
+
+
 def _px(op: str) -> Callable[..., Any]:
     import parallax as px
 
@@ -210,6 +231,14 @@ CASES = [
          torch_fn=lambda leaves, o: F.silu(leaves[0]) * leaves[1], liger_fn=_liger_swiglu,
          shapes={"cuda": dict(tokens=16384, ffn=14336), "cpu": dict(tokens=1024, ffn=2048),
                  "quick": dict(tokens=32, ffn=64)},
+         dtypes={"cuda": "bf16", "cpu": "fp32"}),
+    Case("lora_linear", "lora_linear", _lora_inputs,
+         parallax_fn=lambda leaves, o: _px("lora_linear")(leaves[0], o["weight"], o["bias"], *leaves[1:],
+                                                          o["scaling"]),
+         torch_fn=_torch_lora, liger_fn=_no_liger_lora,
+         shapes={"cuda": dict(tokens=8192, hidden=4096, out=4096, rank=16),
+                 "cpu": dict(tokens=512, hidden=1024, out=1024, rank=16),
+                 "quick": dict(tokens=16, hidden=32, out=48, rank=4)},
          dtypes={"cuda": "bf16", "cpu": "fp32"}),
 ]
 

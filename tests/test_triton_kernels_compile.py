@@ -78,6 +78,7 @@ def _jobs() -> dict[str, tuple]:
     jobs["reshape-and-cache"] = ("paged_attention", "_reshape_and_cache", "fp16",
                                  dict(NUM_KV_HEADS=3, HEADS_PAD=4, HEAD_DIM=64, DIM_PAD=64, BLOCK_SIZE=16), 4, 2)
     jobs.update(_fused_jobs())
+    jobs.update(_lora_jobs())
     # the launcher's widest block (a 128k vocabulary) and a narrow one without the gradient pass
     jobs["cross-entropy-bf16-grad"] = ("cross_entropy", "_cross_entropy_fwd_bwd", "bf16",
                                        dict(COMPUTE_GRAD=True, BLOCK_V=8192), 16, 3)
@@ -108,6 +109,23 @@ def _fused_jobs() -> dict[str, tuple]:
         "swiglu-fwd-bf16": ("swiglu", "_swiglu_fwd", "bf16", dict(BLOCK=4096), 8, 2),
         "swiglu-bwd-bf16": ("swiglu", "_swiglu_bwd", "bf16", dict(BLOCK=4096), 8, 2),
         "swiglu-bwd-fp16-narrow": ("swiglu", "_swiglu_bwd", "fp16", dict(BLOCK=16), 4, 2),
+    }
+
+
+def _lora_jobs() -> dict[str, tuple]:
+    """The LoRA matmul in the launcher's GPU configurations (``_launch_config``): 16-bit 128 x 128
+    tiles, with 16-bit or fp32 adapters (PEFT's default for 16-bit models), and exact fp32."""
+    def cfg(block, block_k, block_r, warps, low_rank_precision="tf32", dot_precision="tf32"):
+        return (dict(BLOCK_M=block, BLOCK_N=block, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=8, HAS_BIAS=True,
+                     DOT_PRECISION=dot_precision, LOW_RANK_PRECISION=low_rank_precision), warps, 3)
+
+    fp32_adapters = {"u_ptr": "*fp32", "c_ptr": "*fp32"}
+    return {
+        "lora-matmul-bf16-r16": ("lora_linear", "_lora_matmul", "bf16", *cfg(128, 64, 16, 8)),
+        "lora-matmul-bf16-fp32-adapters-r64": ("lora_linear", "_lora_matmul", "bf16",
+                                               *cfg(128, 64, 64, 8, low_rank_precision="ieee"), fp32_adapters),
+        "lora-matmul-fp16-decode": ("lora_linear", "_lora_matmul", "fp16", *cfg(16, 64, 16, 4)),
+        "lora-matmul-fp32": ("lora_linear", "_lora_matmul", "fp32", *cfg(64, 32, 64, 4, "ieee", "ieee")),
     }
 
 
