@@ -96,7 +96,8 @@ class LoraConfig:
             if value not in (default, None, {}, [], False):
                 raise ValueError(f"{where}: {name}={value!r} is not supported by parallax's LoRA "
                                  f"(supported: {default!r})")
-        known = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=None, use_rslora=False, bias="none")
+        known = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": None, "use_rslora": False,
+                 "bias": "none"}
         values = {name: fields.get(name, default) for name, default in known.items()}
         if values["target_modules"] is None:
             raise ValueError(f"{where}: target_modules is missing; parallax needs the adapted module names")

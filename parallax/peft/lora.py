@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import LoraConfig
 
@@ -45,7 +45,7 @@ class LoraLinear(nn.Module):
         weight's device, in its dtype (float32 for a float16/bfloat16 base, as PEFT)."""
         weight = self.base_layer.weight
         dtype = torch.float32 if weight.dtype in _UPCAST_DTYPES else weight.dtype
-        factory = dict(device=weight.device, dtype=dtype)
+        factory = {"device": weight.device, "dtype": dtype}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .config import LoraConfig
 from .lora import LoraLinear, find_targets, lora_layers, replace_module
@@ -77,11 +77,13 @@ class PeftModelMixin:
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Add the adapters (default: the active ones) into the base weights; forward then costs
         what the base costs. Undo with ``unmerge``."""
+        _refuse_sharded_weights(self, "merge")
         for _, layer in lora_layers(self):
             layer.merge(adapter_names if adapter_names is not None else layer.active_adapters)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weights."""
+        _refuse_sharded_weights(self, "unmerge")
         for _, layer in lora_layers(self):
             layer.unmerge()
 
@@ -113,7 +115,7 @@ class PeftModelMixin:
     def save_adapter(self, save_directory: "str | os.PathLike", adapter_name: str | None = None) -> None:
         """Write adapter ``adapter_name`` (default: the active one) to save_directory in PEFT's
         format. A new directory appears whole or not at all; in an existing one each file is
-        replaced atomically."""
+        replaced atomically. Under px.zero.shard every rank calls it and rank 0 writes."""
         name = adapter_name if adapter_name is not None else self.active_adapter
         if not isinstance(name, str) or name not in self.peft_config:
             raise ValueError(f"save_adapter: adapter_name must be one of {sorted(self.peft_config)}; got {name!r}")
@@ -121,7 +123,8 @@ class PeftModelMixin:
         tensors = adapter_state_dict(self, name)
         targets = sorted({key[len(PEFT_PREFIX):].rsplit(".", 2)[0] for key in tensors})
         fields = config.to_peft_dict(targets, _base_name(self), fan_in_fan_out=_exports_conv1d(self))
-        _write_atomically(Path(save_directory), fields, tensors)
+        if _is_writer(self):
+            _write_atomically(Path(save_directory), fields, tensors)
         log.info("peft: saved adapter %r (%d tensors) to %s", name, len(tensors), save_directory)
 
 
@@ -149,14 +152,31 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 
 def adapter_state_dict(model: PeftModelMixin, adapter_name: str) -> dict[str, torch.Tensor]:
-    """PEFT's keys -> tensors (detached, contiguous, CPU) of one adapter, as save_pretrained writes them."""
-    tensors = {}
-    for path, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            for part in ("lora_A", "lora_B"):
-                weight = getattr(layer, part)[adapter_name].weight
-                tensors[f"{PEFT_PREFIX}{path}.{part}.weight"] = weight.detach().cpu().contiguous()
-    return tensors
+    """PEFT's keys -> full CPU tensors of one adapter, as save_pretrained writes them. Under
+    px.zero.shard every rank must call it (the shards are gathered)."""
+    peft_keys = {f"{path}.{part}.{adapter_name}.weight": f"{PEFT_PREFIX}{path}.{part}.weight"
+                 for path, layer in lora_layers(model) if adapter_name in layer.lora_A for part in ("lora_A", "lora_B")}
+    if _zero_stage(model) is None:
+        values = {name: p.detach().cpu() for name, p in model.named_parameters() if name in peft_keys}
+    else:
+        from parallax.zero import (
+            full_state_dict,  # lazy: zero imports torch.distributed machinery
+        )
+
+        values = full_state_dict(model)
+    return {peft_key: values[name].contiguous() for name, peft_key in peft_keys.items()}
+
+
+def _zero_stage(model: nn.Module) -> int | None:
+    """The ZeRO stage model is sharded with, or None."""
+    state = getattr(model, "_parallax_zero", None)
+    return None if state is None else state.stage
+
+
+def _is_writer(model: nn.Module) -> bool:
+    """Whether this process writes files for model: rank 0 of its ZeRO group, or a lone process."""
+    state = getattr(model, "_parallax_zero", None)
+    return state is None or state.comm.rank == 0
 
 
 def load_adapter(model: nn.Module, adapter_dir: "str | os.PathLike", adapter_name: str = "default",
@@ -224,6 +244,12 @@ def _checked_tensors(model: nn.Module, targets: list[str], config: LoraConfig, s
             raise ValueError(f"{where}: adapter saved for another base model: {module} {part} has shape "
                              f"{tuple(tensors[key].shape)} in the file but this model needs {shape}")
     return tensors
+
+
+def _refuse_sharded_weights(model: nn.Module, what: str) -> None:
+    if _zero_stage(model) == 3:
+        raise ValueError(f"{what}: the base weights are sharded by ZeRO-3; save the adapter with save_adapter and "
+                         "merge it into an unsharded model (px.peft.load_adapter, then merge_and_unload)")
 
 
 def _inject(model: nn.Module, adapter_name: str, config: LoraConfig, targets: list[str]) -> None:
