@@ -77,10 +77,11 @@ class LoraLinear(nn.Module):
         return result.to(result_dtype)
 
     def _fused_forward(self, op, x: torch.Tensor, name: str) -> torch.Tensor:
-        """One adapter through px.ops.lora_linear (CUDA), the adapter computed in x's dtype."""
+        """One adapter through px.ops.lora_linear (CUDA); float32 adapters of a half-precision
+        base run the low-rank path in float32, as the plain path and PEFT do."""
         dropout = self.lora_dropout[name]
         lora_x = None if isinstance(dropout, nn.Identity) else dropout(x)
-        A, B = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
         return op(x, self.base_layer.weight, self.base_layer.bias, A, B, self.scaling[name], lora_x=lora_x)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
