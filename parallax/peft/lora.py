@@ -165,12 +165,24 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if unmatched:
             raise ValueError(f"LoraConfig.target_modules entries {unmatched} match no module of "
                              f"{type(model).__name__}")
+    _refuse_fused_loss_head(model, names)
     modules = dict(candidates)
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], (nn.Linear, LoraLinear))]
     if wrong:
         raise ValueError(f"LoraConfig.target_modules selects modules that are not nn.Linear: {', '.join(wrong)}; "
                          "LoRA adapts nn.Linear layers only")
     return names
+
+
+def _refuse_fused_loss_head(model: nn.Module, names: list[str]) -> None:
+    """parallax's models compute the training loss from ``lm_head.weight`` (a fused linear
+    cross-entropy), which would skip an adapter on the head: refuse it rather than train nothing."""
+    from parallax.models import GPT, Llama  # lazy: models import the ops
+
+    head = _output_head_name(model)
+    if isinstance(model, (GPT, Llama)) and head in names:
+        raise ValueError(f"LoraConfig.target_modules selects the output head {head!r}; {type(model).__name__} "
+                         f"computes its loss from {head}.weight directly, so leave it out (\"all-linear\" does)")
 
 
 def _suffix_match(name: str, target: str) -> bool:

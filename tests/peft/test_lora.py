@@ -261,6 +261,7 @@ def assert_unchanged(model: nn.Module, reference: nn.Module) -> None:
     (["q_proj", "qproj"], r"target_modules entries \['qproj'\] match no module"),
     (r"layers\.0\.q_proj", "pattern .* matches no module name"),
     (["mlp"], r"not nn.Linear: model.layers.0.mlp \(SwiGLU\)"),
+    (["q_proj", "lm_head"], "selects the output head 'lm_head'; Llama computes its loss from lm_head.weight"),
 ])
 def test_unmatched_or_wrong_target_is_named_and_nothing_changes(targets, needle):
     model = tiny_llama()
