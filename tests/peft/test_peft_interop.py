@@ -67,3 +67,16 @@ def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
     assert not any(p.requires_grad for p in frozen.parameters())
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
         {n for n, p in source.named_parameters() if p.requires_grad}
+
+
+def test_lora_on_a_transformers_model_equals_peft(tmp_path):
+    """px.peft applies to a transformers model directly; its adapter is PEFT's on the same model."""
+    ours = px.peft.get_peft_model(hf_model("qwen2"), px.peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert "lm_head" not in {n.split(".")[0] for n, _ in ours.named_parameters() if "lora_" in n}
+    randomize_adapters(ours)
+    ours.save_adapter(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(hf_model("qwen2"), tmp_path / "adapter")
+    assert_logits_match(ours, theirs, atol=1e-5)
+    with ours.disable_adapter():
+        assert_logits_match(ours, hf_model("qwen2"), atol=1e-5)
+    assert_logits_match(ours.merge_and_unload(), theirs, atol=1e-5)
