@@ -1,0 +1,14 @@
+"""Parameter-efficient fine-tuning with Hugging Face PEFT's semantics and file format.
+
+    cfg = px.peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    model = px.peft.get_peft_model(model, cfg)      # in place; only the adapters train
+    model.save_adapter("out")                       # adapter_config.json + adapter_model.safetensors
+    model = model.merge_and_unload()                # plain nn.Linear layers again
+    px.peft.load_adapter(model, "out")              # a PEFT-format adapter directory
+"""
+
+from .config import LoraConfig
+from .lora import LoraLinear
+from .model import PeftModelMixin, adapter_state_dict, get_peft_model, load_adapter
+
+__all__ = ["LoraConfig", "LoraLinear", "PeftModelMixin", "adapter_state_dict", "get_peft_model", "load_adapter"]
