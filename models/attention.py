@@ -16,6 +16,12 @@ Inside ``forward_context(ctx)`` the layer hands q, k, v to ``ctx.attend(layer, q
 instead: the engine's context writes the new keys and values into its paged cache and attends
 over each sequence's cached context (``parallax.inference.attention_metadata``). The model code
 is the same in both cases.
+
+Packed (padding-free) batches: several examples laid back to back in one row, described by
+``PackedSegments`` (built once per forward from positions that restart at 0 at each example) and
+passed explicitly down to each ``Attention`` layer, so activation-checkpoint recomputation and
+ZeRO-3's hooks see it as an ordinary argument. Each example attends only within itself:
+``flash_attention_varlen`` on CUDA, a block-diagonal causal mask through SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -125,6 +132,74 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {
 }
 
 
+@dataclass(frozen=True)
+class PackedSegments:
+    """The examples packed into a batch: token t of row b belongs to example ``segment_ids[b, t]``.
+
+    ``cu_seqlens`` (S + 1,) int32 holds the start offsets of the S examples in the flattened
+    (B * T) token order and ends with B * T (FlashAttention's varlen layout); ``max_seqlen`` is the
+    longest example. An example never spans two rows.
+    """
+
+    segment_ids: torch.Tensor  # (B, T) int64, increasing across the flattened batch
+    cu_seqlens: torch.Tensor  # (S + 1,) int32
+    max_seqlen: int
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor) -> "PackedSegments":
+        """Segments of positions (B, T) that count 0, 1, 2, ... within each example: an example
+        starts wherever the position is 0 (and at every row's start). Hugging Face's padding-free
+        ``DataCollatorWithFlattening`` marks examples the same way."""
+        if positions.dim() != 2:
+            raise ValueError(f"positions must have shape (B, T); got {tuple(positions.shape)}")
+        starts = positions == 0
+        starts[:, 0] = True
+        continues = positions[:, 1:] == positions[:, :-1] + 1
+        if not bool((starts[:, 1:] | continues).all()):
+            raise ValueError("packed positions must restart at 0 at each example and count up by 1 within it; "
+                             f"got {positions.tolist()}")
+        flat_starts = starts.reshape(-1)
+        segment_ids = (torch.cumsum(flat_starts, 0) - 1).view_as(positions)
+        total = torch.tensor([flat_starts.numel()], device=positions.device)
+        offsets = torch.cat([flat_starts.nonzero().squeeze(1), total])
+        cu_seqlens = offsets.to(torch.int32)
+        return cls(segment_ids, cu_seqlens, int((offsets[1:] - offsets[:-1]).max()))
+
+    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where query i may see key j: the same example, j <= i, and
+        i - j < sliding_window if set (a window counts within the example)."""
+        T = self.segment_ids.size(1)
+        same = self.segment_ids[:, :, None] == self.segment_ids[:, None, :]  # (B, T, T)
+        return (same & causal_mask(T, same.device, sliding_window))[:, None]
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: PackedSegments, backend: str,
+                     dropout_p: float = 0.0, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention within each packed example: q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
+
+    ``flash_attention_varlen`` for CUDA tensors under the "flash" backend (or "auto" where the
+    kernel runs, no dropout is asked for and no window cuts an example); otherwise SDPA with the
+    block-diagonal causal mask of ``segments`` (the window, if any, applied within each example).
+    """
+    B, T, H, D = q.shape
+    use_flash = backend == "flash" or (
+        backend == "auto" and q.is_cuda and dropout_p == 0.0
+        and not _window_cuts(segments.max_seqlen, sliding_window) and _flash_runs(q))
+    if use_flash:
+        if dropout_p > 0.0 or _window_cuts(segments.max_seqlen, sliding_window):
+            raise ValueError("the 'flash' attention backend has no attention dropout or sliding window "
+                             f"(dropout_p={dropout_p}, sliding_window={sliding_window}); use attention='sdpa'")
+        from parallax.ops.flash_attention import flash_attention_varlen
+
+        cu, n = segments.cu_seqlens, segments.max_seqlen
+        flat = (t.reshape(B * T, t.size(2), D) for t in (q, k, v))
+        return flash_attention_varlen(*flat, cu, cu, n, n, causal=True).view(B, T, H, D)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=segments.mask(sliding_window), dropout_p=dropout_p,
+                                       enable_gqa=H != k.size(2))  # (B, H, T, D)
+    return y.transpose(1, 2)
+
+
 class AttentionContext(Protocol):
     """What an engine provides for one step: ``attend`` replaces the layer's backend."""
 
@@ -170,12 +245,16 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.sliding_window = sliding_window
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                segments: PackedSegments | None = None) -> torch.Tensor:
+        """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D); with ``segments`` each packed
+        example attends only within itself."""
         ctx = get_forward_context()
         if ctx is not None:
             return ctx.attend(self, q, k, v)
         dropout_p = self.dropout if self.training else 0.0
+        if segments is not None:
+            return packed_attention(q, k, v, segments, self.backend, dropout_p, self.sliding_window)
         return ATTENTION_BACKENDS[self.backend](q, k, v, dropout_p, self.sliding_window)
 
     def extra_repr(self) -> str:
