@@ -155,9 +155,11 @@ class PackedSegments:
         starts = positions == 0
         starts[:, 0] = True
         continues = positions[:, 1:] == positions[:, :-1] + 1
-        if not bool((starts[:, 1:] | continues).all()):
+        bad = (~(starts[:, 1:] | continues)).nonzero()
+        if bad.numel():
+            b, t = bad[0].tolist()
             raise ValueError("packed positions must restart at 0 at each example and count up by 1 within it; "
-                             f"got {positions.tolist()}")
+                             f"positions[{b}, {t}:{t + 2}] = {positions[b, t:t + 2].tolist()}")
         flat_starts = starts.reshape(-1)
         segment_ids = (torch.cumsum(flat_starts, 0) - 1).view_as(positions)
         total = torch.tensor([flat_starts.numel()], device=positions.device)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ import parallax as px
 from parallax.checkpoint.activation import checkpointed_blocks
 from parallax.models import from_preset
 from parallax.models.attention import PackedSegments
-from tests.helpers import assert_close
+from tests.helpers import CUDA, assert_close
+
+flash_attention = importlib.import_module("parallax.ops.flash_attention")  # the module, not the op it exports
 
 FAMILIES = ["tiny", "llama-tiny", "qwen3-tiny"]
 LENGTHS = [5, 9, 3]
@@ -116,9 +119,17 @@ def test_sliding_window_applies_within_each_example():
     assert_close(packed, alone, atol=1e-5, rtol=1e-5, name="logits")
 
 
-def test_flash_backend_packs_through_flash_attention_varlen():
+def test_flash_backend_packs_through_flash_attention_varlen(monkeypatch):
     """attention="flash" routes packed rows through ``flash_attention_varlen`` (its reference
-    implementation on CPU): the same logits as the per-example SDPA runs."""
+    implementation on CPU), once per layer: the same logits as the per-example SDPA runs."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[3].tolist())  # cu_seqlens_q
+        return varlen(*args, **kwargs)
+
+    varlen = flash_attention.flash_attention_varlen
+    monkeypatch.setattr(flash_attention, "flash_attention_varlen", counted)
     model = _model("llama-tiny", attention="flash").eval()
     examples = _examples(model.config.vocab_size)
     idx, _, positions = _packed(examples)
@@ -127,6 +138,7 @@ def test_flash_backend_packs_through_flash_attention_varlen():
         packed = model(idx, positions=positions)[0]
         alone = torch.cat([reference(i[None])[0] for i, _ in examples])
     assert_close(packed, alone, atol=1e-5, rtol=1e-5, name="logits")
+    assert calls == [[0, 5, 14, 17]] * model.config.n_layer
 
 
 def test_several_packed_rows_each_with_their_own_examples():
@@ -168,3 +180,26 @@ def test_a_packed_example_longer_than_block_size_is_refused():
     model = _model("tiny", block_size=8)
     with pytest.raises(ValueError, match="block_size=8"):
         model(torch.zeros(1, 12, dtype=torch.long), positions=torch.arange(12)[None] % 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_packed_on_cuda_uses_the_varlen_kernel_and_matches_examples_one_by_one(preset, monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return varlen(*args, **kwargs)
+
+    varlen = flash_attention.flash_attention_varlen
+    monkeypatch.setattr(flash_attention, "flash_attention_varlen", counted)
+    model = _model(preset).cuda()
+    examples = [(i.cuda(), t.cuda()) for i, t in _examples(model.config.vocab_size, [40, 72, 16])]
+    got = _packed_loss_and_grads(model, examples)
+    assert calls, "the packed forward did not use flash_attention_varlen"
+    expected = _unpacked_loss_and_grads(model, examples)
+    (loss, grads), (ref_loss, ref_grads) = got, expected
+    assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4, name="loss")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-2, name=name)
