@@ -30,7 +30,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -144,6 +144,9 @@ class PackedSegments:
     segment_ids: torch.Tensor  # (B, T) int64, increasing across the flattened batch
     cu_seqlens: torch.Tensor  # (S + 1,) int32
     max_seqlen: int
+    # sliding_window -> mask: built by the first layer that needs it, shared by the others and by
+    # the activation-checkpoint recomputes (which get this same object as an argument).
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_positions(cls, positions: torch.Tensor) -> "PackedSegments":
@@ -170,9 +173,11 @@ class PackedSegments:
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """(B, 1, T, T) bool, True where query i may see key j: the same example, j <= i, and
         i - j < sliding_window if set (a window counts within the example)."""
-        T = self.segment_ids.size(1)
-        same = self.segment_ids[:, :, None] == self.segment_ids[:, None, :]  # (B, T, T)
-        return (same & causal_mask(T, same.device, sliding_window))[:, None]
+        if sliding_window not in self._masks:
+            T = self.segment_ids.size(1)
+            same = self.segment_ids[:, :, None] == self.segment_ids[:, None, :]  # (B, T, T)
+            self._masks[sliding_window] = (same & causal_mask(T, same.device, sliding_window))[:, None]
+        return self._masks[sliding_window]
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: PackedSegments, backend: str,
