@@ -28,7 +28,12 @@ def _loss(model: torch.nn.Module, examples: list[SFTExample]) -> torch.Tensor:
     return model(batch.input_ids, batch.targets, positions=batch.positions)
 
 
-def packed_zero_parity(rank: int, world: int, preset: str, stage: int, checkpointing: bool, steps: int = 2) -> float:
+def packed_zero_parity(rank: int, world: int, preset: str, stage: int, checkpointing: list[bool]) -> dict[bool, float]:
+    """Per activation-checkpointing setting: see ``_parity``."""
+    return {c: _parity(rank, world, preset, stage, c) for c in checkpointing}
+
+
+def _parity(rank: int, world: int, preset: str, stage: int, checkpointing: bool, steps: int = 2) -> float:
     """max |ZeRO - single process| over the state dict after ``steps`` SGD steps of packed batches."""
     torch.manual_seed(0)
     reference = from_preset(preset, dropout=0.0)
