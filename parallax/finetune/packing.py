@@ -31,9 +31,11 @@ class PackedBatch:
 
     @property
     def num_trained(self) -> int:
+        """Targets in the loss (the loss is their mean)."""
         return int((self.targets != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str) -> "PackedBatch":
+        """The same batch with its tensors on ``device``."""
         return PackedBatch(self.input_ids.to(device), self.targets.to(device), self.positions.to(device),
                            self.cu_seqlens.to(device), self.max_seqlen)
 
@@ -48,6 +50,7 @@ class PaddedBatch:
 
     @property
     def padding_share(self) -> float:
+        """Share of the batch's positions that are padding."""
         return self.num_padding / self.input_ids.numel()
 
 
