@@ -8,8 +8,9 @@
     to_hf(model, "out_dir")                    # loadable by transformers.AutoModelForCausalLM
 
 Every family has the same contract: ``model(idx)`` -> logits (B, T, V), ``model(idx, targets)``
--> scalar loss, ``model.hidden_states(idx, positions)`` and ``model.logits(h)`` (what an
-inference engine calls), its repeated blocks in one ``nn.ModuleList``, and attention through
+-> scalar loss, ``model(idx, targets, positions=positions)`` the same over a packed batch
+(positions restart at 0 at each example; each attends only within itself),
+``model.hidden_states(idx, positions)`` and ``model.logits(h)`` (what an inference engine calls), its repeated blocks in one ``nn.ModuleList``, and attention through
 ``Attention`` layers.
 """
 

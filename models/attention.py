@@ -21,6 +21,12 @@ Prefix tuning (``parallax.peft.prefix``) sets a layer's ``prefix``: a callable g
 keys and values (P, Hkv, D) that every query sees ahead of the real tokens, which sit at positions
 P, P + 1, ... (Hugging Face PEFT's past_key_values). The layer then attends with
 ``prefix_attention``; an engine's context reads ``layer.prefix`` itself.
+
+Packed (padding-free) batches: several examples laid back to back in one row, described by
+``PackedSegments`` (built once per forward from positions that restart at 0 at each example) and
+passed explicitly down to each ``Attention`` layer, so activation-checkpoint recomputation and
+ZeRO-3's hooks see it as an ordinary argument. Each example attends only within itself:
+``flash_attention_varlen`` on CUDA, a block-diagonal causal mask through SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -64,21 +71,39 @@ def prefixed_causal_mask(num_prefix: int, start: int, n: int, device: torch.devi
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
-                     v_prefix: torch.Tensor, dropout_p: float = 0.0,
-                     sliding_window: int | None = None) -> torch.Tensor:
+                     v_prefix: torch.Tensor, dropout_p: float = 0.0, sliding_window: int | None = None,
+                     segments: PackedSegments | None = None) -> torch.Tensor:
     """Causal attention whose keys and values start with P virtual tokens seen by every query.
 
     q (B, T, H, D), k/v (B, T, Hkv, D), k_prefix/v_prefix (P, Hkv, D) -> (B, T, H, D). The real
-    tokens sit at positions P .. P + T - 1, so a window counts the virtual tokens too.
+    tokens sit at positions P .. P + T - 1, so a window counts the virtual tokens too. With
+    ``segments`` (a packed batch) every example sees the virtual tokens and then only itself, its
+    tokens at positions P, P + 1, ... as if it were alone.
     """
     B, T = q.shape[:2]
     P = k_prefix.size(0)
     k = torch.cat([k_prefix.to(k.dtype).expand(B, *k_prefix.shape), k], dim=1)  # (B, P + T, Hkv, D)
     v = torch.cat([v_prefix.to(v.dtype).expand(B, *v_prefix.shape), v], dim=1)
-    mask = prefixed_causal_mask(P, 0, T, q.device, sliding_window)  # (T, P + T)
+    if segments is None:
+        mask = prefixed_causal_mask(P, 0, T, q.device, sliding_window)  # (T, P + T)
+    else:
+        mask = _packed_prefix_mask(segments, P, sliding_window)  # (B, 1, T, P + T)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        dropout_p=dropout_p, enable_gqa=q.size(2) != k.size(2))  # (B, H, T, D)
     return y.transpose(1, 2)
+
+
+def _packed_prefix_mask(segments: PackedSegments, num_prefix: int, sliding_window: int | None) -> torch.Tensor:
+    """(B, 1, T, P + T) bool: each query sees the P virtual tokens (within the window, counted from
+    its position P + p in its example) and then the causal part of its own example."""
+    B, T = segments.segment_ids.shape
+    flat = torch.arange(B * T, device=segments.segment_ids.device).view(B, T)
+    in_example = flat - segments.cu_seqlens.long()[segments.segment_ids]  # (B, T): p of each token
+    visible = torch.ones(B, T, num_prefix, dtype=torch.bool, device=flat.device)
+    if sliding_window is not None:
+        cols = torch.arange(num_prefix, device=flat.device)
+        visible = (num_prefix + in_example)[:, :, None] - cols < sliding_window
+    return torch.cat([visible[:, None], segments.mask(sliding_window)], dim=-1)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -163,6 +188,81 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {
 PrefixFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class PackedSegments:
+    """The examples packed into a batch: token t of row b belongs to example ``segment_ids[b, t]``.
+
+    ``cu_seqlens`` (S + 1,) int32 holds the start offsets of the S examples in the flattened
+    (B * T) token order and ends with B * T (FlashAttention's varlen layout); ``max_seqlen`` is the
+    longest example. An example never spans two rows.
+    """
+
+    segment_ids: torch.Tensor  # (B, T) int64, increasing across the flattened batch
+    cu_seqlens: torch.Tensor  # (S + 1,) int32
+    max_seqlen: int
+    # sliding_window -> mask: built by the first layer that needs it, shared by the others and by
+    # the activation-checkpoint recomputes (which get this same object as an argument).
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor) -> "PackedSegments":
+        """Segments of positions (B, T) that count 0, 1, 2, ... within each example: an example
+        starts wherever the position is 0 (and at every row's start). Hugging Face's padding-free
+        ``DataCollatorWithFlattening`` marks examples the same way."""
+        if positions.dim() != 2:
+            raise ValueError(f"positions must have shape (B, T); got {tuple(positions.shape)}")
+        starts = positions == 0
+        starts[:, 0] = True
+        continues = positions[:, 1:] == positions[:, :-1] + 1
+        bad = (~(starts[:, 1:] | continues)).nonzero()
+        if bad.numel():
+            b, t = bad[0].tolist()
+            raise ValueError("packed positions must restart at 0 at each example and count up by 1 within it; "
+                             f"positions[{b}, {t}:{t + 2}] = {positions[b, t:t + 2].tolist()}")
+        flat_starts = starts.reshape(-1)
+        segment_ids = (torch.cumsum(flat_starts, 0) - 1).view_as(positions)
+        total = torch.tensor([flat_starts.numel()], device=positions.device)
+        offsets = torch.cat([flat_starts.nonzero().squeeze(1), total])
+        cu_seqlens = offsets.to(torch.int32)
+        return cls(segment_ids, cu_seqlens, int((offsets[1:] - offsets[:-1]).max()))
+
+    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where query i may see key j: the same example, j <= i, and
+        i - j < sliding_window if set (a window counts within the example)."""
+        if sliding_window not in self._masks:
+            T = self.segment_ids.size(1)
+            same = self.segment_ids[:, :, None] == self.segment_ids[:, None, :]  # (B, T, T)
+            self._masks[sliding_window] = (same & causal_mask(T, same.device, sliding_window))[:, None]
+        return self._masks[sliding_window]
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: PackedSegments, backend: str,
+                     dropout_p: float = 0.0, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention within each packed example: q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
+
+    ``flash_attention_varlen`` for CUDA tensors under the "flash" backend (or "auto" where the
+    kernel runs, no dropout is asked for and no window cuts an example); otherwise SDPA with the
+    block-diagonal causal mask of ``segments`` (the window, if any, applied within each example).
+    """
+    B, T, H, D = q.shape
+    use_flash = backend == "flash" or (
+        backend == "auto" and q.is_cuda and dropout_p == 0.0
+        and not _window_cuts(segments.max_seqlen, sliding_window) and _flash_runs(q))
+    if use_flash:
+        if dropout_p > 0.0 or _window_cuts(segments.max_seqlen, sliding_window):
+            raise ValueError("the 'flash' attention backend has no attention dropout or sliding window "
+                             f"(dropout_p={dropout_p}, sliding_window={sliding_window}); use attention='sdpa'")
+        from parallax.ops.flash_attention import flash_attention_varlen
+
+        cu, n = segments.cu_seqlens, segments.max_seqlen
+        flat = (t.reshape(B * T, t.size(2), D) for t in (q, k, v))
+        return flash_attention_varlen(*flat, cu, cu, n, n, causal=True).view(B, T, H, D)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=segments.mask(sliding_window), dropout_p=dropout_p,
+                                       enable_gqa=H != k.size(2))  # (B, H, T, D)
+    return y.transpose(1, 2)
+
+
 class AttentionContext(Protocol):
     """What an engine provides for one step: ``attend`` replaces the layer's backend."""
 
@@ -211,15 +311,19 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.prefix: PrefixFn | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                segments: PackedSegments | None = None) -> torch.Tensor:
+        """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D); with ``segments`` each packed
+        example attends only within itself."""
         ctx = get_forward_context()
         if ctx is not None:
             return ctx.attend(self, q, k, v)
         dropout_p = self.dropout if self.training else 0.0
         if self.prefix is not None:
             k_prefix, v_prefix = self.prefix()
-            return prefix_attention(q, k, v, k_prefix, v_prefix, dropout_p, self.sliding_window)
+            return prefix_attention(q, k, v, k_prefix, v_prefix, dropout_p, self.sliding_window, segments)
+        if segments is not None:
+            return packed_attention(q, k, v, segments, self.backend, dropout_p, self.sliding_window)
         return ATTENTION_BACKENDS[self.backend](q, k, v, dropout_p, self.sliding_window)
 
     def extra_repr(self) -> str:

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .attention import Attention
+from .attention import Attention, PackedSegments
 from .config import GPTConfig
 from .generate import generate
-from .loss import check_token_ids, lm_loss
+from .loss import check_token_ids, lm_loss, packed_segments
 from .weights import read_safetensors, write_safetensors
 
 # lm_head.weight is transformer.wte.weight; checkpoints store the tensor once, under the value.
@@ -40,15 +40,15 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attend = Attention(config.attention, self.n_head, self.n_kv_head, self.head_dim, config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, segments: PackedSegments | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); ``segments``: the packed examples, each attending within itself."""
         B, T, C = x.size()
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
-        y = self.attend(q, k, v).reshape(B, T, C)  # (B, T, nh, hs): heads side by side
+        y = self.attend(q, k, v, segments).reshape(B, T, C)  # (B, T, nh, hs): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -77,9 +77,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C)."""
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, segments: PackedSegments | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); ``segments``: the packed examples, each attending within itself."""
+        x = x + self.attn(self.ln_1(x), segments)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -131,19 +131,26 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T), or with targets (B, T) the mean cross-entropy.
 
         Target positions equal to -1 or -100 (Hugging Face's ignore index) are ignored in the loss.
+        positions (B or 1, T), when given, pack several examples per row (padding-free SFT): they
+        restart at 0 at each example, and each example attends only within itself.
         """
-        h = self.hidden_states(idx)
+        h = self.hidden_states(idx, positions, packed=positions is not None)
         return self.logits(h) if targets is None else lm_loss(h, self.lm_head.weight, targets)
 
-    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      packed: bool = False) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for token ids idx (B, T) at positions (B, T)
         (default 0 .. T-1 in every row; an engine passes each token's position in its sequence), each
-        shifted by ``position_offset`` (the number of prefix-tuning virtual tokens, else 0)."""
+        shifted by ``position_offset`` (the number of prefix-tuning virtual tokens, else 0).
+        ``packed``: the positions restart at 0 at each of several examples per row, which attend
+        only within themselves (see ``PackedSegments.from_positions``)."""
         check_token_ids(idx, self.config.block_size, positions)
+        segments = packed_segments(idx, positions, self.config.block_size) if packed else None
         if positions is None:
             positions = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
         positions = positions + self.position_offset
@@ -151,7 +158,7 @@ class GPT(nn.Module):
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, segments)
         return self.transformer.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,11 @@ V vocabulary size.
 import torch
 import torch.nn as nn
 
-from .attention import Attention
+from .attention import Attention, PackedSegments
 from .generate import generate
 from .layers import RMSNorm, SwiGLU, rotary_embedding
 from .llama_config import LlamaConfig
-from .loss import check_token_ids, lm_loss
+from .loss import check_token_ids, lm_loss, packed_segments
 from .rope import inv_frequencies, rope_tables
 
 
@@ -34,8 +34,10 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
         self.attend = Attention(config.attention, H, Hkv, D, config.dropout, config.sliding_window)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C), cos/sin (B or 1, T, D // 2) -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segments: PackedSegments | None = None) -> torch.Tensor:
+        """x (B, T, C), cos/sin (B or 1, T, D // 2) -> (B, T, C); ``segments``: the packed
+        examples, each attending within itself."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -43,7 +45,7 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary_embedding(q, k, cos, sin)
-        y = self.attend(q, k, v)  # (B, T, H, D)
+        y = self.attend(q, k, v, segments)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -57,9 +59,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C), cos/sin (B or 1, T, D // 2) -> (B, T, C)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segments: PackedSegments | None = None) -> torch.Tensor:
+        """x (B, T, C), cos/sin (B or 1, T, D // 2) -> (B, T, C); ``segments``: the packed
+        examples, each attending within itself."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -104,23 +108,32 @@ class Llama(nn.Module):
         """Number of parameters, counting a tied embedding / LM head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T), or with targets (B, T) the mean cross-entropy."""
-        h = self.hidden_states(idx)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T), or with targets (B, T) the mean cross-entropy.
+
+        positions (B or 1, T), when given, pack several examples per row (padding-free SFT): they
+        restart at 0 at each example, and each example attends only within itself.
+        """
+        h = self.hidden_states(idx, positions, packed=positions is not None)
         return self.logits(h) if targets is None else lm_loss(h, self.lm_head.weight, targets)
 
-    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      packed: bool = False) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for token ids idx (B, T) at positions (B or 1, T)
         (default 0 .. T-1; an engine passes each token's position in its sequence), each shifted by
-        ``position_offset`` (the number of prefix-tuning virtual tokens, else 0)."""
+        ``position_offset`` (the number of prefix-tuning virtual tokens, else 0).
+        ``packed``: the positions restart at 0 at each of several examples per row, which attend
+        only within themselves (see ``PackedSegments.from_positions``)."""
         check_token_ids(idx, self.config.block_size, positions)
+        segments = packed_segments(idx, positions, self.config.block_size) if packed else None
         if positions is None:
             positions = torch.arange(idx.size(1), device=idx.device)[None]  # (1, T)
         positions = positions + self.position_offset
         cos, sin = rope_tables(self._frequencies(idx.device), positions)  # (B or 1, T, D // 2) each
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, segments)
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ import torch
 
 from parallax import ops
 
+from .attention import PackedSegments
+
 
 def check_token_ids(idx: torch.Tensor, max_positions: int, positions: torch.Tensor | None = None) -> None:
     """Raise ValueError unless idx is (B, T) with T <= max_positions and positions, if given,
@@ -16,6 +18,17 @@ def check_token_ids(idx: torch.Tensor, max_positions: int, positions: torch.Tens
     elif positions.dim() != 2 or positions.size(1) != idx.size(1) or positions.size(0) not in (1, idx.size(0)):
         raise ValueError(f"positions must have shape (B, T) or (1, T) for idx {tuple(idx.shape)}; "
                          f"got {tuple(positions.shape)}")
+
+
+def packed_segments(idx: torch.Tensor, positions: torch.Tensor | None, max_positions: int) -> PackedSegments:
+    """The packed examples of idx (B, T) that positions (B or 1, T) mark by restarting at 0; each
+    at most max_positions long."""
+    if positions is None:
+        raise ValueError("a packed forward needs positions (B, T) that restart at 0 at each example")
+    segments = PackedSegments.from_positions(positions.expand(idx.shape))
+    if segments.max_seqlen > max_positions:
+        raise ValueError(f"a packed example of {segments.max_seqlen} tokens is longer than block_size={max_positions}")
+    return segments
 
 
 def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
