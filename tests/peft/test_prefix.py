@@ -196,3 +196,17 @@ def test_a_failed_save_leaves_the_old_adapter_and_no_debris(tmp_path, monkeypatc
         save_prefix_adapter(prefix_tuned("llama", projection=False, seed=2), target)
     assert ((target / WEIGHTS_NAME).read_bytes(), (target / CONFIG_NAME).read_text()) == saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gpt2"])
+def test_packed_examples_each_see_the_prefix_as_if_alone(kind):
+    """Packing composes with prefix tuning: every example attends to the virtual tokens and then
+    only to itself, at positions P, P + 1, ... (mistral's window counts the virtual tokens)."""
+    model = prefix_tuned(kind, projection=False)
+    examples = [ids(1, T, seed=T)[0] for T in (4, 7, 3)]
+    packed = torch.cat(examples)[None]  # (1, 14)
+    positions = torch.cat([torch.arange(len(e)) for e in examples])[None]
+    with torch.no_grad():
+        got = model(packed, positions=positions)[0]
+        alone = torch.cat([model(e[None])[0] for e in examples])
+    assert_close(got, alone, atol=1e-5, name=f"{kind} packed logits")
