@@ -4,11 +4,15 @@
     model = px.peft.get_peft_model(model, cfg)      # in place; only the adapters train
     model.save_adapter("out")                       # adapter_config.json + adapter_model.safetensors
     model = model.merge_and_unload()                # plain nn.Linear layers again
-    px.peft.load_adapter(model, "out")              # a PEFT-format adapter directory
+    px.peft.load_adapter(model, "out")              # a PEFT-format adapter directory (LoRA or prefix)
+
+    model = px.peft.get_peft_model(model, px.peft.PrefixTuningConfig(num_virtual_tokens=20))  # prefix tuning
 """
 
 from .config import LoraConfig
 from .lora import LoraLinear
-from .model import PeftModelMixin, adapter_state_dict, get_peft_model, load_adapter
+from .model import PeftModelMixin, PrefixModelMixin, adapter_state_dict, get_peft_model, load_adapter
+from .prefix import PrefixTuningConfig
 
-__all__ = ["LoraConfig", "LoraLinear", "PeftModelMixin", "adapter_state_dict", "get_peft_model", "load_adapter"]
+__all__ = ["LoraConfig", "LoraLinear", "PeftModelMixin", "PrefixModelMixin", "PrefixTuningConfig",
+           "adapter_state_dict", "get_peft_model", "load_adapter"]

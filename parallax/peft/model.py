@@ -24,6 +24,9 @@ from torch import nn
 
 from .config import LoraConfig
 from .lora import LoraLinear, find_targets, lora_layers, replace_module
+from ._zero import is_writer as _is_writer
+from ._zero import zero_stage as _zero_stage
+from .prefix import PrefixTuningConfig, add_prefix_tuning, load_prefix_adapter, save_prefix_adapter
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,35 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel).model (the HF model)
 
 
-class PeftModelMixin:
+class _TrainableCount:
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), each tensor counted once."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: trainable params, all params and the trainable share (PEFT's
+        method of the same name prints it: this is its output, not logging)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+class PrefixModelMixin(_TrainableCount):
+    """The methods ``get_peft_model`` adds to a prefix-tuned model: ``save_adapter`` (PEFT's
+    format); ``prefix_config`` holds the resolved config."""
+
+    def save_adapter(self, save_directory: "str | os.PathLike", adapter_name: str | None = None) -> None:
+        """Write the prefix adapter to save_directory (adapter_config.json + adapter_model.safetensors),
+        atomically. Under px.zero.shard every rank calls it and rank 0 writes."""
+        save_prefix_adapter(self, save_directory)
+
+    def merge_and_unload(self) -> nn.Module:
+        raise ValueError("prefix tuning has no weights to merge into the base model: save the adapter "
+                         "(save_adapter) and load it on the base (px.peft.load_adapter)")
+
+
+class PeftModelMixin(_TrainableCount):
     """The methods ``get_peft_model`` adds to a model (PEFT's names). State: ``peft_config``
     (adapter name -> LoraConfig) and ``active_adapter`` (a name, or a list of names)."""
 
@@ -101,17 +132,6 @@ class PeftModelMixin:
         del self.peft_config, self.active_adapter
         return self
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters), each tensor counted once."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        """Print PEFT's line: trainable params, all params and the trainable share."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
-
     def save_adapter(self, save_directory: "str | os.PathLike", adapter_name: str | None = None) -> None:
         """Write adapter ``adapter_name`` (default: the active one) to save_directory in PEFT's
         format. A new directory appears whole or not at all; in an existing one each file is
@@ -128,8 +148,12 @@ class PeftModelMixin:
         log.info("peft: saved adapter %r (%d tensors) to %s", name, len(tensors), save_directory)
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Add LoRA adapter ``adapter_name`` to model in place and return it.
+def get_peft_model(model: nn.Module, peft_config: LoraConfig | PrefixTuningConfig,
+                   adapter_name: str = "default") -> nn.Module:
+    """Add LoRA (or prefix-tuning) adapter ``adapter_name`` to model in place and return it.
+
+    With a PrefixTuningConfig the model (a parallax model family) gets P trainable virtual keys
+    and values per layer (``parallax.peft.prefix``) and the methods of ``PrefixModelMixin``.
 
     Each nn.Linear that peft_config.target_modules selects becomes a LoraLinear; every other
     parameter is frozen. The returned object is model, now also an instance of a subclass that
@@ -137,13 +161,18 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     disable_adapter and print_trainable_parameters. Raises ValueError for a target that matches
     nothing (the model is then unchanged) or a model that already has adapters (use add_adapter).
     """
+    if isinstance(peft_config, PrefixTuningConfig):
+        add_prefix_tuning(model, peft_config, adapter_name)
+        model.__class__ = _peft_class(type(model), PrefixModelMixin)
+        return model
     if not isinstance(peft_config, LoraConfig):
-        raise TypeError(f"get_peft_model: peft_config must be a px.peft.LoraConfig; got {type(peft_config).__name__}")
+        raise TypeError("get_peft_model: peft_config must be a px.peft.LoraConfig or PrefixTuningConfig; "
+                        f"got {type(peft_config).__name__}")
     if isinstance(model, PeftModelMixin):
         raise ValueError("get_peft_model: the model already has LoRA adapters; use model.add_adapter(name, config)")
     targets = find_targets(model, peft_config)
     model.requires_grad_(False)
-    model.__class__ = _peft_class(type(model))
+    model.__class__ = _peft_class(type(model), PeftModelMixin)
     model.peft_config = {}
     model.active_adapter = adapter_name
     _inject(model, adapter_name, peft_config, targets)
@@ -167,18 +196,6 @@ def adapter_state_dict(model: PeftModelMixin, adapter_name: str) -> dict[str, to
     return {peft_key: values[name].contiguous() for name, peft_key in peft_keys.items()}
 
 
-def _zero_stage(model: nn.Module) -> int | None:
-    """The ZeRO stage model is sharded with, or None."""
-    state = getattr(model, "_parallax_zero", None)
-    return None if state is None else state.stage
-
-
-def _is_writer(model: nn.Module) -> bool:
-    """Whether this process writes files for model: rank 0 of its ZeRO group, or a lone process."""
-    state = getattr(model, "_parallax_zero", None)
-    return state is None or state.comm.rank == 0
-
-
 def load_adapter(model: nn.Module, adapter_dir: "str | os.PathLike", adapter_name: str = "default",
                  is_trainable: bool = False) -> nn.Module:
     """Load a PEFT-format LoRA adapter directory into model (in place) and return it.
@@ -195,7 +212,12 @@ def load_adapter(model: nn.Module, adapter_dir: "str | os.PathLike", adapter_nam
         if not path.is_file():
             raise FileNotFoundError(f"load_adapter: {path} does not exist (a PEFT adapter directory holds "
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-    config = LoraConfig.from_peft_dict(json.loads(config_path.read_text()), where=str(config_path))
+    fields = json.loads(config_path.read_text())
+    if isinstance(fields, dict) and fields.get("peft_type") == "PREFIX_TUNING":
+        load_prefix_adapter(model, directory, adapter_name).prompt_encoder.requires_grad_(is_trainable)
+        model.__class__ = _peft_class(type(model), PrefixModelMixin)
+        return model
+    config = LoraConfig.from_peft_dict(fields, where=str(config_path))
     if isinstance(model, PeftModelMixin):
         _check_new_adapter(model, adapter_name, config)
     targets = find_targets(model, config)
@@ -271,14 +293,15 @@ def _check_new_adapter(model: PeftModelMixin, adapter_name: str, config: LoraCon
         raise TypeError(f"peft_config must be a px.peft.LoraConfig; got {type(config).__name__}")
 
 
-_PEFT_CLASSES: dict[type, type] = {}
+_PEFT_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _peft_class(cls: type) -> type:
-    """The subclass of cls with PeftModelMixin's methods, one per class (as zero.shard does)."""
-    if cls not in _PEFT_CLASSES:
-        _PEFT_CLASSES[cls] = type(f"Peft{cls.__name__}", (PeftModelMixin, cls), {"_px_base_class": cls})
-    return _PEFT_CLASSES[cls]
+def _peft_class(cls: type, mixin: type) -> type:
+    """The subclass of cls with the mixin's methods, one per (class, mixin) (as zero.shard does)."""
+    if (cls, mixin) not in _PEFT_CLASSES:
+        name = "Peft" if mixin is PeftModelMixin else "PrefixTuned"
+        _PEFT_CLASSES[cls, mixin] = type(f"{name}{cls.__name__}", (mixin, cls), {"_px_base_class": cls})
+    return _PEFT_CLASSES[cls, mixin]
 
 
 def _base_name(model: nn.Module) -> str | None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from parallax.models.attention import Attention
+from parallax.peft._zero import is_writer, zero_stage
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "add_prefix_tuning", "prefix_adapter_state_dict",
            "save_prefix_adapter", "load_prefix_adapter", "read_prefix_adapter", "prefix_encoder"]
@@ -259,19 +260,29 @@ def _require_prefix(model: nn.Module) -> tuple[str, PrefixEncoder]:
 
 
 def prefix_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT's adapter state dict: {"prompt_embeddings": (P, num_layers * 2 * token_dim)}, on CPU."""
-    _, encoder = _require_prefix(model)
+    """PEFT's adapter state dict: {"prompt_embeddings": (P, num_layers * 2 * token_dim)}, on CPU.
+    Under px.zero.shard every rank must call it (stage 3 gathers the encoder's shards)."""
+    name, encoder = _require_prefix(model)
+    if zero_stage(model) is not None:
+        from parallax.zero import full_state_dict  # lazy: zero imports torch.distributed machinery
+
+        key = f"prompt_encoder.{name}."
+        encoder = PrefixEncoder(model.prefix_config)
+        encoder.load_state_dict({k[len(key):]: v for k, v in full_state_dict(model).items() if k.startswith(key)})
     with torch.no_grad():
         return {EMBEDDING_KEY: encoder.table().detach().to("cpu").contiguous()}
 
 
 def save_prefix_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into ``directory``,
-    atomically: both files appear together or, on failure, the directory is left as it was."""
+    atomically: both files appear together or, on failure, the directory is left as it was. Under
+    px.zero.shard every rank calls it and rank 0 writes."""
     _require_prefix(model)
     directory = Path(directory)
     config = replace(model.prefix_config, inference_mode=True)
     tensors = prefix_adapter_state_dict(model)
+    if not is_writer(model):
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

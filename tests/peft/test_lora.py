@@ -290,7 +290,7 @@ def test_adapter_keys_that_match_no_layer_are_named(tmp_path):
     assert_unchanged(model, tiny_llama())
 
 
-@pytest.mark.parametrize("field, value", [("peft_type", "PREFIX_TUNING"), ("use_dora", True),
+@pytest.mark.parametrize("field, value", [("peft_type", "IA3"), ("use_dora", True),
                                           ("rank_pattern", {"q_proj": 2}), ("r", 0)])
 def test_unsupported_adapter_config_is_named(tmp_path, field, value):
     lora_model().save_adapter(tmp_path / "a")

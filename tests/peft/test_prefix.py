@@ -210,3 +210,22 @@ def test_packed_examples_each_see_the_prefix_as_if_alone(kind):
         got = model(packed, positions=positions)[0]
         alone = torch.cat([model(e[None])[0] for e in examples])
     assert_close(got, alone, atol=1e-5, name=f"{kind} packed logits")
+
+
+def test_public_api_dispatches_prefix_tuning(tmp_path):
+    """px.peft.get_peft_model / save_adapter / load_adapter take prefix tuning as they take LoRA."""
+    import parallax as px
+
+    torch.manual_seed(5)
+    model = px.peft.get_peft_model(from_hf(hf_model("llama")).eval(), px.peft.PrefixTuningConfig(num_virtual_tokens=P))
+    assert isinstance(model, px.peft.PrefixModelMixin)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert 0 < trainable < total
+    model.save_adapter(tmp_path / "adapter")
+    loaded = px.peft.load_adapter(from_hf(hf_model("llama")).eval(), tmp_path / "adapter")
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference unless is_trainable
+    x = ids()
+    with torch.no_grad():
+        assert_close(loaded(x), model(x), atol=1e-6, name="reloaded logits")
+    with pytest.raises(ValueError, match="no weights to merge"):
+        model.merge_and_unload()
