@@ -1,6 +1,6 @@
-"""The ``parallax`` command: ``train`` (the main job), ``plan`` (the memory planner), ``generate``
-(sampling from a checkpoint), ``eval`` (task files, lm-eval's definitions), ``tokenizer``
-(training a BPE tokenizer) and ``bench``."""
+"""The ``parallax`` command: ``train`` (the main job), ``finetune`` (SFT with LoRA, prefix tuning
+or all parameters), ``plan`` (the memory planner), ``generate`` (sampling from a checkpoint),
+``eval`` (task files, lm-eval's definitions), ``tokenizer`` (training a BPE tokenizer) and ``bench``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,45 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
               f"{result.tokens_per_s:,.0f} tokens/s; metrics, loss.png and checkpoints in {result.out}/")
         print(f"sample:\n{result.sample}")
     return 0
+
+
+def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    from parallax.data import DataError
+    from parallax.finetune import SFTDataError
+    from parallax.finetune.config import FinetuneConfig
+    from parallax.finetune.run import finetune
+    from parallax.train import ConfigError
+    from parallax.train.arguments import config_from_args
+    from parallax.train.launch import relaunch_with_torchrun, under_launcher
+    from parallax.train.loop import validate_before_launch
+
+    try:
+        cfg = config_from_args(args, FinetuneConfig)
+        if cfg.show_masks:
+            print(_masks(cfg))
+            return 0
+        if cfg.nproc > 1 and not under_launcher():
+            validate_before_launch(cfg)
+            return relaunch_with_torchrun(cfg.nproc, argv)
+        result = finetune(cfg)
+    except (ConfigError, DataError, SFTDataError) as exc:
+        print(f"parallax finetune: error: {exc}", file=sys.stderr)
+        return 2
+    if result.written is not None:
+        run = result.train
+        start = f"{run.initial_val_loss:.3f} -> " if run.initial_val_loss is not None else ""
+        print(f"\nval loss {start}{run.val_loss:.3f} after {run.steps} steps, {run.tokens_per_s:,.0f} tokens/s; "
+              f"metrics, loss.png and checkpoints in {run.out}/, the {cfg.writes} model in {result.written}/")
+    return 0
+
+
+def _masks(cfg) -> str:
+    """``--show-masks N``: N training examples with the tokens in the loss highlighted."""
+    from parallax.finetune import format_masks
+
+    tokenizer = cfg.load_tokenizer()
+    ds = cfg.load_data(tokenizer, cfg.model_config(tokenizer.vocab_size))
+    return format_masks(ds.splits.train, tokenizer, cfg.show_masks)
 
 
 def _bench(rest: list[str]) -> int:
@@ -74,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     from parallax.train.arguments import add_config_arguments
 
     add_config_arguments(train_parser)
+    from parallax.finetune.config import FinetuneConfig
+
+    finetune_parser = commands.add_parser(
+        "finetune", help="supervised fine-tuning of a trained model (--base CHECKPOINT or --hf DIR) on JSONL "
+                         "prompt/completion or chat data: --lora, --prefix or --full; --packing; --loss")
+    add_config_arguments(finetune_parser, FinetuneConfig)
     commands.add_parser("plan", help="predict each rank's peak memory for every ZeRO stage x precision x offload x "
                                      "checkpointing and pick the fastest that fits", add_help=False)
     commands.add_parser("generate", help="generate text from a parallax train checkpoint (paged-KV engine)",
@@ -97,4 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")
     logging.getLogger("parallax.train.memory").setLevel(logging.INFO)  # the memory report of every rank
+    if args.command == "finetune":
+        return _finetune(args, argv)
     return _train(args, argv)

@@ -106,6 +106,12 @@ class TokenDataset:
                                      world_size=world_size)
         return self._gather(self.split_tokens(split), offsets, block_size, device)
 
+    def window_targets(self, step: int, accum: int, batch_size: int, block_size: int, world_size: int,
+                       seed: int) -> int:
+        """Targets in the loss over optimizer step ``step``'s batches (``accum`` micro-batches on
+        each of ``world_size`` ranks): every position of every window."""
+        return accum * world_size * batch_size * block_size
+
     def iter_eval_batches(self, split: Split, batch_size: int, block_size: int, max_batches: int | None = None, *,
                           device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Fixed evaluation batches, x and y (B, T) int64 as in ``get_batch``; the last one may be smaller.

@@ -26,6 +26,8 @@ def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a checkpoint directory or a parallax train run directory")
     source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT-format adapter (LoRA or prefix, e.g. parallax finetune's "
+                                                    "OUT/adapter) on the base model; alone: the base it names")
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer directory (default: the model's)")
     p.add_argument("--tasks", help="comma-separated task files (.yaml)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
@@ -75,21 +77,13 @@ def eval_main(argv: list[str], prog: str = "parallax eval") -> int:
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import torch
 
-    from parallax.data import load_tokenizer
-    from parallax.inference.cli import find_checkpoint
+    from parallax.train.model_source import load_trained
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch.cuda.is_available() is False")
     device = "cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available() else "cpu"
-    if args.hf is not None:
-        from parallax.models import from_hf
-
-        return from_hf(args.hf).to(device), load_tokenizer(args.tokenizer or args.hf), f"hf:{args.hf}"
-    from parallax.train.checkpoints import load_model, load_tokenizer as run_tokenizer
-
-    path = find_checkpoint(args.checkpoint)
-    tokenizer = run_tokenizer(path) if args.tokenizer is None else load_tokenizer(args.tokenizer)
-    return load_model(path).to(device), tokenizer, str(path)
+    model, tokenizer, source = load_trained(args.checkpoint, args.hf, args.adapter, args.tokenizer)
+    return model.to(device), tokenizer, source
 
 
 def _table(results: dict[str, dict[str, float]]) -> str:

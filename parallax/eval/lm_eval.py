@@ -11,6 +11,8 @@ once this module is imported; ``python -m parallax.eval.lm_eval ARGS`` is lm-eva
 
 * ``checkpoint=PATH`` (a ``parallax train`` checkpoint, its run directory or checkpoints/ folder)
   or ``hf=DIR`` (a Hugging Face model directory): exactly one;
+* ``adapter=DIR``: a PEFT-format adapter (LoRA or prefix) on that base (alone: the base its
+  ``adapter_config.json`` names);
 * ``tokenizer=DIR``: default the checkpoint run's tokenizer, or the ``hf`` directory's;
 * ``batch_size`` (default 8), ``max_length`` (default the model's context), ``device``
   (``cpu``, ``cuda``, ``cuda:N`` or ``auto``, the default), ``dtype`` (``float32``, ``bfloat16``,
@@ -36,6 +38,7 @@ except ImportError as exc:  # lm-eval is an optional extra
 
 from parallax.data.chat import DEFAULT_CHAT_TEMPLATE
 from parallax.eval.lm import ParallaxLM
+from parallax.train.model_source import load_trained
 
 __all__ = ["ParallaxEvalLM", "main"]
 
@@ -50,18 +53,19 @@ class ParallaxEvalLM(LM):
     """
 
     def __init__(self, checkpoint: str | None = None, hf: str | None = None, tokenizer: str | None = None,
-                 batch_size: int | str | None = 8, max_length: int | None = None, device: str | None = None,
+                 adapter: str | None = None, batch_size: int | str | None = 8, max_length: int | None = None, device: str | None = None,
                  dtype: str | None = None, max_batch_size: int | None = None) -> None:
         super().__init__()
-        if (checkpoint is None) == (hf is None):
+        if (checkpoint is None) == (hf is None) and not (adapter is not None and checkpoint is None and hf is None):
             raise ValueError("parallax model_args: give exactly one of checkpoint=PATH (a parallax train checkpoint) "
-                             f"or hf=DIR (a Hugging Face model directory); got checkpoint={checkpoint!r}, hf={hf!r}")
+                             f"or hf=DIR (a Hugging Face model directory), optionally with adapter=DIR; got "
+                             f"checkpoint={checkpoint!r}, hf={hf!r}")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"parallax model_args: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"parallax model_args: max_length must be a positive integer; got {max_length!r}")
         self._device = _resolve_device(device)
-        model, tok, self._source = _load(checkpoint, hf, tokenizer)
+        model, tok, self._source = load_trained(checkpoint, hf, adapter, tokenizer)
         if model.config.vocab_size < tok.vocab_size:
             raise ValueError(f"{self._source}: the model's vocab_size ({model.config.vocab_size}) is smaller than the "
                              f"vocabulary of the tokenizer {tok.source} ({tok.vocab_size} ids)")
@@ -151,23 +155,6 @@ def _batch_size(value: int | str | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"parallax model_args: batch_size must be a positive integer (no 'auto'); got {value!r}")
     return value
-
-
-def _load(checkpoint: str | None, hf: str | None, tokenizer: str | None) -> tuple[torch.nn.Module, Any, str]:
-    """(model on CPU, tokenizer, where the model came from)."""
-    from parallax.data import load_tokenizer
-
-    if hf is not None:
-        from parallax.models import from_hf
-
-        return from_hf(hf), load_tokenizer(tokenizer or hf), str(hf)
-    from parallax.inference.cli import find_checkpoint
-    from parallax.train.checkpoints import load_model
-    from parallax.train.checkpoints import load_tokenizer as load_run_tokenizer
-
-    path = find_checkpoint(str(checkpoint))
-    tok = load_run_tokenizer(path) if tokenizer is None else load_tokenizer(tokenizer)
-    return load_model(path), tok, str(path)
 
 
 def main() -> None:

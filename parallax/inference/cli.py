@@ -30,6 +30,9 @@ def build_parser(prog: str = "parallax generate") -> argparse.ArgumentParser:
     source.add_argument("--hf", default=None, metavar="DIR",
                         help="a Hugging Face model directory (config.json, safetensors, tokenizer.json): GPT-2, "
                              "Llama, Mistral, Qwen2, Qwen3")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT-format adapter (LoRA or prefix, e.g. parallax finetune's OUT/adapter) on the base "
+                        "model; alone: the base its adapter_config.json names")
     p.add_argument("--tokenizer", default=None,
                    help="byte or a tokenizer directory (default: the --hf directory, or the one the run was "
                         "trained with, as its checkpoint records it)")
@@ -76,11 +79,8 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import torch
 
-    from parallax.data import load_tokenizer
     from parallax.inference import LLM, SamplingParams
-    from parallax.models import from_hf
-    from parallax.train.checkpoints import load_model
-    from parallax.train.checkpoints import load_tokenizer as load_run_tokenizer
+    from parallax.train.model_source import load_trained
 
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
@@ -89,14 +89,8 @@ def generate_main(argv: list[str], prog: str = "parallax generate") -> int:
                               "cpu" if args.device == "auto" else args.device)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, n=args.n)
-        if args.hf is not None:
-            path = args.hf
-            model = from_hf(path).to(device)
-            tokenizer = load_tokenizer(args.tokenizer or path)
-        else:
-            path = find_checkpoint(args.checkpoint)
-            tokenizer = load_run_tokenizer(path) if args.tokenizer is None else load_tokenizer(args.tokenizer)
-            model = load_model(path).to(device)
+        model, tokenizer, path = load_trained(args.checkpoint, args.hf, args.adapter, args.tokenizer)
+        model = model.to(device)
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"{path}: the model's vocab_size ({model.config.vocab_size}) is smaller than the "
                              f"vocabulary of the tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)")

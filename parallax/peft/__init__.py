@@ -11,8 +11,9 @@
 
 from .config import LoraConfig
 from .lora import LoraLinear
-from .model import PeftModelMixin, PrefixModelMixin, adapter_state_dict, get_peft_model, load_adapter
+from .model import (PeftModelMixin, PrefixModelMixin, adapter_config_from_dict, adapter_config_to_dict,
+                    adapter_state_dict, get_peft_model, load_adapter)
 from .prefix import PrefixTuningConfig
 
 __all__ = ["LoraConfig", "LoraLinear", "PeftModelMixin", "PrefixModelMixin", "PrefixTuningConfig",
-           "adapter_state_dict", "get_peft_model", "load_adapter"]
+           "adapter_config_from_dict", "adapter_config_to_dict", "adapter_state_dict", "get_peft_model", "load_adapter"]

@@ -9,6 +9,7 @@ model imported with ``parallax.models.from_hf`` loads with ``peft.PeftModel.from
 on the Hugging Face model, and back.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,9 +54,13 @@ class PrefixModelMixin(_TrainableCount):
     """The methods ``get_peft_model`` adds to a prefix-tuned model: ``save_adapter`` (PEFT's
     format); ``prefix_config`` holds the resolved config."""
 
-    def save_adapter(self, save_directory: "str | os.PathLike", adapter_name: str | None = None) -> None:
+    def save_adapter(self, save_directory: "str | os.PathLike", adapter_name: str | None = None,
+                     base_model_name_or_path: str | None = None) -> None:
         """Write the prefix adapter to save_directory (adapter_config.json + adapter_model.safetensors),
-        atomically. Under px.zero.shard every rank calls it and rank 0 writes."""
+        atomically, recording ``base_model_name_or_path`` when given. Under px.zero.shard every
+        rank calls it and rank 0 writes."""
+        if base_model_name_or_path is not None:
+            self.prefix_config = dataclasses.replace(self.prefix_config, base_model_name_or_path=base_model_name_or_path)
         save_prefix_adapter(self, save_directory)
 
     def merge_and_unload(self) -> nn.Module:
@@ -132,17 +137,20 @@ class PeftModelMixin(_TrainableCount):
         del self.peft_config, self.active_adapter
         return self
 
-    def save_adapter(self, save_directory: "str | os.PathLike", adapter_name: str | None = None) -> None:
+    def save_adapter(self, save_directory: "str | os.PathLike", adapter_name: str | None = None,
+                     base_model_name_or_path: str | None = None) -> None:
         """Write adapter ``adapter_name`` (default: the active one) to save_directory in PEFT's
-        format. A new directory appears whole or not at all; in an existing one each file is
-        replaced atomically. Under px.zero.shard every rank calls it and rank 0 writes."""
+        format, recording ``base_model_name_or_path`` (default: a transformers model's own). A new
+        directory appears whole or not at all; in an existing one each file is replaced
+        atomically. Under px.zero.shard every rank calls it and rank 0 writes."""
         name = adapter_name if adapter_name is not None else self.active_adapter
         if not isinstance(name, str) or name not in self.peft_config:
             raise ValueError(f"save_adapter: adapter_name must be one of {sorted(self.peft_config)}; got {name!r}")
         config = self.peft_config[name]
         tensors = adapter_state_dict(self, name)
         targets = sorted({key[len(PEFT_PREFIX):].rsplit(".", 2)[0] for key in tensors})
-        fields = config.to_peft_dict(targets, _base_name(self), fan_in_fan_out=_exports_conv1d(self))
+        fields = config.to_peft_dict(targets, base_model_name_or_path or _base_name(self),
+                                     fan_in_fan_out=_exports_conv1d(self))
         if _is_writer(self):
             _write_atomically(Path(save_directory), fields, tensors)
         log.info("peft: saved adapter %r (%d tensors) to %s", name, len(tensors), save_directory)
@@ -178,6 +186,21 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig | PrefixTuningConfi
     _inject(model, adapter_name, peft_config, targets)
     model.set_adapter(adapter_name)
     return model
+
+
+def adapter_config_to_dict(config: LoraConfig | PrefixTuningConfig) -> dict:
+    """A JSON-able form of an adapter config that ``adapter_config_from_dict`` reads back exactly
+    (fine-tuning checkpoints record it to rebuild the adapter layers before loading)."""
+    if isinstance(config, PrefixTuningConfig):
+        return config.to_dict()
+    return {"peft_type": "LORA", **dataclasses.asdict(config)}
+
+
+def adapter_config_from_dict(fields: dict) -> LoraConfig | PrefixTuningConfig:
+    """The config ``adapter_config_to_dict`` wrote."""
+    if fields.get("peft_type") == "PREFIX_TUNING":
+        return PrefixTuningConfig.from_dict(fields)
+    return LoraConfig(**{k: v for k, v in fields.items() if k != "peft_type"})
 
 
 def adapter_state_dict(model: PeftModelMixin, adapter_name: str) -> dict[str, torch.Tensor]:

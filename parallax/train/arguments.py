@@ -14,11 +14,11 @@ from parallax.train.planning import PLANNED_FIELDS, resolve_plan
 __all__ = ["add_config_arguments", "config_from_args"]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``batch_size`` -> ``--batch-size``), plus ``--config FILE``."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[TrainConfig] = TrainConfig) -> None:
+    """One flag per field of config_cls (``batch_size`` -> ``--batch-size``), plus ``--config FILE``."""
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of fields; flags override it")
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         text = f.metadata["help"].format(presets=", ".join(ALL_PRESETS))
@@ -33,14 +33,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 choices=f.metadata.get("choices"), help=f"{text}{default}")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """Defaults, then the config file, then the flags given on the command line; then ``plan``.
 
     With ``plan`` set, the planner picks the memory fields not given explicitly
     (``parallax.train.planning.resolve_plan``).
     """
-    values: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
+    values: dict[str, Any] = load_config_file(args.config, config_cls) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(config_cls):
         if f.name not in vars(args):
             continue
         value = getattr(args, f.name)
@@ -50,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         values[f.name] = value
-    cfg = TrainConfig(**values)
+    cfg = config_cls(**values)
     if cfg.plan == "off":
         return cfg
     return resolve_plan(cfg, fixed=[name for name in PLANNED_FIELDS if name in values])

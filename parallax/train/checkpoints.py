@@ -24,8 +24,9 @@ from parallax.models import ModelConfig, build_model, config_from_dict, family_o
 from parallax.models.config import GPTConfig
 from parallax.zero import ZeroOptimizer
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_model", "load_tokenizer",
-           "saved_model_config", "saved_tokenizer_reference", "GPT_CONFIG_KEY", "MODEL_CONFIG_KEY", "TOKENIZER_KEY"]
+__all__ = ["save_checkpoint", "save_model", "latest_checkpoint", "list_checkpoints", "load_model", "load_tokenizer",
+           "saved_model_config", "saved_tokenizer_reference", "GPT_CONFIG_KEY", "MODEL_CONFIG_KEY", "PEFT_CONFIG_KEY",
+           "TOKENIZER_KEY"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(rf"^step_(\d{{6,}})(?:{re.escape(checkpoint.sharded.BACKUP_SUFFIX)})?$")
@@ -36,6 +37,7 @@ GPT_CONFIG_KEY = "parallax.gpt_config"  # same metadata key as GPT.save, so cons
 # before it existed were trained on bytes.
 TOKENIZER_KEY = "parallax.tokenizer"
 MODEL_CONFIG_KEY = "parallax.model_config"  # {"family": "gpt2" | "llama", "config": config.to_dict()}
+PEFT_CONFIG_KEY = "parallax.peft_config"  # a fine-tuning run's adapter: {"peft_type": "LORA" | "PREFIX_TUNING", ...}
 _BYTE_REFERENCE = tokenizer_reference(ByteTokenizer())
 
 
@@ -60,12 +62,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def save_checkpoint(root: str | Path, model: nn.Module, optimizer: ZeroOptimizer, *, step: int,
                     config: dict[str, Any], model_config: ModelConfig, tokenizer: dict[str, Any], keep: int,
-                    is_main: bool) -> Path:
+                    is_main: bool, metadata: dict[str, str] | None = None) -> Path:
     """Every rank writes its shard of step ``step``; rank 0 then keeps only the ``keep`` newest.
-    ``tokenizer`` is the run's ``tokenizer_reference``."""
+    ``tokenizer`` is the run's ``tokenizer_reference``; ``metadata`` adds entries (e.g. the
+    adapter config of a fine-tuning run, ``PEFT_CONFIG_KEY``)."""
     root = Path(root)
     path = root / f"step_{step:06d}"
-    metadata = {MODEL_CONFIG_KEY: json.dumps({"family": family_of(model_config), "config": model_config.to_dict()}),
+    metadata = {**(metadata or {}),
+                MODEL_CONFIG_KEY: json.dumps({"family": family_of(model_config), "config": model_config.to_dict()}),
                 TOKENIZER_KEY: json.dumps(tokenizer)}
     if isinstance(model_config, GPTConfig):  # consolidated files of GPTs also load with GPT.load
         metadata[GPT_CONFIG_KEY] = json.dumps(model_config.to_dict())
@@ -74,6 +78,28 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: ZeroOptimizer
         _prune(root, keep)
         log.info("checkpoint: saved step %d to %s", step, path)
     return path
+
+
+def save_model(directory: str | Path, model: nn.Module, *, step: int, model_config: ModelConfig,
+               tokenizer: dict[str, Any]) -> Path:
+    """A model-only checkpoint (no optimizer state) of an unsharded model, written by this one
+    process (with a private process group of size 1 when none exists), loadable with ``load_model``
+    and every ``--checkpoint`` flag. Atomic, as ``px.checkpoint.save``."""
+    import torch.distributed as dist
+
+    from parallax import zero
+
+    metadata = {MODEL_CONFIG_KEY: json.dumps({"family": family_of(model_config), "config": model_config.to_dict()}),
+                TOKENIZER_KEY: json.dumps(tokenizer)}
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        zero.shard(model, stage=0)
+        return checkpoint.save(directory, model, step=step, extra={"metadata": metadata})
+    finally:
+        if own_group:
+            dist.destroy_process_group()
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -103,6 +129,11 @@ def load_model(path: str | Path) -> nn.Module:
     if config is None:
         raise checkpoint.CheckpointError(f"{path} holds no model config (was it written by parallax train?)")
     model = build_model(config)
+    adapter = manifest.get("extra", {}).get("metadata", {}).get(PEFT_CONFIG_KEY)
+    if adapter is not None:  # a fine-tuning run's checkpoint: the same adapter layers, then its tensors
+        from parallax.peft import adapter_config_from_dict, get_peft_model
+
+        get_peft_model(model, adapter_config_from_dict(json.loads(adapter)))
     for alias, name in manifest["aliases"].items():
         tensors.setdefault(alias, tensors[name])
     model.load_state_dict(tensors)

@@ -47,7 +47,10 @@ class TrainConfig:
                                     "CPython's documentation text)")
     val_fraction: float = _field(0.1, "share of the data held out for validation")
     steps: int = _field(1500, "optimizer steps in the whole run (a resumed run continues up to this count)")
-    batch_size: int = _field(16, "sequences per step per process; the global batch is batch_size x nproc")
+    batch_size: int = _field(16, "sequences per micro-batch per process; the global batch is batch_size x "
+                                 "grad_accum x nproc")
+    grad_accum: int = _field(1, "micro-batches per optimizer step (gradient accumulation; gradients sync once, "
+                                "on the last)")
     block_size: int | None = _field(None, "tokens per sequence (default: the preset's context length)")
     lr: float = _field(2e-3, "peak learning rate: linear warmup, then cosine decay to lr x min_lr_ratio")
     min_lr_ratio: float = _field(0.1, "final learning rate as a share of lr, in [0, 1]")
@@ -82,7 +85,7 @@ class TrainConfig:
     device: str = _field("auto", "auto: cuda when available, else cpu", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
+        positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
                     "checkpoint_interval", "keep_checkpoints", "nproc")
         for name in positive:
             value = getattr(self, name)
@@ -166,6 +169,29 @@ class TrainConfig:
 
         return load_tokenizer(self.tokenizer_source)
 
+    def load_data(self, tokenizer: Any, model_config: ModelConfig) -> Any:
+        """The run's dataset: ``get_batch``, ``iter_eval_batches`` (tuples of model arguments),
+        ``check_block_size``, ``content_hash``, ``tokenizer`` (``parallax.data.TokenDataset``)."""
+        from parallax.data import load_dataset
+
+        return load_dataset(self.data, tokenizer=tokenizer, val_fraction=self.val_fraction)
+
+    def build_model(self, model_config: ModelConfig) -> Any:
+        """The model before ``px.initialize``: a random initialisation of the preset, or the --hf
+        directory's weights (on the CPU)."""
+        from parallax.models import build_model, from_hf
+
+        if self.hf is None:
+            return build_model(model_config)
+        overrides = dict(self.model)
+        if self.block_size is not None:
+            overrides["block_size"] = self.block_size
+        return from_hf(self.hf, **overrides)
+
+    def checkpoint_metadata(self, model: Any) -> dict[str, str]:
+        """Extra (str -> str) metadata for every checkpoint of the run (none for pretraining)."""
+        return {}
+
     def runtime_config(self) -> RuntimeConfig:
         checkpointing = False if self.activation_checkpointing == "off" else self.activation_checkpointing
         return RuntimeConfig(zero_stage=self.zero_stage, bucket_mb=self.bucket_mb, prefetch=self.prefetch,
@@ -176,8 +202,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Fields from a .toml or .json file; an unreadable file or an unknown key raises ConfigError."""
+def load_config_file(path: str | Path, config_cls: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
+    """Fields of config_cls from a .toml or .json file; an unreadable file or an unknown key raises ConfigError."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -196,7 +222,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse config {path}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config {path} must hold a table of fields")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"config {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

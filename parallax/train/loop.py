@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch import nn
 
 from parallax import checkpoint
-from parallax.data import TokenDataset, load_dataset
+from parallax.data import TokenDataset
 from parallax.data.tokenizer import tokenizer_reference
 from parallax.distributed import DistInfo, init_from_env, shutdown
-from parallax.models import ModelConfig, build_model, from_hf
+from parallax.models import ModelConfig
 from parallax.optim import AdamW
 from parallax.progress import progress_bar
 from parallax.runtime import initialize
@@ -91,8 +91,8 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 @torch.no_grad()
 def _evaluate(model: nn.Module, ds: TokenDataset, cfg: TrainConfig, block_size: int, device: torch.device) -> float:
     model.eval()
-    losses = [model(x, y).item() for x, y in ds.iter_eval_batches("val", cfg.batch_size, block_size,
-                                                                  max_batches=cfg.eval_batches, device=device)]
+    losses = [model(*batch).item() for batch in ds.iter_eval_batches("val", cfg.batch_size, block_size,
+                                                                     max_batches=cfg.eval_batches, device=device)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -118,7 +118,7 @@ def _validate(cfg: TrainConfig) -> tuple[TokenDataset, Any, Path | None]:
     _device(cfg.device)
     tokenizer = cfg.load_tokenizer()
     model_config = cfg.model_config(tokenizer.vocab_size)  # before tokenizing: a too-small vocabulary fails fast
-    ds = load_dataset(cfg.data, tokenizer=tokenizer, val_fraction=cfg.val_fraction)
+    ds = cfg.load_data(tokenizer, model_config)
     ds.check_block_size(model_config.block_size)
     return ds, model_config, _prepare_out(cfg)
 
@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, *, progress: bool = True,
     info = init_from_env(device.type, cfg.timeout_s)
     try:
         torch.manual_seed(cfg.seed)
-        model = _build(cfg, model_config).to(device)
+        model = cfg.build_model(model_config).to(device)
         model, optimizer = initialize(model, cfg.runtime_config(), optimizer_cls=AdamW,
                                       param_groups=param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         start = 0
@@ -171,16 +171,6 @@ def train(cfg: TrainConfig, *, progress: bool = True,
             shutdown()
 
 
-def _build(cfg: TrainConfig, model_config: ModelConfig) -> nn.Module:
-    """A random initialisation of the preset, or the --hf directory's weights (on the CPU)."""
-    if cfg.hf is None:
-        return build_model(model_config)
-    overrides = dict(cfg.model)
-    if cfg.block_size is not None:
-        overrides["block_size"] = cfg.block_size
-    return from_hf(cfg.hf, **overrides)
-
-
 def _resume(path: Path, model: nn.Module, optimizer, model_config: ModelConfig, tokenizer, cfg: TrainConfig) -> int:
     manifest = checkpoint.read_manifest(path)
     # First: another tokenizer also changes the model's vocab_size, and this names the cause.
@@ -202,7 +192,6 @@ def _resume(path: Path, model: nn.Module, optimizer, model_config: ModelConfig, 
 def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, progress, on_step) -> TrainResult:
     comm = zero_state(model).comm
     block_size = model.config.block_size
-    tokens_per_step = cfg.batch_size * block_size * info.world_size
     bar = progress_bar(cfg.steps, "train", "step", enabled=progress and info.is_main, initial=start)
     # Every rank evaluates (stage 3 needs all of them for its gathers); rank 0 logs.
     initial_val = _evaluate(model, ds, cfg, block_size, device) if start == 0 else None
@@ -212,13 +201,10 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start, cfg.steps):
         torch.manual_seed(_step_seed(cfg.seed, step, info.rank))  # dropout, reproducible on resume
-        x, y = ds.get_batch("train", cfg.batch_size, block_size, step=step, seed=cfg.seed,
-                            rank=info.rank, world_size=info.world_size, device=device)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = model(x, y)
-        optimizer.backward(loss)
+        loss, tokens = _accumulate(cfg, ds, model, optimizer, info, step, block_size, device)
         if cfg.grad_clip > 0:
             optimizer.clip_grad_norm_(cfg.grad_clip)
         optimizer.step()
@@ -229,7 +215,7 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
                             "optimizer state %.2f MB", report["rank"], report["world_size"], report["stage"],
                             report["param_bytes"] / 2**20, report["grad_bytes"] / 2**20,
                             report["optimizer_bytes"] / 2**20)
-        window_tokens += tokens_per_step
+        window_tokens += tokens
         done = step + 1
         record: dict[str, Any] = {"step": done}
         if done % cfg.log_interval == 0 or done == cfg.steps:
@@ -245,7 +231,7 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
             save_checkpoint(Path(cfg.out) / "checkpoints", model, optimizer, step=done,
                             config=cfg.to_dict() | {"data_hash": ds.content_hash}, model_config=model.config,
                             tokenizer=tokenizer_reference(ds.tokenizer), keep=cfg.keep_checkpoints,
-                            is_main=info.is_main)
+                            is_main=info.is_main, metadata=cfg.checkpoint_metadata(model))
         if "loss" in record:  # restart the throughput window after logging, eval and checkpoint
             window_tokens, window_start = 0, time.perf_counter()
         if bar is not None:
@@ -262,6 +248,32 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
         plot_losses(Path(cfg.out) / "metrics.jsonl", Path(cfg.out) / "loss.png")
     return TrainResult(Path(cfg.out), cfg.steps, loss_value, val_loss, initial_val, tokens_per_s,
                        sample if info.is_main else None)
+
+
+def _accumulate(cfg, ds, model: nn.Module, optimizer, info: DistInfo, step: int, block_size: int,
+                device: torch.device) -> tuple[torch.Tensor, int]:
+    """Forward and backward of optimizer step ``step``'s ``grad_accum`` micro-batches on this rank,
+    gradients synced on the last; (this rank's share of the step's loss, tokens processed by all
+    ranks).
+
+    The loss of the step is the mean over every target in the loss across micro-batches and
+    ranks: each micro-batch's mean is weighted by its targets x world_size / the window's, so the
+    gradient (averaged over ranks by ZeRO) equals one process taking the whole window at once,
+    whatever the split (uneven when examples have different numbers of trained tokens).
+    """
+    window = ds.window_targets(step, cfg.grad_accum, cfg.batch_size, block_size, info.world_size, cfg.seed)
+    total = torch.zeros((), device=device)
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        batch = ds.get_batch("train", cfg.batch_size, block_size, step=step * cfg.grad_accum + micro, seed=cfg.seed,
+                             rank=info.rank, world_size=info.world_size, device=device)  # (inputs, targets, ...)
+        weight = int((batch[1] >= 0).sum()) * info.world_size / window
+        model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+        loss = model(*batch) * weight
+        optimizer.backward(loss)
+        total += loss.detach().float()
+        tokens += batch[0].numel() * info.world_size  # every rank's micro-batch has this size
+    return total, tokens
 
 
 def _global_mean(value: torch.Tensor, comm) -> float:

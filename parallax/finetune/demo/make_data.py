@@ -1,10 +1,13 @@
 """Write the synthetic instruction data of the fine-tuning demo (``python -m parallax.finetune.demo.make_data``).
 
 Three skills, each a prompt/completion pair whose answer is a pure function of the prompt, so
-held-out exact match measures whether the model learnt the skill rather than the items:
+held-out exact match measures whether the model learnt the skill rather than the items (adding
+two numbers below 50 was tried and dropped: the 0.8M-parameter demo model reached 0.08 held-out
+exact match after 2000 full fine-tuning steps, while reversal and passage QA were above 0.9 after
+1000):
 
 * reverse: ``Reverse: kotab`` -> ``batok`` (3-5 lowercase letters);
-* add: ``Add: 27+45`` -> ``72`` (two numbers below 50);
+* uppercase: ``Uppercase: kotab`` -> ``KOTAB`` (3-6 lowercase letters);
 * passage QA: ``Passage: Mia has a red kite. Question: What color is the kite?`` -> ``red``
   (a name, a colour and an object drawn from small lists; the question asks for one of the three).
 
@@ -35,9 +38,9 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return f"Reverse: {word}", word[::-1]
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randrange(50), rng.randrange(50)
-    return f"Add: {a}+{b}", str(a + b)
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    return f"Uppercase: {word}", word.upper()
 
 
 def _passage_qa(rng: random.Random) -> tuple[str, str]:
@@ -48,7 +51,7 @@ def _passage_qa(rng: random.Random) -> tuple[str, str]:
 
 
 SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "reverse": _reverse, "add": _add, "passage_qa": _passage_qa}
+    "reverse": _reverse, "uppercase": _uppercase, "passage_qa": _passage_qa}
 
 
 def make_rows(seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
