@@ -317,3 +317,20 @@ def test_misuse_of_adapter_names():
         model.set_adapter("other")
     with pytest.raises(ValueError, match="must be one of"):
         model.save_adapter("unused", adapter_name="other")
+
+
+def test_planner_counts_optimizer_state_and_gradients_of_the_adapters_only():
+    """px.plan on a LoRA model: gradients and Adam state for the adapters, the frozen base only as
+    parameters (what ZeRO and memory_report hold, tests/peft/test_lora_zero.py)."""
+    import parallax as px
+
+    full = tiny_llama()
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4))
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    kwargs = dict(world_size=1, device_bytes="1GB", seq_len=16, stages=[0], precisions=["fp32"], offloads=["none"],
+                  checkpointing=["none"], backend="gloo")
+    full_row, lora_row = (px.plan(m, **kwargs).find(0, "fp32") for m in (full, lora))
+    assert lora_row.optimizer_bytes == 2 * 4 * adapters  # two fp32 Adam moments per trainable element
+    assert lora_row.grads_after_backward == 4 * adapters
+    assert lora_row.param_bytes >= full_row.param_bytes  # the base stays, whole
+    assert full_row.optimizer_bytes > 10 * lora_row.optimizer_bytes
