@@ -331,3 +331,17 @@ class Attention(nn.Module):
         prefix = ", prefix" if self.prefix is not None else ""
         return (f"{self.backend}, heads={self.n_head}, kv_heads={self.n_kv_head}, head_dim={self.head_dim}"
                 f"{window}{prefix}")
+
+
+def attention_layers(model: nn.Module, needed_by: str = "this") -> list[Attention]:
+    """The model's ``Attention`` layers in module order; ValueError (naming ``needed_by``) if it has
+    none or they differ in KV heads or head size (one cache or prefix table serves them all)."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no parallax.models.Attention layers; {needed_by} needs a "
+                         "parallax model family (parallax.models.from_preset / from_hf)")
+    shapes = {(layer.n_kv_head, layer.head_dim) for layer in layers}
+    if len(shapes) > 1:
+        raise ValueError(f"attention layers differ in (KV heads, head size): {sorted(shapes)}; {needed_by} needs "
+                         "one shape")
+    return layers

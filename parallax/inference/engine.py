@@ -100,7 +100,7 @@ class LLMEngine:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None,
                  config: EngineConfig | None = None) -> None:
-        attention_layers(model)  # raises ValueError for a model the runner cannot serve
+        attention_layers(model, "the inference engine")  # raises ValueError for a model the runner cannot serve
         config = config or EngineConfig()
         self.config = config
         self.model = model.eval()  # the runner calls its modules directly: no dropout

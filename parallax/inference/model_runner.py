@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from parallax.inference.attention_metadata import PagedAttentionContext, SeqInput, build_metadata
-from parallax.models.attention import Attention, forward_context
+from parallax.models.attention import attention_layers, forward_context
 from parallax.ops.flash_attention import SUPPORTED_HEAD_DIMS as FLASH_HEAD_DIMS
 from parallax.ops.paged_attention import BLOCK_SIZES as PAGED_BLOCK_SIZES
 from parallax.ops.paged_attention import HEAD_DIMS as PAGED_HEAD_DIMS
@@ -51,19 +51,6 @@ def resolve_attention(attention: str, device: torch.device, head_dim: int, block
     return attention
 
 
-def attention_layers(model: nn.Module) -> list[Attention]:
-    """The model's ``Attention`` layers in module order; raises ValueError if it has none or
-    they differ in KV heads or head size (one cache tensor holds them all)."""
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no parallax.models.Attention layers; the engine serves "
-                         "parallax model families (parallax.models.from_preset / from_hf)")
-    shapes = {(layer.n_kv_head, layer.head_dim) for layer in layers}
-    if len(shapes) > 1:
-        raise ValueError(f"attention layers differ in (KV heads, head size): {sorted(shapes)}")
-    return layers
-
-
 def _prefix_attention(requested: str, resolved: str) -> str:
     """The implementation for a prefix-tuned model: 'torch' (the paged kernels read only the cache)."""
     if requested == "paged":
@@ -83,7 +70,7 @@ class ModelRunner:
         self.device = param.device
         self.dtype = param.dtype
         self.block_size = block_size
-        self.layers = attention_layers(model)
+        self.layers = attention_layers(model, "the inference engine")
         head_dim, kv_heads = self.layers[0].head_dim, self.layers[0].n_kv_head
         self.attention = resolve_attention(attention, self.device, head_dim, block_size)
         if any(layer.prefix is not None for layer in self.layers):
@@ -95,7 +82,7 @@ class ModelRunner:
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int) -> int:
         """KV-cache bytes of one block across all layers (keys and values)."""
-        layers = attention_layers(model)
+        layers = attention_layers(model, "the inference engine")
         elem = next(model.parameters()).element_size()
         return 2 * len(layers) * block_size * layers[0].n_kv_head * layers[0].head_dim * elem
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from parallax.models.attention import Attention
+from parallax.models.attention import attention_layers
 from parallax.peft._zero import is_writer, zero_stage
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "add_prefix_tuning", "prefix_adapter_state_dict",
@@ -109,7 +109,7 @@ class PrefixTuningConfig:
     def for_model(self, model: nn.Module) -> PrefixTuningConfig:
         """This config with num_layers, token_dim, num_attention_heads and encoder_hidden_size
         filled in from ``model``; ValueError naming the field if a given one does not match."""
-        layers = _attention_layers(model)
+        layers = attention_layers(model, "prefix tuning")
         shape = {"num_layers": len(layers), "token_dim": layers[0].n_kv_head * layers[0].head_dim,
                  "num_attention_heads": layers[0].n_kv_head}
         for name, expected in shape.items():
@@ -200,18 +200,6 @@ class _LayerPrefix:
         return self.encoder(self.layer)
 
 
-def _attention_layers(model: nn.Module) -> list[Attention]:
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no parallax.models.Attention layers; prefix tuning "
-                         "needs a parallax model family (parallax.models.from_preset / from_hf)")
-    shapes = {(layer.n_kv_head, layer.head_dim) for layer in layers}
-    if len(shapes) > 1:
-        raise ValueError(f"attention layers differ in (KV heads, head size): {sorted(shapes)}; one prefix "
-                         "table cannot serve them")
-    return layers
-
-
 def prefix_encoder(model: nn.Module) -> tuple[str, PrefixEncoder] | None:
     """(adapter name, encoder) of the model's prefix-tuning adapter, or None."""
     encoders = getattr(model, "prompt_encoder", None)
@@ -239,7 +227,7 @@ def add_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name
         raise ValueError(f"{type(model).__name__} has no position_offset; prefix tuning needs a parallax model "
                          "family (GPT or the Llama family)")
     config = config.for_model(model)
-    layers = _attention_layers(model)
+    layers = attention_layers(model, "prefix tuning")
     param = next(model.parameters())
     encoder = PrefixEncoder(config).to(device=param.device, dtype=param.dtype)
     for p in model.parameters():
@@ -334,7 +322,7 @@ def load_prefix_adapter(model: nn.Module, directory: str | os.PathLike, adapter_
     ValueError naming the table shape in the file and the shape this model needs.
     """
     config, table = read_prefix_adapter(directory)
-    layers = _attention_layers(model)
+    layers = attention_layers(model, "prefix tuning")
     expected = (config.num_virtual_tokens, len(layers) * 2 * layers[0].n_kv_head * layers[0].head_dim)
     if tuple(table.shape) != expected:
         raise ValueError(f"the adapter in {directory} was saved for another base model: its {EMBEDDING_KEY} has "

@@ -1,13 +1,8 @@
-"""The inference tests run tiny models: one intra-op thread is fastest for them, and it keeps
-them quick on a shared, busy machine (where idle OpenMP threads spin against other processes)."""
+"""The inference tests run tiny models on one intra-op thread (``tests/conftest.py``)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_intraop_thread):
     yield
-    torch.set_num_threads(before)

@@ -30,13 +30,7 @@ P = 5  # virtual tokens
 KINDS = ["llama", "mistral", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread (and do not spin against other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def ids(B: int = 2, T: int = 9, seed: int = 1) -> torch.Tensor:
