@@ -161,3 +161,31 @@ def test_bad_input_fails_before_anything_is_written(base, data, tmp_path, capsys
         assert main(["finetune", "--base", str(base), *flags, "--out", str(out), "--steps", "2"]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_two_rank_zero3_lora_finetune_equals_one_process(base, data, tmp_path):
+    """`--nproc 2 --zero-stage 3` with packing, activation checkpointing and half the batch per rank
+    trains the same adapter as one process (losses and adapter tensors element-wise)."""
+    import os
+    import subprocess
+    import sys
+
+    flags = ["finetune", "--base", str(base), "--data", str(data), "--lora", "r=4,alpha=8", "--packing",
+             "--block-size", "64", "--steps", "4", "--eval-interval", "4", "--eval-batches", "1", "--log-interval", "1",
+             "--checkpoint-interval", "4", "--lr", "3e-3"]
+    one = finetune(_cfg(base, data, tmp_path / "one", lora="r=4,alpha=8", packing=True, steps=4, eval_interval=4,
+                        eval_batches=1, checkpoint_interval=4), progress=False)
+    two = subprocess.run([sys.executable, "-m", "parallax", *flags, "--batch-size", "2", "--nproc", "2",
+                          "--zero-stage", "3", "--activation-checkpointing", "block", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=dict(os.environ))
+    assert two.returncode == 0, two.stderr[-3000:]
+    # one process took batch 4; two ranks take 2 each: the same units per step
+    assert one.written is not None
+    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5) and v1 == pytest.approx(v2, abs=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
