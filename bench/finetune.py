@@ -62,6 +62,7 @@ COLUMNS = [
     Column("tokens_per_s", "tokens/s", ",.0f"),
     Column("vs_trl", "vs best TRL [x]", ".2f"),
     Column("padding_share", "padding [%]", ".1f", scale=100.0),
+    Column("trained_share", "in loss [%]", ".1f", scale=100.0),
     Column("peak_mb", "peak mem [MB]", ",.0f"),
     Column("trainable", "trainable [M]", ".3f", scale=1e-6),
     Column("loss0", "loss0", ".4f"),
@@ -433,6 +434,7 @@ def _row(provider: str, spec: Spec, log: dict[str, Any], reference: float) -> di
         "trained_tokens_per_s": sum(log["trained"][timed]) / seconds,
         "tokens_per_s": sum(log["tokens"][timed]) / seconds,
         "padding_share": 1.0 - sum(log["tokens"][timed]) / positions,
+        "trained_share": sum(log["trained"][timed]) / sum(log["tokens"][timed]),
         "peak_mb": log["peak_bytes"] / 2**20, "trainable": log["trainable"],
         "loss0": log["losses"][0], "loss0_err": log["losses"][0] - reference, "final_loss": log["losses"][-1],
     }
