@@ -20,7 +20,8 @@ Providers:
 - ``TRL padded``: ``batch`` examples per step, padded by TRL's collator.
 
 The padded/padding-free rows see the same batches in the same order (TRL's sequential sampler);
-the packed rows each use their own tool's bins. Each provider runs in a fresh process, one after
+the packed rows each use their own tool's bins, in a seeded random order (best-fit-decreasing
+makes the first bins hold the longest examples, so the first steps would not be a fair sample). Each provider runs in a fresh process, one after
 the other, so its peak memory is its own: the peak resident set size sampled every 5 ms during
 training minus the size when training starts (CUDA: ``torch.cuda.max_memory_allocated`` over the
 allocation at the start). Steps are timed from the end of one to the end of the next (data
@@ -263,6 +264,9 @@ def _parallax_run(spec: Spec) -> StepLog:
     packed = spec.provider == "parallax packed"
     if packed:
         groups = pack_examples(examples, spec.seq)
+        # BFD emits the bins longest examples first: a seeded shuffle makes the timed bins a fair sample
+        # (TRL's packed rows use its random sampler for the same reason).
+        random.Random(0).shuffle(groups)
     else:
         groups = [examples[i:i + spec.batch] for i in range(0, len(examples), spec.batch)]
     pad_id = px.data.load_tokenizer(spec.model_dir).eos_token_id
@@ -326,7 +330,7 @@ def _trl_run(spec: Spec) -> StepLog:
             padding_free=padding_free, completion_only_loss=True,
             per_device_train_batch_size=1 if packing else spec.batch, max_steps=spec.warmup + spec.steps,
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[],
+            train_sampling_strategy="random" if packing else "sequential", logging_steps=1, save_strategy="no", report_to=[],
             use_cpu=device.type == "cpu", dataloader_num_workers=0, dataloader_pin_memory=False,
             disable_tqdm=True, seed=0, bf16=False, fp16=False)
         trainer = _recording_trainer(trl.SFTTrainer, log)(
