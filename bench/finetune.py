@@ -21,15 +21,17 @@ Providers:
 
 The padded/padding-free rows see the same batches in the same order (TRL's sequential sampler);
 the packed rows each use their own tool's bins, in a seeded random order (best-fit-decreasing
-makes the first bins hold the longest examples, so the first steps would not be a fair sample). Each provider runs in a fresh process, one after
-the other, so its peak memory is its own: the peak resident set size sampled every 5 ms during
-training minus the size when training starts (CUDA: ``torch.cuda.max_memory_allocated`` over the
-allocation at the start). Steps are timed from the end of one to the end of the next (data
-collation included) after the warm-up steps; tokens/s are totals over the timed steps divided by
-their time. ``loss0 err`` is the first step's loss minus the base model's completion-only loss on
-that step's batch, computed example by example without padding by ``transformers``: with B
-zero-initialised every provider starts at the base model's loss, so this checks that each one
-trains on the intended tokens and that packing does not leak attention across examples.
+makes the first bins hold the longest examples, so the first steps would not be a fair sample).
+Each provider runs in a fresh process, one after the other, so its peak memory is its own: the
+peak resident set size sampled every 5 ms during training minus the size when training starts
+(CUDA: ``torch.cuda.max_memory_allocated`` over the allocation at the start). Steps are timed
+from the end of one to the end of the next (data collation included) after the warm-up steps;
+tokens/s are totals over the timed steps divided by their time. ``loss0 err`` is the first step's
+loss minus the base model's loss over the same batch's trained targets, computed example by
+example without padding by ``transformers``: with B zero-initialised every provider starts at
+the base model's loss, so this checks each provider's loss, packing included (no attention across
+examples). The padded rows' equal ``loss0``, ``in loss`` share and final loss show that parallax
+and TRL train on the same tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import random
@@ -330,7 +333,8 @@ def _trl_run(spec: Spec) -> StepLog:
             padding_free=padding_free, completion_only_loss=True,
             per_device_train_batch_size=1 if packing else spec.batch, max_steps=spec.warmup + spec.steps,
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            train_sampling_strategy="random" if packing else "sequential", logging_steps=1, save_strategy="no", report_to=[],
+            train_sampling_strategy="random" if packing else "sequential", logging_steps=1, save_strategy="no",
+            report_to=[],
             use_cpu=device.type == "cpu", dataloader_num_workers=0, dataloader_pin_memory=False,
             disable_tqdm=True, seed=0, bf16=False, fp16=False)
         trainer = _recording_trainer(trl.SFTTrainer, log)(
@@ -368,7 +372,7 @@ def _trl_pairs(inputs: dict[str, torch.Tensor]) -> list[tuple[list[int], list[in
     if "position_ids" in inputs:
         ids, labels, pos = (inputs[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
         starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-        rows = [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+        rows = [(ids[a:b], labels[a:b]) for a, b in itertools.pairwise(starts)]
     else:
         rows = [(ids[:n], labels[:n]) for ids, labels, n in
                 zip(inputs["input_ids"].tolist(), inputs["labels"].tolist(), inputs["attention_mask"].sum(1).tolist())]
