@@ -43,6 +43,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "evaluation: px.eval.evaluate vs lm-evaluation-harness's hf backend on the same model and local tasks "
         "(multiple choice, generation): wall time, requests/s, identical scores",
     ),
+    "finetune": (
+        ".finetune",
+        "LoRA SFT on a Llama (CPU): parallax packed/padded vs TRL SFTTrainer + PEFT packed/padding-free/padded; "
+        "trained tokens/s, padding share, peak memory, first-step loss against the base model's",
+    ),
     "kernels": (
         ".kernels",
         "fused kernels (linear+cross-entropy, RMSNorm, rotary, SwiGLU) vs the PyTorch composition and Liger-Kernel: "
