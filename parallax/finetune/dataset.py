@@ -6,9 +6,11 @@ pure function of (seed, step, rank), so a resumed run sees the batches an uninte
 examples per rank, right-padded) or best-fit-decreasing bins (packed: ``batch_size`` bins per
 rank, one row each, the examples of a row back to back with positions restarting at 0).
 
-Packed rows are padded only to the longest bin of the step (the bins' slack, about 1% with
-best-fit-decreasing): one row per bin keeps attention block-diagonal per row, where flattening
-every bin into one row would make the CPU mask (and its attention) N x N for N = batch x length.
+On CUDA a packed step is one padding-free row of every example of its bins (varlen
+FlashAttention over cu_seqlens). On CPU each bin is a row, padded only to the longest bin of the
+step (the bins' slack, about 1% with best-fit-decreasing): one row per bin keeps the CPU's
+block-diagonal mask per row, where one row would make it (and its attention) N x N for N = batch x
+length.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class SFTDataset:
             yield self._collate(units[b * batch_size:(b + 1) * batch_size], device)
 
     def _collate(self, units: list[list[SFTExample]], device: torch.device | str) -> Batch:
+        if self.packing and torch.device(device).type == "cuda":
+            units = [[e for unit in units for e in unit]]  # one padding-free row: varlen attention has no T x T cost
         pairs = [[e.inputs_and_targets() for e in unit] for unit in units]
         T = max(sum(len(x) for x, _ in row) for row in pairs)
         input_ids = torch.full((len(units), T), self.pad_id, dtype=torch.long)
