@@ -229,6 +229,19 @@ class FinetuneConfig(TrainConfig):
                 raise ConfigError(f"--{self.method}: {exc}") from None
         return model
 
+    def plan_model(self, model_config: ModelConfig):
+        """The model with its adapter, on the meta device: the planner then counts gradients and
+        optimizer state for the trained parameters only."""
+        import torch
+
+        from parallax import peft
+        from parallax.models import build_model
+
+        with torch.device("meta"):
+            model = build_model(model_config)
+        adapter = self.adapter_config()
+        return model if adapter is None else peft.get_peft_model(model, adapter)
+
     def checkpoint_metadata(self, model: Any) -> dict[str, str]:
         from parallax.peft import adapter_config_to_dict
 

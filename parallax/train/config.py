@@ -188,6 +188,10 @@ class TrainConfig:
             overrides["block_size"] = self.block_size
         return from_hf(self.hf, **overrides)
 
+    def plan_model(self, model_config: ModelConfig) -> Any:
+        """What ``--plan`` plans for: the model config (every parameter trained)."""
+        return model_config
+
     def checkpoint_metadata(self, model: Any) -> dict[str, str]:
         """Extra (str -> str) metadata for every checkpoint of the run (none for pretraining)."""
         return {}

@@ -50,7 +50,7 @@ def resolve_plan(cfg: TrainConfig, fixed: Collection[str] = ()) -> TrainConfig:
         device_bytes = device_memory_bytes("cpu", local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc)))
     model_config = cfg.model_config(cfg.load_tokenizer().vocab_size)
     try:
-        result = plan(model_config, world, device_bytes, model_config.block_size, cfg.batch_size, stages=stages,
+        result = plan(cfg.plan_model(model_config), world, device_bytes, model_config.block_size, cfg.batch_size, stages=stages,
                       precisions=precisions, offloads=offloads, checkpointing=checkpointing, bucket_mb=cfg.bucket_mb,
                       prefetch=cfg.prefetch, backend="nccl" if on_cuda else "gloo")
     except ValueError as exc:

@@ -210,3 +210,20 @@ def test_lora_finetune_composes_with_16_bit_precision_and_offload(base, data, tm
             assert expected.abs().max() > 1e-4  # trained away from its zero init
         # Adam's normalised steps amplify 16-bit rounding in a few elements: compare the whole tensor
         assert (ours[key].float() - expected).norm() < 0.05 * expected.norm(), key
+
+
+def test_the_planner_plans_the_adapted_model(base, data, tmp_path):
+    """--plan sizes a LoRA run by its trained parameters: gradients and Adam state of the adapters."""
+    import parallax as px
+
+    cfg = _cfg(base, data, tmp_path / "run", lora="r=4,alpha=8")
+    model_config = cfg.model_config()
+    kwargs = dict(world_size=1, device_bytes="1GB", seq_len=64, micro_batch=4, stages=[0], precisions=["fp32"],
+                  offloads=["none"], checkpointing=["none"], backend="gloo")
+    adapted = px.plan(cfg.plan_model(model_config), **kwargs).find(0, "fp32")
+    full = px.plan(model_config, **kwargs).find(0, "fp32")
+    assert adapted.optimizer_bytes < full.optimizer_bytes / 5
+    from parallax.train.planning import resolve_plan
+
+    resolved = resolve_plan(FinetuneConfig(**{**cfg.to_dict(), "plan": "1GB"}))
+    assert isinstance(resolved, FinetuneConfig) and resolved.plan == "off" and resolved.lora == cfg.lora
