@@ -17,7 +17,7 @@ from parallax.eval import metrics as M
 from parallax.eval.lm import ParallaxLM
 from parallax.eval.tasks import TaskError
 from parallax.models import from_hf
-from tests.data.tokenizer_dirs import write_style
+from tests.eval.tiny_llama import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")  # installed by the test command
 pytest.importorskip("bert_score")  # installed by the test command
@@ -99,12 +99,7 @@ def test_bertscore_task_metric_with_a_relative_model_directory(encoder_dir, tmp_
     import shutil
 
     shutil.copytree(encoder_dir, tmp_path / "encoder")
-    llama = tmp_path / "llama"
-    write_style(llama, "llama3")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=load_tokenizer(llama).vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(llama)
+    llama = write_tiny_llama(tmp_path / "llama", layers=1)
     model, tokenizer = from_hf(llama), load_tokenizer(llama)
     task = _generation_task(tmp_path, "encoder")  # relative to the task file's folder
     scores = px.eval.evaluate(model, tokenizer, [task])["results"]["gen"]

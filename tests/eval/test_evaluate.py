@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import parallax as px
 from parallax.data import load_tokenizer
 from parallax.models import from_hf
-from tests.data.tokenizer_dirs import write_style
+from tests.eval.tiny_llama import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")  # installed by the test command
 lm_eval = pytest.importorskip("lm_eval")  # installed by the test command
@@ -20,14 +19,7 @@ lm_eval = pytest.importorskip("lm_eval")  # installed by the test command
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("evaluate") / "llama"
-    write_style(path, "llama3")
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=load_tokenizer(path).vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True))
-    hf.save_pretrained(path)
-    return path
+    return write_tiny_llama(tmp_path_factory.mktemp("evaluate") / "llama", positions=128)
 
 
 def _write_tasks(root: Path) -> list[Path]:

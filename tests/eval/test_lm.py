@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from parallax.data import load_tokenizer
 from parallax.eval.lm import ParallaxLM, rolling_windows
 from parallax.models import from_hf
-from tests.data.tokenizer_dirs import write_style
+from tests.eval.tiny_llama import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")  # installed by the test command
 lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")  # installed by the test command
@@ -22,14 +21,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with a Llama 3 style tokenizer (BOS added by its post-processor)."""
-    path = tmp_path_factory.mktemp("lm") / "llama"
-    write_style(path, "llama3")
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=load_tokenizer(path).vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
-    hf.save_pretrained(path)
-    return path
+    return write_tiny_llama(tmp_path_factory.mktemp("lm") / "llama")
 
 
 @pytest.fixture(scope="module")
