@@ -1,6 +1,6 @@
-"""``parallax eval``: score a checkpoint or a Hugging Face directory on task files, print a table
-(task, metric, value, stderr) and write the results as JSON; ``--compare a.json b.json`` prints
-two results files side by side."""
+"""``parallax eval``: score a checkpoint or a Hugging Face directory on task files, or run the
+security evaluation (``--suite safety``), print a table (task, metric, value, stderr) and write the
+results as JSON; ``--compare a.json b.json`` prints two results files side by side."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Any
 
 __all__ = ["eval_main", "build_parser"]
 
+log = logging.getLogger(__name__)
+
 
 def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -29,7 +31,9 @@ def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="a PEFT-format adapter (LoRA or prefix, e.g. parallax finetune's "
                                                     "OUT/adapter) on the base model; alone: the base it names")
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer directory (default: the model's)")
-    p.add_argument("--tasks", help="comma-separated task files (.yaml)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--tasks", help="comma-separated task files (.yaml)")
+    what.add_argument("--suite", help="a built-in evaluation suite: safety (refusal, over-refusal, jailbreaks)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
@@ -37,6 +41,18 @@ def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--output", help="write the results as JSON to this file (atomically)")
+    safety = p.add_argument_group("--suite safety")
+    safety.add_argument("--safety-prompts", metavar="HARMFUL.jsonl",
+                        help="harmful requests, rows {category, prompt} (default: the shipped set)")
+    safety.add_argument("--safety-benign", metavar="BENIGN.jsonl",
+                        help="benign look-alike requests, rows {category, prompt} (default: the shipped set)")
+    safety.add_argument("--jailbreaks", default=None,
+                        help="attack templates: all (default), none, or comma-separated names")
+    safety.add_argument("--prompt-format", default=None, help="plain (default: 'Request: ...\\nAnswer:') or chat "
+                                                               "(the tokenizer's chat template)")
+    safety.add_argument("--max-tokens", type=int, default=None, help="greedy tokens per completion (default 48)")
+    safety.add_argument("--judge", metavar="DIR", help="a judge model (Hugging Face directory or checkpoint) "
+                                                       "whose yes/no refusal verdicts are compared with the rules")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two results files side by side")
     return p
 
@@ -49,8 +65,11 @@ def eval_main(argv: list[str], prog: str = "parallax eval") -> int:
         if args.compare:
             print(_compare(*(_read_results(p) for p in args.compare), *args.compare))
             return 0
+        _check_suite_flags(args)
+        if args.suite:
+            return _run_suite(args)
         if not args.tasks:
-            raise ValueError("--tasks: give one or more task files (comma-separated)")
+            raise ValueError("--tasks: give one or more task files (comma-separated), or --suite safety")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit: expected a number of documents >= 1, got {args.limit}")
         from parallax.eval.tasks import load_task
@@ -69,6 +88,81 @@ def eval_main(argv: list[str], prog: str = "parallax eval") -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     print(_table(out["results"]))
+    if args.output:
+        _write_atomically(Path(args.output), json.dumps(out, indent=2))
+    return 0
+
+
+SUITES = ("safety",)
+_SAFETY_FLAGS = ("safety_prompts", "safety_benign", "jailbreaks", "prompt_format", "max_tokens", "judge")
+
+
+def _check_suite_flags(args: argparse.Namespace) -> None:
+    if args.suite is not None and args.suite not in SUITES:
+        raise ValueError(f"--suite: expected one of {', '.join(SUITES)}, got {args.suite!r}")
+    if args.suite is None:
+        given = [name for name in _SAFETY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')}: only with --suite safety")
+    elif args.num_fewshot is not None or args.limit is not None:
+        raise ValueError(f"--{'num-fewshot' if args.num_fewshot is not None else 'limit'}: only with --tasks")
+
+
+def _run_suite(args: argparse.Namespace) -> int:
+    """``--suite safety``: every input checked before the model loads; the table printed, the
+    report written to --output."""
+    from parallax.eval.lm import ParallaxLM
+    from parallax.eval.safety.jailbreak import resolve_jailbreaks
+    from parallax.eval.safety.suite import (
+        DATA_DIR,
+        PROMPT_FORMATS,
+        SafetyConfig,
+        default_classifier,
+        format_table,
+        load_prompts,
+    )
+    from parallax.eval.safety.suite import report as safety_report
+    from parallax.eval.safety.suite import run_suite
+
+    defaults = SafetyConfig()
+    harmful_path = Path(args.safety_prompts) if args.safety_prompts else DATA_DIR / "harmful.jsonl"
+    benign_path = Path(args.safety_benign) if args.safety_benign else DATA_DIR / "benign.jsonl"
+    harmful = load_prompts(harmful_path, "--safety-prompts")
+    benign = load_prompts(benign_path, "--safety-benign")
+    jailbreaks = resolve_jailbreaks(args.jailbreaks) if args.jailbreaks is not None else defaults.jailbreaks
+    prompt_format = args.prompt_format or defaults.prompt_format
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"--prompt-format: expected one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    max_tokens = args.max_tokens if args.max_tokens is not None else defaults.max_tokens
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens: expected a number of tokens >= 1, got {max_tokens}")
+    if args.judge is not None and not Path(args.judge).is_dir():
+        raise ValueError(f"--judge: {args.judge} is not a directory (a Hugging Face model or a parallax checkpoint)")
+    config = SafetyConfig(prompt_format=prompt_format, max_tokens=max_tokens, jailbreaks=jailbreaks)
+    classifier = default_classifier()
+    model, tokenizer, source = _load(args)
+    judge = None
+    if args.judge is not None:
+        from parallax.eval.safety.judge import RefusalJudge
+
+        judge = RefusalJudge.from_dir(args.judge, device=str(next(model.parameters()).device),
+                                      batch_size=args.batch_size)
+    start = time.perf_counter()
+    lm = ParallaxLM(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
+    if max_tokens >= lm.max_length:
+        raise ValueError(f"--max-tokens: {max_tokens} leaves no room for a prompt in the model's {lm.max_length} "
+                         "positions")
+    rows = run_suite(lm, harmful, benign, config=config, classifier=classifier, judge=judge)
+    out = safety_report(rows)
+    out["config"] = {"model": source, "suite": args.suite, "judge": args.judge,
+                     "safety_prompts": str(harmful_path), "safety_benign": str(benign_path),
+                     "jailbreaks": list(jailbreaks), "prompt_format": prompt_format, "max_tokens": max_tokens,
+                     "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 3),
+                     "git": _git_revision()}
+    print(format_table(rows))
+    if any(row.skipped for row in rows):
+        log.warning("some prompts were skipped (column 'skipped'): with --max-tokens new tokens they do not fit "
+                    "the model's context")
     if args.output:
         _write_atomically(Path(args.output), json.dumps(out, indent=2))
     return 0
