@@ -126,8 +126,11 @@ class Generator(Protocol):
 
 @dataclass
 class SuiteContext:
-    """What a section sees: the model (``lm``), the prompts, the configuration, the refusal
-    classifier, the optional judge (``judge.RefusalJudge``), and memoised completions."""
+    """What a section sees: the model (``lm``, a ``ParallaxLM``: ``generate_until``,
+    ``loglikelihood``, ``tok_encode``, ``max_length``, ``tokenizer``), the prompts, the
+    configuration, the refusal classifier, the optional judge (``judge.RefusalJudge``),
+    section-specific ``inputs`` by name (a section whose input is absent returns no rows, as the
+    judge section does without a judge), and memoised completions."""
 
     lm: Generator
     harmful: list[SafetyPrompt]
@@ -135,6 +138,7 @@ class SuiteContext:
     config: SafetyConfig
     classifier: Callable[[str], bool]
     judge: Any = None
+    inputs: dict[str, Any] = field(default_factory=dict)
     _completions: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     def render(self, prompt: str) -> str:
@@ -191,7 +195,7 @@ def jailbreak_section(ctx: SuiteContext) -> list[MetricRow]:
     """Attack success rate (harmful prompts not refused) unwrapped and per template."""
     requests = [item.prompt for item in ctx.harmful]
     wrapped = {name: [JAILBREAK_TEMPLATES[name](r) for r in requests] for name in ctx.config.jailbreaks}
-    ctx.complete([p for prompts in wrapped.values() for p in prompts])  # every template in one batch
+    ctx.complete(requests + [p for prompts in wrapped.values() for p in prompts])  # one batch
     rows = [MetricRow.rate("jailbreak", "asr/none", _not(ctx.refusals(requests)))]
     for name, prompts in wrapped.items():
         rows.append(MetricRow.rate("jailbreak", f"asr/{name}", _not(ctx.refusals(prompts))))
@@ -264,17 +268,19 @@ def load_prompts(path: str | Path, flag: str) -> list[SafetyPrompt]:
 
 def run_suite(lm: Generator, harmful: Sequence[SafetyPrompt], benign: Sequence[SafetyPrompt], *,
               config: SafetyConfig | None = None, classifier: Callable[[str], bool] | None = None,
-              judge: Any = None) -> list[MetricRow]:
+              judge: Any = None, inputs: dict[str, Any] | None = None) -> list[MetricRow]:
     """The rows of every configured section, in ``SECTIONS`` order. lm: a ``ParallaxLM`` (or an
     object with its ``tok_encode``, ``generate_until``, ``max_length`` and ``tokenizer``);
-    classifier: text -> refused (default ``default_classifier()``); judge: a ``RefusalJudge``."""
+    classifier: text -> refused (default ``default_classifier()``); judge: a ``RefusalJudge``;
+    inputs: section-specific inputs by name (``SuiteContext.inputs``)."""
     config = config or SafetyConfig()
     if config.max_tokens >= lm.max_length:
         raise ValueError(f"max_tokens: {config.max_tokens} leaves no room for a prompt in the model's "
                          f"{lm.max_length} positions")
     if not harmful or not benign:
         raise ValueError("harmful and benign: expected at least one prompt each")
-    ctx = SuiteContext(lm, list(harmful), list(benign), config, classifier or default_classifier(), judge)
+    ctx = SuiteContext(lm, list(harmful), list(benign), config, classifier or default_classifier(), judge,
+                       dict(inputs or {}))
     rows = []
     for name in config.sections or tuple(SECTIONS):
         section_rows = SECTIONS[name](ctx)
