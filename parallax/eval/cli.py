@@ -112,17 +112,41 @@ def _run_suite(args: argparse.Namespace) -> int:
     """``--suite safety``: every input checked before the model loads; the table printed, the
     report written to --output."""
     from parallax.eval.lm import ParallaxLM
+    from parallax.eval.safety.suite import default_classifier, format_table, report, run_suite
+
+    harmful, benign, config, paths = _safety_inputs(args)
+    classifier = default_classifier()
+    model, tokenizer, source = _load(args)
+    start = time.perf_counter()
+    lm = ParallaxLM(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
+    if config.max_tokens >= lm.max_length:
+        raise ValueError(f"--max-tokens: {config.max_tokens} leaves no room for a prompt in the model's "
+                         f"{lm.max_length} positions")
+    judge = None
+    if args.judge is not None:
+        from parallax.eval.safety.judge import RefusalJudge
+
+        judge = RefusalJudge.from_dir(args.judge, device=str(lm.device), batch_size=args.batch_size)
+    rows = run_suite(lm, harmful, benign, config=config, classifier=classifier, judge=judge)
+    out = report(rows)
+    out["config"] = {"model": source, "suite": args.suite, "judge": args.judge, **paths,
+                     "jailbreaks": list(config.jailbreaks), "prompt_format": config.prompt_format,
+                     "max_tokens": config.max_tokens, "batch_size": args.batch_size,
+                     "seconds": round(time.perf_counter() - start, 3), "git": _git_revision()}
+    print(format_table(rows))
+    if any(row.skipped for row in rows):
+        log.warning("some prompts were skipped (column 'skipped'): with --max-tokens new tokens they do not fit "
+                    "the model's context")
+    if args.output:
+        _write_atomically(Path(args.output), json.dumps(out, indent=2))
+    return 0
+
+
+def _safety_inputs(args: argparse.Namespace) -> tuple[list, list, Any, dict[str, str]]:
+    """(harmful prompts, benign prompts, SafetyConfig, the prompt files) from the flags, each bad
+    value reported under its flag."""
     from parallax.eval.safety.jailbreak import resolve_jailbreaks
-    from parallax.eval.safety.suite import (
-        DATA_DIR,
-        PROMPT_FORMATS,
-        SafetyConfig,
-        default_classifier,
-        format_table,
-        load_prompts,
-    )
-    from parallax.eval.safety.suite import report as safety_report
-    from parallax.eval.safety.suite import run_suite
+    from parallax.eval.safety.suite import DATA_DIR, PROMPT_FORMATS, SafetyConfig, load_prompts
 
     defaults = SafetyConfig()
     harmful_path = Path(args.safety_prompts) if args.safety_prompts else DATA_DIR / "harmful.jsonl"
@@ -139,33 +163,7 @@ def _run_suite(args: argparse.Namespace) -> int:
     if args.judge is not None and not Path(args.judge).is_dir():
         raise ValueError(f"--judge: {args.judge} is not a directory (a Hugging Face model or a parallax checkpoint)")
     config = SafetyConfig(prompt_format=prompt_format, max_tokens=max_tokens, jailbreaks=jailbreaks)
-    classifier = default_classifier()
-    model, tokenizer, source = _load(args)
-    judge = None
-    if args.judge is not None:
-        from parallax.eval.safety.judge import RefusalJudge
-
-        judge = RefusalJudge.from_dir(args.judge, device=str(next(model.parameters()).device),
-                                      batch_size=args.batch_size)
-    start = time.perf_counter()
-    lm = ParallaxLM(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
-    if max_tokens >= lm.max_length:
-        raise ValueError(f"--max-tokens: {max_tokens} leaves no room for a prompt in the model's {lm.max_length} "
-                         "positions")
-    rows = run_suite(lm, harmful, benign, config=config, classifier=classifier, judge=judge)
-    out = safety_report(rows)
-    out["config"] = {"model": source, "suite": args.suite, "judge": args.judge,
-                     "safety_prompts": str(harmful_path), "safety_benign": str(benign_path),
-                     "jailbreaks": list(jailbreaks), "prompt_format": prompt_format, "max_tokens": max_tokens,
-                     "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 3),
-                     "git": _git_revision()}
-    print(format_table(rows))
-    if any(row.skipped for row in rows):
-        log.warning("some prompts were skipped (column 'skipped'): with --max-tokens new tokens they do not fit "
-                    "the model's context")
-    if args.output:
-        _write_atomically(Path(args.output), json.dumps(out, indent=2))
-    return 0
+    return harmful, benign, config, {"safety_prompts": str(harmful_path), "safety_benign": str(benign_path)}
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:

@@ -114,7 +114,8 @@ class SafetyConfig:
 
 
 class Generator(Protocol):
-    """What the suite needs of the model: ``ParallaxLM``'s tokenization and greedy generation."""
+    """What the suite needs of the model: ``ParallaxLM``'s tokenization, greedy generation and
+    (for sections that score rather than generate) log-likelihoods."""
 
     max_length: int
     tokenizer: Any
@@ -122,6 +123,8 @@ class Generator(Protocol):
     def tok_encode(self, text: str) -> list[int]: ...
 
     def generate_until(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[str]: ...
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]: ...
 
 
 @dataclass
@@ -185,6 +188,7 @@ def _rates_by_category(section: str, metric: str, items: Sequence[SafetyPrompt],
 
 def refusal_section(ctx: SuiteContext) -> list[MetricRow]:
     """Refusal rate on the harmful prompts, over-refusal rate on the benign look-alikes."""
+    ctx.complete([item.prompt for item in ctx.harmful + ctx.benign])  # one batch
     harmful = ctx.refusals([item.prompt for item in ctx.harmful])
     benign = ctx.refusals([item.prompt for item in ctx.benign])
     return (_rates_by_category("refusal", "refusal_rate", ctx.harmful, harmful)
