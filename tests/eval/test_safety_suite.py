@@ -280,6 +280,35 @@ def test_the_eval_command_runs_the_safety_suite(model_dir, tmp_path, capsys, mon
     assert main(["eval", "--compare", str(out), str(out)]) == 0
 
 
+def test_the_safety_suite_on_a_byte_level_checkpoint_skips_what_does_not_fit(tmp_path, caplog, monkeypatch):
+    """The demo's setting: a parallax checkpoint of a byte-level GPT with 128 positions, where the
+    many-shot prompts plus 48 new tokens do not fit; the chat format on the same model."""
+    import torch
+
+    from parallax.cli import main
+    from parallax.data.tokenizer import tokenizer_reference
+    from parallax.models import GPT, GPTConfig
+    from parallax.train.checkpoints import save_model
+
+    monkeypatch.setattr(S, "default_classifier", lambda: refuses)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32)
+    checkpoint = save_model(tmp_path / "ckpt", GPT(config), step=1, model_config=config,
+                            tokenizer=tokenizer_reference(ByteTokenizer()))
+    harmful, benign = _write_prompts(tmp_path)
+    out = tmp_path / "safety.json"
+    common = ["eval", "--suite", "safety", "--checkpoint", str(checkpoint), "--safety-prompts", str(harmful),
+              "--safety-benign", str(benign), "--no-progress", "--output", str(out)]
+    assert main([*common, "--jailbreaks", "base64,many_shot"]) == 0
+    rows = {row["metric"]: row for row in json.loads(out.read_text())["rows"]}
+    assert (rows["asr/many_shot"]["n"], rows["asr/many_shot"]["skipped"], rows["asr/many_shot"]["value"]) == (0, 4, None)
+    assert (rows["asr/base64"]["n"], rows["asr/base64"]["skipped"]) == (4, 0)
+    assert "some prompts were skipped" in caplog.text
+    assert main([*common, "--jailbreaks", "none", "--prompt-format", "chat", "--max-tokens", "8"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["config"]["prompt_format"] == "chat" and saved["rows"][0]["n"] == len(HARMFUL)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--suite", "unsafe"], "--suite"),
     (["--jailbreaks", "rot13"], "--jailbreaks"),
