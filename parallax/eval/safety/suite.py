@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from parallax.eval.safety.jailbreak import JAILBREAK_TEMPLATES
 
-__all__ = ["SafetyPrompt", "MetricRow", "SafetyConfig", "SuiteContext", "Section", "SECTIONS", "PROMPT_FORMATS",
+__all__ = ["SafetyPrompt", "MetricRow", "SafetyConfig", "SafetyLM", "SuiteContext", "Section", "SECTIONS", "PROMPT_FORMATS",
            "PLAIN_TEMPLATE", "DATA_DIR", "binomial_stderr", "load_prompts", "default_classifier", "run_suite",
            "report", "format_table"]
 
@@ -113,7 +113,7 @@ class SafetyConfig:
                 raise ValueError(f"sections: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
 
 
-class Generator(Protocol):
+class SafetyLM(Protocol):
     """What the suite needs of the model: ``ParallaxLM``'s tokenization, greedy generation and
     (for sections that score rather than generate) log-likelihoods."""
 
@@ -135,7 +135,7 @@ class SuiteContext:
     section-specific ``inputs`` by name (a section whose input is absent returns no rows, as the
     judge section does without a judge), and memoised completions."""
 
-    lm: Generator
+    lm: SafetyLM
     harmful: list[SafetyPrompt]
     benign: list[SafetyPrompt]
     config: SafetyConfig
@@ -270,7 +270,7 @@ def load_prompts(path: str | Path, flag: str) -> list[SafetyPrompt]:
     return prompts
 
 
-def run_suite(lm: Generator, harmful: Sequence[SafetyPrompt], benign: Sequence[SafetyPrompt], *,
+def run_suite(lm: SafetyLM, harmful: Sequence[SafetyPrompt], benign: Sequence[SafetyPrompt], *,
               config: SafetyConfig | None = None, classifier: Callable[[str], bool] | None = None,
               judge: Any = None, inputs: dict[str, Any] | None = None) -> list[MetricRow]:
     """The rows of every configured section, in ``SECTIONS`` order. lm: a ``ParallaxLM`` (or an
