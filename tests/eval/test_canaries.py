@@ -98,6 +98,20 @@ def test_canary_exposure_ranks_against_a_scorer_with_known_log_likelihoods(monke
     assert [r.log_likelihood for r in results] == [0.0, -3.0, -100.0]
 
 
+def test_extraction_is_what_greedy_generation_from_the_prefix_produces():
+    from parallax.models import build_model, config_from_preset
+
+    torch.manual_seed(0)
+    model = build_model(config_from_preset("tiny", vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64))
+    tokenizer = load_tokenizer("byte")
+    prefix = [tokenizer.eot_id, *canary_tokens(tokenizer, "my PIN is ")]
+    with torch.no_grad():
+        greedy = model.eval().generate(torch.tensor([prefix]), 5, temperature=0.0)[0].tolist()
+    assert canaries_module._greedy_reproduces(model, [greedy], len(prefix)) == [True]
+    changed = greedy[:-1] + [(greedy[-1] + 1) % 256]
+    assert canaries_module._greedy_reproduces(model, [changed], len(prefix)) == [False]
+
+
 def test_exposure_rows_per_repetition_count():
     rows = exposure_rows([canaries_module.CanaryResult(Canary("p ", "1 2", r), e, 1.0, 0.0, x, True, 100)
                           for r, e, x in [(1, 1.0, False), (1, 3.0, True), (4, 6.0, True)]])
