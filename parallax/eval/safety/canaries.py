@@ -218,11 +218,15 @@ def canary_exposure(model: nn.Module, tokenizer: Any, canaries: Sequence[Canary]
         values = np.arange(space) if exact else rng.integers(0, space, size=max_candidates)
         candidates = [_format_secret(int(v), digits) for v in values]
         secrets = [canaries[i].secret for i in members]
-        sentences = [[tokenizer.eot_id, *canary_tokens(tokenizer, prefix + s)] for s in candidates + secrets]
+        # Exact: the secrets are among the candidates (candidate v is the secret with digits v);
+        # sampled: they are scored after the sample.
+        scored = candidates if exact else candidates + secrets
+        sentences = [[tokenizer.eot_id, *canary_tokens(tokenizer, prefix + s)] for s in scored]
+        secret_rows = [int(s.replace(" ", "")) for s in secrets] if exact else range(len(candidates), len(scored))
         start = _first_varying_token(sentences, [tokenizer.eot_id, *canary_tokens(tokenizer, prefix)])
         scores = sequence_log_likelihoods(model, sentences, [start] * len(sentences), batch_size=batch_size).numpy()
-        candidate_scores, secret_scores = scores[:len(candidates)], scores[len(candidates):]
-        extracted = _greedy_reproduces(model, sentences[len(candidates):], start)
+        candidate_scores, secret_scores = scores[:len(candidates)], scores[list(secret_rows)]
+        extracted = _greedy_reproduces(model, [sentences[row] for row in secret_rows], start)
         for k, i in enumerate(members):
             others = candidate_scores[np.asarray(candidates) != secrets[k]]
             if not exact and len(others) == 0:
