@@ -45,12 +45,24 @@ def test_sequence_log_likelihoods_equal_plain_pytorch_on_full_logits(preset):
     assert got.tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def test_sequences_longer_than_the_model_are_scored_as_lm_eval_rolling_windows():
+    from parallax.eval.lm import ParallaxLM, rolling_windows
+
+    model = _tiny("tiny")
+    rng = np.random.default_rng(1)
+    tokens = [rng.integers(0, 256, size=n).tolist() for n in (300, 129, 128, 40)]
+    got = sequence_log_likelihoods(model, [[256, *t] for t in tokens], [1] * 4, batch_size=2)
+    lm = ParallaxLM(model, load_tokenizer("byte"))
+    expected = [sum(ll for ll, _ in lm.score_tokens(rolling_windows(t, 256, 128))) for t in tokens]
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+
+
 def test_sequence_log_likelihoods_reject_bad_input():
     model = _tiny("tiny")
     with pytest.raises(ValueError, match="start must be in"):
         sequence_log_likelihoods(model, [[1, 2, 3]], [0])
-    with pytest.raises(ValueError, match="more than the model's block_size 128"):
-        sequence_log_likelihoods(model, [list(range(130))], [1])
+    with pytest.raises(ValueError, match="same length"):
+        sequence_log_likelihoods(model, [[1, 2, 3]], [1, 1])
 
 
 def test_pair_log_likelihoods_score_every_token_after_the_end_of_text_token():

@@ -23,19 +23,42 @@ def sequence_log_likelihoods(model: nn.Module, sequences: Sequence[Sequence[int]
     the sum over t = start .. L-1 of log p(ids[t] | ids[:t]).
 
     ``model`` is a parallax model (``hidden_states`` and ``lm_head``); sequences are right-padded
-    per batch of ``batch_size``, longest first, one forward per batch.
+    per batch of ``batch_size``, longest first, one forward per batch. A sequence longer than the
+    model's ``block_size`` + 1 is scored in disjoint windows, each token with the longest context
+    that fits (lm-eval's ``loglikelihood_rolling``).
     """
     if len(sequences) != len(starts):
         raise ValueError(f"sequences and starts must have the same length; got {len(sequences)} and {len(starts)}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     block_size = model.config.block_size
+    windows, starts_w, owner = [], [], []
     for i, (ids, start) in enumerate(zip(sequences, starts)):
         if not 1 <= start <= len(ids):
             raise ValueError(f"sequence {i}: start must be in [1, {len(ids)}] (its length); got {start}")
-        if len(ids) - 1 > block_size:
-            raise ValueError(f"sequence {i}: {len(ids)} tokens need {len(ids) - 1} positions, more than the "
-                             f"model's block_size {block_size}")
+        for window, window_start in _windows(ids, start, block_size):
+            windows.append(window)
+            starts_w.append(window_start)
+            owner.append(i)
+    totals = _score(model, windows, starts_w, batch_size)
+    return torch.zeros(len(sequences), dtype=torch.float64).index_add_(0, torch.tensor(owner, dtype=torch.long),
+                                                                       totals)
+
+
+def _windows(ids: Sequence[int], start: int, block_size: int) -> list[tuple[Sequence[int], int]]:
+    """(window, start in it) pairs whose scored tokens partition ids[start:], each window at most
+    block_size + 1 tokens, the scored tokens at its end so they get the longest context."""
+    out = []
+    while start < len(ids):
+        end = min(len(ids), start + block_size)
+        begin = max(0, end - block_size - 1)
+        out.append((ids[begin:end], start - begin))
+        start = end
+    return out
+
+
+def _score(model: nn.Module, sequences: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int) -> torch.Tensor:
+    """(N,) float64 sums for sequences that fit the model (see sequence_log_likelihoods)."""
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out = torch.zeros(len(sequences), dtype=torch.float64)
