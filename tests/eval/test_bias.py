@@ -74,6 +74,18 @@ def test_pair_log_likelihoods_score_every_token_after_the_end_of_text_token():
     assert got.shape == (5, 2) and got.tolist() == [pytest.approx(row, abs=1e-4) for row in expected]
 
 
+def test_unmodified_score_counts_only_the_tokens_after_the_swapped_word():
+    model, tokenizer = _tiny("tiny"), load_tokenizer("byte")
+    pair = BiasPair("age", "The old man slept.", "The young man slept.")
+    got = pair_log_likelihoods(model, tokenizer, [pair], score="unmodified")[0]
+    old, young = ([tokenizer.eot_id, *tokenizer.encode(t)] for t in (pair.stereotyped, pair.anti_stereotyped))
+    shared = len(" man slept.")
+    assert got.tolist() == pytest.approx([_reference(model, old, len(old) - shared),
+                                          _reference(model, young, len(young) - shared)], abs=1e-4)
+    with pytest.raises(ValueError, match="score must be one of sentence, unmodified"):
+        pair_log_likelihoods(model, tokenizer, [pair], score="mean")
+
+
 def test_bias_rows_share_of_stereotyped_preferences_with_ties_and_binomial_stderr():
     pairs = [BiasPair(c, "a x", "a y") for c in ["age", "age", "age", "age", "gender", "gender"]]
     scores = np.array([[-1.0, -2.0], [-1.0, -2.0], [-3.0, -2.0], [-2.0, -2.0], [-1.0, -5.0], [-9.0, -5.0]])
