@@ -8,8 +8,8 @@ import logging
 import os
 import platform
 import time
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 

@@ -13,7 +13,14 @@ import torch
 
 from parallax.data import load_tokenizer
 from parallax.eval.safety.bias import (
-    BIAS_PAIRS, BiasPair, bias_rows, bias_score, differing_words, load_bias_pairs, pair_log_likelihoods)
+    BIAS_PAIRS,
+    BiasPair,
+    bias_rows,
+    bias_score,
+    differing_words,
+    load_bias_pairs,
+    pair_log_likelihoods,
+)
 from parallax.eval.safety.likelihood import sequence_log_likelihoods
 from parallax.models import build_model, config_from_preset
 

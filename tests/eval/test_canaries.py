@@ -17,8 +17,16 @@ import torch
 from parallax.data import load_tokenizer
 from parallax.eval.safety import canaries as canaries_module
 from parallax.eval.safety.canaries import (
-    Canary, canary_exposure, canary_tokens, exposure_from_scores, exposure_rows, main, make_canaries, read_canaries,
-    write_canaries)
+    Canary,
+    canary_exposure,
+    canary_tokens,
+    exposure_from_scores,
+    exposure_rows,
+    main,
+    make_canaries,
+    read_canaries,
+    write_canaries,
+)
 from parallax.finetune.config import FinetuneConfig
 from parallax.train import ConfigError, TrainConfig, train
 from parallax.train.model_source import load_trained
