@@ -137,8 +137,10 @@ def _format_secret(value: int, digits: int) -> str:
 
 def write_canaries(path: str | os.PathLike[str], canaries: Sequence[Canary]) -> None:
     """Write the canaries as JSON, atomically (a reader sees the old file or the whole new one)."""
-    path = Path(path)
-    text = json.dumps({"format": _FORMAT, "canaries": [asdict(c) for c in canaries]}, indent=2)
+    _write_atomically(Path(path), json.dumps({"format": _FORMAT, "canaries": [asdict(c) for c in canaries]}, indent=2))
+
+
+def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -328,10 +330,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m parallax.eval.saf
         stderr = "-" if row["stderr"] is None else f"{row['stderr']:.3f}"
         print(f"{row['section']:<8} {row['metric']:<18} {row['value']:>9.3f} {stderr:>8} n={row['n']}")
     if args.output:
-        write_text = json.dumps({"canaries": [{**asdict(r.canary), **{k: v for k, v in asdict(r).items()
-                                                                        if k != "canary"}} for r in results],
-                                 "rows": rows}, indent=2)
-        Path(args.output).write_text(write_text + "\n", encoding="utf-8")
+        per_canary = [{**asdict(r.canary), **{k: v for k, v in asdict(r).items() if k != "canary"}} for r in results]
+        _write_atomically(Path(args.output), json.dumps({"canaries": per_canary, "rows": rows}, indent=2))
     return 0
 
 
