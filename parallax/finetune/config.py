@@ -186,7 +186,7 @@ class FinetuneConfig(TrainConfig):
     # -- hooks of the parallax train loop ----------------------------------------------------
 
     def load_data(self, tokenizer: Any, model_config: ModelConfig):
-        from parallax.finetune.data import load_sft_data
+        from parallax.finetune.data import SFTSplits, load_sft_data
         from parallax.finetune.dataset import SFTDataset
 
         # prefix tuning puts the real tokens at positions P, P + 1, ...: they have P positions fewer
@@ -198,9 +198,25 @@ class FinetuneConfig(TrainConfig):
         splits = load_sft_data(self.data, tokenizer, max_length=length,
                                loss=None if self.loss == "auto" else self.loss, val_path=self.val,
                                val_fraction=self.val_fraction, seed=self.seed)
+        splits = SFTSplits(splits.train + self._canary_examples(tokenizer, length), splits.val)
         pad = getattr(tokenizer, "pad_token_id", None)
         return SFTDataset(splits, tokenizer, block_size=length, packing=self.packing,
                           pad_id=pad if pad is not None else tokenizer.eot_id)
+
+    def _canary_examples(self, tokenizer: Any, max_length: int) -> list[Any]:
+        """``repeats`` training examples per canary: the sentence between two end-of-text tokens,
+        as ``parallax train`` inserts it, every token in the loss."""
+        from parallax.eval.safety.canaries import canary_tokens
+        from parallax.finetune.data import SFTExample
+
+        examples = []
+        for number, canary in enumerate(self.canary_set()):
+            tokens = (tokenizer.eot_id, *canary_tokens(tokenizer, canary.text), tokenizer.eot_id)
+            if len(tokens) - 1 > max_length:
+                raise ConfigError(f"canaries: the canary sentence {canary.text!r} needs {len(tokens) - 1} positions, "
+                                  f"more than the {max_length} of block_size")
+            examples += [SFTExample(tokens, (True,) * len(tokens), f"canary:{number}")] * canary.repeats
+        return examples
 
     def build_model(self, model_config: ModelConfig):
         """The base model's weights, then the adapter (base frozen) or nothing (full)."""

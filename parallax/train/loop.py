@@ -128,7 +128,36 @@ def _validate(cfg: TrainConfig) -> tuple[TokenDataset, Any, Path | None]:
     model_config = cfg.model_config(tokenizer.vocab_size)  # before tokenizing: a too-small vocabulary fails fast
     ds = cfg.load_data(tokenizer, model_config)
     ds.check_block_size(model_config.block_size)
-    return ds, model_config, _prepare_out(cfg)
+    resume_from = _prepare_out(cfg)
+    if resume_from is not None:
+        _check_resumed_canaries(cfg)
+    return ds, model_config, resume_from
+
+
+def _check_resumed_canaries(cfg: TrainConfig) -> None:
+    """A resumed run must insert the canaries it started with (OUT/canaries.json): others would
+    change its training data half-way and make the file lie about what was trained."""
+    from parallax.eval.safety.canaries import CANARY_FILE, read_canaries
+
+    path = Path(cfg.out) / CANARY_FILE
+    try:
+        started_with = read_canaries(path) if path.exists() else []
+    except ValueError as exc:
+        raise ConfigError(f"resume: {exc}") from None
+    if started_with != cfg.canary_set():
+        raise ConfigError(f"resume: --canaries/--canary-repeats/--canary-digits/--seed give other canaries than the "
+                          f"run started with ({len(started_with)} in {path}); resume with the run's values")
+
+
+def _write_canaries(cfg: TrainConfig) -> None:
+    """OUT/canaries.json: the run's canaries, for measuring their exposure later (none: no file)."""
+    from parallax.eval.safety.canaries import CANARY_FILE, write_canaries
+
+    canaries = cfg.canary_set()
+    if canaries:
+        write_canaries(Path(cfg.out) / CANARY_FILE, canaries)
+    else:
+        (Path(cfg.out) / CANARY_FILE).unlink(missing_ok=True)  # a replaced run's canaries are not this run's
 
 
 def validate_before_launch(cfg: TrainConfig) -> None:
@@ -166,6 +195,7 @@ def train(cfg: TrainConfig, *, progress: bool = True,
                 checkpoint.remove(out / "checkpoints")  # renamed away first: a kill leaves no partial checkpoint
                 (out / "loss.png").unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
+            _write_canaries(cfg)
             metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)
             log.info("train: %s, %.2fM parameters, %d process(es), ZeRO stage %d, steps %d..%d on %s", cfg.model_name,
                      sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, cfg.zero_stage, start + 1, cfg.steps, device)
