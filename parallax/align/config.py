@@ -51,6 +51,9 @@ class AlignConfig(FinetuneConfig):
     def __post_init__(self) -> None:
         if self.data is None:
             raise ConfigError("data: give a JSONL file or directory of preference rows {prompt, chosen, rejected}")
+        if self.canaries:
+            raise ConfigError("canaries: parallax align trains on preference pairs, not text; insert canaries "
+                              "with parallax train or parallax finetune")
         if self.loss != "auto":
             raise ConfigError(f"loss {self.loss!r}: preference tuning trains on the completions; leave --loss unset")
         try:

@@ -167,6 +167,7 @@ def test_show_masks_prints_chosen_and_rejected(base, prefs, capsys):
     (["--beta", "-0.5"], "beta"),
     (["--prefix", "tokens=4"], "needs a reference model"),
     (["--loss", "all"], "loss 'all'"),
+    (["--canaries", "2"], "canaries: parallax align trains on preference pairs"),
     (["--method", "ipo", "--label-smoothing", "0.2"], "label_smoothing"),
 ])
 def test_bad_align_config_is_named(base, prefs, tmp_path, capsys, flags, message):
