@@ -31,16 +31,19 @@ class TokenDataset:
     ``tokens`` is usually the read-only uint16 (or uint32) memmap from the cache (see ``load_dataset``);
     any 1-D integer array with ids below ``tokenizer.vocab_size`` works. Splitting on a token
     boundary (not a document boundary) keeps the split sizes exact and cheap to compute.
+    ``val_tokens``, when given, is the exact size of the validation split instead (data with
+    documents inserted into its training split keeps the validation split it had without them).
     """
 
     def __init__(self, tokens: np.ndarray, *, tokenizer: Tokenizer | None = None, source: str = "<array>",
-                 val_fraction: float = 0.1, content_hash: str | None = None, cache_path: str | None = None):
+                 val_fraction: float = 0.1, content_hash: str | None = None, cache_path: str | None = None,
+                 val_tokens: int | None = None):
         if tokens.ndim != 1:
             raise ValueError(f"TokenDataset: tokens must be 1-D, got shape {tokens.shape}")
         if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
             raise ValueError(f"TokenDataset: val_fraction must be a number in (0, 1), got {val_fraction!r}")
         n = len(tokens)
-        n_val = max(1, round(n * val_fraction))  # never an empty val split, even for tiny data
+        n_val = max(1, round(n * val_fraction)) if val_tokens is None else val_tokens  # never empty, even for tiny data
         if n_val < 1 or n - n_val < 1:
             raise DataError(f"{source}: {n} tokens are too few to split with val_fraction={val_fraction} "
                             f"({n - n_val} train, {n_val} val)")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +30,8 @@ _BATCH_CHARS = 8 << 20
 
 
 def load_dataset(path: str | os.PathLike[str] | None = None, *, tokenizer: str | os.PathLike[str] | Tokenizer | None
-                 = None, val_fraction: float = 0.1, cache_dir: str | os.PathLike[str] | None = None) -> TokenDataset:
+                 = None, val_fraction: float = 0.1, cache_dir: str | os.PathLike[str] | None = None,
+                 insert: Sequence[tuple[str, int]] = (), insert_seed: int = 0) -> TokenDataset:
     """Tokenized dataset for ``path`` (a .txt file, a .jsonl file with a "text" field per line, or a
     directory of them), or for the built-in corpus (CPython's documentation) when ``path`` is None.
 
@@ -39,6 +43,11 @@ def load_dataset(path: str | os.PathLike[str] | None = None, *, tokenizer: str |
     the content and the tokenizer are unchanged; otherwise they are built and cached first. The
     last ``val_fraction`` of the tokens is the 'val' split. Raises ``DataError`` (a
     ``ValueError``) naming the path and the problem for unusable input.
+
+    ``insert``: (text, count) pairs put into the training split only, each ``count`` times as a
+    document of its own (its tokens and one ``eot_id``) at document boundaries drawn with
+    ``insert_seed`` (e.g. privacy canaries). The validation split stays exactly the one without
+    them; the result is cached under a key that covers the insertions.
     """
     if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
         raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
@@ -67,9 +76,57 @@ def load_dataset(path: str | os.PathLike[str] | None = None, *, tokenizer: str |
     else:
         log.info("data: %s: %d tokens from cache %s", source.description, len(entry[0]), root)
     tokens, _ = entry
+    if insert:
+        return _with_insertions(tokens, tokenizer, source.description, content_hash, val_fraction, root, insert,
+                                insert_seed)
     bin_path, _ = cache.entry_paths(root, key)
     return TokenDataset(tokens, tokenizer=tokenizer, source=source.description, val_fraction=val_fraction,
                         content_hash=content_hash, cache_path=str(bin_path))
+
+
+def _with_insertions(tokens: np.ndarray, tokenizer: Tokenizer, source: str, content_hash: str, val_fraction: float,
+                     root: os.PathLike[str], insert: Sequence[tuple[str, int]], seed: int) -> TokenDataset:
+    """The dataset of ``tokens`` with the ``insert`` documents added to its training split (cached)."""
+    for text, count in insert:
+        if not isinstance(text, str) or not text or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"insert: expected (non-empty text, positive count) pairs; got {(text, count)!r}")
+    n_val = TokenDataset(tokens, tokenizer=tokenizer, source=source, val_fraction=val_fraction).num_tokens("val")
+    spec = {"base": content_hash, "insert": [list(pair) for pair in insert], "seed": seed, "val_tokens": n_val}
+    derived_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    key = cache.cache_key(derived_hash, tokenizer.describe())
+    root = Path(root)
+    if cache.read_entry(root, key) is None:
+        dtype = np.dtype(tokens.dtype)
+        meta = {"source": source, "content_hash": derived_hash, "tokenizer": tokenizer.describe(),
+                "inserted": spec["insert"], "created_by": f"parallax (Python {platform.python_version()})"}
+        chunks = _inserted_chunks(tokens, len(tokens) - n_val, tokenizer, insert, seed, dtype)
+        cache.write_entry(root, key, chunks, meta, dtype=dtype)
+    entry = cache.read_entry(root, key)
+    if entry is None:
+        raise RuntimeError(f"data cache entry {key} in {root} vanished right after it was written")
+    log.info("data: %d document(s) inserted into the training split of %s", sum(c for _, c in insert), source)
+    return TokenDataset(entry[0], tokenizer=tokenizer, source=source, val_tokens=n_val, content_hash=derived_hash,
+                        cache_path=str(cache.entry_paths(root, key)[0]))
+
+
+def _inserted_chunks(tokens: np.ndarray, split_point: int, tokenizer: Tokenizer, insert: Sequence[tuple[str, int]],
+                     seed: int, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """tokens with each inserted text (its tokens + eot) placed ``count`` times at document
+    boundaries of tokens[:split_point]: the start, or right after an eot."""
+    eot = tokenizer.eot_id
+    train = tokens[:split_point]
+    boundaries = np.concatenate([[0], np.flatnonzero(train == eot) + 1])  # each <= split_point
+    pieces = [np.append(tokenizer.encode_arrays([text])[0], eot).astype(dtype)
+              for text, count in insert for _ in range(count)]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, len(pieces)]))
+    positions = np.sort(rng.choice(boundaries, size=len(pieces), replace=True))
+    order = rng.permutation(len(pieces))  # which piece goes to which position
+    previous = 0
+    for position, piece in zip(positions, order):
+        yield tokens[previous:position]
+        yield pieces[piece]
+        previous = position
+    yield tokens[previous:]
 
 
 def _token_chunks(source: Source, tokenizer: Tokenizer, dtype: np.dtype) -> Iterator[np.ndarray]:

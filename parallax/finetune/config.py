@@ -89,9 +89,9 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("base and hf exclude each other: fine-tune one model")
         if sum((self.lora is not None, self.prefix is not None, self.full)) > 1:
             raise ConfigError("lora, prefix and full exclude each other: pick one fine-tuning method")
-        if self.save == "adapter" and self.method == "full":
+        if self.save == "adapter" and self.tuning == "full":
             raise ConfigError("save 'adapter' needs --lora or --prefix; a full fine-tune writes the merged model")
-        if self.save == "merged" and self.method == "prefix":
+        if self.save == "merged" and self.tuning == "prefix":
             raise ConfigError("save 'merged' needs --lora or --full: prefix tuning has no weights to merge "
                               "(it writes the adapter)")
         if self.data is None:
@@ -112,7 +112,8 @@ class FinetuneConfig(TrainConfig):
     # -- what the run trains -----------------------------------------------------------------
 
     @property
-    def method(self) -> str:
+    def tuning(self) -> str:
+        """What is trained: "lora", "prefix" or "full"."""
         return "lora" if self.lora is not None else "prefix" if self.prefix is not None else "full"
 
     @property
@@ -120,7 +121,7 @@ class FinetuneConfig(TrainConfig):
         """'adapter' or 'merged': what ``save`` resolves to."""
         if self.save != "auto":
             return self.save
-        return "merged" if self.method == "full" else "adapter"
+        return "merged" if self.tuning == "full" else "adapter"
 
     def adapter_config(self):
         """The px.peft config of --lora / --prefix (None for a full fine-tune)."""
@@ -135,12 +136,12 @@ class FinetuneConfig(TrainConfig):
                                                                                    "--prefix")
                 return peft.PrefixTuningConfig(**spec)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"--{self.method}: {exc}") from None
+            raise ConfigError(f"--{self.tuning}: {exc}") from None
         return None
 
     @property
     def model_name(self) -> str:
-        return f"{self.method} fine-tune of " + (f"hf:{self.hf}" if self.hf else str(self.base))
+        return f"{self.tuning} fine-tune of " + (f"hf:{self.hf}" if self.hf else str(self.base))
 
     @property
     def tokenizer_source(self) -> str:
@@ -185,21 +186,37 @@ class FinetuneConfig(TrainConfig):
     # -- hooks of the parallax train loop ----------------------------------------------------
 
     def load_data(self, tokenizer: Any, model_config: ModelConfig):
-        from parallax.finetune.data import load_sft_data
+        from parallax.finetune.data import SFTSplits, load_sft_data
         from parallax.finetune.dataset import SFTDataset
 
         # prefix tuning puts the real tokens at positions P, P + 1, ...: they have P positions fewer
         adapter = self.adapter_config()
-        length = model_config.block_size - (adapter.num_virtual_tokens if self.method == "prefix" else 0)
+        length = model_config.block_size - (adapter.num_virtual_tokens if self.tuning == "prefix" else 0)
         if length < 2:
             raise ConfigError(f"--prefix tokens={adapter.num_virtual_tokens}: leaves no positions of the "
                               f"model's block_size {model_config.block_size} for the examples")
         splits = load_sft_data(self.data, tokenizer, max_length=length,
                                loss=None if self.loss == "auto" else self.loss, val_path=self.val,
                                val_fraction=self.val_fraction, seed=self.seed)
+        splits = SFTSplits(splits.train + self._canary_examples(tokenizer, length), splits.val)
         pad = getattr(tokenizer, "pad_token_id", None)
         return SFTDataset(splits, tokenizer, block_size=length, packing=self.packing,
                           pad_id=pad if pad is not None else tokenizer.eot_id)
+
+    def _canary_examples(self, tokenizer: Any, max_length: int) -> list[Any]:
+        """``repeats`` training examples per canary: the sentence between two end-of-text tokens,
+        as ``parallax train`` inserts it, every token in the loss."""
+        from parallax.eval.safety.canaries import canary_tokens
+        from parallax.finetune.data import SFTExample
+
+        examples = []
+        for number, canary in enumerate(self.canary_set()):
+            tokens = (tokenizer.eot_id, *canary_tokens(tokenizer, canary.text), tokenizer.eot_id)
+            if len(tokens) - 1 > max_length:
+                raise ConfigError(f"canaries: the canary sentence {canary.text!r} needs {len(tokens) - 1} positions, "
+                                  f"more than the {max_length} of block_size")
+            examples += [SFTExample(tokens, (True,) * len(tokens), f"canary:{number}")] * canary.repeats
+        return examples
 
     def build_model(self, model_config: ModelConfig):
         """The base model's weights, then the adapter (base frozen) or nothing (full)."""
@@ -226,7 +243,7 @@ class FinetuneConfig(TrainConfig):
             try:
                 peft.get_peft_model(model, adapter)
             except ValueError as exc:
-                raise ConfigError(f"--{self.method}: {exc}") from None
+                raise ConfigError(f"--{self.tuning}: {exc}") from None
         return model
 
     def plan_model(self, model_config: ModelConfig):

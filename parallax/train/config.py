@@ -82,6 +82,12 @@ class TrainConfig:
                               "zero_stage / precision / offload / activation_checkpointing that fits (those given "
                               "explicitly are kept); off")
     seed: int = _field(1337, "seed of initialisation, data order and dropout")
+    canaries: int = _field(0, "privacy canaries (The Secret Sharer): N random secrets 'my PIN is 4 8 1 9 2 7' per "
+                              "--canary-repeats count, inserted into the training split only and written to "
+                              "OUT/canaries.json (measure with python -m parallax.eval.safety.canaries); 0: none")
+    canary_repeats: str = _field("1,4,16", "how many times each canary is inserted: comma-separated counts, N "
+                                           "canaries for each")
+    canary_digits: int = _field(6, "digits of each canary's secret (10^digits candidates)")
     device: str = _field("auto", "auto: cuda when available, else cpu", choices=DEVICES)
 
     def __post_init__(self) -> None:
@@ -106,6 +112,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        self._check_canaries()
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: continue the run or replace it")
         if self.plan not in ("off", "auto"):
@@ -126,6 +133,22 @@ class TrainConfig:
             self.runtime_config()
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
+
+    def _check_canaries(self) -> None:
+        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 0:
+            raise ConfigError(f"canaries must be a non-negative integer, got {self.canaries!r}")
+        try:
+            self.canary_set()
+        except ValueError as exc:
+            raise ConfigError(f"canaries: {exc}") from None
+
+    def canary_set(self) -> list[Any]:
+        """The run's canaries (``parallax.eval.safety.canaries.Canary``), drawn from ``seed``: the
+        same for every process and on resume; empty when ``canaries`` is 0."""
+        from parallax.eval.safety.canaries import make_canaries, parse_repeats
+
+        repeats = parse_repeats(self.canary_repeats, "canary_repeats")
+        return make_canaries(self.canaries, repeats, self.seed, self.canary_digits) if self.canaries else []
 
     @property
     def model_name(self) -> str:
@@ -171,10 +194,13 @@ class TrainConfig:
 
     def load_data(self, tokenizer: Any, model_config: ModelConfig) -> Any:
         """The run's dataset: ``get_batch``, ``iter_eval_batches`` (tuples of model arguments),
-        ``check_block_size``, ``content_hash``, ``tokenizer`` (``parallax.data.TokenDataset``)."""
+        ``check_block_size``, ``content_hash``, ``tokenizer`` (``parallax.data.TokenDataset``); the
+        canaries, if any, inserted into its training split."""
         from parallax.data import load_dataset
 
-        return load_dataset(self.data, tokenizer=tokenizer, val_fraction=self.val_fraction)
+        insert = [(c.text, c.repeats) for c in self.canary_set()]
+        return load_dataset(self.data, tokenizer=tokenizer, val_fraction=self.val_fraction, insert=insert,
+                            insert_seed=self.seed)
 
     def build_model(self, model_config: ModelConfig) -> Any:
         """The model before ``px.initialize``: a random initialisation of the preset, or the --hf
@@ -195,6 +221,14 @@ class TrainConfig:
     def checkpoint_metadata(self, model: Any) -> dict[str, str]:
         """Extra (str -> str) metadata for every checkpoint of the run (none for pretraining)."""
         return {}
+
+    def batch_loss(self, model: Any, batch: Any) -> tuple[Any, int, dict[str, Any]]:
+        """(mean loss of one batch, the loss units it averages: its trained targets, statistics
+        to log: each a sum over the units) -- the loop weights micro-batches by units."""
+        return model(*batch), int((batch[1] >= 0).sum()), {}
+
+    def prepare_training(self, model: Any, ds: Any, info: Any, device: Any, resuming: bool) -> None:
+        """Called on every rank after the model is built (and resumed), before the first step."""
 
     def runtime_config(self) -> RuntimeConfig:
         checkpointing = False if self.activation_checkpointing == "off" else self.activation_checkpointing
