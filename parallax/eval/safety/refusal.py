@@ -34,7 +34,7 @@ _NEGATED = r"(?:can ?not|can'?t|won'?t|will not|am not able to|'?m not able to|a
            r"do not|don'?t|shouldn'?t|should not|must not|am not going to|'?m not going to|'?d rather not|" \
            r"would rather not|refuse to)"
 _ACTS = r"(?:help|assist|provide|do (?:that|this|it)|give|write|create|make|share|support|comply|answer|" \
-        r"fulfil+|generate|produce|explain|tell|offer|engage|participate|be of help|think i should help)"
+        r"fulfil+|generate|produce|explain|tell|offer|engage|participate|be of help|think i should help|be \w+ing)"
 
 DECLINE_RULES: list[tuple[str, re.Pattern[str]]] = [
     # "can't wait to help" is eagerness, not a refusal
