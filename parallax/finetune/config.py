@@ -8,12 +8,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parallax.models import ModelConfig, config_from_dict
 from parallax.train.config import ConfigError, TrainConfig, _field
 
 __all__ = ["FinetuneConfig", "parse_spec", "DEMO_DATA"]
+
+if TYPE_CHECKING:
+    from parallax.finetune.data import SFTSplits
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +225,7 @@ class FinetuneConfig(TrainConfig):
         return SFTDataset(splits, tokenizer, block_size=length, packing=self.packing,
                           pad_id=pad if pad is not None else tokenizer.eot_id)
 
-    def _mix_safety(self, splits: Any, tokenizer: Any, length: int) -> Any:
+    def _mix_safety(self, splits: SFTSplits, tokenizer: Any, length: int) -> SFTSplits:
         """``splits`` with ``safety_ratio`` of the training examples made safety rows (validation
         untouched), rendered in the style of ``data``'s rows."""
         from parallax.finetune.data import SFTDataError, SFTExample, SFTSplits, render_row
