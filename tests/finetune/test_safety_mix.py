@@ -92,6 +92,7 @@ def test_chat_rendering_trains_the_answer_as_the_assistant_turn(tmp_path):
 
 def test_preference_rows_render_in_both_styles():
     first = json.loads(PREFERENCE_DATA.read_text().splitlines()[0])
+    assert safety_rows(BUILTIN, "completion", preferences=True) == safety_rows(PREFERENCE_DATA, "completion")
     flat = safety_rows(PREFERENCE_DATA, "completion")[0]
     assert flat == {"prompt": f"Request: {first['prompt']}\nAnswer:", "chosen": " " + first["chosen"],
                     "rejected": " " + first["rejected"], "source": f"{PREFERENCE_DATA}:1"}

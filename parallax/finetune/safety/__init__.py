@@ -44,8 +44,9 @@ def resolve_safety_path(value: str | os.PathLike[str], *, preferences: bool = Fa
     return Path(value)
 
 
-def safety_rows(path: str | os.PathLike[str], style: str) -> list[dict[str, Any]]:
-    """The rows of a safety JSONL file (``BUILTIN``: the shipped SFT set) rendered in ``style``.
+def safety_rows(path: str | os.PathLike[str], style: str, *, preferences: bool = False) -> list[dict[str, Any]]:
+    """The rows of a safety JSONL file rendered in ``style``; ``BUILTIN`` names the shipped SFT set,
+    or with ``preferences`` the shipped preference set (a file may hold either kind of row).
 
     completion: ``{"prompt": "Request: ...\\nAnswer:", "completion": " ..."}`` (SFT) or
     ``{"prompt", "chosen": " ...", "rejected": " ..."}`` (preference);
@@ -56,7 +57,7 @@ def safety_rows(path: str | os.PathLike[str], style: str) -> list[dict[str, Any]
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}; got {style!r}")
-    file = resolve_safety_path(path)
+    file = resolve_safety_path(path, preferences=preferences)
     if not file.is_file():
         raise SFTDataError(f"--safety-data: {file} is not a file (give a JSONL file or '{BUILTIN}')")
     rows = [_render(row, style, source) for source, row in _rows(file)]
