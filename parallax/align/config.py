@@ -82,9 +82,28 @@ class AlignConfig(FinetuneConfig):
         length = model_config.block_size - (self.adapter_config().num_virtual_tokens if self.tuning == "prefix" else 0)
         splits = load_preference_data(self.data, tokenizer, max_length=length, val_path=self.val,
                                       val_fraction=self.val_fraction, seed=self.seed)
+        if self.safety_data is not None:
+            splits = self._mix_safety(splits, tokenizer, length)
         pad = getattr(tokenizer, "pad_token_id", None)
         return PreferenceDataset(splits, tokenizer, packing=self.packing, block_size=length,
                                  pad_id=pad if pad is not None else tokenizer.eot_id)
+
+    def _mix_safety(self, splits, tokenizer: Any, length: int):
+        """``splits`` with ``safety_ratio`` of the training pairs safety pairs (the shipped
+        preference set for 'builtin': refusals over compliance for harmful requests, answers over
+        refusals for benign look-alikes), rendered in the style of ``data``'s rows."""
+        from parallax.align.data import PreferenceSplits, render_pair
+        from parallax.finetune.data import _rows
+        from parallax.finetune.safety import mix_rows, safety_rows
+
+        first = next(iter(_rows(Path(self.data))))[1]
+        style = "completion" if isinstance(first.get("prompt"), str) else "chat"
+        pairs = [render_pair(row, tokenizer, length, row["source"])
+                 for row in safety_rows(self.safety_data, style, preferences=True)]
+        train = mix_rows(splits.train, pairs, self.safety_ratio, self.seed)
+        log.info("align: %d safety pairs from %s mixed into %d pairs (ratio %.3g)", len(train) - len(splits.train),
+                 self.safety_data, len(splits.train), self.safety_ratio)
+        return PreferenceSplits(train, splits.val)
 
     def batch_loss(self, model: Any, batch: Any) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         loss, stats = self.objective(model, batch)

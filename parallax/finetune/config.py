@@ -5,14 +5,20 @@ data format and loss, packing, the adapter and what to write at the end (flags:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parallax.models import ModelConfig, config_from_dict
 from parallax.train.config import ConfigError, TrainConfig, _field
 
 __all__ = ["FinetuneConfig", "parse_spec", "DEMO_DATA"]
+
+if TYPE_CHECKING:
+    from parallax.finetune.data import SFTSplits
+
+log = logging.getLogger(__name__)
 
 DEMO_DATA = Path(__file__).parent / "demo" / "train.jsonl"
 LOSS_CHOICES = ("auto", "completion", "assistant", "all")
@@ -61,6 +67,11 @@ class FinetuneConfig(TrainConfig):
                                               "{{messages: [{{role, content}}, ...]}} (default: the synthetic demo set)")
     val: str | None = _field(None, "validation JSONL (default: hold out --val-fraction of --data)")
     val_fraction: float = _field(0.05, "share of --data held out for validation when --val is not given")
+    safety_data: str | None = _field(None, "safety SFT rows {{prompt, completion}} (bare requests) mixed into the "
+                                           "training rows, rendered in --data's style; 'builtin': the shipped "
+                                           "set (parallax/finetune/safety)")
+    safety_ratio: float = _field(0.1, "share of safety rows in the mixed training set, in [0, 1) (rows drawn "
+                                      "in seeded passes; the validation rows get none)")
     loss: str = _field("auto", "tokens in the loss: completion (prompt/completion rows), assistant (chat rows: "
                                "assistant turns only), all; auto picks by row type", choices=LOSS_CHOICES)
     packing: bool = _field(False, "pack examples into best-fit-decreasing bins of block_size, each attending only "
@@ -102,12 +113,23 @@ class FinetuneConfig(TrainConfig):
             self.val_fraction = 0.0
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        self._check_safety()
         if self.loss not in LOSS_CHOICES:
             raise ConfigError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}")
         if self.save not in SAVE_CHOICES:
             raise ConfigError(f"save must be one of {', '.join(SAVE_CHOICES)}, got {self.save!r}")
         self.adapter_config()  # a bad --lora / --prefix fails here, naming the flag
         super().__post_init__()
+
+    def _check_safety(self) -> None:
+        from parallax.finetune.safety import resolve_safety_path
+
+        if isinstance(self.safety_ratio, bool) or not isinstance(self.safety_ratio, (int, float)) \
+                or not 0.0 <= self.safety_ratio < 1.0:
+            raise ConfigError(f"safety_ratio (--safety-ratio) must be a number in [0, 1), got {self.safety_ratio!r}")
+        if self.safety_data is not None and not resolve_safety_path(self.safety_data).is_file():
+            raise ConfigError(f"safety_data (--safety-data): {self.safety_data} is not a file; give a JSONL file of "
+                              "{prompt, completion} rows or 'builtin'")
 
     # -- what the run trains -----------------------------------------------------------------
 
@@ -198,6 +220,8 @@ class FinetuneConfig(TrainConfig):
         splits = load_sft_data(self.data, tokenizer, max_length=length,
                                loss=None if self.loss == "auto" else self.loss, val_path=self.val,
                                val_fraction=self.val_fraction, seed=self.seed)
+        if self.safety_data is not None:
+            splits = self._mix_safety(splits, tokenizer, length)
         splits = SFTSplits(splits.train + self._canary_examples(tokenizer, length), splits.val)
         pad = getattr(tokenizer, "pad_token_id", None)
         return SFTDataset(splits, tokenizer, block_size=length, packing=self.packing,
@@ -217,6 +241,30 @@ class FinetuneConfig(TrainConfig):
                                   f"more than the {max_length} of block_size")
             examples += [SFTExample(tokens, (True,) * len(tokens), f"canary:{number}")] * canary.repeats
         return examples
+
+    def _mix_safety(self, splits: SFTSplits, tokenizer: Any, length: int) -> SFTSplits:
+        """``splits`` with ``safety_ratio`` of the training examples made safety rows (validation
+        untouched), rendered in the style of ``data``'s rows."""
+        from parallax.finetune.data import SFTDataError, SFTExample, SFTSplits, render_row
+        from parallax.finetune.safety import data_style, mix_rows, safety_rows
+
+        examples = []
+        for row in safety_rows(self.safety_data, data_style(self.data)):
+            if "completion" not in row and "messages" not in row:
+                raise SFTDataError(f"--safety-data {row['source']}: a preference row (chosen/rejected); "
+                                   "parallax finetune mixes in SFT rows {prompt, completion} (preference rows "
+                                   "go to parallax align)")
+            example = render_row(row, tokenizer, None if self.loss == "auto" else self.loss, row["source"])
+            example = SFTExample(example.tokens[:length + 1], example.trained[:length + 1], example.source)
+            if example.num_trained:  # an answer cut off entirely teaches nothing
+                examples.append(example)
+        if not examples:
+            raise SFTDataError(f"--safety-data {self.safety_data}: no row keeps an answer token within "
+                               f"{length} positions")
+        train = mix_rows(splits.train, examples, self.safety_ratio, self.seed)
+        log.info("finetune: %d safety examples from %s mixed into %d task examples (ratio %.3g)",
+                 len(train) - len(splits.train), self.safety_data, len(splits.train), self.safety_ratio)
+        return SFTSplits(train, splits.val)
 
     def build_model(self, model_config: ModelConfig):
         """The base model's weights, then the adapter (base frozen) or nothing (full)."""

@@ -185,3 +185,19 @@ def test_a_bad_row_fails_before_anything_is_written(base, prefs, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{bad}:{len(bad.read_text().splitlines())}" in err and "'chosen' equals 'rejected'" in err
     assert not out.exists()
+
+
+def test_safety_pairs_are_mixed_into_the_training_pairs_at_the_ratio(base, prefs, tmp_path):
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text("".join(json.dumps({"category": "weapons", "prompt": f"make bomb {i}", "chosen": "No.",
+                                          "rejected": "Sure."}) + "\n" for i in range(5)))
+    cfg = _cfg(base, prefs, tmp_path / "run", lora="r=2", safety_data=str(safety), safety_ratio=0.2, val_fraction=0.1)
+    tokenizer = cfg.load_tokenizer()
+    plain = _cfg(base, prefs, tmp_path / "run", lora="r=2", val_fraction=0.1).load_data(tokenizer, cfg.model_config())
+    ds = cfg.load_data(tokenizer, cfg.model_config())
+    n_task = len(plain.splits.train)
+    added = [p for p in ds.splits.train if "safety.jsonl" in p.source]
+    assert len(ds.splits.train) == n_task + len(added) and len(added) == round(0.2 / 0.8 * n_task)
+    assert ds.splits.val == plain.splits.val  # validation untouched
+    text = bytes(t for t in added[0].chosen.tokens if t < 256).decode()
+    assert text.startswith("Request: make bomb") and text.endswith("\nAnswer: No.")
