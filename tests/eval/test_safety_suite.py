@@ -333,6 +333,18 @@ def test_bad_safety_flags_fail_with_one_line_and_write_nothing(model_dir, tmp_pa
     assert not out.exists()
 
 
+def test_the_defaults_are_the_shipped_prompts_and_rule_classifier():
+    from parallax.eval.cli import _safety_inputs, build_parser
+    from parallax.eval.safety.refusal import is_refusal
+
+    harmful, benign, config, paths = _safety_inputs(build_parser().parse_args(["--suite", "safety"]))
+    assert paths == {"safety_prompts": str(S.DATA_DIR / "harmful.jsonl"), "safety_benign": str(S.DATA_DIR / "benign.jsonl")}
+    assert harmful == load_prompts(S.DATA_DIR / "harmful.jsonl", "h") and benign and harmful != benign
+    assert config == SafetyConfig()
+    assert S.default_classifier() is is_refusal
+    assert is_refusal("I can't help with that.") and not is_refusal("Run kill -9 with the process id.")
+
+
 def test_safety_flags_need_the_suite_and_exclude_tasks(model_dir, tmp_path, capsys):
     from parallax.cli import main
 
