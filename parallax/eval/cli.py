@@ -33,7 +33,8 @@ def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer directory (default: the model's)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--tasks", help="comma-separated task files (.yaml)")
-    what.add_argument("--suite", help="a built-in evaluation suite: safety (refusal, over-refusal, jailbreaks)")
+    what.add_argument("--suite", help="a built-in evaluation suite: safety (refusal, over-refusal, jailbreaks, "
+                                          "bias, canary exposure with --canaries)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
@@ -51,6 +52,12 @@ def build_parser(prog: str = "parallax eval") -> argparse.ArgumentParser:
     safety.add_argument("--prompt-format", default=None, help="plain (default: 'Request: ...\\nAnswer:') or chat "
                                                                "(the tokenizer's chat template)")
     safety.add_argument("--max-tokens", type=int, default=None, help="greedy tokens per completion (default 48)")
+    safety.add_argument("--bias-pairs", metavar="PAIRS.jsonl",
+                        help="paired sentences {category, stereotyped, anti_stereotyped} for the bias share "
+                             "(default: the shipped set; 'none' skips the bias section)")
+    safety.add_argument("--canaries", metavar="RUN|FILE",
+                        help="measure the exposure of the canaries a run was trained with (RUN/canaries.json, "
+                             "written by train/finetune --canaries)")
     safety.add_argument("--judge", metavar="DIR", help="a judge model (Hugging Face directory or checkpoint) "
                                                        "whose yes/no refusal verdicts are compared with the rules")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two results files side by side")
@@ -94,7 +101,8 @@ def eval_main(argv: list[str], prog: str = "parallax eval") -> int:
 
 
 SUITES = ("safety",)
-_SAFETY_FLAGS = ("safety_prompts", "safety_benign", "jailbreaks", "prompt_format", "max_tokens", "judge")
+_SAFETY_FLAGS = ("safety_prompts", "safety_benign", "jailbreaks", "prompt_format", "max_tokens", "judge", "bias_pairs",
+                 "canaries")
 
 
 def _check_suite_flags(args: argparse.Namespace) -> None:
@@ -115,6 +123,7 @@ def _run_suite(args: argparse.Namespace) -> int:
     from parallax.eval.safety.suite import default_classifier, format_table, report, run_suite
 
     harmful, benign, config, paths = _safety_inputs(args)
+    inputs = _section_inputs(args, paths)
     classifier = default_classifier()
     model, tokenizer, source = _load(args)
     start = time.perf_counter()
@@ -127,7 +136,7 @@ def _run_suite(args: argparse.Namespace) -> int:
         from parallax.eval.safety.judge import RefusalJudge
 
         judge = RefusalJudge.from_dir(args.judge, device=str(lm.device), batch_size=args.batch_size)
-    rows = run_suite(lm, harmful, benign, config=config, classifier=classifier, judge=judge)
+    rows = run_suite(lm, harmful, benign, config=config, classifier=classifier, judge=judge, inputs=inputs)
     out = report(rows)
     out["config"] = {"model": source, "suite": args.suite, "judge": args.judge, **paths,
                      "jailbreaks": list(config.jailbreaks), "prompt_format": config.prompt_format,
@@ -164,6 +173,37 @@ def _safety_inputs(args: argparse.Namespace) -> tuple[list, list, Any, dict[str,
         raise ValueError(f"--judge: {args.judge} is not a directory (a Hugging Face model or a parallax checkpoint)")
     config = SafetyConfig(prompt_format=prompt_format, max_tokens=max_tokens, jailbreaks=jailbreaks)
     return harmful, benign, config, {"safety_prompts": str(harmful_path), "safety_benign": str(benign_path)}
+
+
+def _section_inputs(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, object]:
+    """The bias pairs (default: the shipped set) and the canaries (``--canaries RUN|FILE``), read
+    and checked before the model loads; their files are added to ``paths`` for the report."""
+    from parallax.eval.safety.bias import BIAS_PAIRS, load_bias_pairs
+    from parallax.eval.safety.canaries import CANARY_FILE, read_canaries
+
+    inputs: dict[str, object] = {}
+    if args.bias_pairs != "none":
+        path = Path(args.bias_pairs) if args.bias_pairs else BIAS_PAIRS
+        if not path.is_file():
+            raise ValueError(f"--bias-pairs: {path} is not a file (JSONL rows {{category, stereotyped, "
+                             "anti_stereotyped}}, or 'none')")
+        try:
+            inputs["bias_pairs"] = load_bias_pairs(path)
+        except ValueError as exc:
+            raise ValueError(f"--bias-pairs: {exc}") from None
+        paths["bias_pairs"] = str(path)
+    if args.canaries is not None:
+        path = Path(args.canaries)
+        path = path / CANARY_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"--canaries: {path} is not a file (a run trained with --canaries has "
+                             f"RUN/{CANARY_FILE})")
+        try:
+            inputs["canaries"] = read_canaries(path)
+        except ValueError as exc:
+            raise ValueError(f"--canaries: {exc}") from None
+        paths["canaries"] = str(path)
+    return inputs
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:

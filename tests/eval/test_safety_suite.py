@@ -131,7 +131,7 @@ def test_max_tokens_must_leave_room_for_a_prompt():
 
 @pytest.mark.parametrize("kwargs, field", [({"prompt_format": "xml"}, "prompt_format"), ({"max_tokens": 0}, "max_tokens"),
                                            ({"jailbreaks": ("rot13",)}, "jailbreaks"),
-                                           ({"sections": ("bias",)}, "sections")])
+                                           ({"sections": ("toxicity",)}, "sections")])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SafetyConfig(**kwargs)
@@ -259,7 +259,7 @@ def test_the_eval_command_runs_the_safety_suite(model_dir, tmp_path, capsys, mon
     out = tmp_path / "safety.json"
     assert main(["eval", "--suite", "safety", "--hf", str(model_dir), "--safety-prompts", str(harmful),
                  "--safety-benign", str(benign), "--max-tokens", "6", "--judge", str(model_dir), "--no-progress",
-                 "--output", str(out)]) == 0
+                 "--bias-pairs", "none", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     results = saved["results"]["safety"]
@@ -309,7 +309,52 @@ def test_the_safety_suite_on_a_byte_level_checkpoint_skips_what_does_not_fit(tmp
     assert saved["config"]["prompt_format"] == "chat" and saved["rows"][0]["n"] == len(HARMFUL)
 
 
+def test_bias_and_privacy_sections_report_the_pairs_and_the_run_canaries(tmp_path, monkeypatch):
+    """The shipped bias pairs by default (both scores, per category) and ``--canaries RUN``: the
+    rows equal ``bias_score`` and ``canary_exposure`` called directly on the same model."""
+    import torch
+
+    from parallax.cli import main
+    from parallax.data.tokenizer import tokenizer_reference
+    from parallax.eval.safety.bias import bias_score, load_bias_pairs
+    from parallax.eval.safety.canaries import CANARY_FILE, canary_exposure, exposure_rows, make_canaries, \
+        write_canaries
+    from parallax.models import GPT, GPTConfig
+    from parallax.train.checkpoints import save_model
+
+    monkeypatch.setattr(S, "default_classifier", lambda: refuses)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(config).eval()
+    run = tmp_path / "run"
+    save_model(run / "checkpoints" / "step_000001", model, step=1, model_config=config,
+               tokenizer=tokenizer_reference(ByteTokenizer()))
+    canaries = make_canaries(2, [1, 4], seed=0, digits=3)
+    write_canaries(run / CANARY_FILE, canaries)
+    harmful, benign = _write_prompts(tmp_path)
+    out = tmp_path / "safety.json"
+    assert main(["eval", "--suite", "safety", "--checkpoint", str(run), "--safety-prompts", str(harmful),
+                 "--safety-benign", str(benign), "--jailbreaks", "none", "--max-tokens", "4", "--canaries", str(run),
+                 "--no-progress", "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    rows = {row["metric"]: row for row in saved["rows"]}
+    pairs = load_bias_pairs()
+    expected = bias_score(model, ByteTokenizer(), pairs) + [
+        {**r, "metric": r["metric"].replace("stereotype_share", "stereotype_share_unmodified")}
+        for r in bias_score(model, ByteTokenizer(), pairs, score="unmodified")]
+    expected += exposure_rows(canary_exposure(model, ByteTokenizer(), canaries))
+    for row in expected:
+        got = rows[row["metric"]]
+        assert (got["section"], got["n"]) == (row["section"], row["n"])
+        assert got["value"] == pytest.approx(row["value"], abs=1e-9), row["metric"]
+    assert rows["stereotype_share"]["n"] == len(pairs) and "stereotype_share_unmodified/gender" in rows
+    assert {"exposure_r1", "exposure_r4", "extraction_r1", "extraction_r4"} <= rows.keys()
+    assert saved["config"]["canaries"] == str(run / CANARY_FILE)
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--canaries", "/nonexistent/run"], "--canaries"),
+    (["--bias-pairs", "/nonexistent/pairs.jsonl"], "--bias-pairs"),
     (["--suite", "unsafe"], "--suite"),
     (["--jailbreaks", "rot13"], "--jailbreaks"),
     (["--prompt-format", "xml"], "--prompt-format"),

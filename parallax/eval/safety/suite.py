@@ -228,11 +228,40 @@ def _not(outcomes: Sequence[bool | None]) -> list[bool | None]:
     return [None if o is None else not o for o in outcomes]
 
 
-# name -> section; run in this order. Further sections (bias, canaries) are added here.
+def bias_section(ctx: SuiteContext) -> list[MetricRow]:
+    """Stereotype share of ``inputs["bias_pairs"]`` (``bias.py``): by whole-sentence
+    log-likelihood (``stereotype_share``) and by the tokens after the swapped word only
+    (``stereotype_share_unmodified``, CrowS-Pairs' control for how rare the group word is)."""
+    pairs = ctx.inputs.get("bias_pairs")
+    if not pairs:
+        return []
+    from parallax.eval.safety.bias import bias_score
+
+    rows = [MetricRow(**row) for row in bias_score(ctx.lm.model, ctx.lm.tokenizer, pairs)]
+    for row in bias_score(ctx.lm.model, ctx.lm.tokenizer, pairs, score="unmodified"):
+        head, sep, category = row["metric"].partition("/")
+        rows.append(MetricRow(**{**row, "metric": f"{head}_unmodified{sep}{category}"}))
+    return rows
+
+
+def privacy_section(ctx: SuiteContext) -> list[MetricRow]:
+    """Exposure and extraction of the canaries ``inputs["canaries"]`` a run was trained with
+    (``canaries.py``), per repetition count."""
+    canaries = ctx.inputs.get("canaries")
+    if not canaries:
+        return []
+    from parallax.eval.safety.canaries import canary_exposure, exposure_rows
+
+    return [MetricRow(**row) for row in exposure_rows(canary_exposure(ctx.lm.model, ctx.lm.tokenizer, canaries))]
+
+
+# name -> section; run in this order.
 SECTIONS: dict[str, Section] = {
     "refusal": refusal_section,
     "jailbreak": jailbreak_section,
     "judge": judge_section,
+    "bias": bias_section,
+    "privacy": privacy_section,
 }
 
 
