@@ -38,6 +38,8 @@ class AlignConfig(FinetuneConfig):
                               "odds-ratio weight")
     label_smoothing: float = _field(0.0, "conservative DPO / SimPO: the assumed share of flipped labels, in [0, 0.5)")
     simpo_gamma: float = _field(0.5, "SimPO's target margin over beta (gamma / beta)")
+    rpo_alpha: float = _field(0.0, "dpo/ipo/hinge: add alpha x the chosen completions' NLL (TRL's rpo_alpha), "
+                                   "which keeps the chosen answers likely as the margin grows")
     data: str | None = _field(None, "JSONL file or directory of preference rows {{prompt, chosen, rejected}} "
                                     "(strings, or chat messages as TRL's conversational format)")
     steps: int = _field(200, "optimizer steps in the whole run (a resumed run continues up to this count)")
@@ -57,7 +59,7 @@ class AlignConfig(FinetuneConfig):
         if self.loss != "auto":
             raise ConfigError(f"loss {self.loss!r}: preference tuning trains on the completions; leave --loss unset")
         try:
-            PreferenceObjective(self.method, self.beta, self.label_smoothing, self.simpo_gamma)
+            PreferenceObjective(self.method, self.beta, self.label_smoothing, self.simpo_gamma, self.rpo_alpha)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.method in ("dpo", "ipo", "hinge") and self.prefix is not None:
@@ -67,7 +69,7 @@ class AlignConfig(FinetuneConfig):
 
     @property
     def objective(self) -> PreferenceObjective:
-        return PreferenceObjective(self.method, self.beta, self.label_smoothing, self.simpo_gamma)
+        return PreferenceObjective(self.method, self.beta, self.label_smoothing, self.simpo_gamma, self.rpo_alpha)
 
     @property
     def model_name(self) -> str:

@@ -56,12 +56,15 @@ def reference_sums(model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
 class PreferenceObjective:
     """``method``: dpo (sigmoid), ipo, hinge (need a reference), simpo, orpo (reference-free);
     ``beta`` > 0; ``label_smoothing`` in [0, 0.5) (dpo, simpo); ``simpo_gamma``: SimPO's
-    gamma / beta ratio."""
+    gamma / beta ratio; ``rpo_alpha``: adds alpha x the chosen completions' NLL (mean over their
+    tokens) to dpo/ipo/hinge, as TRL's ``rpo_alpha`` (Pang et al. 2024): it keeps the chosen
+    answers likely while the margin grows (0: plain DPO)."""
 
     method: str = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +75,12 @@ class PreferenceObjective:
             raise ValueError(f"label_smoothing must be in [0, 0.5); got {self.label_smoothing!r}")
         if self.label_smoothing and self.method not in ("dpo", "simpo"):
             raise ValueError(f"label_smoothing applies to dpo and simpo only; got method {self.method!r}")
+        if isinstance(self.rpo_alpha, bool) or not isinstance(self.rpo_alpha, (int, float)) or \
+                not 0 <= self.rpo_alpha < float("inf"):
+            raise ValueError(f"rpo_alpha must be a finite number >= 0; got {self.rpo_alpha!r}")
+        if self.rpo_alpha and not self.needs_reference:
+            raise ValueError(f"rpo_alpha applies to dpo, ipo and hinge (orpo has its own NLL term); got method "
+                             f"{self.method!r}")
 
     @property
     def needs_reference(self) -> bool:
@@ -100,6 +109,9 @@ class PreferenceObjective:
             else:
                 losses, chosen_rewards, rejected_rewards = orpo_loss(average[:B], average[B:], -average[:B],
                                                                      beta=self.beta)
+        loss = losses.mean()
+        if self.rpo_alpha:
+            loss = loss - self.rpo_alpha * chosen.sum() / counts[:B].sum()
         stats = {
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
@@ -108,4 +120,4 @@ class PreferenceObjective:
             "logps/chosen": chosen.detach().sum(),
             "logps/rejected": rejected.detach().sum(),
         }
-        return losses.mean(), stats
+        return loss, stats

@@ -96,6 +96,16 @@ def test_objective_equals_plain_pytorch(tmp_path, method, label_smoothing, packi
     torch.testing.assert_close(stats["logps/rejected"], logps[B:].sum().detach(), atol=1e-4, rtol=1e-5)
 
 
+def test_rpo_alpha_adds_the_chosen_tokens_mean_nll(tmp_path):
+    pairs = load_preference_pairs(_write(tmp_path / "p.jsonl", _rows(4)), TOKENIZER, max_length=64)
+    model = _model()
+    batch = collate_pairs(pairs, pad_id=0)
+    loss = PreferenceObjective("dpo", 0.2, rpo_alpha=0.7)(model, batch)[0]
+    dpo, _, _, logps = _plain_loss(model, pairs, "dpo", 0.2)
+    chosen_tokens = sum(p.chosen.num_trained for p in pairs)
+    torch.testing.assert_close(loss, dpo - 0.7 * logps[:4].sum() / chosen_tokens, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_is_the_base_model_and_a_precomputed_one_is_used_as_given(tmp_path):
     pairs = load_preference_pairs(_write(tmp_path / "p.jsonl", _rows(3)), TOKENIZER, max_length=64)
     model = _model()
@@ -152,7 +162,8 @@ def test_bad_preference_rows_name_the_row_and_field(tmp_path, row, message):
 @pytest.mark.parametrize("fields,message", [
     (dict(beta=0.0), "beta must be a positive finite number"), (dict(beta=-1), "beta"),
     (dict(beta=float("inf")), "beta"), (dict(method="kto"), "method must be one of"),
-    (dict(label_smoothing=0.5), "label_smoothing"), (dict(method="ipo", label_smoothing=0.1), "label_smoothing")])
+    (dict(label_smoothing=0.5), "label_smoothing"), (dict(method="ipo", label_smoothing=0.1), "label_smoothing"),
+    (dict(rpo_alpha=-1.0), "rpo_alpha"), (dict(method="simpo", rpo_alpha=1.0), "rpo_alpha")])
 def test_bad_objective_arguments(fields, message):
     with pytest.raises(ValueError, match=message):
         PreferenceObjective(**fields)
