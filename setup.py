@@ -77,7 +77,11 @@ setup(
     package_dir={"parallax": "parallax", "parallax.models": "models", "parallax.bench": "bench"},
     package_data={"parallax.models": ["*.toml"],
                   "parallax.eval.builtin": ["*.yaml", "*.jsonl", "corpus.sha256", "README.md"],
-                  "parallax.eval.safety": ["data/*.jsonl", "data/*.md"]},
+                  "parallax.eval.safety": ["data/*.jsonl", "data/*.md"],
+                  # data the commands read at run time: finetune's default data, the shipped safety set
+                  "parallax.finetune.demo": ["*.jsonl", "*.yaml", "README.md"],
+                  "parallax.finetune.safety": ["*.jsonl", "README.md"],
+                  "parallax.align.demo": ["README.md"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

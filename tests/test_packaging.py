@@ -27,6 +27,12 @@ def test_wheel_carries_the_extension_models_and_bench(tmp_path):
     assert any(n.startswith("parallax/_C") and n.endswith(".so") for n in names), names
     for module in ("parallax/models/gpt.py", "parallax/bench/adamw.py", "parallax/cli.py"):
         assert module in names
+    # data files the commands read at run time (finetune's default data, the safety sets and suite)
+    for data in ("parallax/finetune/demo/train.jsonl", "parallax/finetune/demo/heldout.yaml",
+                 "parallax/finetune/safety/train.jsonl", "parallax/finetune/safety/preferences.jsonl",
+                 "parallax/eval/safety/data/harmful.jsonl", "parallax/eval/safety/data/bias_pairs.jsonl",
+                 "parallax/eval/builtin/pydoc_qa.yaml"):
+        assert data in names, data
     assert not any(n.startswith(("models/", "bench/", "tests/")) for n in names), "no top-level packages besides parallax"
 
     site = tmp_path / "site"
