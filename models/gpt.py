@@ -132,15 +132,16 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T), or with targets (B, T) the mean cross-entropy.
+                positions: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T), or with targets (B, T) the mean cross-entropy
+        (``reduction="none"``: each target's, (B, T) fp32, 0 where ignored).
 
         Target positions equal to -1 or -100 (Hugging Face's ignore index) are ignored in the loss.
         positions (B or 1, T), when given, pack several examples per row (padding-free SFT): they
         restart at 0 at each example, and each example attends only within itself.
         """
         h = self.hidden_states(idx, positions, packed=positions is not None)
-        return self.logits(h) if targets is None else lm_loss(h, self.lm_head.weight, targets)
+        return self.logits(h) if targets is None else lm_loss(h, self.lm_head.weight, targets, reduction)
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
                       packed: bool = False) -> torch.Tensor:

@@ -31,8 +31,11 @@ def packed_segments(idx: torch.Tensor, positions: torch.Tensor | None, max_posit
     return segments
 
 
-def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of hidden states h (B, T, C) under lm_head_weight (V, C).
+def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+            reduction: str = "mean") -> torch.Tensor:
+    """Mean next-token cross-entropy of hidden states h (B, T, C) under lm_head_weight (V, C), or
+    with ``reduction="none"`` each target's (B, T) fp32 (0 where ignored): what preference tuning
+    sums per sequence, still without logits.
 
     Negative targets (-1, or Hugging Face's -100) are left out of the loss. Fused linear +
     cross-entropy (``parallax.ops.linear_cross_entropy``): the (B * T, V) logits are never
@@ -40,6 +43,9 @@ def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor
     and under fp16 loss scaling its gradient would overflow before reaching the logits). Triton
     on CUDA; the chunked PyTorch path on CPU, also when tests set TRITON_INTERPRET=1.
     """
-    targets = targets.reshape(-1).masked_fill(targets.reshape(-1) < 0, -100)
-    return ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), lm_head_weight, targets, ignore_index=-100,
-                                    backend=None if h.is_cuda else "chunked")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
+    flat = targets.reshape(-1).masked_fill(targets.reshape(-1) < 0, -100)
+    loss = ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), lm_head_weight, flat, ignore_index=-100,
+                                    backend=None if h.is_cuda else "chunked", reduction=reduction)
+    return loss if reduction == "mean" else loss.float().view(targets.shape)

@@ -1,5 +1,5 @@
 """The ``parallax`` command: ``train`` (the main job), ``finetune`` (SFT with LoRA, prefix tuning
-or all parameters), ``plan`` (the memory planner), ``generate`` (sampling from a checkpoint),
+or all parameters), ``align`` (preference tuning: DPO and its family), ``plan`` (the memory planner), ``generate`` (sampling from a checkpoint),
 ``eval`` (task files, lm-eval's definitions), ``tokenizer`` (training a BPE tokenizer) and ``bench``."""
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
+def _finetune(args: argparse.Namespace, argv: list[str], config_cls: type | None = None) -> int:
+    """``parallax finetune`` (``config_cls`` FinetuneConfig) or ``parallax align`` (AlignConfig):
+    the same loop, outputs and errors."""
     from parallax.data import DataError
     from parallax.finetune import SFTDataError
     from parallax.finetune.config import FinetuneConfig
@@ -47,7 +49,7 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
     from parallax.train.loop import validate_before_launch
 
     try:
-        cfg = config_from_args(args, FinetuneConfig)
+        cfg = config_from_args(args, config_cls or FinetuneConfig)
         if cfg.show_masks:
             print(_masks(cfg))
             return 0
@@ -56,7 +58,7 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
             return relaunch_with_torchrun(cfg.nproc, argv)
         result = finetune(cfg)
     except (ConfigError, DataError, SFTDataError) as exc:
-        print(f"parallax finetune: error: {exc}", file=sys.stderr)
+        print(f"parallax {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if result.written is not None:
         run = result.train
@@ -67,12 +69,17 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _masks(cfg) -> str:
-    """``--show-masks N``: N training examples with the tokens in the loss highlighted."""
+    """``--show-masks N``: N training examples (preference tuning: N pairs, chosen then rejected)
+    with the tokens in the loss highlighted."""
     from parallax.finetune import format_masks
 
     tokenizer = cfg.load_tokenizer()
     ds = cfg.load_data(tokenizer, cfg.model_config(tokenizer.vocab_size))
-    return format_masks(ds.splits.train, tokenizer, cfg.show_masks)
+    examples = ds.splits.train
+    if examples and hasattr(examples[0], "rejected"):
+        examples = [e for pair in examples[:cfg.show_masks] for e in (pair.chosen, pair.rejected)]
+        return format_masks(examples, tokenizer, len(examples))
+    return format_masks(examples, tokenizer, cfg.show_masks)
 
 
 def _bench(rest: list[str]) -> int:
@@ -119,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         "finetune", help="supervised fine-tuning of a trained model (--base CHECKPOINT or --hf DIR) on JSONL "
                          "prompt/completion or chat data: --lora, --prefix or --full; --packing; --loss")
     add_config_arguments(finetune_parser, FinetuneConfig)
+    from parallax.align.config import AlignConfig
+
+    align_parser = commands.add_parser(
+        "align", help="preference tuning (DPO, IPO, hinge, SimPO, ORPO) of a trained model on JSONL "
+                      "{prompt, chosen, rejected} rows, with --lora (the reference is the base, adapters "
+                      "disabled), --prefix or --full")
+    add_config_arguments(align_parser, AlignConfig)
     commands.add_parser("plan", help="predict each rank's peak memory for every ZeRO stage x precision x offload x "
                                      "checkpointing and pick the fastest that fits", add_help=False)
     commands.add_parser("generate", help="generate text from a parallax train checkpoint (paged-KV engine)",
@@ -144,4 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("parallax.train.memory").setLevel(logging.INFO)  # the memory report of every rank
     if args.command == "finetune":
         return _finetune(args, argv)
+    if args.command == "align":
+        return _finetune(args, argv, AlignConfig)
     return _train(args, argv)

@@ -89,9 +89,9 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("base and hf exclude each other: fine-tune one model")
         if sum((self.lora is not None, self.prefix is not None, self.full)) > 1:
             raise ConfigError("lora, prefix and full exclude each other: pick one fine-tuning method")
-        if self.save == "adapter" and self.method == "full":
+        if self.save == "adapter" and self.tuning == "full":
             raise ConfigError("save 'adapter' needs --lora or --prefix; a full fine-tune writes the merged model")
-        if self.save == "merged" and self.method == "prefix":
+        if self.save == "merged" and self.tuning == "prefix":
             raise ConfigError("save 'merged' needs --lora or --full: prefix tuning has no weights to merge "
                               "(it writes the adapter)")
         if self.data is None:
@@ -112,7 +112,8 @@ class FinetuneConfig(TrainConfig):
     # -- what the run trains -----------------------------------------------------------------
 
     @property
-    def method(self) -> str:
+    def tuning(self) -> str:
+        """What is trained: "lora", "prefix" or "full"."""
         return "lora" if self.lora is not None else "prefix" if self.prefix is not None else "full"
 
     @property
@@ -120,7 +121,7 @@ class FinetuneConfig(TrainConfig):
         """'adapter' or 'merged': what ``save`` resolves to."""
         if self.save != "auto":
             return self.save
-        return "merged" if self.method == "full" else "adapter"
+        return "merged" if self.tuning == "full" else "adapter"
 
     def adapter_config(self):
         """The px.peft config of --lora / --prefix (None for a full fine-tune)."""
@@ -135,12 +136,12 @@ class FinetuneConfig(TrainConfig):
                                                                                    "--prefix")
                 return peft.PrefixTuningConfig(**spec)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"--{self.method}: {exc}") from None
+            raise ConfigError(f"--{self.tuning}: {exc}") from None
         return None
 
     @property
     def model_name(self) -> str:
-        return f"{self.method} fine-tune of " + (f"hf:{self.hf}" if self.hf else str(self.base))
+        return f"{self.tuning} fine-tune of " + (f"hf:{self.hf}" if self.hf else str(self.base))
 
     @property
     def tokenizer_source(self) -> str:
@@ -190,7 +191,7 @@ class FinetuneConfig(TrainConfig):
 
         # prefix tuning puts the real tokens at positions P, P + 1, ...: they have P positions fewer
         adapter = self.adapter_config()
-        length = model_config.block_size - (adapter.num_virtual_tokens if self.method == "prefix" else 0)
+        length = model_config.block_size - (adapter.num_virtual_tokens if self.tuning == "prefix" else 0)
         if length < 2:
             raise ConfigError(f"--prefix tokens={adapter.num_virtual_tokens}: leaves no positions of the "
                               f"model's block_size {model_config.block_size} for the examples")
@@ -226,7 +227,7 @@ class FinetuneConfig(TrainConfig):
             try:
                 peft.get_peft_model(model, adapter)
             except ValueError as exc:
-                raise ConfigError(f"--{self.method}: {exc}") from None
+                raise ConfigError(f"--{self.tuning}: {exc}") from None
         return model
 
     def plan_model(self, model_config: ModelConfig):

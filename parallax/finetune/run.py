@@ -46,7 +46,7 @@ def export(cfg: FinetuneConfig) -> Path:
         model.save_adapter(target, base_model_name_or_path=base)
     else:
         target = Path(cfg.out) / "merged"
-        if cfg.method == "lora":
+        if cfg.tuning == "lora":
             model = model.merge_and_unload()
         save_model(target, model, step=manifest["step"], model_config=model.config,
                    tokenizer=saved_tokenizer_reference(manifest))

@@ -196,6 +196,14 @@ class TrainConfig:
         """Extra (str -> str) metadata for every checkpoint of the run (none for pretraining)."""
         return {}
 
+    def batch_loss(self, model: Any, batch: Any) -> tuple[Any, int, dict[str, Any]]:
+        """(mean loss of one batch, the loss units it averages: its trained targets, statistics
+        to log: each a sum over the units) -- the loop weights micro-batches by units."""
+        return model(*batch), int((batch[1] >= 0).sum()), {}
+
+    def prepare_training(self, model: Any, ds: Any, info: Any, device: Any, resuming: bool) -> None:
+        """Called on every rank after the model is built (and resumed), before the first step."""
+
     def runtime_config(self) -> RuntimeConfig:
         checkpointing = False if self.activation_checkpointing == "off" else self.activation_checkpointing
         return RuntimeConfig(zero_stage=self.zero_stage, bucket_mb=self.bucket_mb, prefetch=self.prefetch,

@@ -89,12 +89,20 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, ds: TokenDataset, cfg: TrainConfig, block_size: int, device: torch.device) -> float:
+def _evaluate(model: nn.Module, ds: TokenDataset, cfg: TrainConfig, block_size: int,
+              device: torch.device) -> dict[str, float]:
+    """{"val_loss": the mean of the batches' losses, "val_" + statistic: its mean over loss units}."""
     model.eval()
-    losses = [model(*batch).item() for batch in ds.iter_eval_batches("val", cfg.batch_size, block_size,
-                                                                     max_batches=cfg.eval_batches, device=device)]
+    losses, units, sums = [], 0, {}
+    for batch in ds.iter_eval_batches("val", cfg.batch_size, block_size, max_batches=cfg.eval_batches,
+                                      device=device):
+        loss, n, stats = cfg.batch_loss(model, batch)
+        losses.append(loss.item())
+        units += n
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
     model.train()
-    return sum(losses) / len(losses)
+    return {"val_loss": sum(losses) / len(losses)} | {f"val_{name}": value / units for name, value in sums.items()}
 
 
 def _prepare_out(cfg: TrainConfig) -> Path | None:
@@ -161,6 +169,7 @@ def train(cfg: TrainConfig, *, progress: bool = True,
             metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)
             log.info("train: %s, %.2fM parameters, %d process(es), ZeRO stage %d, steps %d..%d on %s", cfg.model_name,
                      sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, cfg.zero_stage, start + 1, cfg.steps, device)
+        cfg.prepare_training(model, ds, info, device, resuming=resume_from is not None)
         try:
             return _loop(cfg, ds, model, optimizer, info, device, start, metrics, progress, on_step)
         finally:
@@ -194,9 +203,10 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
     block_size = model.config.block_size
     bar = progress_bar(cfg.steps, "train", "step", enabled=progress and info.is_main, initial=start)
     # Every rank evaluates (stage 3 needs all of them for its gathers); rank 0 logs.
-    initial_val = _evaluate(model, ds, cfg, block_size, device) if start == 0 else None
-    if metrics is not None and initial_val is not None:
-        metrics.write({"step": 0, "val_loss": initial_val})
+    initial = _evaluate(model, ds, cfg, block_size, device) if start == 0 else None
+    initial_val = None if initial is None else initial["val_loss"]
+    if metrics is not None and initial is not None:
+        metrics.write({"step": 0, **initial})
     loss_value = val_loss = tokens_per_s = None
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start, cfg.steps):
@@ -204,7 +214,7 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, tokens = _accumulate(cfg, ds, model, optimizer, info, step, block_size, device)
+        loss, tokens, stats = _accumulate(cfg, ds, model, optimizer, info, step, block_size, device)
         if cfg.grad_clip > 0:
             optimizer.clip_grad_norm_(cfg.grad_clip)
         optimizer.step()
@@ -222,9 +232,12 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
             loss_value = _global_mean(loss.detach(), comm)
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record.update(loss=loss_value, tokens_per_s=tokens_per_s, lr=lr)
+            if stats:
+                units = ds.window_targets(step, cfg.grad_accum, cfg.batch_size, block_size, info.world_size, cfg.seed)
+                record.update({name: _global_sum(value, comm) / units for name, value in stats.items()})
         if done % cfg.eval_interval == 0 or done == cfg.steps:
-            val_loss = _evaluate(model, ds, cfg, block_size, device)
-            record["val_loss"] = val_loss
+            record.update(_evaluate(model, ds, cfg, block_size, device))
+            val_loss = record["val_loss"]
         if metrics is not None and len(record) > 1:
             metrics.write(record)
         if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
@@ -251,10 +264,10 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
 
 
 def _accumulate(cfg, ds, model: nn.Module, optimizer, info: DistInfo, step: int, block_size: int,
-                device: torch.device) -> tuple[torch.Tensor, int]:
+                device: torch.device) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
     """Forward and backward of optimizer step ``step``'s ``grad_accum`` micro-batches on this rank,
     gradients synced on the last; (this rank's share of the step's loss, tokens processed by all
-    ranks).
+    ranks, this rank's sums of the statistics ``cfg.batch_loss`` reports).
 
     The loss of the step is the mean over every target in the loss across micro-batches and
     ranks: each micro-batch's mean is weighted by its targets x world_size / the window's, so the
@@ -264,16 +277,30 @@ def _accumulate(cfg, ds, model: nn.Module, optimizer, info: DistInfo, step: int,
     window = ds.window_targets(step, cfg.grad_accum, cfg.batch_size, block_size, info.world_size, cfg.seed)
     total = torch.zeros((), device=device)
     tokens = 0
+    sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
         batch = ds.get_batch("train", cfg.batch_size, block_size, step=step * cfg.grad_accum + micro, seed=cfg.seed,
                              rank=info.rank, world_size=info.world_size, device=device)  # (inputs, targets, ...)
-        weight = int((batch[1] >= 0).sum()) * info.world_size / window
         model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-        loss = model(*batch) * weight
+        loss, units, stats = cfg.batch_loss(model, batch)
+        loss = loss * (units * info.world_size / window)
         optimizer.backward(loss)
         total += loss.detach().float()
-        tokens += batch[0].numel() * info.world_size  # every rank's micro-batch has this size
-    return total, tokens
+        tokens += _batch_positions(batch) * info.world_size  # every rank's micro-batch has about this size
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+    return total, tokens, sums
+
+
+def _batch_positions(batch) -> int:
+    return batch.input_ids.numel() if hasattr(batch, "input_ids") else batch[0].numel()
+
+
+def _global_sum(value: torch.Tensor, comm) -> float:
+    value = value.float().clone()
+    if comm.world_size > 1:
+        comm.all_reduce(value, "all_reduce of a logged statistic").wait()
+    return value.item()
 
 
 def _global_mean(value: torch.Tensor, comm) -> float:
