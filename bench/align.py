@@ -7,16 +7,19 @@ projections; one PEFT adapter directory initialises every provider), the same Ad
 no weight decay, constant lr, gradient clipping at 1.0) and the same sigmoid DPO loss (beta 0.1)
 on the same preference pairs: prompt/chosen/rejected rows of varied lengths (the chosen
 completion continues the prompt's passage, the rejected one is another passage's continuation)
-rendered once by parallax (``parallax.finetune.render_row``, completion-only targets) and handed
-to TRL as a tokenized ``datasets.Dataset`` (``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``),
+rendered once by parallax (``parallax.align.load_preference_pairs``, completion-only targets)
+and handed to TRL as a tokenized ``datasets.Dataset`` (``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``),
 so every provider trains on identical tokens, ``pairs`` pairs per step in file order.
 
 Providers:
 
 - ``parallax``: ``parallax.align.PreferenceObjective``: the LoRA policy, the reference
   log-probabilities from the same weights with the adapters disabled (no second model), chosen
-  and rejected rows in one forward, log-probabilities computed chunk-wise from the hidden
-  states (the logits never exist);
+  and rejected sequences in one forward (``collate_pairs``: 2B right-padded rows, as TRL's),
+  log-probabilities computed chunk-wise from the hidden states (the logits never exist);
+- ``parallax packed``: the same with ``collate_pairs(packing=True)``: the 2B sequences back to
+  back in rows of ``seq`` positions, each attending only within itself (no padding to compute;
+  TRL's DPO ``padding_free`` is disabled in this version);
 - ``TRL PEFT ref``: ``DPOTrainer`` with the PEFT policy and ``ref_model=None``: the reference
   forward runs the same model with the adapter disabled (TRL copies a pretrained adapter into a
   frozen ``ref`` adapter first; it is deleted, since the initial adapter computes the base model
@@ -31,10 +34,9 @@ included, and the reference model's when there is one) plus the peak of the trai
 its start: the resident set size sampled every 5 ms (CUDA: ``torch.cuda.max_memory_allocated``
 over the allocation at the start). The weights are counted rather than sampled from before
 loading so that what TRL's trainer sets up (accelerate, lazily imported modules) is not charged
-to the baselines. Steps are timed
-from the end of one to the end of the next (collation included) after the warm-up steps;
-tokens/s are the pairs' tokens (prompt + chosen and prompt + rejected, no padding) over the
-timed steps divided by their time.
+to the baselines. Steps are timed from the end of one to the end of the next (collation
+included) after the warm-up steps; tokens/s are the pairs' tokens (prompt + chosen and prompt +
+rejected, no padding) over the timed steps divided by their time.
 
 Agreement: ``loss0`` is the first step's loss, log 2 = 0.6931 for every provider since B starts
 at zero (policy = reference); ``logps0 err`` is the largest difference between a provider's
@@ -92,7 +94,7 @@ COLUMNS = [
     Column("final_loss", "final loss", ".4f"),
 ]
 
-PROVIDERS = ("parallax", "TRL PEFT ref", "TRL explicit ref")
+PROVIDERS = ("parallax", "parallax packed", "TRL PEFT ref", "TRL explicit ref")
 SPEED_BASELINE, MEMORY_BASELINE = "TRL PEFT ref", "TRL explicit ref"
 BETA = 0.1
 GOAL_SPEEDUP, GOAL_MEMORY = 1.3, 0.6
@@ -128,28 +130,13 @@ def _make_data(root: Path, tokenizer: Any, seq: int, count: int) -> Path:
     return path
 
 
-Pair = tuple[Any, Any]  # (chosen, rejected) parallax.finetune.SFTExample, the same prompt tokens
-
-
-def _load_pairs(model_dir: str, data: str, seq: int) -> list[Pair]:
-    """The rows of ``data`` rendered as (chosen, rejected) examples with completion-only targets;
-    pairs with a side longer than ``seq`` tokens are left out, so no tool truncates anything."""
+def _load_pairs(model_dir: str, data: str, seq: int) -> list[Any]:
+    """The rows of ``data`` as ``parallax.align.PreferencePair`` (chosen, rejected examples with
+    completion-only targets) of at most ``seq`` tokens, so that no tool truncates anything."""
+    from parallax.align import load_preference_pairs
     from parallax.data import load_tokenizer
-    from parallax.finetune import render_row
 
-    tokenizer = load_tokenizer(model_dir)
-    pairs = []
-    with open(data, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            row = json.loads(line)
-            source = f"{data}:{number}"
-            pair = tuple(render_row({"prompt": row["prompt"], "completion": row[side]}, tokenizer, "completion",
-                                    source) for side in ("chosen", "rejected"))
-            if max(len(e.tokens) for e in pair) <= seq:
-                pairs.append(pair)
-    if not pairs:
-        raise ValueError(f"--data: {data} has no prompt/chosen/rejected row of at most {seq} tokens")
-    return pairs
+    return load_preference_pairs(data, load_tokenizer(model_dir), max_length=seq - 1)
 
 
 def _prompt_length(example: Any) -> int:
@@ -157,7 +144,7 @@ def _prompt_length(example: Any) -> int:
     return example.trained.index(True)
 
 
-def _steps_of(pairs: Sequence[Pair], per_step: int) -> list[list[Pair]]:
+def _steps_of(pairs: Sequence[Any], per_step: int) -> list[list[Any]]:
     return [list(pairs[i:i + per_step]) for i in range(0, len(pairs), per_step)]
 
 
@@ -201,32 +188,15 @@ def _weight_bytes(*models: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in tensors.values())
 
 
-def _sequences(step: Sequence[Pair]) -> list[tuple[list[int], int]]:
-    return [(list(e.tokens), _prompt_length(e)) for e in [c for c, _ in step] + [r for _, r in step]]
-
-
-def _parallax_dpo(model: Any, step: Sequence[Pair], pad_id: int, device: torch.device
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The step's mean sigmoid DPO loss and TRL's per-pair statistics: chosen and rejected rows in
-    one padded batch, log-probabilities chunk-wise from the hidden states, the reference from the
-    same weights with the adapters disabled."""
-    import parallax as px
-    from parallax.finetune import collate_padded
-
-    batch = collate_padded([c for c, _ in step] + [r for _, r in step], pad_id)
-    inputs, targets = batch.input_ids.to(device), batch.targets.to(device)
-    with torch.no_grad(), model.disable_adapter():
-        reference = px.align.sequence_logps(model.hidden_states(inputs), model.lm_head.weight, targets)
-    policy = px.align.sequence_logps(model.hidden_states(inputs), model.lm_head.weight, targets)
-    (chosen, rejected), (ref_chosen, ref_rejected) = policy.chunk(2), reference.chunk(2)
-    losses, chosen_rewards, rejected_rewards = px.align.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, BETA)
-    return losses.mean(), {"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
-                           "rewards/margins": chosen_rewards - rejected_rewards}
+def _sequences(step: Sequence[Any]) -> list[tuple[list[int], int]]:
+    return [(list(e.tokens), _prompt_length(e)) for e in [p.chosen for p in step] + [p.rejected for p in step]]
 
 
 def _parallax_run(spec: Spec) -> StepLog:
-    """parallax: the imported model with the shared LoRA adapter, its DPO step, px.optim.AdamW."""
+    """parallax: the imported model with the shared LoRA adapter, ``PreferenceObjective`` (the
+    reference with the adapters disabled) on ``collate_pairs`` batches, px.optim.AdamW."""
     import parallax as px
+    from parallax.align import PreferenceObjective, collate_pairs
     from parallax.models import from_hf
 
     device = torch.device(spec.device)
@@ -238,13 +208,16 @@ def _parallax_run(spec: Spec) -> StepLog:
     log = StepLog(first_batch=_sequences(steps[0]), weight_bytes=_weight_bytes(model),
                   trainable=sum(p.numel() for p in params))
     optimizer = px.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    objective = PreferenceObjective("dpo", beta=BETA)
+    packing = spec.provider == "parallax packed"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
     memory.start()
     last = time.perf_counter()
     for step in range(spec.warmup + spec.steps):
         group = steps[step % len(steps)]
-        loss, stats = _parallax_dpo(model, group, pad_id, device)
+        batch = collate_pairs(group, pad_id, packing=packing, block_size=spec.seq, device=device)
+        loss, stats = objective(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -254,10 +227,11 @@ def _parallax_run(spec: Spec) -> StepLog:
         now = time.perf_counter()
         log.seconds.append(now - last)
         last = now
-        log.tokens.append(sum(len(c.tokens) + len(r.tokens) for c, r in group))
-        log.chosen_logps.append(stats["logps/chosen"].mean().item())
-        log.rejected_logps.append(stats["logps/rejected"].mean().item())
-        log.margins.append(stats["rewards/margins"].mean().item())
+        log.tokens.append(sum(len(p.chosen.tokens) + len(p.rejected.tokens) for p in group))
+        # the objective's statistics are sums over the pairs, TRL's means
+        log.chosen_logps.append(stats["logps/chosen"].item() / len(group))
+        log.rejected_logps.append(stats["logps/rejected"].item() / len(group))
+        log.margins.append(stats["rewards/margins"].item() / len(group))
     log.peak_bytes = memory.stop()
     return log
 
@@ -276,9 +250,9 @@ def _trl_run(spec: Spec) -> StepLog:
     device = torch.device(spec.device)
     pairs = _load_pairs(spec.model_dir, spec.data, spec.seq)
     dataset = datasets.Dataset.from_dict({
-        "prompt_ids": [list(c.tokens[:_prompt_length(c)]) for c, _ in pairs],
-        "chosen_ids": [list(c.tokens[_prompt_length(c):]) for c, _ in pairs],
-        "rejected_ids": [list(r.tokens[_prompt_length(r):]) for _, r in pairs]})
+        "prompt_ids": [list(p.chosen.tokens[:_prompt_length(p.chosen)]) for p in pairs],
+        "chosen_ids": [list(p.chosen.tokens[_prompt_length(p.chosen):]) for p in pairs],
+        "rejected_ids": [list(p.rejected.tokens[_prompt_length(p.rejected):]) for p in pairs]})
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.model_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(spec.model_dir, attn_implementation="sdpa")
     model = peft.PeftModel.from_pretrained(hf, spec.adapter_dir, is_trainable=True)
@@ -332,7 +306,7 @@ def _recording_trainer(log: StepLog) -> type:
 
 
 def _run_provider(spec: Spec) -> StepLog:
-    return _parallax_run(spec) if spec.provider == "parallax" else _trl_run(spec)
+    return _parallax_run(spec) if spec.provider.startswith("parallax") else _trl_run(spec)
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -385,7 +359,7 @@ def run(ctx) -> Iterator[dict]:
         data = Path(ctx.args.data) if ctx.args.data else _make_data(root, load_tokenizer(model_dir), seq,
                                                                     case.examples)
         pairs = _load_pairs(str(model_dir), str(data), seq)
-        lengths = [len(e.tokens) for pair in pairs for e in pair]
+        lengths = [len(e.tokens) for pair in pairs for e in (pair.chosen, pair.rejected)]
         ctx.note("data", f"{len(pairs)} pairs, sequences of {min(lengths)}-{max(lengths)} tokens "
                          f"(mean {sum(lengths) / len(lengths):.0f}), {per_step} pairs per step in file order")
         threads = torch.get_num_threads()
@@ -414,12 +388,14 @@ def _notes(ctx, by_name: dict[str, dict], case: Case, seq: int) -> None:
                        f"a fresh process; tokens/s over the timed steps after {case.warmup} warm-up (prompt + chosen "
                        f"and prompt + rejected tokens, no padding); peak mem = weights held + {memory} over the "
                        f"start of training; loss0 should be log 2 = {math.log(2):.4f}")
-    ours = by_name.get("parallax")
     goals = {}
-    if ours and ours["vs_trl"] is not None:
-        goals[f"parallax tokens/s >= {GOAL_SPEEDUP:g}x {SPEED_BASELINE}"] = (
-            f"{ours['vs_trl']:.2f}x, {'met' if ours['vs_trl'] >= GOAL_SPEEDUP else 'not met'}")
-    if ours and ours["memory_vs_explicit"] is not None:
-        goals[f"parallax peak memory <= {GOAL_MEMORY:g}x {MEMORY_BASELINE}"] = (
-            f"{ours['memory_vs_explicit']:.2f}x, {'met' if ours['memory_vs_explicit'] <= GOAL_MEMORY else 'not met'}")
+    for name in ("parallax", "parallax packed"):
+        ours = by_name.get(name)
+        if ours and ours["vs_trl"] is not None:
+            goals[f"{name} tokens/s >= {GOAL_SPEEDUP:g}x {SPEED_BASELINE}"] = (
+                f"{ours['vs_trl']:.2f}x, {'met' if ours['vs_trl'] >= GOAL_SPEEDUP else 'not met'}")
+        if ours and ours["memory_vs_explicit"] is not None:
+            ratio = ours["memory_vs_explicit"]
+            goals[f"{name} peak memory <= {GOAL_MEMORY:g}x {MEMORY_BASELINE}"] = (
+                f"{ratio:.2f}x, {'met' if ratio <= GOAL_MEMORY else 'not met'}")
     ctx.note("goals", goals)
