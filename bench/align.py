@@ -54,7 +54,6 @@ import itertools
 import json
 import math
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,16 +62,23 @@ from typing import Any
 import torch
 
 from .lora_setup import (
+    LORA_ALPHA,
+    LORA_R,
     LR,
     Case,
     PeakMemory,
+    StepClock,
     add_versions,
     check_providers,
+    clipped_step,
     continuation_rows,
     in_fresh_process,
     make_adapter_dir,
     make_model_dir,
+    quiet_hugging_face,
     timing_callback,
+    train_quietly,
+    trainer_arguments,
 )
 from .table import Column
 from .timing import quantile
@@ -210,23 +216,16 @@ def _parallax_run(spec: Spec) -> StepLog:
     optimizer = px.optim.AdamW(params, lr=LR, weight_decay=0.0)
     objective = PreferenceObjective("dpo", beta=BETA)
     packing = spec.provider == "parallax packed"
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
     memory.start()
-    last = time.perf_counter()
+    clock = StepClock(device)
     for step in range(spec.warmup + spec.steps):
         group = steps[step % len(steps)]
         batch = collate_pairs(group, pad_id, packing=packing, block_size=spec.seq, device=device)
         loss, stats = objective(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(loss, params, optimizer)
         log.losses.append(loss.item())
-        sync()
-        now = time.perf_counter()
-        log.seconds.append(now - last)
-        last = now
+        log.seconds.append(clock.lap())
         log.tokens.append(sum(len(p.chosen.tokens) + len(p.rejected.tokens) for p in group))
         # the objective's statistics are sums over the pairs, TRL's means
         log.chosen_logps.append(stats["logps/chosen"].item() / len(group))
@@ -244,9 +243,7 @@ def _trl_run(spec: Spec) -> StepLog:
     import transformers
     import trl
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_hugging_face()
     device = torch.device(spec.device)
     pairs = _load_pairs(spec.model_dir, spec.data, spec.seq)
     dataset = datasets.Dataset.from_dict({
@@ -264,18 +261,14 @@ def _trl_run(spec: Spec) -> StepLog:
     with tempfile.TemporaryDirectory() as out:
         config = trl.DPOConfig(
             output_dir=out, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=False, max_length=None,
-            per_device_train_batch_size=spec.pairs, max_steps=spec.warmup + spec.steps, learning_rate=LR,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            train_sampling_strategy="sequential", gradient_checkpointing=False, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=device.type == "cpu", dataloader_num_workers=0, dataloader_pin_memory=False,
-            disable_tqdm=True, seed=0, bf16=False, fp16=False)
+            per_device_train_batch_size=spec.pairs, max_steps=spec.warmup + spec.steps,
+            train_sampling_strategy="sequential", gradient_checkpointing=False, **trainer_arguments(device))
         trainer = _recording_trainer(log)(
             model=model, ref_model=reference, args=config, train_dataset=dataset, processing_class=tokenizer,
             callbacks=[timing_callback(log, device)])
         if "ref" in trainer.model.peft_config:
             trainer.model.delete_adapter("ref")  # the base model is the reference: adapters disabled
-        trainer.remove_callback(transformers.PrinterCallback)  # its per-step log lines
-        trainer.train()
+        train_quietly(trainer)
     return log
 
 
@@ -383,11 +376,11 @@ def run(ctx) -> Iterator[dict]:
 def _notes(ctx, by_name: dict[str, dict], case: Case, seq: int) -> None:
     memory = "peak CUDA memory allocated" if ctx.device.type == "cuda" else "peak RSS (psutil, 5 ms samples)"
     ctx.note("method", f"Llama {case.layers}x{case.width} (GQA {case.heads}/{case.kv_heads}, vocab {case.vocab}), "
-                       f"seq <= {seq}; LoRA r=16 alpha=32 all-linear, same initial adapter; AdamW lr {LR}, constant, "
-                       f"clip 1.0; sigmoid DPO beta {BETA}, reference log-probabilities every step; each provider in "
-                       f"a fresh process; tokens/s over the timed steps after {case.warmup} warm-up (prompt + chosen "
-                       f"and prompt + rejected tokens, no padding); peak mem = weights held + {memory} over the "
-                       f"start of training; loss0 should be log 2 = {math.log(2):.4f}")
+                       f"seq <= {seq}; LoRA r={LORA_R} alpha={LORA_ALPHA} all-linear, same initial adapter; AdamW "
+                       f"lr {LR}, constant, clip 1.0; sigmoid DPO beta {BETA}, reference log-probabilities every "
+                       f"step; each provider in a fresh process; tokens/s over the timed steps after {case.warmup} "
+                       f"warm-up (prompt + chosen and prompt + rejected tokens, no padding); peak mem = weights held "
+                       f"+ {memory} over the start of training; loss0 should be log 2 = {math.log(2):.4f}")
     goals = {}
     for name in ("parallax", "parallax packed"):
         ours = by_name.get(name)

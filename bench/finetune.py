@@ -43,7 +43,6 @@ import itertools
 import json
 import random
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +56,18 @@ from .lora_setup import (
     LR,
     Case,
     PeakMemory,
+    StepClock,
     add_versions,
     check_providers,
+    clipped_step,
     continuation_rows,
     in_fresh_process,
     make_adapter_dir,
     make_model_dir,
+    quiet_hugging_face,
     timing_callback,
+    train_quietly,
+    trainer_arguments,
 )
 from .table import Column
 from .timing import quantile
@@ -176,10 +180,9 @@ def _parallax_run(spec: Spec) -> StepLog:
     optimizer = px.optim.AdamW(params, lr=LR, weight_decay=0.0)
     log = StepLog([], [], [], [], [], [], 0, sum(p.numel() for p in params))
     log.first_batch = [tuple(t.tolist() for t in e.inputs_and_targets()) for e in groups[0]]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
     memory.start()
-    last = time.perf_counter()
+    clock = StepClock(device)
     for step in range(spec.warmup + spec.steps):
         group = groups[step % len(groups)]
         if packed:
@@ -190,15 +193,9 @@ def _parallax_run(spec: Spec) -> StepLog:
             batch = collate_padded(group, pad_id)
             loss = model(batch.input_ids.to(device), batch.targets.to(device))
             padding = batch.num_padding
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(loss, params, optimizer)
         log.losses.append(loss.item())
-        sync()
-        now = time.perf_counter()
-        log.seconds.append(now - last)
-        last = now
+        log.seconds.append(clock.lap())
         log.positions.append(batch.input_ids.numel())
         log.tokens.append(batch.input_ids.numel() - padding)
         log.trained.append(int((batch.targets != -100).sum()))
@@ -213,9 +210,7 @@ def _trl_run(spec: Spec) -> StepLog:
     import transformers
     import trl
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_hugging_face()
     device = torch.device(spec.device)
     examples = _load_examples(spec.model_dir, spec.data, spec.seq)
     dataset = datasets.Dataset.from_dict({"input_ids": [list(e.tokens) for e in examples],
@@ -231,16 +226,11 @@ def _trl_run(spec: Spec) -> StepLog:
             output_dir=out, max_length=None if padding_free else spec.seq, packing=packing,
             padding_free=padding_free, completion_only_loss=True,
             per_device_train_batch_size=1 if packing else spec.batch, max_steps=spec.warmup + spec.steps,
-            learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            train_sampling_strategy="random" if packing else "sequential", logging_steps=1, save_strategy="no",
-            report_to=[],
-            use_cpu=device.type == "cpu", dataloader_num_workers=0, dataloader_pin_memory=False,
-            disable_tqdm=True, seed=0, bf16=False, fp16=False)
+            train_sampling_strategy="random" if packing else "sequential", **trainer_arguments(device))
         trainer = _recording_trainer(trl.SFTTrainer, log)(
             model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
             callbacks=[timing_callback(log, device)])
-        trainer.remove_callback(transformers.PrinterCallback)  # its per-step log lines
-        trainer.train()
+        train_quietly(trainer)
     return log
 
 
@@ -316,7 +306,6 @@ def _row(provider: str, spec: Spec, log: dict[str, Any], reference: float) -> di
 
 def run(ctx) -> Iterator[dict]:
     import transformers
-
     from parallax.data import load_tokenizer
     from parallax.finetune import pack_examples, packing_padding_share
 

@@ -26,13 +26,18 @@ __all__ = [
     "LR",
     "Case",
     "PeakMemory",
+    "StepClock",
     "add_versions",
     "check_providers",
+    "clipped_step",
     "continuation_rows",
     "in_fresh_process",
     "make_adapter_dir",
     "make_model_dir",
+    "quiet_hugging_face",
     "timing_callback",
+    "train_quietly",
+    "trainer_arguments",
 ]
 
 LORA_R, LORA_ALPHA = 16, 32
@@ -152,23 +157,71 @@ class PeakMemory:
         return self._peak - self._base
 
 
+class StepClock:
+    """Seconds from the end of one step to the end of the next (CUDA synchronised first)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+def clipped_step(loss: torch.Tensor, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Backward, the gradient norm clipped at 1.0 (TRL's ``max_grad_norm``), the optimizer step,
+    the gradients freed: the parallax side of what a TRL trainer step does."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trainer_arguments(device: torch.device) -> dict[str, Any]:
+    """The ``TrainingArguments`` every TRL provider shares: the parallax side's AdamW settings
+    (constant lr, no warm-up, no weight decay, clipping at 1.0), fp32, the loss logged every step,
+    no checkpoints, reports, progress bars or data loader workers."""
+    return {"learning_rate": LR, "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+            "max_grad_norm": 1.0, "bf16": False, "fp16": False, "logging_steps": 1, "save_strategy": "no",
+            "report_to": [], "use_cpu": device.type == "cpu", "dataloader_num_workers": 0,
+            "dataloader_pin_memory": False, "disable_tqdm": True, "seed": 0}
+
+
+def quiet_hugging_face() -> None:
+    """No progress bars or info logs from datasets and transformers (they would interleave with the benchmark's)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def train_quietly(trainer: Any) -> None:
+    """``trainer.train()`` without the per-step log lines of its PrinterCallback."""
+    import transformers
+
+    trainer.remove_callback(transformers.PrinterCallback)
+    trainer.train()
+
+
 def timing_callback(log: Any, device: torch.device) -> Any:
-    """A TrainerCallback appending each TRL step's seconds (from the end of the previous one) to
-    ``log.seconds`` and setting ``log.peak_bytes`` to the peak memory of the training loop."""
+    """A TrainerCallback appending each TRL step's seconds (``StepClock``) to ``log.seconds`` and
+    setting ``log.peak_bytes`` to the peak memory of the training loop."""
     import transformers
 
     class TimingCallback(transformers.TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.memory = PeakMemory(device)
             self.memory.start()
-            self.last = time.perf_counter()
+            self.clock = StepClock(device)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            log.seconds.append(now - self.last)
-            self.last = now
+            log.seconds.append(self.clock.lap())
 
         def on_train_end(self, args, state, control, **kwargs):
             log.peak_bytes = self.memory.stop()
