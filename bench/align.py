@@ -35,8 +35,9 @@ its start: the resident set size sampled every 5 ms (CUDA: ``torch.cuda.max_memo
 over the allocation at the start). The weights are counted rather than sampled from before
 loading so that what TRL's trainer sets up (accelerate, lazily imported modules) is not charged
 to the baselines. Steps are timed from the end of one to the end of the next (collation
-included) after the warm-up steps; tokens/s are the pairs' tokens (prompt + chosen and prompt +
-rejected, no padding) over the timed steps divided by their time.
+included) after the warm-up steps; tokens/s is the median over the timed steps of a step's tokens
+(prompt + chosen and prompt + rejected, no padding) over its time: every provider runs the same
+steps, and a median is not thrown by the load spikes of a shared machine, as a total is.
 
 Agreement: ``loss0`` is the first step's loss, log 2 = 0.6931 for every provider since B starts
 at zero (policy = reference); ``logps0 err`` is the largest difference between a provider's
@@ -324,7 +325,8 @@ def _row(provider: str, spec: Spec, log: dict[str, Any], base: tuple[float, floa
     logps0 = (log["chosen_logps"][0], log["rejected_logps"][0])
     return {
         "provider": provider, "pairs": spec.pairs, "seq": spec.seq, "steps": len(seconds),
-        "median_ms": 1e3 * quantile(seconds, 0.5), "tokens_per_s": sum(log["tokens"][timed]) / sum(seconds),
+        "median_ms": 1e3 * quantile(seconds, 0.5),
+        "tokens_per_s": quantile([n / t for n, t in zip(log["tokens"][timed], seconds, strict=True)], 0.5),
         "weights_mb": log["weight_bytes"] / 2**20, "peak_mb": (log["weight_bytes"] + log["peak_bytes"]) / 2**20,
         "trainable": log["trainable"], "loss0": log["losses"][0], "logps0_chosen": logps0[0],
         "logps0_rejected": logps0[1],
@@ -378,9 +380,10 @@ def _notes(ctx, by_name: dict[str, dict], case: Case, seq: int) -> None:
     ctx.note("method", f"Llama {case.layers}x{case.width} (GQA {case.heads}/{case.kv_heads}, vocab {case.vocab}), "
                        f"seq <= {seq}; LoRA r={LORA_R} alpha={LORA_ALPHA} all-linear, same initial adapter; AdamW "
                        f"lr {LR}, constant, clip 1.0; sigmoid DPO beta {BETA}, reference log-probabilities every "
-                       f"step; each provider in a fresh process; tokens/s over the timed steps after {case.warmup} "
-                       f"warm-up (prompt + chosen and prompt + rejected tokens, no padding); peak mem = weights held "
-                       f"+ {memory} over the start of training; loss0 should be log 2 = {math.log(2):.4f}")
+                       f"step; each provider in a fresh process; tokens/s: the median per-step rate over the timed "
+                       f"steps after {case.warmup} warm-up (prompt + chosen and prompt + rejected tokens, no "
+                       f"padding); peak mem = weights held + {memory} over the start of training; loss0 should be "
+                       f"log 2 = {math.log(2):.4f}")
     goals = {}
     for name in ("parallax", "parallax packed"):
         ours = by_name.get(name)
