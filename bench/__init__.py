@@ -28,6 +28,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "optimizer step: parallax AdamW vs torch foreach/fused (and DeepSpeed CPU Adam), fp32 and bf16+master, "
         "ms, GB/s and the memory-bandwidth floor",
     ),
+    "align": (
+        ".align",
+        "DPO step on a LoRA Llama (CPU): parallax (reference = adapters disabled, chunked log-probabilities) vs "
+        "TRL DPOTrainer + PEFT with the adapter-disabled and an explicit reference model; tokens/s, peak memory",
+    ),
     "attention": (
         ".attention",
         "FlashAttention fwd/bwd (bf16, 16k tokens, seqlens 512-16k, D 64/128, causal and not): parallax Triton vs "

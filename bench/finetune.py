@@ -37,23 +37,38 @@ and TRL train on the same tokens.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import importlib.util
 import itertools
 import json
-import multiprocessing
 import random
 import tempfile
-import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .lora_setup import (
+    LORA_ALPHA,
+    LORA_R,
+    LR,
+    Case,
+    PeakMemory,
+    StepClock,
+    add_versions,
+    check_providers,
+    clipped_step,
+    continuation_rows,
+    in_fresh_process,
+    make_adapter_dir,
+    make_model_dir,
+    quiet_hugging_face,
+    timing_callback,
+    train_quietly,
+    trainer_arguments,
+)
 from .table import Column
 from .timing import quantile
 
@@ -75,25 +90,7 @@ COLUMNS = [
 ]
 
 PROVIDERS = ("parallax packed", "TRL packed", "parallax padded", "TRL padded", "TRL padding-free")
-LORA_R, LORA_ALPHA = 16, 32
-LR = 2e-4
 GOAL_SPEEDUP, GOAL_PADDING = 1.5, 0.02
-
-
-@dataclass(frozen=True)
-class Case:
-    """The model and data of one run; ``seq`` is the most positions per example and per packed bin."""
-
-    width: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    seq: int
-    examples: int
-    warmup: int
-    steps: int
 
 
 FULL = Case(width=256, layers=4, heads=4, kv_heads=2, intermediate=768, vocab=4096, seq=512, examples=640,
@@ -112,62 +109,10 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--providers", default=None, help=f"comma-separated subset of: {', '.join(PROVIDERS)}")
 
 
-# ------------------------------------------------------------------------------ shared setup
-
-def _make_model_dir(root: Path, case: Case) -> Path:
-    """A random-initialised Llama with a BPE tokenizer trained on the built-in corpus, saved as a
-    ``transformers`` directory."""
-    import transformers
-
-    from parallax.data import builtin_documents, load_tokenizer
-    from parallax.data.train_tokenizer import train_tokenizer
-
-    path = root / "model"
-    train_tokenizer(builtin_documents()[:200], case.vocab, path)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=load_tokenizer(path).vocab_size, hidden_size=case.width, intermediate_size=case.intermediate,
-        num_hidden_layers=case.layers, num_attention_heads=case.heads, num_key_value_heads=case.kv_heads,
-        max_position_embeddings=case.seq, tie_word_embeddings=False))
-    hf.save_pretrained(path)
-    return path
-
-
-def _make_adapter_dir(root: Path, model_dir: Path) -> Path:
-    """PEFT's initial LoRA adapter for the model (A Kaiming-uniform, B zero), shared by all providers."""
-    import peft
-    import transformers
-
-    path = root / "adapter"
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    config = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
-                             task_type="CAUSAL_LM")
-    peft.get_peft_model(hf, config).save_pretrained(path)
-    return path
-
-
 def _make_data(root: Path, tokenizer: Any, seq: int, count: int) -> Path:
-    """``count`` prompt/completion rows of varied lengths (a few to ``seq`` tokens) from the
-    built-in corpus: a passage of 1-6 sentences, then its next 1-4 sentences as the completion
-    (at seq 512; proportionally fewer for shorter sequences)."""
-    from parallax.data import builtin_documents
-
-    rng = random.Random(0)
-    docs = [[s.strip() + "." for s in d.split(". ") if 20 < len(s.strip()) < 200] for d in builtin_documents()]
-    docs = [d for d in docs if len(d) >= 4]
-    scale = seq / 512  # fewer sentences for shorter sequences, so that several examples share a bin
-    rows = []
-    while len(rows) < count:
-        doc = rng.choice(docs)
-        start = rng.randrange(len(doc) - 1)
-        n_prompt, n_completion = rng.randint(1, max(2, round(6 * scale))), rng.randint(1, max(1, round(4 * scale)))
-        prompt = "Continue the passage:\n" + " ".join(doc[start:start + n_prompt]) + "\nContinuation:"
-        completion = " " + " ".join(doc[start + n_prompt:start + n_prompt + n_completion])
-        if completion.strip() and len(tokenizer.encode(prompt + completion)) + 2 <= seq:
-            rows.append({"prompt": prompt, "completion": completion})
+    """``count`` prompt/completion rows of varied lengths (``continuation_rows``) as a JSONL file."""
     path = root / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in continuation_rows(tokenizer, seq, count)))
     return path
 
 
@@ -197,48 +142,6 @@ def _load_examples(model_dir: str, data: str, seq: int) -> list:
 
 
 # ------------------------------------------------------------------------------ measurement
-
-class PeakMemory:
-    """Peak memory while training, over the amount at ``start``: the process's resident set
-    size sampled every 5 ms by a thread on CPU, ``torch.cuda.max_memory_allocated`` on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._base = self._peak = 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return
-        import psutil
-
-        process = psutil.Process()
-        self._base = self._peak = process.memory_info().rss
-
-        def sample() -> None:
-            while not self._stop.wait(0.005):
-                self._peak = max(self._peak, process.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> int:
-        """Bytes of the peak over the start."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self._base
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        import psutil
-
-        self._peak = max(self._peak, psutil.Process().memory_info().rss)
-        return self._peak - self._base
-
 
 @dataclass
 class StepLog:
@@ -277,10 +180,9 @@ def _parallax_run(spec: Spec) -> StepLog:
     optimizer = px.optim.AdamW(params, lr=LR, weight_decay=0.0)
     log = StepLog([], [], [], [], [], [], 0, sum(p.numel() for p in params))
     log.first_batch = [tuple(t.tolist() for t in e.inputs_and_targets()) for e in groups[0]]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
     memory.start()
-    last = time.perf_counter()
+    clock = StepClock(device)
     for step in range(spec.warmup + spec.steps):
         group = groups[step % len(groups)]
         if packed:
@@ -291,15 +193,9 @@ def _parallax_run(spec: Spec) -> StepLog:
             batch = collate_padded(group, pad_id)
             loss = model(batch.input_ids.to(device), batch.targets.to(device))
             padding = batch.num_padding
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(loss, params, optimizer)
         log.losses.append(loss.item())
-        sync()
-        now = time.perf_counter()
-        log.seconds.append(now - last)
-        last = now
+        log.seconds.append(clock.lap())
         log.positions.append(batch.input_ids.numel())
         log.tokens.append(batch.input_ids.numel() - padding)
         log.trained.append(int((batch.targets != -100).sum()))
@@ -314,9 +210,7 @@ def _trl_run(spec: Spec) -> StepLog:
     import transformers
     import trl
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_hugging_face()
     device = torch.device(spec.device)
     examples = _load_examples(spec.model_dir, spec.data, spec.seq)
     dataset = datasets.Dataset.from_dict({"input_ids": [list(e.tokens) for e in examples],
@@ -332,16 +226,11 @@ def _trl_run(spec: Spec) -> StepLog:
             output_dir=out, max_length=None if padding_free else spec.seq, packing=packing,
             padding_free=padding_free, completion_only_loss=True,
             per_device_train_batch_size=1 if packing else spec.batch, max_steps=spec.warmup + spec.steps,
-            learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            train_sampling_strategy="random" if packing else "sequential", logging_steps=1, save_strategy="no",
-            report_to=[],
-            use_cpu=device.type == "cpu", dataloader_num_workers=0, dataloader_pin_memory=False,
-            disable_tqdm=True, seed=0, bf16=False, fp16=False)
+            train_sampling_strategy="random" if packing else "sequential", **trainer_arguments(device))
         trainer = _recording_trainer(trl.SFTTrainer, log)(
             model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-            callbacks=[_timing_callback(log, device)])
-        trainer.remove_callback(transformers.PrinterCallback)  # its per-step log lines
-        trainer.train()
+            callbacks=[timing_callback(log, device)])
+        train_quietly(trainer)
     return log
 
 
@@ -381,41 +270,8 @@ def _trl_pairs(inputs: dict[str, torch.Tensor]) -> list[tuple[list[int], list[in
     return pairs
 
 
-def _timing_callback(log: StepLog, device: torch.device) -> Any:
-    """A TrainerCallback timing each TRL step from the end of the previous one and bracketing the
-    peak-memory sampling with the training loop."""
-    import transformers
-
-    class TimingCallback(transformers.TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.memory = PeakMemory(device)
-            self.memory.start()
-            self.last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            log.seconds.append(now - self.last)
-            self.last = now
-
-        def on_train_end(self, args, state, control, **kwargs):
-            log.peak_bytes = self.memory.stop()
-
-    return TimingCallback()
-
-
-def _measure(spec: Spec) -> dict[str, Any]:
-    """One provider's run (in its own process): the StepLog as a dict."""
-    torch.set_num_threads(spec.threads)
-    run = _parallax_run if spec.provider.startswith("parallax") else _trl_run
-    return asdict(run(spec))
-
-
-def _in_fresh_process(spec: Spec) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_measure, spec).result()
+def _run_provider(spec: Spec) -> StepLog:
+    return _parallax_run(spec) if spec.provider.startswith("parallax") else _trl_run(spec)
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -448,22 +304,8 @@ def _row(provider: str, spec: Spec, log: dict[str, Any], reference: float) -> di
     }
 
 
-def _providers(ctx) -> list[str]:
-    names = [n.strip() for n in (ctx.args.providers or ",".join(PROVIDERS)).split(",") if n.strip()]
-    unknown = sorted(set(names) - set(PROVIDERS))
-    if unknown:
-        raise ValueError(f"--providers: unknown provider(s) {', '.join(unknown)}; known: {', '.join(PROVIDERS)}")
-    if any(n.startswith("TRL") for n in names):
-        missing = [m for m in ("trl", "peft", "datasets") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise RuntimeError(f"bench finetune compares against TRL: pip install 'parallax[bench]' "
-                               f"(missing: {', '.join(missing)})")
-    return names
-
-
 def run(ctx) -> Iterator[dict]:
     import transformers
-
     from parallax.data import load_tokenizer
     from parallax.finetune import pack_examples, packing_padding_share
 
@@ -471,16 +313,14 @@ def run(ctx) -> Iterator[dict]:
     case = QUICK if ctx.quick else FULL
     seq = ctx.args.seq or case.seq
     steps = ctx.args.steps or case.steps
-    names = _providers(ctx)
-    for package in ("trl", "peft", "datasets", "transformers"):
-        if importlib.util.find_spec(package):
-            ctx.add_version(package, importlib.import_module(package).__version__)
+    names = check_providers(ctx.args.providers, PROVIDERS, "finetune")
+    add_versions(ctx)
     ctx.skip("Unsloth", "unsloth is not installed" if importlib.util.find_spec("unsloth") is None
              else "Unsloth needs a CUDA GPU; this benchmark runs every provider on CPU")
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        model_dir = _make_model_dir(root, dataclasses.replace(case, seq=seq))
-        adapter_dir = _make_adapter_dir(root, model_dir)
+        model_dir = make_model_dir(root, dataclasses.replace(case, seq=seq))
+        adapter_dir = make_adapter_dir(root, model_dir)
         tokenizer = load_tokenizer(model_dir)
         data = Path(ctx.args.data) if ctx.args.data else _make_data(root, tokenizer, seq, case.examples)
         examples = _load_examples(str(model_dir), str(data), seq)
@@ -495,7 +335,7 @@ def run(ctx) -> Iterator[dict]:
             spec = Spec(name, str(model_dir), str(adapter_dir), str(data), seq, batch, case.warmup, steps,
                         ctx.device.type, threads)
             ctx.log(f"{name}: {case.warmup} warm-up + {steps} timed steps")
-            logs[name] = (spec, _in_fresh_process(spec))
+            logs[name] = (spec, in_fresh_process(_run_provider, spec, threads))
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
         rows = [_row(name, spec, log, _reference_loss(hf, log["first_batch"])) for name, (spec, log) in logs.items()]
     best_trl = max((r["trained_tokens_per_s"] for r in rows if r["provider"].startswith("TRL")), default=None)
