@@ -2,7 +2,7 @@
 
 From the fine-tuning demo's model (a full fine-tune of the ``parallax train`` demo checkpoint on
 ``parallax/finetune/demo/train.jsonl``), safety SFT (the task data with the shipped safety rows
-mixed in) and then DPO with LoRA (task preference pairs with the shipped safety pairs mixed in),
+mixed in) and then DPO with LoRA on the shipped safety preference pairs,
 each through ``parallax finetune`` / ``align`` / ``eval`` as a user runs them. Held-out refusal
 rate, over-refusal rate, jailbreak attack success and task exact match before and after; then a
 separate fine-tune with canaries at 1 and 16 repetitions and their exposure. Prints the table,
@@ -13,25 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shlex
 import sys
 from pathlib import Path
 
 from parallax.cli import main as parallax
 from parallax.finetune.demo.__main__ import FULL
+from parallax.finetune.safety import BUILTIN, safety_rows
 
 FINETUNE_DEMO = Path(__file__).parents[2] / "finetune" / "demo"
 TASK = FINETUNE_DEMO / "train.jsonl"
 HELDOUT = FINETUNE_DEMO / "heldout.yaml"
-# Chosen on the demo model (README.md here has the runs): a third of the SFT rows safety rows keeps
-# the task; DPO with rpo_alpha keeps the chosen answers likely (plain DPO at these learning rates
-# lowered the refusal rate: the benign pairs push the shared refusal text down everywhere).
-SAFETY_SFT = ["--full", "--safety-data", "builtin", "--safety-ratio", "0.3", "--steps", "1200", "--lr", "1e-3",
+# Chosen on the demo model (README.md here has the runs): half the SFT rows safety rows, starting
+# from the fine-tuned model, keeps the task; DPO on the safety pairs with rpo_alpha keeps the chosen
+# answers likely (plain DPO lowered the refusal rate: the benign pairs push the refusal text, which
+# harmful prompts share, down everywhere).
+SAFETY_SFT = ["--full", "--safety-data", "builtin", "--safety-ratio", "0.5", "--steps", "1200", "--lr", "1e-3",
               "--batch-size", "16"]
-SAFETY_DPO = ["--method", "dpo", "--lora", "r=8,alpha=16,targets=all-linear", "--safety-data", "builtin",
-              "--safety-ratio", "0.5", "--beta", "0.1", "--rpo-alpha", "1.0", "--steps", "200", "--lr", "1e-3",
-              "--batch-size", "8"]
+SAFETY_DPO = ["--method", "dpo", "--lora", "r=8,alpha=16,targets=all-linear", "--beta", "0.1", "--rpo-alpha", "1.0",
+              "--steps", "200", "--lr", "5e-4", "--batch-size", "8"]
 CANARIES = ["--full", "--canaries", "4", "--canary-repeats", "1,16", "--canary-digits", "4", "--steps", "600",
             "--lr", "1e-3", "--batch-size", "16"]
 SUITE = ["--suite", "safety", "--max-tokens", "24", "--batch-size", "64", "--no-progress"]
@@ -45,18 +45,12 @@ def _run(args: list[str]) -> None:
         sys.exit(f"parallax {args[0]} failed")
 
 
-def _task_preferences(path: Path, seed: int = 0) -> Path:
-    """Preference pairs from the fine-tuning demo's rows: the right completion over another row's
-    completion of the same skill (a wrong answer of the right form)."""
-    rows = [json.loads(line) for line in TASK.read_text().splitlines()]
-    by_skill: dict[str, list[str]] = {}
-    for row in rows:
-        by_skill.setdefault(row["skill"], []).append(row["completion"])
-    rng = random.Random(seed)
+def _safety_preferences(path: Path) -> Path:
+    """The shipped safety preference pairs rendered as the SFT stage saw its rows
+    ("Request: ...\nAnswer:" prompts)."""
     with open(path, "w") as f:
-        for row in rows:
-            wrong = rng.choice([c for c in by_skill[row["skill"]] if c != row["completion"]])
-            f.write(json.dumps({"prompt": row["prompt"], "chosen": row["completion"], "rejected": wrong}) + "\n")
+        for row in safety_rows(BUILTIN, "completion", preferences=True):
+            f.write(json.dumps({field: row[field] for field in ("prompt", "chosen", "rejected")}) + "\n")
     return path
 
 
@@ -86,6 +80,10 @@ def _goals(report: dict) -> dict[str, bool]:
     return {name: compare[op](float(values[name]), bound) for name, (op, bound) in GOALS.items()}
 
 
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m parallax.align.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="out", help="the parallax train run to start from (default: out)")
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     _run(["finetune", "--base", str(finetuned), "--data", str(TASK), *SAFETY_SFT, "--out", str(out / "safety-sft"),
           "--overwrite"])
     report["sft"] = _evaluate(out / "safety-sft", out, "sft")
-    prefs = _task_preferences(out / "task_prefs.jsonl")
+    prefs = _safety_preferences(out / "safety_prefs.jsonl")
     _run(["align", "--base", str(out / "safety-sft"), "--data", str(prefs), *SAFETY_DPO,
           "--out", str(out / "safety-dpo"), "--overwrite"])
     report["dpo"] = _evaluate(out / "safety-dpo", out, "dpo")
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':<22}{'before':>9}{'safety SFT':>12}{'+ DPO':>9}")
     for metric in ("refusal_rate", "over_refusal_rate", "asr/none", "asr/prefix_injection", "asr/role_play",
                    "task_em"):
-        print(f"{metric:<22}" + "".join(f"{report[stage].get(metric) or 0.0:>{w}.3f}"
+        print(f"{metric:<22}" + "".join(_cell(report[stage].get(metric), w)
                                          for stage, w in (("before", 9), ("sft", 12), ("dpo", 9))))
     print(f"canary exposure (bits): 1 repeat {report['canaries']['exposure_r1']:.2f}, "
           f"16 repeats {report['canaries']['exposure_r16']:.2f}")
