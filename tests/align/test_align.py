@@ -64,6 +64,14 @@ def _cfg(base: Path, data: Path, out: Path, **fields) -> AlignConfig:
     return AlignConfig(**{**values, **fields})
 
 
+@pytest.fixture(scope="module")
+def fp32_run(base, prefs, tmp_path_factory) -> Path:
+    """A LoRA DPO run in fp32 with padded batches: what packing and 16-bit runs are compared with."""
+    out = tmp_path_factory.mktemp("fp32") / "run"
+    finetune(_cfg(base, prefs, out, lora="r=4,alpha=8"), progress=False)
+    return out
+
+
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").open()]
 
@@ -116,10 +124,9 @@ def test_full_dpo_precomputes_the_reference_and_resume_reuses_it(base, prefs, tm
         finetune(_cfg(base, prefs, part, full=True, steps=6, resume=True), progress=False)
 
 
-def test_packing_trains_like_padding(base, prefs, tmp_path):
-    finetune(_cfg(base, prefs, tmp_path / "padded", lora="r=4,alpha=8"), progress=False)
+def test_packing_trains_like_padding(base, prefs, fp32_run, tmp_path):
     finetune(_cfg(base, prefs, tmp_path / "packed", lora="r=4,alpha=8", packing=True), progress=False)
-    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(tmp_path / "padded"), _losses(tmp_path / "packed")):
+    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(fp32_run), _losses(tmp_path / "packed")):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5) and v1 == pytest.approx(v2, abs=1e-5)
 
 
@@ -146,10 +153,9 @@ def test_two_rank_zero3_dpo_equals_one_process(base, prefs, tmp_path, tuning):
 
 @pytest.mark.parametrize("runtime", [dict(precision="bf16", zero_stage=2),
                                      dict(precision="fp16", zero_stage=1, offload="cpu")])
-def test_lora_dpo_composes_with_16_bit_precision_and_offload(base, prefs, tmp_path, runtime):
-    finetune(_cfg(base, prefs, tmp_path / "fp32", lora="r=4,alpha=8"), progress=False)
+def test_lora_dpo_composes_with_16_bit_precision_and_offload(base, prefs, fp32_run, tmp_path, runtime):
     finetune(_cfg(base, prefs, tmp_path / "run", lora="r=4,alpha=8", **runtime), progress=False)
-    for a, b in zip(_records(tmp_path / "fp32"), _records(tmp_path / "run")):
+    for a, b in zip(_records(fp32_run), _records(tmp_path / "run")):
         if "loss" in a:
             assert b["loss"] == pytest.approx(a["loss"], rel=2e-2, abs=2e-3)
             assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=0.1, abs=2e-3)
