@@ -45,14 +45,16 @@ def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
-    flat = targets.reshape(-1)
+    flat, hidden = targets.reshape(-1), h.reshape(-1, h.size(-1))
     rows = (flat >= 0).nonzero().squeeze(1)
-    # Only the rows with a target go through the LM head: a prompt, padding or a packed row's
-    # boundaries cost nothing there (for completion-only SFT and preference pairs about half the
-    # rows; the head is ~25% of a small model's FLOPs).
-    loss = ops.linear_cross_entropy(h.reshape(-1, h.size(-1)).index_select(0, rows), lm_head_weight,
-                                    flat.index_select(0, rows), ignore_index=-100,
+    selected = rows.numel() < flat.numel()
+    if selected:
+        # Only the rows with a target go through the LM head: a prompt, padding or a packed row's
+        # boundaries cost nothing there (for completion-only SFT and preference pairs about half the
+        # rows; the head is ~25% of a small model's FLOPs). Pretraining rows all have one: no copy.
+        hidden, flat = hidden.index_select(0, rows), flat.index_select(0, rows)
+    loss = ops.linear_cross_entropy(hidden, lm_head_weight, flat, ignore_index=-100,
                                     backend=None if h.is_cuda else "chunked", reduction=reduction)
-    if reduction == "mean":
-        return loss
-    return loss.new_zeros(flat.shape, dtype=torch.float32).index_put((rows,), loss.float()).view(targets.shape)
+    if reduction == "mean" or not selected:
+        return loss if reduction == "mean" else loss.float().view(targets.shape)
+    return loss.new_zeros(targets.numel(), dtype=torch.float32).index_put((rows,), loss.float()).view(targets.shape)

@@ -22,7 +22,9 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         raise ValueError(f"hidden must be (B, T, C) and targets (B, T); got {tuple(hidden.shape)} and "
                          f"{tuple(targets.shape)}")
     B, T, C = hidden.shape
+    # the chunked PyTorch path on the CPU, as the models' loss (the Triton interpreter, which tests
+    # enable, is for checking kernels, not for scoring thousands of sequences)
     nll = linear_cross_entropy(hidden.reshape(B * T, C), weight, targets.reshape(B * T), ignore_index=ignore_index,
-                               reduction="none").view(B, T)  # 0 where ignored
+                               reduction="none", backend=None if hidden.is_cuda else "chunked").view(B, T)
     total = -nll.float().sum(dim=1)
     return total / (targets != ignore_index).sum(dim=1) if average else total
