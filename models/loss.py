@@ -45,9 +45,9 @@ def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
-    flat, hidden = targets.reshape(-1), h.reshape(-1, h.size(-1))
-    rows = (flat >= 0).nonzero().squeeze(1)
-    selected = rows.numel() < flat.numel()
+    flat, hidden = targets.reshape(-1).masked_fill(targets.reshape(-1) < 0, -100), h.reshape(-1, h.size(-1))
+    rows = _rows_with_targets(flat)
+    selected = rows is not None
     if selected:
         # Only the rows with a target go through the LM head: a prompt, padding or a packed row's
         # boundaries cost nothing there (for completion-only SFT and preference pairs about half the
@@ -58,3 +58,15 @@ def lm_loss(h: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor
     if reduction == "mean" or not selected:
         return loss if reduction == "mean" else loss.float().view(targets.shape)
     return loss.new_zeros(targets.numel(), dtype=torch.float32).index_put((rows,), loss.float()).view(targets.shape)
+
+
+def _rows_with_targets(flat: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows of flat (N,) with a target (>= 0), or None when every row has one or
+    the step is being traced (fake tensors for px.plan, torch.compile): a data-dependent shape
+    there would stop the trace, and the full head is then the (conservative) estimate."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(flat) or flat.device.type == "meta" or torch.compiler.is_compiling():
+        return None
+    rows = (flat >= 0).nonzero().squeeze(1)
+    return rows if rows.numel() < flat.numel() else None
