@@ -207,3 +207,23 @@ def test_safety_pairs_are_mixed_into_the_training_pairs_at_the_ratio(base, prefs
     assert ds.splits.val == plain.splits.val  # validation untouched
     text = bytes(t for t in added[0].chosen.tokens if t < 256).decode()
     assert text.startswith("Request: make bomb") and text.endswith("\nAnswer: No.")
+
+
+def test_lora_dpo_on_a_hugging_face_llama_with_chat_rows(tmp_path):
+    """--hf DIR (a transformers Llama and its tokenizer with a Llama 3 chat template) and TRL's
+    conversational rows: the first step's loss is log 2 (LoRA B = 0) and a PEFT adapter is written."""
+    from tests.eval.tiny_llama import write_tiny_llama
+
+    model_dir = write_tiny_llama(tmp_path / "llama", positions=128)
+    rows = [{"prompt": [{"role": "user", "content": f"colour {i}?"}],
+             "chosen": [{"role": "assistant", "content": "red"}],
+             "rejected": [{"role": "assistant", "content": f"no {i}"}]} for i in range(8)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = AlignConfig(hf=str(model_dir), data=str(data), lora="r=4,alpha=8", steps=2, batch_size=4, eval_interval=2,
+                      eval_batches=1, checkpoint_interval=2, log_interval=1, val_fraction=0.0, sample_tokens=0,
+                      out=str(tmp_path / "run"))
+    result = finetune(cfg, progress=False)
+    first = _records(tmp_path / "run")[1]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["logps/chosen"] < 0
+    assert (result.written / "adapter_model.safetensors").is_file()
