@@ -9,7 +9,8 @@ Storage (the format every quantized module, checkpoint and kernel shares):
   float; ``W[n, k] = (code[n, k] - zeros[n, k // g]) * scales[n, k // g]`` (AutoGPTQ's asymmetric
   scheme with float zero points, so round-to-nearest and GPTQ share it).
 
-This module holds the plain-PyTorch references (the ground truth the kernels are tested against).
+``int8_linear`` / ``int4_linear`` are the public ops (x (..., K) -> (..., N), differentiable in x
+and bias, never in the stored weight); ``*_ref`` are the plain-PyTorch references.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["pack_int4", "unpack_int4", "dequantize_int8", "dequantize_int4", "int8_linear_ref", "int4_linear_ref"]
+__all__ = ["int8_linear", "int4_linear", "pack_int4", "unpack_int4", "dequantize_int8", "dequantize_int4", "int8_linear_ref", "int4_linear_ref"]
 
 
 def pack_int4(codes: Tensor) -> Tensor:
@@ -60,3 +61,14 @@ def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, g
                     bias: Tensor | None = None) -> Tensor:
     """x (..., K) -> (..., N): dequantize to x's dtype, then ``F.linear``."""
     return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype), bias)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ dequantized int8 W (N, K)^T + bias -> (..., N) in x's dtype."""
+    return int8_linear_ref(x, qweight, scales, bias)
+
+
+def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ dequantized int4 W (N, K)^T + bias -> (..., N) in x's dtype."""
+    return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
