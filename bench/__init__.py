@@ -43,6 +43,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "activation checkpointing on the reference GPT: saved activation bytes and step time, none vs every "
         "block vs every 2nd block",
     ),
+    "compress": (
+        ".compress",
+        "compression of the trained demo model: int8/int4 (RTN, GPTQ) and torchao, pruning (magnitude, Wanda, 2:4, "
+        "structured + recovery), low rank, distillation; size, held-out perplexity, generation tokens/s",
+    ),
     "eval": (
         ".eval",
         "evaluation: px.eval.evaluate vs lm-evaluation-harness's hf backend on the same model and local tasks "

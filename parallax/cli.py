@@ -106,6 +106,12 @@ def _eval(rest: list[str]) -> int:
     return eval_main(rest, prog="parallax eval")
 
 
+def _compress(rest: list[str]) -> int:
+    from parallax.compress.cli import compress_main
+
+    return compress_main(rest, prog="parallax compress")
+
+
 def _tokenizer(rest: list[str]) -> int:
     from parallax.data.tokenizer_cli import tokenizer_main
 
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     commands.add_parser("eval", help="score a checkpoint or a Hugging Face directory on task files "
                                      "(lm-evaluation-harness's YAML vocabulary and metrics)", add_help=False)
+    commands.add_parser("compress", help="quantize (int8, int4 RTN/GPTQ), prune (magnitude, Wanda, 2:4, "
+                                         "structured) or factorize (low rank) a trained model into a loadable "
+                                         "directory (`parallax compress quantize --help`)", add_help=False)
     commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text (`parallax tokenizer "
                                           "train --help`)", add_help=False)
     commands.add_parser("bench", help="run a microbenchmark (`parallax bench` lists them)", add_help=False)
@@ -152,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tokenizer(argv[1:])
     if argv[:1] == ["eval"]:
         return _eval(argv[1:])
+    if argv[:1] == ["compress"]:
+        return _compress(argv[1:])
     args = parser.parse_args(argv)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")

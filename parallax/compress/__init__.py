@@ -1,6 +1,8 @@
 """Model compression: quantization, pruning, low-rank factorization, weight sharing, distillation
 (``px.compress``). Every method changes an ``nn.Module`` in place and returns it."""
 
+from parallax.compress.checkpoint import is_compressed, load, read_manifest, save
 from parallax.compress.common import calibration_tokens, target_linears
+from parallax.compress.recover import recover, sparsity_masks
 
-__all__ = ["calibration_tokens", "target_linears"]
+__all__ = ["calibration_tokens", "target_linears", "save", "load", "is_compressed", "read_manifest", "recover", "sparsity_masks"]

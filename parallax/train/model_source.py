@@ -3,7 +3,7 @@
 
 A checkpoint (or run directory) of ``parallax train`` or ``parallax finetune`` loads with its
 tokenizer (a fine-tuning run's checkpoints carry their adapter); ``--hf DIR`` loads a Hugging Face
-directory; ``--adapter DIR`` adds a PEFT-format adapter (LoRA or prefix) on top of either, and on
+directory; either flag also takes a directory of ``parallax compress`` / ``px.compress.save``; ``--adapter DIR`` adds a PEFT-format adapter (LoRA or prefix) on top of either, and on
 its own loads the base its ``adapter_config.json`` names (``base_model_name_or_path``).
 """
 
@@ -22,11 +22,16 @@ def load_trained(checkpoint: str | None = None, hf: str | None = None, adapter: 
                  tokenizer: str | None = None) -> tuple[nn.Module, Any, str]:
     """(model on CPU, tokenizer, a description of where it came from). With neither checkpoint
     nor hf nor adapter: the default run's newest checkpoint. ValueError naming the flag otherwise."""
+    from parallax import compress
     from parallax.data import load_tokenizer
 
     if adapter is not None and checkpoint is None and hf is None:
         checkpoint, hf = _adapter_base(Path(adapter))
-    if hf is not None:
+    compressed = next((p for p in (checkpoint, hf) if p is not None and compress.is_compressed(p)), None)
+    if compressed is not None:
+        model, tok = compress.load(compressed), _compressed_tokenizer(compressed, tokenizer)
+        source = f"compressed:{compressed}"
+    elif hf is not None:
         from parallax.models import from_hf
 
         model, tok, source = from_hf(hf), load_tokenizer(tokenizer or hf), f"hf:{hf}"
@@ -44,6 +49,18 @@ def load_trained(checkpoint: str | None = None, hf: str | None = None, adapter: 
         peft.load_adapter(model, adapter)
         source += f" + adapter {adapter}"
     return model, tok, source
+
+
+def _compressed_tokenizer(directory: str, tokenizer: str | None) -> Any:
+    """``--tokenizer`` when given, else the tokenizer the compressed model records (bytes when none)."""
+    from parallax.compress import read_manifest
+    from parallax.data import load_tokenizer
+    from parallax.data.tokenizer import tokenizer_from_reference
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    reference = read_manifest(directory).get("tokenizer")
+    return load_tokenizer("byte") if reference is None else tokenizer_from_reference(reference, directory)
 
 
 def _adapter_base(adapter: Path) -> tuple[str | None, str | None]:
