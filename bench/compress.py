@@ -318,9 +318,10 @@ def _notes(ctx: Any, rows: dict[str, dict], samples: int, recover_steps: int, di
         ratio = int8["size_mb"] / ref["size_mb"]
         judge(f"int8 weight-only size <= {GOAL_INT8_SIZE}x bf16's", ratio <= GOAL_INT8_SIZE, f"{ratio:.3f}x")
     rtn, gptq = rows.get("bf16 + int4 g128 RTN"), rows.get("bf16 + int4 g128 GPTQ")
-    if rtn and gptq:
-        judge("int4 g128 GPTQ perplexity increase <= half of RTN's", gptq["ppl_change"] <= rtn["ppl_change"] / 2,
-              f"GPTQ {gptq['ppl_change']:+.3f}% vs RTN {rtn['ppl_change']:+.3f}%")
+    if ref and rtn and gptq:
+        up_rtn, up_gptq = rtn["ppl"] - ref["ppl"], gptq["ppl"] - ref["ppl"]
+        judge("int4 g128 GPTQ perplexity increase over bf16 <= half of RTN's", up_gptq <= up_rtn / 2,
+              f"GPTQ {up_gptq:+.4f} vs RTN {up_rtn:+.4f}")
     structured = rows.get("structured mlp 25% + recovery")
     if structured:
         judge(f"structured 25% MLP + recovery: perplexity within {GOAL_STRUCTURED_PPL}%",
