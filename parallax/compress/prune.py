@@ -50,13 +50,12 @@ def prune(model: nn.Module, sparsity: float = 0.5, method: str = "magnitude", ca
         return model
     if method == "magnitude" and calib is not None:
         raise ValueError("calib: method 'magnitude' uses no calibration data (did you mean method='wanda'?)")
-    if method == "wanda":
+    if method == "wanda" or calib is not None:  # "2:4" scores by Wanda's |W| * ||X|| when given data
         calib = check_calibration(calib, method)
     linears = dict(target_linears(model, filter_fn))
     if not linears:
         raise ValueError("filter_fn: no nn.Linear of the model is left to prune")
-    sq_norms = input_sq_norms(model, linears, check_calibration(calib, method), batch_size=batch_size) \
-        if calib is not None else {}
+    sq_norms = {} if calib is None else input_sq_norms(model, linears, calib, batch_size=batch_size)
     scores = {fqn: weight_scores(linear, sq_norms.get(fqn)) for fqn, linear in linears.items()}
     if method == "2:4":
         prune_2_4(linears, scores, accelerate=accelerate)
