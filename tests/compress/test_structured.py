@@ -3,7 +3,7 @@ their query heads) are removed. The pruned model's outputs equal the original's 
 channels' / heads' output-projection columns zeroed; the removed ones are the least important
 (||W_down[:, j]|| * ||X_j|| over the calibration tokens); the model is smaller, its config rebuilds it
 (build_model, to_hf -> transformers) and it serves through the paged engine with greedy tokens
-equal to its own cache-free generation."""
+equal to its own cache-free generation; a training checkpoint reloads it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 import parallax.compress as compress
 from parallax.inference import LLM, SamplingParams
 from parallax.models import GPT, GPTConfig, Llama, LlamaConfig, build_model, to_hf
+from parallax.train.checkpoints import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -127,6 +128,17 @@ def test_config_rebuilds_the_pruned_model(pruned_pair, tmp_path):
     x = torch.randint(0, VOCAB, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), pruned(x), rtol=0, atol=0)
+
+
+def test_a_training_checkpoint_reloads_the_pruned_model(pruned_pair, tmp_path):
+    _, pruned = pruned_pair
+    saved = copy.deepcopy(pruned)  # save_model wraps the model it writes (ZeRO stage 0)
+    save_model(tmp_path / "ckpt", saved, step=1, model_config=saved.config, tokenizer={"kind": "byte"})
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.config == pruned.config
+    x = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), pruned(x), rtol=0, atol=0)
 
 
 def test_to_hf_round_trips_through_transformers(pruned_pair, tmp_path):
