@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import parallax.compress as compress
-from parallax.compress.unstructured import prune_count
+from parallax.compress.unstructured import lowest_k_mask, prune_count
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -61,6 +63,15 @@ def wanda_scores(model: Toy, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         inputs = model.inputs(tokens)
         return {name: getattr(model, name).weight.abs() * inputs[name].norm(dim=0)[None] for name in inputs}
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 40), levels=st.integers(1, 6), fraction=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_lowest_k_mask_is_a_stable_sort_prefix(rows, cols, levels, fraction, seed):
+    scores = torch.randint(0, levels, (rows, cols), generator=torch.Generator().manual_seed(seed)).float()
+    k = round(fraction * cols)
+    assert torch.equal(lowest_k_mask(scores, k), reference_mask(scores, k))
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])
