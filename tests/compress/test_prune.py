@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import parallax.compress as compress
+from parallax import compress
 from parallax.compress.unstructured import lowest_k_mask, prune_count
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")

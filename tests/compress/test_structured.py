@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import parallax.compress as compress
+from parallax import compress
 from parallax.inference import LLM, SamplingParams
 from parallax.models import GPT, GPTConfig, Llama, LlamaConfig, build_model, to_hf
 from parallax.train.checkpoints import load_model, save_model
