@@ -45,7 +45,8 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step tests "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$RESULTS/gpu_tests.xml" \
   tests/ops tests/optim tests/amp tests/models tests/checkpoint tests/distributed/test_zero_cuda.py \
-  tests/distributed/test_precision_cuda.py tests/inference tests/peft/test_lora_cuda.py tests/align/test_objective_cuda.py
+  tests/distributed/test_precision_cuda.py tests/inference tests/peft/test_lora_cuda.py tests/align/test_objective_cuda.py \
+  tests/compress/test_prune.py
 export PARALLAX_BENCH_RESULTS=$RESULTS
 step bench-adamw "$PY" -m bench adamw --device cuda --budget 1
 step bench-train "$PY" -m bench train --device cuda --cases tiny,small --steps 40

@@ -33,6 +33,8 @@ class GPTConfig:
             than it gives grouped-query attention (each KV head serves n_head // n_kv_head
             query heads).
         n_embd: model width.
+        n_inner: width of the MLP's hidden layer; None means 4 * n_embd (Hugging Face's GPT-2
+            field; structured pruning sets it when it removes MLP channels).
         dropout: dropout probability on embeddings, attention weights and residual branches.
         bias: whether Linear and LayerNorm layers have biases (GPT-2 has them).
         layer_norm_eps: LayerNorm epsilon (GPT-2 uses 1e-5).
@@ -47,6 +49,7 @@ class GPTConfig:
     n_head: int = 12
     n_kv_head: int | None = None
     n_embd: int = 768
+    n_inner: int | None = None
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
@@ -55,6 +58,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             positive_int(f"GPTConfig.{name}", getattr(self, name))
+        if self.n_inner is not None:
+            positive_int("GPTConfig.n_inner", self.n_inner)
         if self.n_kv_head is not None:
             positive_int("GPTConfig.n_kv_head", self.n_kv_head)
             if self.n_head % self.n_kv_head != 0:
@@ -84,6 +89,11 @@ class GPTConfig:
     def kv_heads(self) -> int:
         """The number of key/value heads: n_kv_head, or n_head when it is None."""
         return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self) -> int:
+        """Width of the MLP's hidden layer: n_inner, or 4 * n_embd when it is None."""
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
 
     @property
     def head_dim(self) -> int:

@@ -44,16 +44,15 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if hf_config.get(name, required) != required:
             raise ValueError(f"HF {name} must be {required} to import into GPT; got {hf_config[name]!r}")
     n_embd = hf_config["n_embd"]
-    if hf_config.get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(
-            f"HF n_inner must be None or 4 * n_embd = {4 * n_embd}; got {hf_config['n_inner']!r}"
-        )
+    n_inner = hf_config.get("n_inner")
     fields: dict[str, Any] = dict(
         block_size=hf_config["n_positions"],
         vocab_size=hf_config["vocab_size"],
         n_layer=hf_config["n_layer"],
         n_head=hf_config["n_head"],
         n_embd=n_embd,
+        # HF's None means 4 * n_embd, as GPTConfig's does; an explicit 4 * n_embd is kept as None.
+        n_inner=None if n_inner == 4 * n_embd else n_inner,
         bias=True,
         layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
     )
@@ -79,7 +78,7 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
-        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.n_inner,
         "activation_function": "gelu_new", "layer_norm_epsilon": config.layer_norm_eps,
         "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "resid_pdrop": config.dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,

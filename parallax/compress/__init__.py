@@ -3,6 +3,8 @@
 
 from parallax.compress.checkpoint import is_compressed, load, read_manifest, save
 from parallax.compress.common import calibration_tokens, target_linears
+from parallax.compress.prune import prune
 from parallax.compress.recover import recover, sparsity_masks
 
-__all__ = ["calibration_tokens", "target_linears", "save", "load", "is_compressed", "read_manifest", "recover", "sparsity_masks"]
+__all__ = ["calibration_tokens", "target_linears", "save", "load", "is_compressed", "read_manifest", "recover",
+           "sparsity_masks", "prune"]

@@ -22,7 +22,7 @@ __all__ = ["compress_main", "build_parser"]
 
 log = logging.getLogger(__name__)
 
-_CALIBRATED = {("quantize", "gptq"), ("prune", "wanda"), ("prune", "structured")}
+_CALIBRATED = {("quantize", "gptq"), ("prune", "wanda"), ("prune", "2:4"), ("prune", "structured")}
 
 
 def build_parser(prog: str = "parallax compress") -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from parallax.models import GPT
+from parallax.models import GPT, to_hf
 from parallax.models.hf_gpt2 import config_from_hf
 
 transformers = pytest.importorskip("transformers")
@@ -140,7 +140,6 @@ def test_differing_dropouts_need_an_override():
         ("tie_word_embeddings", False),
         ("scale_attn_by_inverse_layer_idx", True),
         ("scale_attn_weights", False),
-        ("n_inner", 100),
         ("model_type", "llama"),
     ],
 )
@@ -149,6 +148,17 @@ def test_unsupported_hf_config_raises(field, value):
     hf_config[field] = value
     with pytest.raises(ValueError, match=field):
         config_from_hf(hf_config)
+
+
+def test_mlp_width_n_inner_imports_and_exports(tmp_path):
+    """A GPT-2 whose MLP is not 4 * n_embd wide (HF's n_inner; what structured pruning leaves)."""
+    hf = hf_gpt2(n_inner=100)
+    ours = GPT.from_hf(hf)
+    assert ours.config.n_inner == 100 and ours.transformer.h[0].mlp.c_fc.out_features == 100
+    assert_logits_match(ours, hf)
+    to_hf(ours, tmp_path)
+    assert_logits_match(ours, transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval())
+    assert GPT.from_hf(hf_gpt2(n_inner=256)).config.n_inner is None  # 4 * n_embd is the default width
 
 
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"])
