@@ -150,6 +150,8 @@ def _quant_jobs() -> dict[str, tuple]:
         "quant-int4-g20-bf16-crossing": ("quant_linear", "_quant_matmul", "bf16", *cfg(4, 16, 64, 64, False, 4, 4),
                                          int4),
         "quant-int4-fp32": ("quant_linear", "_quant_matmul", "fp32", *cfg(4, 64, 128, 64, True, 8, 3, "ieee"), int4),
+        "quant-sum-splits-bf16": ("quant_linear", "_sum_splits", "bf16", dict(SPLITS=5, BLOCK=1024), 4, 2,
+                                  {"partial_ptr": "*fp32"}),
     }
 
 

@@ -14,8 +14,9 @@ stored integer form and dequantized tile by tile in registers.
 
 Split-K (``program_id(1)``, for decode-sized M where the (M, N) tiles alone cannot fill the
 GPU): split ``s`` covers inner elements ``[s * k_split, (s + 1) * k_split)`` and writes its fp32
-partial sum to ``out[s]`` (the launcher sums the splits); with one split the result, bias added,
-is rounded once to out's dtype. One program per (BLOCK_M, BLOCK_N) tile, in groups of GROUP_M
+partial sum to ``out[s]`` and ``_sum_splits`` adds them in split order (deterministic, unlike
+atomics) and rounds once to the output dtype; with one split the result, bias added, is rounded
+once to out's dtype directly. One program per (BLOCK_M, BLOCK_N) tile, in groups of GROUP_M
 row tiles; row offsets are int64.
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["_quant_matmul"]
+__all__ = ["_quant_matmul", "_sum_splits"]
 
 
 @triton.jit
@@ -93,3 +94,15 @@ def _quant_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, n_rows, 
             acc += tl.load(bias_ptr + cols, mask=mask_cols, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_rows[:, None] & mask_cols[None, :])
+
+
+@triton.jit
+def _sum_splits(partial_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum_s partial[s, i] (fp32, in order s = 0, 1, ...) for contiguous (SPLITS, numel)
+    partials, rounded once to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(partial_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

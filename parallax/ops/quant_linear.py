@@ -36,6 +36,7 @@ __all__ = ["int8_linear", "int4_linear", "pack_int4", "unpack_int4", "dequantize
            "backend", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUM_BLOCK = 1024  # elements per program of the split-K sum
 
 
 def pack_int4(codes: Tensor) -> Tensor:
@@ -169,6 +170,7 @@ def _block_k(k: int, group_size: int | None, dtype: torch.dtype) -> tuple[int, b
     return min(widest, _pow2(k, 16, 64)), False
 
 
+@functools.lru_cache(maxsize=256)  # decode calls it per layer per token: keep the launcher's Python short
 def _launch_config(m: int, n: int, k: int, group_size: int | None, dtype: torch.dtype,
                    device: torch.device) -> dict:
     """Tiles and splits: decode-sized M (<= 16) gets 16-row tiles and split-K until the tiles fill
@@ -198,9 +200,9 @@ def _quant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | No
     n = qweight.shape[0]
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=x.dtype, device=x.device)
-    cfg = _launch_config(m, n, k, group_size, x.dtype, x.device)
+    cfg = dict(_launch_config(m, n, k, group_size, x.dtype, x.device))
     split, k_split = cfg.pop("split"), cfg.pop("k_split")
-    # several splits: fp32 partial sums, added in a fixed order (deterministic, unlike atomics)
+    # several splits: fp32 partial sums, then one kernel adds them in split order and rounds once
     out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     grid = (-(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"]), split)
     if zeros is not None:  # the kernel reads both through one pair of strides
@@ -211,7 +213,11 @@ def _quant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | No
         group_size or k, k_split, x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), *scale_strides,
         out.stride(0), out.stride(1), out.stride(2), BITS=8 if zeros is None else 4, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg)
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+    if split == 1:
+        return out[0]
+    total = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    kernels._sum_splits[(-(-m * n // SUM_BLOCK),)](out, total, m * n, SPLITS=split, BLOCK=SUM_BLOCK)
+    return total
 
 
 def _rows(t: Tensor) -> Tensor:
