@@ -84,7 +84,8 @@ COLUMNS = [
 # weight-only quantized matmuls: name -> group size (None: int8 per channel); goals: speedup over bf16 at batch 1
 QUANT_CASES = {"int8_linear": None, "int4_linear": 128}
 QUANT_GOALS = {"int8_linear": 1.6, "int4_linear": 2.5}
-QUANT_SHAPES = {"cuda": dict(batches=(1, 16), hidden=4096, out=4096), "cpu": dict(batches=(1, 16), hidden=1024, out=1024),
+QUANT_SHAPES = {"cuda": dict(batches=(1, 16), hidden=4096, out=4096),
+                "cpu": dict(batches=(1, 16), hidden=1024, out=1024),
                 "quick": dict(batches=(1,), hidden=256, out=128)}
 
 Tensor = torch.Tensor
@@ -544,7 +545,7 @@ def _measure_quant(ctx, names: list[str], setting: str, timed: bool) -> Iterator
                     row.update(fwd_ms=t.median_ms, fwd_p20_ms=t.p20_ms, fwd_p80_ms=t.p80_ms,
                                vs_torch=t.median_s / timings["torch"].median_s, floor_ms=1e3 * weight_bytes / copy_bw)
                 yield row
-    del stored, weight
+    del stored
     gc.collect()
 
 

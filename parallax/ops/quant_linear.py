@@ -32,8 +32,8 @@ from parallax.ops import _triton
 
 Tensor = torch.Tensor
 
-__all__ = ["int8_linear", "int4_linear", "pack_int4", "unpack_int4", "dequantize_int8", "dequantize_int4", "int8_linear_ref", "int4_linear_ref",
-           "backend", "KERNEL_DTYPES"]
+__all__ = ["int8_linear", "int4_linear", "pack_int4", "unpack_int4", "dequantize_int8", "dequantize_int4",
+           "int8_linear_ref", "int4_linear_ref", "backend", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUM_BLOCK = 1024  # elements per program of the split-K sum
