@@ -23,11 +23,7 @@ import pytest  # noqa: E402
 from parallax import ops  # noqa: E402
 from parallax.ops import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref, quant_linear  # noqa: E402
 from parallax.ops.quant_linear import pack_int4  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    CUDA,
-    assert_error_within_twice_pytorch,
-    triton_interpreter_problem,
-)
+from tests.helpers import CUDA, assert_error_within_twice_pytorch, triton_interpreter_problem  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 INTERPRETER_PROBLEM = None if CUDA else triton_interpreter_problem()
