@@ -7,10 +7,11 @@ stored integer form and dequantized tile by tile in registers.
 * ``BITS=8``: q (N, K) int8, scale (N,); the int8 tile is converted exactly to x's dtype, the dot
   accumulates ``x q^T`` in fp32 and the per-output-channel scale multiplies the sum once.
 * ``BITS=4``: q (N, K // 2) uint8 (even k in the low nibble), scale and zero (N, K // group);
-  each tile's codes are unpacked, ``(code - zero) * scale`` is formed in fp32 and rounded to x's
-  dtype (as the reference dequantizes) before the dot. With ``GROUP_ALIGNED`` the tile lies in
-  one group (BLOCK_K divides the group size) and loads one scale and zero per row; otherwise
-  each element reads its own group's.
+  each tile's bytes are loaded once, contiguously, and split into the even-k and odd-k codes,
+  ``(code - zero) * scale`` is formed in fp32 and rounded to x's dtype (as the reference
+  dequantizes), and each half meets x's even or odd columns in its own dot. With
+  ``GROUP_ALIGNED`` the tile lies in one group (BLOCK_K divides the group size) and loads one
+  scale and zero per output channel; otherwise each element reads its own group's.
 
 Split-K (``program_id(1)``, for decode-sized M where the (M, N) tiles alone cannot fill the
 GPU): split ``s`` covers inner elements ``[s * k_split, (s + 1) * k_split)`` and writes its fp32
@@ -41,22 +42,55 @@ def _tile_ids(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.jit
-def _int4_tile(q_ptr, scale_ptr, zero_ptr, cols, mask_cols, ks, in_range, start, group_size, stride_qn, stride_qk,
-               stride_sn, stride_sg, GROUP_ALIGNED: tl.constexpr):
-    """The dequantized (BLOCK_K, BLOCK_N) fp32 tile W[cols, ks]^T of packed int4 codes."""
-    mask = in_range[:, None] & mask_cols[None, :]
-    col_off = cols.to(tl.int64)[None, :]
-    packed = tl.load(q_ptr + col_off * stride_qn + (ks // 2)[:, None] * stride_qk, mask=mask, other=0)
-    codes = ((packed >> ((ks % 2) * 4).to(tl.uint8)[:, None]) & 0xF).to(tl.float32)
-    if GROUP_ALIGNED:
-        group_off = cols.to(tl.int64) * stride_sn + (start // group_size) * stride_sg
+def _int8_step(acc, x_rows, q_ptr, cols, mask_rows, mask_cols, start, last, stride_xk, stride_qn, stride_qk,
+               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x[:, start:start + BLOCK_K] @ q[cols, same]^T, the int8 codes converted exactly."""
+    ks = start + tl.arange(0, BLOCK_K)
+    in_range = ks < last
+    x_tile = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_rows[:, None] & in_range[None, :], other=0.0)
+    w_tile = tl.load(q_ptr + cols.to(tl.int64)[None, :] * stride_qn + ks[:, None] * stride_qk,
+                     mask=in_range[:, None] & mask_cols[None, :], other=0)
+    return tl.dot(x_tile, w_tile.to(x_tile.dtype), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dequantize(codes, scale_ptr, zero_ptr, col_off, mask, mask_cols, ks, start, group_size, stride_sn, stride_sg,
+                GROUP_ALIGNED: tl.constexpr):
+    """``(code - zero) * scale`` (fp32, as one multiply-add) of a (BLOCK_K // 2, BLOCK_N) tile of
+    codes at inner indices ``ks`` (rows) and output channels ``col_off`` (columns)."""
+    if GROUP_ALIGNED:  # the whole tile lies in group start // group_size: one scale per column
+        group_off = col_off * stride_sn + (start // group_size) * stride_sg
         scale = tl.load(scale_ptr + group_off, mask=mask_cols, other=0.0).to(tl.float32)[None, :]
         zero = tl.load(zero_ptr + group_off, mask=mask_cols, other=0.0).to(tl.float32)[None, :]
     else:
-        group_off = col_off * stride_sn + (ks // group_size)[:, None] * stride_sg
+        group_off = col_off[None, :] * stride_sn + (ks // group_size)[:, None] * stride_sg
         scale = tl.load(scale_ptr + group_off, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + group_off, mask=mask, other=0.0).to(tl.float32)
-    return (codes - zero) * scale
+    return codes * scale - zero * scale
+
+
+@triton.jit
+def _int4_step(acc, x_rows, q_ptr, scale_ptr, zero_ptr, cols, mask_rows, mask_cols, start, last, group_size,
+               stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, GROUP_ALIGNED: tl.constexpr,
+               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x[:, start:start + BLOCK_K] @ W[cols, same]^T from BLOCK_K // 2 packed bytes per
+    column, loaded contiguously along k (vector loads): the low nibbles hold the even k and meet
+    x's even columns, the high nibbles the odd k and x's odd columns, in two dots."""
+    pairs = start // 2 + tl.arange(0, BLOCK_K // 2)  # start is even: k_split and BLOCK_K are
+    in_range = pairs < last // 2
+    col_off = cols.to(tl.int64)
+    mask = in_range[:, None] & mask_cols[None, :]
+    packed = tl.load(q_ptr + col_off[None, :] * stride_qn + pairs[:, None] * stride_qk, mask=mask, other=0)
+    even = 2 * pairs
+    x_mask = mask_rows[:, None] & in_range[None, :]
+    x_even = tl.load(x_rows + even[None, :] * stride_xk, mask=x_mask, other=0.0)
+    x_odd = tl.load(x_rows + (even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+    w_even = _dequantize((packed & 0xF).to(tl.float32), scale_ptr, zero_ptr, col_off, mask, mask_cols, even, start,
+                         group_size, stride_sn, stride_sg, GROUP_ALIGNED)
+    w_odd = _dequantize((packed >> 4).to(tl.float32), scale_ptr, zero_ptr, col_off, mask, mask_cols, even + 1,
+                        start, group_size, stride_sn, stride_sg, GROUP_ALIGNED)
+    acc = tl.dot(x_even, w_even.to(x_even.dtype), acc, input_precision=DOT_PRECISION)
+    return tl.dot(x_odd, w_odd.to(x_odd.dtype), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -71,22 +105,18 @@ def _quant_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, n_rows, 
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_rows = rows < n_rows
     mask_cols = cols < n_cols
-    steps = tl.arange(0, BLOCK_K)
     first = split * k_split
     last = min(first + k_split, n_inner)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(first, last, BLOCK_K):
-        ks = start + steps
-        in_range = ks < last
-        x_tile = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_rows[:, None] & in_range[None, :], other=0.0)
         if BITS == 8:
-            w_tile = tl.load(q_ptr + cols.to(tl.int64)[None, :] * stride_qn + ks[:, None] * stride_qk,
-                             mask=in_range[:, None] & mask_cols[None, :], other=0)
+            acc = _int8_step(acc, x_rows, q_ptr, cols, mask_rows, mask_cols, start, last, stride_xk, stride_qn,
+                             stride_qk, BLOCK_K, DOT_PRECISION)
         else:
-            w_tile = _int4_tile(q_ptr, scale_ptr, zero_ptr, cols, mask_cols, ks, in_range, start, group_size,
-                                stride_qn, stride_qk, stride_sn, stride_sg, GROUP_ALIGNED)
-        acc = tl.dot(x_tile, w_tile.to(x_tile.dtype), acc, input_precision=DOT_PRECISION)
+            acc = _int4_step(acc, x_rows, q_ptr, scale_ptr, zero_ptr, cols, mask_rows, mask_cols, start, last,
+                             group_size, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, GROUP_ALIGNED, BLOCK_K,
+                             DOT_PRECISION)
     if BITS == 8:  # per output channel: one scale multiplies the whole sum
         acc *= tl.load(scale_ptr + cols * stride_sn, mask=mask_cols, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:

@@ -162,12 +162,15 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _block_k(k: int, group_size: int | None, dtype: torch.dtype) -> tuple[int, bool]:
-    """(BLOCK_K, whether a K tile lies in one int4 group). The tile divides the group size when it
-    is a multiple of 16 (32/64/128), so a tile loads one scale and zero point per row."""
+    """(BLOCK_K, whether a K tile lies in one int4 group). int4 tiles hold at least 32 k (two dots
+    of 16 or more); they divide the group size when it is a multiple of 32 (32/64/128), so a tile
+    loads one scale and zero point per output channel."""
     widest = 64 if dtype == torch.float32 else 128
-    if group_size is not None and group_size % 16 == 0:
+    if group_size is None:  # int8: per output channel, no groups
+        return _pow2(k, 16, widest), False
+    if group_size % 32 == 0:
         return min(group_size & -group_size, widest), True  # the largest power of two dividing it
-    return min(widest, _pow2(k, 16, 64)), False
+    return _pow2(k, 32, 64), False
 
 
 @functools.lru_cache(maxsize=256)  # decode calls it per layer per token: keep the launcher's Python short

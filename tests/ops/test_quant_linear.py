@@ -93,9 +93,9 @@ def _against_float64(bits, lead, k, n, dtype, *, group_size=None, bias=True, see
 INT8_CASES = [((1,), 65, 33, True), ((7,), 33, 97, False), ((97,), 40, 7, True), ((2, 5), 129, 9, True),
               ((0,), 16, 5, True)]
 # (leading dims of x, K, N, group size, bias): 32/64/128 (one group per K tile, split-K over
-# groups), 6 and 2 (tiles that cross groups), a single group
+# groups), 6, 2, 48 and 16 (32-wide tiles that cross groups), a single group
 INT4_CASES = [((1,), 256, 33, 128, True), ((7,), 128, 97, 32, False), ((97,), 64, 7, 64, True),
-              ((3, 1), 96, 17, 6, True), ((5,), 10, 9, 2, False), ((1,), 48, 5, 48, True)]
+              ((3, 1), 96, 17, 6, True), ((5,), 10, 9, 2, False), ((1,), 48, 5, 48, True), ((2,), 80, 13, 16, True)]
 
 
 @needs_kernel
