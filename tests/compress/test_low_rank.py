@@ -30,9 +30,9 @@ def _linear_with_spectrum(s: list[float], in_features: int, out_features: int, s
 def _model(family: str) -> nn.Module:
     torch.manual_seed(0)
     if family == "gpt2":
-        return GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=64))
-    return Llama(LlamaConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                             intermediate_size=96, model_type=family, tie_word_embeddings=family == "qwen2",
+        return GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32))
+    return Llama(LlamaConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                             intermediate_size=48, model_type=family, tie_word_embeddings=family == "qwen2",
                              attention_bias=family == "qwen2"))
 
 
@@ -182,10 +182,10 @@ def test_engine_greedy_equals_the_low_rank_models_recompute(family):
     assert any(isinstance(m, LowRankLinear) and m.rank < 8 for m in model.modules())  # truncated below 8
     with torch.no_grad():  # sharper logits, so that no greedy choice is a near-tie
         model.lm_head.weight.mul_(8) if family == "llama" else model.transformer.wte.weight.mul_(8)
-    prompts = [[5, 17, 3, 88, 41, 2, 9], [60, 1], list(range(20, 45))]
-    outs = LLM(model, block_size=8, num_blocks=32).generate(prompts, SamplingParams(max_tokens=10, temperature=0))
+    prompts = [[5, 17, 3, 88, 41, 2, 9], list(range(20, 41))]
+    outs = LLM(model, block_size=8, num_blocks=32).generate(prompts, SamplingParams(max_tokens=8, temperature=0))
     for prompt, out in zip(prompts, outs):
-        assert out.token_ids == _recompute_greedy(model, prompt, 10), prompt
+        assert out.token_ids == _recompute_greedy(model, prompt, 8), prompt
 
 
 def test_spec_round_trip_through_state_dict():
