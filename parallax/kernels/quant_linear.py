@@ -13,8 +13,8 @@ stored integer form and dequantized tile by tile in registers.
   ``GROUP_ALIGNED`` the tile lies in one group (BLOCK_K divides the group size) and loads one
   scale and zero per output channel; otherwise each element reads its own group's.
 
-Split-K (``program_id(1)``, for decode-sized M where the (M, N) tiles alone cannot fill the
-GPU): split ``s`` covers inner elements ``[s * k_split, (s + 1) * k_split)`` and writes its fp32
+Split-K (``program_id(1)``, when the (M, N) tiles alone cannot fill the GPU, as at decode
+batches): split ``s`` covers inner elements ``[s * k_split, (s + 1) * k_split)`` and writes its fp32
 partial sum to ``out[s]`` and ``_sum_splits`` adds them in split order (deterministic, unlike
 atomics) and rounds once to the output dtype; with one split the result, bias added, is rounded
 once to out's dtype directly. One program per (BLOCK_M, BLOCK_N) tile, in groups of GROUP_M

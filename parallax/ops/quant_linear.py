@@ -14,7 +14,7 @@ and bias, never in the stored weight); ``*_ref`` are the plain-PyTorch reference
 
 Dispatch (``parallax.ops.backend("int8_linear", device)``, or ``backend=`` per call): see
 ``parallax.ops._triton``: Triton on CUDA (``parallax/kernels/quant_linear.py``: the packed weight
-is read once and dequantized in registers, split-K for decode-sized batches), the reference on
+is read once and dequantized in registers, split-K while the output tiles cannot fill the GPU), the reference on
 CPU unless ``TRITON_INTERPRET=1``. The Triton path's backward forms ``dy @ W`` from the
 dequantized weight (QLoRA trains adapters through the quantized base); the integer weight,
 scales and zero points never get gradients.
@@ -176,18 +176,17 @@ def _block_k(k: int, group_size: int | None, dtype: torch.dtype) -> tuple[int, b
 @functools.lru_cache(maxsize=256)  # decode calls it per layer per token: keep the launcher's Python short
 def _launch_config(m: int, n: int, k: int, group_size: int | None, dtype: torch.dtype,
                    device: torch.device) -> dict:
-    """Tiles and splits: decode-sized M (<= 16) gets 16-row tiles and split-K until the tiles fill
-    the device (the weight, read once, is the cost); larger M gets 64 x 128 (GPU) tiles."""
+    """Tiles and splits: decode-sized M (<= 16) gets 16-row tiles, larger M 64 x 128 (GPU) tiles;
+    while the (M, N) tiles cannot fill the device, K is split too (the weight, read once, is the
+    cost; the fp32 partials, split x M x N, are small beside it there)."""
     on_gpu = device.type == "cuda"
     block_m = 16 if m <= 16 else _pow2(m, 16, 64 if on_gpu else 32)
     block_n = _pow2(n, 16, (64 if m <= 16 else 128) if on_gpu else 32)
     block_k, aligned = _block_k(k, group_size, dtype)
     tiles = -(-m // block_m) * -(-n // block_n)
     k_tiles = -(-k // block_k)
-    split = 1
-    if m <= 16:
-        min_tiles_per_split = 4 if on_gpu else 1  # each split still streams a few K tiles
-        split = max(1, min(-(-_programs_wanted(device) // tiles), k_tiles // min_tiles_per_split))
+    min_tiles_per_split = 4 if on_gpu else 1  # each split still streams a few K tiles
+    split = max(1, min(-(-_programs_wanted(device) // tiles), k_tiles // min_tiles_per_split))
     k_split = -(-k_tiles // split) * block_k
     split = -(-k // k_split)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_ALIGNED=aligned, GROUP_M=8,
