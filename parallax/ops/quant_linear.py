@@ -13,10 +13,10 @@ Storage (the format every quantized module, checkpoint and kernel shares):
 and bias, never in the stored weight); ``*_ref`` are the plain-PyTorch references.
 
 Dispatch (``parallax.ops.backend("int8_linear", device)``, or ``backend=`` per call): see
-``parallax.ops._triton``: Triton on CUDA (``parallax/kernels/quant_linear.py``: the packed weight
-is read once and dequantized in registers, split-K while the output tiles cannot fill the GPU), the reference on
-CPU unless ``TRITON_INTERPRET=1``. The Triton path's backward forms ``dy @ W`` from the
-dequantized weight (QLoRA trains adapters through the quantized base); the integer weight,
+``parallax.ops._triton``: Triton on CUDA (``parallax/kernels/quant_linear.py``: the packed
+weight is read once and dequantized in registers, split-K while the output tiles cannot fill the
+GPU), the reference on CPU unless ``TRITON_INTERPRET=1``. The Triton path's backward forms
+``dy @ W`` from the dequantized weight (QLoRA trains adapters through the quantized base); the integer weight,
 scales and zero points never get gradients.
 """
 
