@@ -126,6 +126,17 @@ def test_global_budget_spends_rank_where_the_energy_share_is_highest():
     assert (model[0].rank, model[1].rank) == (2, 7)
 
 
+def test_budget_keeps_filling_cheaper_layers_after_a_costly_one_stops():
+    """A wide layer (320 parameters per rank, energy shares 0.4/0.3/0.2/0.1) and a narrow one (32
+    per rank, 1/16 each), 1192 parameters: rank 1 each (352), the wide layer's 2nd and 3rd (640);
+    its 4th no longer fits, yet six more of the narrow layer's do."""
+    wide = _linear_with_spectrum([0.4 ** 0.5, 0.3 ** 0.5, 0.2 ** 0.5, 0.1 ** 0.5], 256, 64, seed=5)
+    narrow = _linear_with_spectrum([1.0] * 16, 16, 16, seed=6)
+    model = nn.Sequential(wide, narrow)  # never run: the shapes need not chain
+    low_rank(model, budget=1192 / (256 * 64 + 16 * 16))
+    assert (model[0].rank, model[1].rank) == (3, 7)
+
+
 # --------------------------------------------------------------------------------------------
 # models: forward, training, engine, spec
 
