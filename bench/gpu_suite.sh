@@ -61,7 +61,8 @@ step bench-offload "$PY" -m bench offload --device cuda --steps 10
 step bench-attention "$PY" -m bench attention --device cuda --budget 0.25
 step bench-paged "$PY" -m bench paged_attention --device cuda --budget 0.5
 # fused kernels vs their PyTorch composition and Liger-Kernel (where installed); the issue's
-# linear + cross-entropy goal at a 128k vocabulary and 8k tokens
+# linear + cross-entropy goal at a 128k vocabulary and 8k tokens; int8/int4 weight-only matmuls
+# at decode batches vs bf16 F.linear (issue 14's goals, the quant_goals note)
 step bench-kernels "$PY" -m bench kernels --device cuda --budget 0.5
 # the engine on CUDA (paged kernels; HF baselines only where transformers is installed)
 step bench-serve "$PY" -m bench serve --device cuda --requests 128

@@ -28,6 +28,15 @@ Measured per provider:
   peak; ``mem saved`` = torch's f+b peak / the provider's;
 * ``max diff``: the largest difference of the provider's output and input gradients from torch's.
 
+Weight-only quantized matmuls (``int8_linear``, ``int4_linear`` with group size 128): inference
+forwards only (no_grad), at decode batches (1 and 16 rows) of a 4096 x 4096 weight, against
+``F.linear`` on the bf16 weight (``torch``), L2 flushed before every call on CUDA (the weights
+would otherwise stay in the cache between calls). ``vs torch`` is the time ratio as above;
+``floor`` = bytes of the weight as stored (int4: packed codes, scales and zero points) / the
+device-to-device copy bandwidth measured in the same process; ``max diff`` is against the op's
+dequantize-then-``F.linear`` reference on the same stored weight. Goal (issue 14, the
+``quant_goals`` note): at batch 1, int4 >= 2.5x and int8 >= 1.6x faster than bf16.
+
 Goal (issue 10, reported in the ``goals`` note, not asserted): linear_cross_entropy at a 128k
 vocabulary and 8k tokens uses >= 4x less peak memory than ``F.cross_entropy(lm_head(x))`` at
 <= 1.1x its time on GPU; on CPU (memory only) the same vocabulary with fewer tokens, sized to
@@ -47,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .table import Column
-from .timing import interleave, synchronize
+from .timing import CacheFlusher, interleave, synchronize
 
 MB = 2**20
 PROVIDERS = ("parallax", "torch", "liger")
@@ -69,8 +78,15 @@ COLUMNS = [
     Column("fwd_peak_mb", "fwd peak [MB]", ".1f"),
     Column("fwdbwd_peak_mb", "f+b peak [MB]", ".1f"),
     Column("mem_x", "mem saved [x]", ".2f"),
+    Column("floor_ms", "floor [ms]", ".4f"),
     Column("max_diff", "max diff", ".1e"),
 ]
+# weight-only quantized matmuls: name -> group size (None: int8 per channel); goals: speedup over bf16 at batch 1
+QUANT_CASES = {"int8_linear": None, "int4_linear": 128}
+QUANT_GOALS = {"int8_linear": 1.6, "int4_linear": 2.5}
+QUANT_SHAPES = {"cuda": dict(batches=(1, 16), hidden=4096, out=4096),
+                "cpu": dict(batches=(1, 16), hidden=1024, out=1024),
+                "quick": dict(batches=(1,), hidden=256, out=128)}
 
 Tensor = torch.Tensor
 Inputs = tuple[list[Tensor], dict[str, Any]]  # (tensors that get gradients, other arguments)
@@ -311,7 +327,7 @@ def _max_diff(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> float:
 
 
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    names = ",".join(c.name for c in CASES)
+    names = ",".join([c.name for c in CASES] + list(QUANT_CASES))
     parser.add_argument("--cases", default=names, help=f"comma-separated subset of {names}")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)} "
                                                                          "(torch, the baseline, always runs)")
@@ -350,7 +366,7 @@ def run(ctx) -> Iterator[dict]:
     import parallax as px
 
     device, args = ctx.device, ctx.args
-    cases = _selected(args.cases, tuple(c.name for c in CASES), "cases")
+    cases = _selected(args.cases, tuple(c.name for c in CASES) + tuple(QUANT_CASES), "cases")
     providers = ["torch"] + [p for p in _selected(args.providers, PROVIDERS, "providers") if p != "torch"]
     liger_problem = _liger_problem(device)
     if "liger" in providers and liger_problem:
@@ -383,6 +399,12 @@ def run(ctx) -> Iterator[dict]:
         rows = list(_measure_case(ctx, case, providers, setting, timed))
         if case.name == "linear_cross_entropy" and not ctx.quick:
             ctx.note("goals", _lce_goal(rows, device))
+        yield from rows
+    quant = [name for name in QUANT_CASES if name in cases]
+    if quant:
+        rows = list(_measure_quant(ctx, quant, setting, timed))
+        if device.type == "cuda" and not ctx.quick:
+            ctx.note("quant_goals", _quant_goals(rows))
         yield from rows
 
 
@@ -457,3 +479,90 @@ def _lce_goal(rows: list[dict], device: torch.device) -> dict[str, str]:
         goal = f">= {GOAL_MEMORY_X:g}x less peak memory"
     return {f"linear_cross_entropy ({setting}): {goal} than F.cross_entropy(lm_head(x))":
             f"{text}, {'met' if ok else 'NOT met'}"}
+
+
+# --------------------------------------------------------------------------------------------
+# weight-only quantized matmuls (inference forwards)
+
+
+def _quantized(name: str, weight: Tensor) -> tuple[dict, int]:
+    """The stored form of ``weight`` (round-to-nearest; the values do not matter for speed) as
+    keyword arguments of ``px.ops.<name>``, and its bytes."""
+    from parallax.ops.quant_linear import pack_int4
+
+    w = weight.float()
+    group_size = QUANT_CASES[name]
+    if group_size is None:
+        scales = w.abs().amax(1).clamp_min(1e-8) / 127
+        stored = dict(qweight=torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales=scales)
+    else:
+        groups = w.view(w.shape[0], -1, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scales = (high - low).clamp_min(1e-8) / 15
+        zeros = torch.round(-low / scales)
+        codes = torch.round(groups / scales[..., None] + zeros[..., None]).clamp(0, 15).view_as(w)
+        stored = dict(qweight=pack_int4(codes), scales=scales, zeros=zeros, group_size=group_size)
+    return stored, sum(t.numel() * t.element_size() for t in stored.values() if isinstance(t, Tensor))
+
+
+def _measure_quant(ctx, names: list[str], setting: str, timed: bool) -> Iterator[dict]:
+    """Per quantized op and batch: the op and bf16 ``F.linear``, forward only, interleaved."""
+    import parallax as px
+
+    device, shape = ctx.device, QUANT_SHAPES[setting]
+    dtype_name = "bf16" if device.type == "cuda" else "fp32"
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = _randn((shape["out"], shape["hidden"]), device, dtype, gen, scale=shape["hidden"] ** -0.5)
+    on_gpu = device.type == "cuda"
+    flush = CacheFlusher(device) if on_gpu else None
+    copy_bw = None
+    if timed:
+        from .paged_attention import _copy_bandwidth
+
+        copy_bw = _copy_bandwidth(device, 256 if on_gpu else 16, flush)
+        ctx.note("copy_bandwidth", f"{copy_bw / 1e9:.0f} GB/s (device-to-device copy, read + write bytes): the floor")
+    stored = {name: _quantized(name, weight) for name in names}
+    for batch in shape["batches"]:
+        x = _randn((batch, shape["hidden"]), device, dtype, gen)
+        fns = {"torch": lambda: F.linear(x, weight)}
+        fns.update({name: (lambda op=getattr(px.ops, name), kw=stored[name][0]: op(x, **kw)) for name in names})
+        with torch.no_grad():
+            diffs = {"torch": 0.0, **{name: _max_diff((fns[name](),), (_quant_reference(name, x, stored[name][0]),))
+                                      for name in names}}
+            timings = interleave(fns, device=device, warmup=1 if not on_gpu else 5, flush=flush,
+                                 budget_s=ctx.args.budget if on_gpu else 0.02, min_repeat=3 if not on_gpu else 20,
+                                 max_repeat=200) if timed else {}
+        for name in names:  # each op's rows: bf16 F.linear and the op, as the other cases' torch and parallax
+            for provider, key in (("torch", "torch"), ("parallax", name)):
+                weight_bytes = weight.numel() * weight.element_size() if key == "torch" else stored[name][1]
+                row = {"case": name, "shape": f"batch={batch} hidden={shape['hidden']} out={shape['out']}",
+                       "dtype": dtype_name, "provider": provider,
+                       "backend": _backend_name(name, device) if key == name else None, "batch": batch,
+                       "weight_bytes": weight_bytes, "max_diff": diffs[key]}
+                if timings:
+                    t = timings[key]
+                    row.update(fwd_ms=t.median_ms, fwd_p20_ms=t.p20_ms, fwd_p80_ms=t.p80_ms,
+                               vs_torch=t.median_s / timings["torch"].median_s, floor_ms=1e3 * weight_bytes / copy_bw)
+                yield row
+    del stored
+    gc.collect()
+
+
+def _quant_reference(name: str, x: Tensor, stored: dict) -> Tensor:
+    """The op's plain-PyTorch reference (dequantize, then ``F.linear``) on the same stored weight."""
+    from parallax.ops import quant_linear
+
+    return getattr(quant_linear, f"{name}_ref")(x, **stored)
+
+
+def _quant_goals(rows: list[dict]) -> dict[str, str]:
+    """The issue's GPU goals: speedup of each quantized op over bf16 ``F.linear`` at batch 1."""
+    goals = {}
+    for row in rows:
+        if row["provider"] != "parallax" or row["batch"] != 1 or row.get("vs_torch") is None:
+            continue
+        want, speedup = QUANT_GOALS[row["case"]], 1 / row["vs_torch"]
+        goals[f"{row['case']} at batch 1 ({row['shape']}): >= {want}x faster than bf16 F.linear"] = (
+            f"{speedup:.2f}x, {'met' if speedup >= want else 'NOT met'}")
+    return goals

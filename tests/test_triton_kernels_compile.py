@@ -79,6 +79,7 @@ def _jobs() -> dict[str, tuple]:
                                  dict(NUM_KV_HEADS=3, HEADS_PAD=4, HEAD_DIM=64, DIM_PAD=64, BLOCK_SIZE=16), 4, 2)
     jobs.update(_fused_jobs())
     jobs.update(_lora_jobs())
+    jobs.update(_quant_jobs())
     # the launcher's widest block (a 128k vocabulary) and a narrow one without the gradient pass
     jobs["cross-entropy-bf16-grad"] = ("cross_entropy", "_cross_entropy_fwd_bwd", "bf16",
                                        dict(COMPUTE_GRAD=True, BLOCK_V=8192), 16, 3)
@@ -126,6 +127,31 @@ def _lora_jobs() -> dict[str, tuple]:
                                                *cfg(128, 64, 64, 8, low_rank_precision="ieee"), fp32_adapters),
         "lora-matmul-fp16-decode": ("lora_linear", "_lora_matmul", "fp16", *cfg(16, 64, 16, 4)),
         "lora-matmul-fp32": ("lora_linear", "_lora_matmul", "fp32", *cfg(64, 32, 64, 4, "ieee", "ieee")),
+    }
+
+
+def _quant_jobs() -> dict[str, tuple]:
+    """The weight-only quantized matmul in the launcher's GPU configurations (``_launch_config``):
+    decode (16-row tiles, split-K) and prefill (64 x 128 tiles), int8 and int4 in one-group and
+    group-crossing tiles, 16-bit and exact fp32."""
+    def cfg(bits, block_m, block_n, block_k, aligned, warps, stages, dot_precision="tf32"):
+        return (dict(BITS=bits, GROUP_ALIGNED=aligned, HAS_BIAS=True, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
+                     BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8), warps, stages)
+
+    int8 = {"q_ptr": "*i8", "scale_ptr": "*fp32", "zero_ptr": "*fp32"}
+    int4 = {"q_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32"}
+    return {
+        "quant-int8-bf16-decode": ("quant_linear", "_quant_matmul", "bf16", *cfg(8, 16, 64, 128, False, 4, 4), int8),
+        "quant-int8-bf16-prefill": ("quant_linear", "_quant_matmul", "bf16", *cfg(8, 64, 128, 128, False, 8, 3), int8),
+        "quant-int4-g128-bf16-decode": ("quant_linear", "_quant_matmul", "bf16", *cfg(4, 16, 64, 128, True, 4, 4),
+                                        int4),
+        "quant-int4-g32-fp16-prefill": ("quant_linear", "_quant_matmul", "fp16", *cfg(4, 64, 128, 32, True, 8, 3),
+                                        int4),
+        "quant-int4-g20-bf16-crossing": ("quant_linear", "_quant_matmul", "bf16", *cfg(4, 16, 64, 64, False, 4, 4),
+                                         int4),
+        "quant-int4-fp32": ("quant_linear", "_quant_matmul", "fp32", *cfg(4, 64, 128, 64, True, 8, 3, "ieee"), int4),
+        "quant-sum-splits-bf16": ("quant_linear", "_sum_splits", "bf16", dict(SPLITS=5, BLOCK=1024), 4, 2,
+                                  {"partial_ptr": "*fp32"}),
     }
 
 

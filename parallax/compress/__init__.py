@@ -3,8 +3,9 @@
 
 from parallax.compress.checkpoint import is_compressed, load, read_manifest, save
 from parallax.compress.common import calibration_tokens, target_linears
+from parallax.compress.low_rank import LowRankLinear, low_rank
 from parallax.compress.prune import prune
 from parallax.compress.recover import recover, sparsity_masks
 
 __all__ = ["calibration_tokens", "target_linears", "save", "load", "is_compressed", "read_manifest", "recover",
-           "sparsity_masks", "prune"]
+           "sparsity_masks", "prune", "LowRankLinear", "low_rank"]

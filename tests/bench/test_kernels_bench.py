@@ -13,7 +13,7 @@ import torch
 
 import parallax as px
 from bench import records
-from bench.kernels import CASES, _lce_goal
+from bench.kernels import CASES, QUANT_CASES, _lce_goal, _quant_goals
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +43,12 @@ def test_kernels_quick_end_to_end_on_cpu(tmp_path):
         for r in case_rows.values():
             assert r["fwdbwd_peak_bytes"] > 0 and r["fwd_peak_mb"] > 0
             assert all(r[f"{m}_ms"] > 0 for m in ("fwd", "bwd", "fwdbwd")), r
+    for name in QUANT_CASES:  # inference forwards against bf16 F.linear, with the weight-bytes floor
+        case_rows = {r["provider"]: r for r in rows if r["case"] == name}
+        assert set(case_rows) == {"torch", "parallax"}, name
+        assert case_rows["parallax"]["max_diff"] < 1e-4  # against the op's dequantize-then-linear reference
+        assert case_rows["parallax"]["weight_bytes"] < case_rows["torch"]["weight_bytes"] / 3
+        assert all(r["fwd_ms"] > 0 and r["floor_ms"] > 0 for r in case_rows.values()), case_rows
 
 
 def test_lce_goal_reads_memory_and_time_against_torch():
@@ -52,3 +58,15 @@ def test_lce_goal_reads_memory_and_time_against_torch():
     assert _lce_goal([dict(row, vs_torch=1.2)], torch.device("cuda")).popitem()[1].endswith("NOT met")
     assert _lce_goal([dict(row, vs_torch=None, mem_x=3.0)], torch.device("cpu")).popitem()[1].endswith("NOT met")
     assert _lce_goal([dict(row, provider="torch")], torch.device("cpu")) == {}
+
+
+def test_quant_goals_are_speedups_at_batch_one():
+    rows = [dict(provider="parallax", case="int4_linear", batch=1, shape="batch=1", vs_torch=0.38),
+            dict(provider="parallax", case="int8_linear", batch=1, shape="batch=1", vs_torch=0.7),
+            dict(provider="parallax", case="int8_linear", batch=16, shape="batch=16", vs_torch=2.0),
+            dict(provider="torch", case="int8_linear", batch=1, shape="batch=1", vs_torch=1.0)]
+    goals = _quant_goals(rows)
+    assert len(goals) == 2
+    int4, = (v for k, v in goals.items() if k.startswith("int4_linear") and ">= 2.5x faster" in k)
+    int8, = (v for k, v in goals.items() if k.startswith("int8_linear") and ">= 1.6x faster" in k)
+    assert int4 == "2.63x, met" and int8 == "1.43x, NOT met"
