@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from parallax.compress.common import register_module
-from parallax.ops.quant_linear import (dequantize_int4, dequantize_int8, int4_linear, int8_linear, pack_int4)
+from parallax.ops.quant_linear import (dequantize_int4, dequantize_int8, int4_linear, int4_linear_ref, int8_linear,
+                                       int8_linear_ref, pack_int4)
 
 __all__ = ["QuantLinear", "BITS", "ACTIVATIONS", "int8_scales", "int4_grid", "quantize_codes", "dequantize_codes",
            "round_to_nearest"]
@@ -161,9 +162,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "int8":
             return _w8a8_linear(x, self.qweight, self.scales, self.bias)
+        # CUDA: the fused dequantizing kernels; CPU: the reference (as models/layers.py does for
+        # every op: the Triton interpreter that TRITON_INTERPRET=1 turns on is for the ops' own tests)
         if self.bits == 8:
-            return int8_linear(x, self.qweight, self.scales, self.bias)
-        return int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+            op = int8_linear if x.is_cuda else int8_linear_ref
+            return op(x, self.qweight, self.scales, self.bias)
+        op = int4_linear if x.is_cuda else int4_linear_ref
+        return op(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def spec(self) -> dict[str, Any]:
         """JSON-able arguments that rebuild this layer empty (``from_spec``)."""
