@@ -24,7 +24,7 @@ from torch import nn
 
 from parallax.compress.common import register_module
 from parallax.ops.quant_linear import (dequantize_int4, dequantize_int8, int4_linear, int4_linear_ref, int8_linear,
-                                       int8_linear_ref, pack_int4)
+                                       int8_linear_ref, pack_int4, unpack_int4)
 
 __all__ = ["QuantLinear", "BITS", "ACTIVATIONS", "int8_scales", "int4_grid", "quantize_codes", "dequantize_codes",
            "round_to_nearest"]
@@ -142,6 +142,35 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear.load_weight_: weight must have shape ({self.out_features}, "
                              f"{self.in_features}), got {tuple(weight.shape)}")
         self.load_quantized_(round_to_nearest(weight, self.bits, self.group_size, self.dtype))
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Round an (out, in) float weight onto this layer's current grid wherever it fits (an int4
+        group / int8 row whose values all lie within half a step of the grid's range), and by fresh
+        RTN elsewhere, in place. Adding a small update (a merged LoRA adapter) to ``dequantized_weight()``
+        and requantizing so moves each weight by at most the update, and at most half a step from
+        the exact sum where the grid fits; a fresh grid would re-round every weight."""
+        fresh = round_to_nearest(weight, self.bits, self.group_size, self.dtype)
+        w = weight.detach().float()
+        n, k = w.shape
+        if self.bits == 8:
+            scales = self.scales.float()
+            fits = w.abs().amax(dim=1) <= (INT8_MAX + 0.5) * scales  # (N,)
+            codes = torch.where(fits[:, None], quantize_codes(w, scales[:, None], None), fresh["qweight"].float())
+            self.load_quantized_({"qweight": codes.to(torch.int8),
+                                  "scales": torch.where(fits, scales, fresh["scales"].float()).to(self.dtype)})
+            return
+        g = self.group_size
+        groups = w.reshape(n, k // g, g)
+        scales, zeros = self.scales.float(), self.zeros.float()  # (N, K // g)
+        low, high = (-zeros - 0.5) * scales, (INT4_MAX - zeros + 0.5) * scales
+        fits = ((groups >= low[..., None]) & (groups <= high[..., None])).all(dim=-1)  # (N, K // g)
+        kept = quantize_codes(groups, scales[..., None], zeros[..., None])
+        fresh_codes = unpack_int4(fresh["qweight"]).float().reshape(n, k // g, g)
+        codes = torch.where(fits[..., None], kept, fresh_codes).reshape(n, k)
+        self.load_quantized_({"qweight": pack_int4(codes.to(torch.uint8)),
+                              "scales": torch.where(fits, scales, fresh["scales"].float()).to(self.dtype),
+                              "zeros": torch.where(fits, zeros, fresh["zeros"].float()).to(self.dtype)})
 
     @torch.no_grad()
     def load_quantized_(self, buffers: dict[str, torch.Tensor]) -> None:

@@ -4,8 +4,10 @@
 The base may also be a quantized ``px.compress.QuantLinear`` (QLoRA): it stays frozen and
 quantized, gradients reach the adapters through its dequantize-on-the-fly matmul, and merging
 adds ``scaling * B @ A`` to its dequantized weight, then re-quantizes the sum by round-to-nearest
-onto the same bits and groups (as PEFT does for bitsandbytes bases; the merged layer differs
-from the unmerged one by that rounding). For an exact merge into a dense layer, call
+with the same bits and groups (as PEFT does for bitsandbytes bases), onto the layer's existing
+grid where the sum still fits it (``QuantLinear.requantize_``): each weight then moves by at
+most the adapter's update, and unmerging restores the base. The merged layer differs from the
+unmerged one by that rounding; for an exact merge into dense layers call
 ``px.compress.dequantize(model)`` first.
 
 ``LoraLinear`` keeps PEFT's module layout, so parameter names are PEFT's:
@@ -135,9 +137,9 @@ def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def _add_to_base_weight(base: nn.Module, delta: torch.Tensor) -> None:
-    """base weight += delta (float32, (out, in)); a QuantLinear re-quantizes the sum by round-to-nearest."""
+    """base weight += delta (float32, (out, in)); a QuantLinear re-quantizes the sum onto its grid."""
     if isinstance(base, _quant_linear_class()):
-        base.load_weight_(base.dequantized_weight(torch.float32) + delta)
+        base.requantize_(base.dequantized_weight(torch.float32) + delta)
         return
     weight = base.weight
     weight.copy_((weight.float() + delta).to(weight.dtype))

@@ -73,6 +73,44 @@ def test_int4_storage_is_packed_two_codes_per_byte_exactly():
                                                     * scales.reshape(10, 2).repeat_interleave(32, 1)))
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+def test_requantizing_a_small_update_keeps_the_grid_and_moves_weights_by_at_most_the_update(bits, group_size):
+    """What merging a LoRA adapter into a quantized layer relies on; and unmerging restores the codes."""
+    layer = QuantLinear.from_linear(linear(64, 16, seed=4), bits=bits, group_size=group_size)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    base = layer.dequantized_weight()
+    layer.requantize_(base)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items()), "requantizing W_deq changed it"
+    groups = layer.scales.reshape(16, -1)
+    step = groups.repeat_interleave(64 // groups.shape[1], dim=1)
+    if bits == 4:  # codes 0 .. 15 stand for (code - zero) * step
+        zero = layer.zeros.repeat_interleave(group_size, dim=1)
+        low, high = (-zero - 0.45) * step, (15 - zero + 0.45) * step
+    else:  # codes -127 .. 127 stand for code * step
+        low, high = -127.45 * step, 127.45 * step
+    shift = (torch.rand(16, 64, generator=torch.Generator().manual_seed(5)) - 0.5) * 3 * step  # up to 1.5 steps
+    delta = torch.minimum(torch.maximum(base + shift, low), high) - base  # the sum stays on the grid's range
+    layer.requantize_(base + delta)
+    assert torch.equal(layer.scales, before["scales"]), "a small update changed the grid"
+    error = (layer.dequantized_weight() - base - delta).abs()
+    assert bool((error <= torch.minimum(delta.abs(), step / 2) * (1 + 1e-5) + 1e-9).all())
+    assert not torch.equal(layer.qweight, before["qweight"]), "the update was meant to move some codes"
+    layer.requantize_(layer.dequantized_weight() - delta)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items()), "unmerging did not restore the codes"
+
+
+def test_requantizing_a_weight_beyond_the_grid_gives_that_group_a_fresh_grid():
+    layer = QuantLinear.from_linear(linear(64, 4, seed=6), bits=4, group_size=32)
+    scales = layer.scales.clone()
+    weight = layer.dequantized_weight()
+    weight[0, 0] += 10 * float(scales.max()) * 16
+    layer.requantize_(weight)
+    expected = QuantLinear.from_linear(linear(64, 4, seed=6), bits=4, group_size=32)
+    expected.load_weight_(weight)
+    assert torch.equal(layer.scales[0, 0], expected.scales[0, 0]) and not torch.equal(layer.scales[0, 0], scales[0, 0])
+    assert torch.equal(layer.scales[1:], scales[1:]) and torch.equal(layer.scales[0, 1], scales[0, 1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stored_bytes_are_what_the_bits_say(dtype):
     """int8: 1 byte per weight + a scale per row; int4: half a byte + a scale and zero per group."""
