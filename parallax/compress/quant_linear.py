@@ -103,7 +103,7 @@ class QuantLinear(nn.Module):
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-            self.zeros = None
+            self.register_buffer("zeros", None)
         else:
             groups = in_features // group_size
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
@@ -137,10 +137,8 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def load_weight_(self, weight: torch.Tensor) -> None:
-        """Quantize an (out, in) float weight onto this layer's grid by round-to-nearest, in place."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"QuantLinear.load_weight_: weight must have shape ({self.out_features}, "
-                             f"{self.in_features}), got {tuple(weight.shape)}")
+        """Quantize an (out, in) float weight by round-to-nearest on a fresh grid, in place."""
+        self._check_weight_shape(weight, "load_weight_")
         self.load_quantized_(round_to_nearest(weight, self.bits, self.group_size, self.dtype))
 
     @torch.no_grad()
@@ -150,6 +148,7 @@ class QuantLinear(nn.Module):
         RTN elsewhere, in place. Adding a small update (a merged LoRA adapter) to ``dequantized_weight()``
         and requantizing so moves each weight by at most the update, and at most half a step from
         the exact sum where the grid fits; a fresh grid would re-round every weight."""
+        self._check_weight_shape(weight, "requantize_")
         fresh = round_to_nearest(weight, self.bits, self.group_size, self.dtype)
         w = weight.detach().float()
         n, k = w.shape
@@ -171,6 +170,11 @@ class QuantLinear(nn.Module):
         self.load_quantized_({"qweight": pack_int4(codes.to(torch.uint8)),
                               "scales": torch.where(fits, scales, fresh["scales"].float()).to(self.dtype),
                               "zeros": torch.where(fits, zeros, fresh["zeros"].float()).to(self.dtype)})
+
+    def _check_weight_shape(self, weight: torch.Tensor, method: str) -> None:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"QuantLinear.{method}: weight must have shape ({self.out_features}, "
+                             f"{self.in_features}), got {tuple(weight.shape)}")
 
     @torch.no_grad()
     def load_quantized_(self, buffers: dict[str, torch.Tensor]) -> None:

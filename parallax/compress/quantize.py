@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq")
 DEFAULT_INT4_GROUP = 128
-GPTQ_MIN_SAMPLES = 4
+GPTQ_MIN_SAMPLES = 4  # fewer sequences is a mistake, not a setting (AutoGPTQ suggests 128)
 
 
 def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, method: str = "rtn",
@@ -87,7 +87,7 @@ def _dense(layer: QuantLinear) -> nn.Linear:
 def _check_arguments(bits: int, group_size: int | None, method: str, activations: str | None, damp: float,
                      act_order: bool) -> int | None:
     """The effective group size, after checking every argument."""
-    if bits not in BITS or isinstance(bits, bool):
+    if bits not in BITS:
         raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
     if method not in METHODS:
         raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")

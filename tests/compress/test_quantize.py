@@ -239,3 +239,25 @@ def test_bad_arguments_are_refused_naming_them_and_leave_the_model_unchanged(kwa
         compress.quantize(model, **kwargs)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits,group_size,activations", [(8, None, None), (4, 128, None), (8, None, "int8")])
+def test_cuda_quantized_model_computes_what_the_cpu_one_does(bits, group_size, activations):
+    """The CUDA path (the dequantizing kernels; torch._int_mm for W8A8) against the CPU reference, in
+    float32 and in bfloat16; GPTQ runs on the device too."""
+    torch.manual_seed(0)
+    model = compress.quantize(from_preset("tiny"), bits=bits, group_size=group_size, activations=activations).eval()
+    x = tokens(3, 40)
+    with torch.no_grad():
+        expected = model(x)
+        on_gpu = copy.deepcopy(model).cuda()
+        assert_close(on_gpu(x.cuda()), expected, atol=2e-3, rtol=2e-3, name="fp32 logits")
+        in_bf16 = on_gpu.to(torch.bfloat16)(x.cuda()).float().cpu()
+    assert float((in_bf16 - expected).norm() / expected.norm()) < 0.03
+    if activations is None:
+        calib = tokens(8, 64).cuda()
+        gptq = compress.quantize(from_preset("tiny").cuda(), bits=bits, group_size=group_size, method="gptq", calib=calib)
+        with torch.no_grad():
+            assert torch.isfinite(gptq(x.cuda())).all()
