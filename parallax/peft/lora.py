@@ -6,7 +6,7 @@ quantized, gradients reach the adapters through its dequantize-on-the-fly matmul
 adds ``scaling * B @ A`` to its dequantized weight, then re-quantizes the sum by round-to-nearest
 with the same bits and groups (as PEFT does for bitsandbytes bases), onto the layer's existing
 grid where the sum still fits it (``QuantLinear.requantize_``): each weight then moves by at
-most the adapter's update, and unmerging restores the base. The merged layer differs from the
+most the adapter's update, and unmerging restores the base there. The merged layer differs from the
 unmerged one by that rounding; for an exact merge into dense layers call
 ``px.compress.dequantize(model)`` first.
 
@@ -102,7 +102,7 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Add the given adapters (default: the active ones) into base_layer.weight (a quantized
-        base: into its dequantized weight, re-quantized by round-to-nearest)."""
+        base: into its dequantized weight, re-quantized onto its grid, see the module docstring)."""
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 _add_to_base_weight(self.base_layer, self.delta_weight(name))
