@@ -113,3 +113,17 @@ def test_gptq_model_beats_round_to_nearest_on_its_calibration_data(preset):
     assert torch.isfinite(ours).all()
     assert float((ours - reference).norm()) < 0.8 * float((rtn - reference).norm())
     assert quantized.training is False
+
+
+def test_layers_outside_repeated_blocks_are_calibrated_on_a_pass_of_the_whole_model():
+    """A one-block model has no repeated blocks: its layers take their Hessians from full forwards."""
+    torch.manual_seed(0)
+    model = from_preset("tiny", n_layer=1).eval()
+    calib = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(2))
+    assert gptq.repeated_blocks(model) == ([], [])
+    with torch.no_grad():
+        reference = model(calib)
+        rtn = compress.quantize(copy.deepcopy(model), bits=4, group_size=32)(calib)
+        ours = compress.quantize(model, bits=4, group_size=32, method="gptq", calib=calib)(calib)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 4
+    assert float((ours - reference).norm()) < 0.8 * float((rtn - reference).norm())

@@ -183,9 +183,9 @@ def test_dequantize_gives_dense_layers_with_the_same_outputs():
         assert_close(dense(x), expected, atol=1e-5, name="logits")
 
 
-@pytest.mark.parametrize("family,bits", [("gpt2", 8), ("llama", 4)])
-def test_engine_greedy_equals_the_quantized_models_own_recompute(family, bits):
-    model = compress.quantize(build(family), bits=bits, group_size=32 if bits == 4 else None)
+@pytest.mark.parametrize("family,bits,activations", [("gpt2", 8, None), ("llama", 4, None), ("qwen2", 8, "int8")])
+def test_engine_greedy_equals_the_quantized_models_own_recompute(family, bits, activations):
+    model = compress.quantize(build(family), bits=bits, group_size=32 if bits == 4 else None, activations=activations)
     rng = random.Random(5)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (1, 7, 19)]
     outs = LLM(model, block_size=8, max_num_seqs=3).generate(prompts, SamplingParams(max_tokens=10, temperature=0))
