@@ -17,6 +17,7 @@ are chosen up front from the original weights (AutoGPTQ's ``static_groups``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from parallax.compress.common import set_module
-from parallax.compress.quant_linear import (QuantLinear, dequantize_codes, int4_grid, int8_scales, quantize_codes)
+from parallax.compress.quant_linear import QuantLinear, dequantize_codes, int4_grid, int8_scales, quantize_codes
 from parallax.ops.quant_linear import pack_int4
 
 __all__ = ["gptq_weight", "gptq_model", "HessianAccumulator", "repeated_blocks"]
@@ -61,7 +62,7 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     Raises ValueError when the damped Hessian is not positive definite (a larger damp helps)."""
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
-    n, k = W.shape
+    k = W.shape[1]
     dead = H.diagonal() == 0  # inputs that were always 0: their columns cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -139,9 +140,9 @@ def repeated_blocks(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
     nn.ModuleList of at least two modules of one class; empty when it has none."""
     best_name, best = "", None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(c) for c in module}) == 1:
-            if best is None or len(module) > len(best):
-                best_name, best = name, module
+        repeated = isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(c) for c in module}) == 1
+        if repeated and (best is None or len(module) > len(best)):
+            best_name, best = name, module
     if best is None:
         return [], []
     prefix = f"{best_name}." if best_name else ""
@@ -168,12 +169,13 @@ def gptq_model(model: nn.Module, targets: list[tuple[str, nn.Linear]], calib: to
         inputs = _first_block_inputs(model, blocks[0], batches) if blocks else []
         for index, (prefix, block) in enumerate(zip(names, blocks)):
             layers = {fqn: m for fqn, m in remaining.items() if fqn.startswith(prefix + ".")}
-            _quantize_layers(model, layers, lambda: [block(*args, **kwargs) for args, kwargs in inputs],
+            _quantize_layers(model, layers, functools.partial(_run_block, block, inputs),
                              bits, group_size, damp, act_order, activations)
             for fqn in layers:
                 del remaining[fqn]
             if index + 1 < len(blocks):  # the next block sees this (now quantized) block's outputs
-                inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+                inputs = [((hidden,) + tuple(args[1:]), kwargs)
+                          for hidden, (args, kwargs) in zip(_run_block(block, inputs), inputs)]
             log.info("gptq: block %d/%d quantized (%d layers)", index + 1, len(blocks), len(layers))
         if remaining:
             _quantize_layers(model, remaining, lambda: [model(rows) for rows in batches],
@@ -205,9 +207,11 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.
     return recorded
 
 
-def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
-    """A block's hidden states (Hugging Face blocks return a tuple that starts with them)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    """The block's hidden states for each recorded input (Hugging Face blocks return a tuple that
+    starts with them)."""
+    outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+    return [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
 
 
 def _quantize_layers(model: nn.Module, layers: dict[str, nn.Linear], run: Callable[[], object], bits: int,

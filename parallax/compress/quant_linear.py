@@ -115,7 +115,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
                     activations: str | None = None,
-                    quantized: dict[str, torch.Tensor] | None = None) -> "QuantLinear":
+                    quantized: dict[str, torch.Tensor] | None = None) -> QuantLinear:
         """``linear`` (its dtype, device and bias) with its weight quantized: the given ``quantized``
         buffers (e.g. GPTQ's), or by default round-to-nearest."""
         weight = linear.weight
@@ -210,7 +210,7 @@ class QuantLinear(nn.Module):
                 "dtype": str(self.dtype).removeprefix("torch."), "activations": self.activations}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "QuantLinear":
+    def from_spec(cls, spec: dict[str, Any]) -> QuantLinear:
         fields = dict(spec)
         dtype = getattr(torch, fields.pop("dtype"))
         return cls(**fields, dtype=dtype)

@@ -9,9 +9,8 @@ import copy
 import pytest
 import torch
 
-import parallax.compress as compress
-import parallax.compress.gptq as gptq
-from parallax.compress import QuantLinear
+from parallax import compress
+from parallax.compress import QuantLinear, gptq
 from parallax.compress.gptq import HessianAccumulator, gptq_weight
 from parallax.compress.quant_linear import round_to_nearest
 from parallax.models import from_preset

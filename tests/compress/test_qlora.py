@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import parallax as px
-import parallax.compress as compress
+from parallax import compress
 from parallax.compress import QuantLinear
 from parallax.models import from_preset
 from parallax.peft import LoraConfig, get_peft_model, load_adapter

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import parallax.compress as compress
+from parallax import compress
 from parallax.compress import QuantLinear
 from parallax.compress.common import module_kinds, target_linears
 from parallax.inference import LLM, SamplingParams
