@@ -5,7 +5,9 @@ from parallax.compress.checkpoint import is_compressed, load, read_manifest, sav
 from parallax.compress.common import calibration_tokens, target_linears
 from parallax.compress.low_rank import LowRankLinear, low_rank
 from parallax.compress.prune import prune
+from parallax.compress.quant_linear import QuantLinear
+from parallax.compress.quantize import dequantize, quantize
 from parallax.compress.recover import recover, sparsity_masks
 
 __all__ = ["calibration_tokens", "target_linears", "save", "load", "is_compressed", "read_manifest", "recover",
-           "sparsity_masks", "prune", "LowRankLinear", "low_rank"]
+           "sparsity_masks", "prune", "LowRankLinear", "low_rank", "QuantLinear", "dequantize", "quantize"]

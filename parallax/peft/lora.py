@@ -1,6 +1,15 @@
 """The LoRA layer and where it goes: ``LoraLinear`` wraps an ``nn.Linear`` with named adapters,
 ``find_targets`` resolves ``LoraConfig.target_modules`` against a model as PEFT does.
 
+The base may also be a quantized ``px.compress.QuantLinear`` (QLoRA): it stays frozen and
+quantized, gradients reach the adapters through its dequantize-on-the-fly matmul, and merging
+adds ``scaling * B @ A`` to its dequantized weight, then re-quantizes the sum by round-to-nearest
+with the same bits and groups (as PEFT does for bitsandbytes bases), onto the layer's existing
+grid where the sum still fits it (``QuantLinear.requantize_``): each weight then moves by at
+most the adapter's update, and unmerging restores the base there. The merged layer differs from the
+unmerged one by that rounding; for an exact merge into dense layers call
+``px.compress.dequantize(model)`` first.
+
 ``LoraLinear`` keeps PEFT's module layout, so parameter names are PEFT's:
 ``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight`` (r, in), ``<path>.lora_B.<adapter>.weight`` (out, r).
 """
@@ -27,7 +36,7 @@ class LoraLinear(nn.Module):
     adapters are unmerged first, as PEFT does).
     """
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -43,9 +52,9 @@ class LoraLinear(nn.Module):
     def update_layer(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name``: A (r, in) and B (out, r) initialised per config, on the base
         weight's device, in its dtype (float32 for a float16/bfloat16 base, as PEFT)."""
-        weight = self.base_layer.weight
-        dtype = torch.float32 if weight.dtype in _UPCAST_DTYPES else weight.dtype
-        factory = {"device": weight.device, "dtype": dtype}
+        base_dtype, device = _base_dtype_device(self.base_layer)
+        dtype = torch.float32 if base_dtype in _UPCAST_DTYPES else base_dtype
+        factory = {"device": device, "dtype": dtype}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -92,11 +101,11 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Add the given adapters (default: the active ones) into base_layer.weight."""
+        """Add the given adapters (default: the active ones) into base_layer.weight (a quantized
+        base: into its dequantized weight, re-quantized onto its grid, see the module docstring)."""
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                weight = self.base_layer.weight
-                weight.copy_((weight.float() + self.delta_weight(name)).to(weight.dtype))
+                _add_to_base_weight(self.base_layer, self.delta_weight(name))
                 self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -104,11 +113,36 @@ class LoraLinear(nn.Module):
         """Subtract every merged adapter from base_layer.weight, last merged first."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+            _add_to_base_weight(self.base_layer, -self.delta_weight(name))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
+
+
+def _quant_linear_class() -> type[nn.Module]:
+    from parallax.compress.quant_linear import QuantLinear  # lazy: it imports the ops
+    return QuantLinear
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module``: an nn.Linear, a quantized QuantLinear, or a LoraLinear already."""
+    return isinstance(module, (nn.Linear, LoraLinear, _quant_linear_class()))
+
+
+def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The compute dtype and device of a base layer (a QuantLinear has no float weight)."""
+    if isinstance(base, _quant_linear_class()):
+        return base.dtype, base.qweight.device
+    return base.weight.dtype, base.weight.device
+
+
+def _add_to_base_weight(base: nn.Module, delta: torch.Tensor) -> None:
+    """base weight += delta (float32, (out, in)); a QuantLinear re-quantizes the sum onto its grid."""
+    if isinstance(base, _quant_linear_class()):
+        base.requantize_(base.dequantized_weight(torch.float32) + delta)
+        return
+    weight = base.weight
+    weight.copy_((weight.float() + delta).to(weight.dtype))
 
 
 def _init_adapter(A: torch.Tensor, B: torch.Tensor, config: LoraConfig) -> None:
@@ -149,7 +183,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     candidates = [(name, m) for name, m in model.named_modules() if name and not _inside_lora(name)]
     if config.all_linear:
         head = _output_head_name(model)
-        names = [n for n, m in candidates if isinstance(m, (nn.Linear, LoraLinear)) and n != head]
+        names = [n for n, m in candidates if _adaptable(m) and n != head]
         if not names:
             raise ValueError("LoraConfig.target_modules='all-linear' matched no nn.Linear (other than the output "
                              f"head) in {type(model).__name__}")
@@ -167,10 +201,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                              f"{type(model).__name__}")
     _refuse_fused_loss_head(model, names)
     modules = dict(candidates)
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], (nn.Linear, LoraLinear))]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not _adaptable(modules[n])]
     if wrong:
         raise ValueError(f"LoraConfig.target_modules selects modules that are not nn.Linear: {', '.join(wrong)}; "
-                         "LoRA adapts nn.Linear layers only")
+                         "LoRA adapts nn.Linear (or quantized QuantLinear) layers only")
     return names
 
 

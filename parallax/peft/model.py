@@ -125,7 +125,9 @@ class PeftModelMixin(_TrainableCount):
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters, put the base nn.Linear layers back and return the model as
-        an instance of its original class (the same object), without adapters."""
+        an instance of its original class (the same object), without adapters. A quantized base
+        (QLoRA) stays quantized: the merged weight is re-quantized by round-to-nearest (see
+        ``parallax.peft.lora``); ``px.compress.dequantize(model)`` first gives an exact dense merge."""
         self.merge()
         return self.unload()
 
