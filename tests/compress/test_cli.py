@@ -32,7 +32,7 @@ def _logits(model, x):
 
 @pytest.mark.parametrize("argv, kind", [
     (["quantize", "--bits", "8"], "QuantLinear"),
-    (["quantize", "--bits", "4", "--group-size", "32", "--method", "gptq", "--samples", "4", "--seq-len", "32"],
+    (["quantize", "--bits", "4", "--group-size", "32", "--method", "gptq", "--samples", "8", "--seq-len", "32"],
      "QuantLinear"),
     (["prune", "--method", "wanda", "--sparsity", "0.5", "--samples", "4", "--seq-len", "32"], None),
     (["low-rank", "--rank", "8"], "LowRankLinear"),  # random weights: no energy threshold would save parameters
