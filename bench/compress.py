@@ -89,7 +89,7 @@ def _methods(recover_steps: int) -> dict[str, Callable[[Any, Any, Any], Any]]:
     def recover(model: Any, tokenizer: Any, steps: int) -> dict[str, Any]:
         windows = compress.calibration_tokens(tokenizer, samples=steps * 8, seq_len=model.config.block_size + 1,
                                               seed=1)
-        return compress.recover(model, windows, steps=steps, lr=1e-3, batch_size=8)
+        return compress.recover(model, windows, steps=steps, lr=1e-4, batch_size=8)
 
     def structured_recovered(m: Any, calib: Any, tok: Any) -> dict[str, Any]:
         compress.prune(m, sparsity=0.25, method="structured", calib=calib)
@@ -303,7 +303,7 @@ def _notes(ctx: Any, rows: dict[str, dict], samples: int, recover_steps: int, di
     ctx.note("method", f"calibration: {samples} windows of the model's context from the built-in corpus's "
                        f"training split; perplexity: px.eval.evaluate on {TASK} (byte perplexity); tokens/s: "
                        f"greedy, {gen_tokens} new tokens, median of {repeats} runs after a warm-up, on "
-                       f"{ctx.device}; recovery: {recover_steps} full fine-tuning steps (AdamW lr 1e-3, 8 windows "
+                       f"{ctx.device}; recovery: {recover_steps} full fine-tuning steps (AdamW lr 1e-4, 8 windows "
                        f"per step); students: {distill_steps} steps each")
     goals = {}
 

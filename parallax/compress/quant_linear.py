@@ -198,6 +198,8 @@ class QuantLinear(nn.Module):
         # CUDA: the fused dequantizing kernels; CPU: the reference (as models/layers.py does for
         # every op: the Triton interpreter that TRITON_INTERPRET=1 turns on is for the ops' own tests)
         if self.bits == 8:
+            if _aten_int8_applies(x):
+                return _aten_int8_linear(x, self.qweight, self.scales, self.bias)
             op = int8_linear if x.is_cuda else int8_linear_ref
             return op(x, self.qweight, self.scales, self.bias)
         op = int4_linear if x.is_cuda else int4_linear_ref
@@ -242,6 +244,27 @@ def _check_layout(in_features: int, out_features: int, bits: int, group_size: in
     if in_features % group_size or in_features % 2:
         raise ValueError(f"QuantLinear: group_size {group_size} must divide in_features {in_features}, "
                          "which must be even (two 4-bit codes per byte)")
+
+
+def _aten_int8_applies(x: torch.Tensor) -> bool:
+    """ATen's CPU int8 weight-only matmul: 16-bit activations, inference (it has no backward). Its
+    bf16 kernel reads K in vectors of 16 and crashes (segfault, torch 2.13) on other widths."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 1:
+        return False
+    if x.dtype == torch.bfloat16 and x.shape[-1] % 16:
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad) and hasattr(torch, "_weight_int8pack_mm")
+
+
+def _aten_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) -> (..., N) through ``torch._weight_int8pack_mm`` (what torchao's int8 weight-only
+    runs on CPU): it reads the int8 weight directly instead of dequantizing it per call, 3x faster
+    than a bf16 ``F.linear`` and 100x faster than the dequantizing reference for a 4096 x 4096
+    weight at batch 1 (2 cores, one thread)."""
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scales.to(x.dtype))
+    y = y.reshape(*x.shape[:-1], qweight.shape[0])
+    return y if bias is None else y + bias
 
 
 def _w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,

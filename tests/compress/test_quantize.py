@@ -212,6 +212,28 @@ def test_w8a8_is_close_to_weight_only_int8_and_exact_in_integers():
     assert_close(out, expected, atol=1e-5, rtol=1e-5, name="W8A8")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_features", [16, 97, 128])
+def test_int8_on_cpu_in_16_bit_matches_the_reference_with_and_without_autograd(dtype, in_features):
+    """Inference in 16 bits runs ATen's int8 weight-only matmul (where its kernel supports the
+    width); with autograd, the differentiable reference. Both compute the dequantized layer."""
+    from parallax.ops.quant_linear import int8_linear_ref
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(in_features, 45).to(dtype), bits=8)
+    x = torch.randn(3, 5, in_features, dtype=dtype)
+    expected = int8_linear_ref(x.double(), layer.qweight, layer.scales.double(), layer.bias.double())
+    with torch.no_grad():
+        fast = layer(x)
+    x.requires_grad_(True)
+    slow = layer(x)
+    slow.sum().backward()
+    for y in (fast, slow):
+        assert y.dtype == dtype and y.shape == (3, 5, 45)
+        assert_close(y.double(), expected, atol=0.05, rtol=0.02)
+    assert x.grad is not None
+
+
 def test_w8a8_refuses_autograd():
     layer = QuantLinear.from_linear(linear(16, 8), bits=8, activations="int8")
     with pytest.raises(RuntimeError, match="inference-only"):
