@@ -2,5 +2,8 @@
 (``px.compress``). Every method changes an ``nn.Module`` in place and returns it."""
 
 from parallax.compress.common import calibration_tokens, target_linears
+# distillation
+from parallax.compress.distill import distill_loss, distill_loss_ref
 
 __all__ = ["calibration_tokens", "target_linears"]
+__all__ += ["distill_loss", "distill_loss_ref"]  # distillation
