@@ -96,11 +96,15 @@ def test_to_hf_writes_every_layer_for_transformers(family, tmp_path):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_paged_engine_generates_as_full_recompute(family):
+    """Each call of a shared attention layer keeps its own keys and values in the cache."""
     model = _shared(family).eval()
-    prompt = [5, 17, 42, 7, 99]
-    out = LLM(model, block_size=8, num_blocks=16).generate([prompt], SamplingParams(max_tokens=6, temperature=0))
+    with torch.no_grad():  # sharper attention than the random init's, so that wrong keys change tokens
+        for p in _blocks(model).parameters():
+            p.mul_(6.0)
+    prompt = [5, 17, 42, 7, 99, 3, 250, 31]
+    out = LLM(model, block_size=8, num_blocks=16).generate([prompt], SamplingParams(max_tokens=12, temperature=0))
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        for _ in range(6):
+        for _ in range(12):
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out[0].token_ids == ids[0, len(prompt):].tolist()
