@@ -28,7 +28,12 @@ def _loss(model, idx: torch.Tensor) -> torch.Tensor:
     return model(idx[:, :-1], idx[:, 1:])
 
 
-def parity(rank: int, world: int, family: str, cases: list[tuple[int, str]]) -> dict:
+def parity(rank: int, world: int, families: list[str], cases: list[tuple[int, str]]) -> dict:
+    """``family_parity`` of each family, by family."""
+    return {family: family_parity(rank, world, family, cases) for family in families}
+
+
+def family_parity(rank: int, world: int, family: str, cases: list[tuple[int, str]]) -> dict:
     """Max |ZeRO - single process| over the state dict after STEPS AdamW steps, for each (stage,
     activation checkpointing); and how many values each stage keeps per parameter (the shared
     blocks once). eps=1e-3: see tests/distributed/zero_workers.model_parity."""

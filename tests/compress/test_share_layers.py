@@ -108,3 +108,30 @@ def test_paged_engine_generates_as_full_recompute(family):
         for _ in range(12):
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out[0].token_ids == ids[0, len(prompt):].tolist()
+
+
+def test_train_share_layers_flag_checkpoint_stores_shared_weights_once(tmp_path, monkeypatch, capsys):
+    from parallax import checkpoint
+    from parallax.cli import main
+    from parallax.train.checkpoints import load_model
+
+    monkeypatch.setenv("PARALLAX_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny", "--share-layers", "2", "--model", "n_embd=32", "--model",
+                 "n_head=2", "--model", "intermediate_size=48", "--out", str(out), "--steps", "2", "--batch-size",
+                 "2", "--block-size", "16", "--eval-interval", "2", "--eval-batches", "1", "--checkpoint-interval",
+                 "2", "--sample-tokens", "0"]) == 0
+    step = out / "checkpoints/step_000002"
+    tensors, manifest = checkpoint.full_tensors(step)
+    assert "model.layers.0.mlp.gate_proj.weight" in tensors
+    assert not any(name.startswith(("model.layers.1.", "model.layers.3.")) for name in tensors)
+    assert manifest["aliases"]["model.layers.1.mlp.gate_proj.weight"] == "model.layers.0.mlp.gate_proj.weight"
+    model = load_model(step)
+    assert model.config.share_layers == 2 and model.model.layers[0] is model.model.layers[1]
+    torch.testing.assert_close(model.model.layers[2].mlp.up_proj.weight, tensors["model.layers.2.mlp.up_proj.weight"])
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "The ", "--max-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
+    assert main(["train", "--hf", str(tmp_path), "--share-layers", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "share_layers: weight sharing is for training from scratch" in capsys.readouterr().err
