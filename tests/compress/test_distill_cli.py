@@ -76,3 +76,20 @@ def test_teacher_offload_gives_the_same_outputs_and_losses(tmp_path):
                      "n_layer=1", "--out", str(out), *SHORT, *offload]) == 0
         runs.append([(r["loss"], r["kd"]) for r in _records(out) if "loss" in r])
     assert runs[0] == runs[1]
+
+
+def test_zero_stages_2_and_3_on_two_ranks_equal_one_process(tmp_path):
+    from parallax.data import load_tokenizer
+    from parallax.data.tokenizer import tokenizer_reference
+    from parallax.models import from_preset
+    from parallax.train.checkpoints import save_model
+    from tests.compress import distill_workers as dw
+    from tests.distributed.launch import run_ranks
+
+    torch.manual_seed(1)
+    teacher = from_preset("tiny", n_layer=2, n_embd=48, n_head=2, block_size=16)
+    save_model(tmp_path / "teacher", teacher, step=1, model_config=teacher.config,
+               tokenizer=tokenizer_reference(load_tokenizer("byte")))
+    for diffs in run_ranks(dw.parity, 2, str(tmp_path / "teacher"), str(tmp_path / "out"), [2, 3], timeout_s=60):
+        for stage, diff in diffs.items():
+            assert diff <= 1e-6, f"stage {stage}: {diff}"
