@@ -105,7 +105,7 @@ def _divergence(log_p: Tensor, log_q: Tensor, divergence: str) -> tuple[Tensor, 
 
 
 def _chunk_terms(s_h: Tensor, s_w: Tensor, t_h: Tensor, t_w: Tensor, targets: Tensor, ignore_index: int,
-                 temperature: float, divergence: str, need_grad: bool
+                 temperature: float, divergence: str, need_grad: bool = False
                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """One chunk: per-row cross-entropy and divergence (rows,) (0 on ignored rows) and, with
     ``need_grad``, their gradients with respect to the student's logits (rows, V) each, 0 on
@@ -175,7 +175,7 @@ class _DistillLoss(torch.autograd.Function):
             end = start + rows
             _, _, d_ce, d_div = _chunk_terms(s_h[start:end], s_w, t_h[start:end], t_w, targets[start:end],
                                              ignore_index, temperature, divergence, need_grad=True)
-            dlogits = d_ce.mul_(ce_weight).add_(d_div.mul_(div_weight))
+            dlogits = d_ce.mul_(ce_weight).add_(d_div.mul_(div_weight))  # (rows, V) in the compute dtype
             if need_h:
                 grad_h[start:end] = (dlogits @ s_w.to(dtype)).to(s_h.dtype)
             if need_w:

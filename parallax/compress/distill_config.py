@@ -134,11 +134,13 @@ class DistillConfig(TrainConfig):
             saved = _saved_config(checkpoint, "student")
             config = config_from_dict(family_of(saved), {**saved.to_dict(), **overrides})
         if tokenizer_vocab_size is not None:
-            teacher = self.teacher_config()
+            teacher, name = self.teacher_config(), self.teacher or self.teacher_hf
             if teacher.vocab_size != config.vocab_size:
-                raise ConfigError(f"teacher {self.teacher or self.teacher_hf} has a vocabulary of "
-                                  f"{teacher.vocab_size} tokens but the student has {config.vocab_size}; "
-                                  "distillation needs one vocabulary (the same tokenizer)")
+                raise ConfigError(f"teacher {name} has a vocabulary of {teacher.vocab_size} tokens but the student "
+                                  f"has {config.vocab_size}; distillation needs one vocabulary (the same tokenizer)")
+            if teacher.block_size < config.block_size:
+                raise ConfigError(f"block_size {config.block_size}: the teacher {name} reads at most "
+                                  f"{teacher.block_size} positions; lower --block-size")
         return config
 
     def build_model(self, model_config: ModelConfig) -> Any:
