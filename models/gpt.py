@@ -15,8 +15,8 @@ import torch.nn as nn
 from .attention import Attention, PackedSegments
 from .config import GPTConfig
 from .generate import generate
-from .loss import check_token_ids, lm_loss, packed_segments, shared_blocks
 from .hf_read import unique_tensors
+from .loss import check_token_ids, lm_loss, packed_segments, shared_blocks
 from .weights import read_safetensors, write_safetensors
 
 # lm_head.weight is transformer.wte.weight; checkpoints store the tensor once, under the value.

@@ -64,6 +64,9 @@ class DistillConfig(TrainConfig):
             self.hf = self.student_hf
         elif self.student in ALL_PRESETS:
             self.preset = self.student
+        elif self.student is not None and self.share_layers is not None:
+            raise ConfigError(f"share_layers: the student checkpoint {self.student} has its shape already; weight "
+                              "sharing is for a student trained from a preset")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \

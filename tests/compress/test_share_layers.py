@@ -113,6 +113,8 @@ def test_paged_engine_generates_as_full_recompute(family):
 def test_train_share_layers_flag_checkpoint_stores_shared_weights_once(tmp_path, monkeypatch, capsys):
     from parallax import checkpoint
     from parallax.cli import main
+    from parallax.finetune.config import FinetuneConfig
+    from parallax.train import ConfigError
     from parallax.train.checkpoints import load_model
 
     monkeypatch.setenv("PARALLAX_CACHE_DIR", str(tmp_path / "cache"))
@@ -135,3 +137,5 @@ def test_train_share_layers_flag_checkpoint_stores_shared_weights_once(tmp_path,
     assert capsys.readouterr().out.startswith("The ")
     assert main(["train", "--hf", str(tmp_path), "--share-layers", "2", "--out", str(tmp_path / "x")]) == 2
     assert "share_layers: weight sharing is for training from scratch" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="share_layers: weight sharing is for training from scratch"):
+        FinetuneConfig(base=str(out), share_layers=2)
