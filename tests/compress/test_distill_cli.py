@@ -25,15 +25,22 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PARALLAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "parallax-cache"))
 
 
-def _teacher(root: Path, preset: str, small: list[str]) -> Path:
-    out = root / f"teacher-{preset}"
-    assert main(["train", "--preset", preset, *small, "--model", "n_layer=2", "--out", str(out), *SHORT]) == 0
-    return out
+def _teacher(path: Path, preset: str, **fields) -> Path:
+    """A random teacher of two blocks saved as a parallax checkpoint with the byte tokenizer."""
+    from parallax.data import load_tokenizer
+    from parallax.data.tokenizer import tokenizer_reference
+    from parallax.models import from_preset
+    from parallax.train.checkpoints import save_model
+
+    torch.manual_seed(1)
+    teacher = from_preset(preset, n_layer=2, block_size=32, **fields)
+    save_model(path, teacher, step=1, model_config=teacher.config, tokenizer=tokenizer_reference(load_tokenizer("byte")))
+    return path
 
 
 @pytest.fixture(scope="module")
 def gpt_teacher(tmp_path_factory) -> Path:
-    return _teacher(tmp_path_factory.mktemp("kd"), "tiny", GPT_SMALL)
+    return _teacher(tmp_path_factory.mktemp("kd") / "teacher", "tiny", n_embd=48, n_head=2)
 
 
 def _records(out: Path) -> list[dict]:
@@ -64,7 +71,7 @@ def test_teacher_with_another_vocabulary_is_named(gpt_teacher, tmp_path, capsys)
 
 
 def test_teacher_offload_gives_the_same_outputs_and_losses(tmp_path):
-    teacher = _teacher(tmp_path, "llama-tiny", LLAMA_SMALL)
+    teacher = _teacher(tmp_path / "teacher", "llama-tiny", n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64)
     resident = load_teacher(str(teacher), None, "cpu", torch.float32)
     offloaded = offload_blocks(load_teacher(str(teacher), None, "cpu", torch.float32), torch.device("cpu"))
     idx = torch.randint(0, 257, (2, 9))
@@ -79,17 +86,10 @@ def test_teacher_offload_gives_the_same_outputs_and_losses(tmp_path):
 
 
 def test_zero_stages_2_and_3_on_two_ranks_equal_one_process(tmp_path):
-    from parallax.data import load_tokenizer
-    from parallax.data.tokenizer import tokenizer_reference
-    from parallax.models import from_preset
-    from parallax.train.checkpoints import save_model
     from tests.compress import distill_workers as dw
     from tests.distributed.launch import run_ranks
 
-    torch.manual_seed(1)
-    teacher = from_preset("tiny", n_layer=2, n_embd=48, n_head=2, block_size=16)
-    save_model(tmp_path / "teacher", teacher, step=1, model_config=teacher.config,
-               tokenizer=tokenizer_reference(load_tokenizer("byte")))
-    for diffs in run_ranks(dw.parity, 2, str(tmp_path / "teacher"), str(tmp_path / "out"), [2, 3], timeout_s=60):
+    teacher = _teacher(tmp_path / "teacher", "tiny", n_embd=48, n_head=2)
+    for diffs in run_ranks(dw.parity, 2, str(teacher), str(tmp_path / "out"), [2, 3], timeout_s=60):
         for stage, diff in diffs.items():
             assert diff <= 1e-6, f"stage {stage}: {diff}"
