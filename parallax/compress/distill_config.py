@@ -229,8 +229,9 @@ def load_teacher(checkpoint: str | None, hf: str | None, device: torch.device | 
 
 def offload_blocks(model: nn.Module, device: torch.device) -> nn.Module:
     """Keep ``model``'s repeated blocks in (pinned, when a GPU is there) CPU memory and move each to
-    ``device`` only for its own forward (a pre-hook copies it in, a hook moves it back); the other
-    parameters (embeddings, final norm, head) live on ``device``. For inference only."""
+    ``device`` only for its own forward (a pre-hook copies it in, a hook drops that copy), so one
+    block's weights are on the device at a time; the other parameters (embeddings, final norm,
+    head) live on ``device``. For inference only; on a CPU ``device`` the copies are the tensors."""
     from parallax.zero.module import default_units
 
     blocks = default_units(model)
