@@ -333,10 +333,13 @@ class Attention(nn.Module):
                 f"{window}{prefix}")
 
 
-def attention_layers(model: nn.Module, needed_by: str = "this") -> list[Attention]:
+def attention_layers(model: nn.Module, needed_by: str = "this", per_use: bool = False) -> list[Attention]:
     """The model's ``Attention`` layers in module order; ValueError (naming ``needed_by``) if it has
-    none or they differ in KV heads or head size (one cache or prefix table serves them all)."""
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    none or they differ in KV heads or head size (one cache or prefix table serves them all).
+    ``per_use``: a layer that the model holds at several positions (cross-layer sharing) is listed
+    at each, as many times as a forward calls it (an engine keeps one KV cache per call)."""
+    modules = (m for _, m in model.named_modules(remove_duplicate=False)) if per_use else model.modules()
+    layers = [m for m in modules if isinstance(m, Attention)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no parallax.models.Attention layers; {needed_by} needs a "
                          "parallax model family (parallax.models.from_preset / from_hf)")

@@ -41,6 +41,9 @@ class GPTConfig:
         attention: attention backend, a key of ``ATTENTION_BACKENDS``: "math", "sdpa", "flash"
             (parallax's Triton FlashAttention; no attention dropout) or "auto" (the default:
             "flash" on CUDA tensors, "sdpa" otherwise, decided on each call).
+        share_layers: cross-layer weight sharing (ALBERT): every ``share_layers`` consecutive
+            blocks are one module with one set of weights; n_layer must be a multiple of it.
+            1 (the default): no sharing.
     """
 
     block_size: int = 1024
@@ -54,12 +57,14 @@ class GPTConfig:
     bias: bool = True
     layer_norm_eps: float = 1e-5
     attention: str = "auto"
+    share_layers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             positive_int(f"GPTConfig.{name}", getattr(self, name))
         if self.n_inner is not None:
             positive_int("GPTConfig.n_inner", self.n_inner)
+        check_share_layers("GPTConfig", self.n_layer, self.share_layers)
         if self.n_kv_head is not None:
             positive_int("GPTConfig.n_kv_head", self.n_kv_head)
             if self.n_head % self.n_kv_head != 0:
@@ -108,8 +113,9 @@ class GPTConfig:
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict. None fields are left out (TOML has no null); they default to None."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The fields as a plain dict. None fields are left out (TOML has no null); they default to
+        None. share_layers is left out when 1 (no sharing), as before the field existed."""
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
@@ -119,6 +125,20 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+
+def check_share_layers(owner: str, n_layer: int, share_layers: Any) -> None:
+    """ValueError unless share_layers is a positive int that divides n_layer."""
+    positive_int(f"{owner}.share_layers", share_layers)
+    if n_layer % share_layers != 0:
+        raise ValueError(f"{owner}.n_layer ({n_layer}) must be a multiple of share_layers ({share_layers}): every "
+                         f"share_layers consecutive blocks share one set of weights")
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """``to_dict`` of a model config: its fields but None ones, and share_layers when it is 1."""
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if v is not None and not (k == "share_layers" and v == 1)}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import torch.nn as nn
 from .attention import Attention, PackedSegments
 from .config import GPTConfig
 from .generate import generate
-from .loss import check_token_ids, lm_loss, packed_segments
+from .hf_read import unique_tensors
+from .loss import check_token_ids, lm_loss, packed_segments, shared_blocks
 from .weights import read_safetensors, write_safetensors
 
 # lm_head.weight is transformer.wte.weight; checkpoints store the tensor once, under the value.
@@ -96,7 +97,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=shared_blocks(lambda: Block(config), config.n_layer, config.share_layers),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
             )
         )
@@ -174,8 +175,9 @@ class GPT(nn.Module):
         return generate(self, idx, max_new_tokens, temperature, top_k, generator)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the weights and config to a safetensors file, atomically (needs safetensors)."""
-        state = {k: v for k, v in self.state_dict().items() if k not in TIED_WEIGHTS}
+        """Write the weights and config to a safetensors file, atomically (needs safetensors); a
+        tied or shared (``share_layers``) tensor once, under its first name."""
+        state = {k: v for k, v in unique_tensors(self).items() if k not in TIED_WEIGHTS}
         write_safetensors(path, state, {CONFIG_METADATA_KEY: json.dumps(self.config.to_dict())})
 
     @classmethod
@@ -210,13 +212,14 @@ class GPT(nn.Module):
         # state holds the tied embedding once, under transformer.wte.weight (see TIED_WEIGHTS).
         with torch.device(device):
             model = cls(config)
-        expected = set(model.state_dict()) - set(TIED_WEIGHTS)
+        expected = set(unique_tensors(model)) - set(TIED_WEIGHTS)
         if set(state) != expected:
             raise ValueError(
                 f"weights do not fit {config}: missing {sorted(expected - set(state))}, "
                 f"unexpected {sorted(set(state) - expected)}"
             )
         model.to(state["transformer.wte.weight"].dtype)
-        # Copies into the model's own parameters: nothing is shared with `state`.
+        # Copies into the model's own parameters: nothing is shared with `state`; a tied or shared
+        # tensor is filled through its first name.
         model.load_state_dict(state, strict=False)
         return model

@@ -10,6 +10,7 @@ time, shard by shard, so a directory's weights are never held twice in memory. `
 ``hf_gpt2`` and ``hf_llama``; the file work in ``hf_read`` and ``hf_write``.
 """
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -162,11 +163,16 @@ def _family_of(model: nn.Module) -> ModuleType:
 
 
 def _checked_tensors(model: nn.Module, family: ModuleType) -> dict[str, torch.Tensor]:
-    """The model's tensors (tied ones once), or ValueError when they are not the full tensors its
-    config describes (e.g. a ZeRO-sharded model: gather its full state first)."""
+    """The model's tensors (tied ones once; a block shared by several layers, ``share_layers``,
+    under every layer's names, as Hugging Face has no sharing), or ValueError when they are not
+    the full tensors its config describes (e.g. a ZeRO-sharded model: gather its full state first)."""
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in unique_tensors(family.MODEL_CLASS(model.config)).items()}
+        unshared = family.MODEL_CLASS(dataclasses.replace(model.config, share_layers=1))
+        expected = {name: tuple(t.shape) for name, t in unique_tensors(unshared).items()}
     tensors = unique_tensors(model)
+    every = model.state_dict(keep_vars=True)
+    # a copy for each further layer: safetensors refuses tensors that share memory
+    tensors |= {name: every[name].detach().clone() for name in expected if name in every and name not in tensors}
     actual = {name: tuple(t.shape) for name, t in tensors.items()}
     differ = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
     if differ:

@@ -13,7 +13,7 @@ from .attention import Attention, PackedSegments
 from .generate import generate
 from .layers import RMSNorm, SwiGLU, rotary_embedding
 from .llama_config import LlamaConfig
-from .loss import check_token_ids, lm_loss, packed_segments
+from .loss import check_token_ids, lm_loss, packed_segments, shared_blocks
 from .rope import inv_frequencies, rope_tables
 
 
@@ -73,7 +73,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.n_layer)])
+        self.layers = shared_blocks(lambda: LlamaDecoderLayer(config), config.n_layer, config.share_layers)
         self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from parallax.validate import is_real, positive_int
 
 from .attention import ATTENTION_BACKENDS
+from .config import check_share_layers, config_dict
 from .rope import check_rope_scaling
 
 # The Hugging Face architectures this family reads and writes (config.json's model_type).
@@ -76,6 +77,10 @@ class LlamaConfig:
         dropout: attention dropout probability [attention_dropout].
         initializer_range: standard deviation of the random initialisation.
         attention: backend, a key of ``ATTENTION_BACKENDS`` ("auto", "flash", "sdpa", "math").
+        share_layers: cross-layer weight sharing (ALBERT): every ``share_layers`` consecutive
+            decoder layers are one module with one set of weights; n_layer must be a multiple of
+            it. 1 (the default): no sharing. Hugging Face has no such field: ``to_hf`` writes
+            each layer's copy.
     """
 
     model_type: str = "llama"
@@ -99,12 +104,14 @@ class LlamaConfig:
     dropout: float = 0.0
     initializer_range: float = 0.02
     attention: str = "auto"
+    share_layers: int = 1
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"LlamaConfig.model_type must be one of {list(MODEL_TYPES)}; got {self.model_type!r}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
             positive_int(f"LlamaConfig.{name}", getattr(self, name))
+        check_share_layers("LlamaConfig", self.n_layer, self.share_layers)
         for name in ("n_kv_head", "head_dim", "sliding_window"):
             if getattr(self, name) is not None:
                 positive_int(f"LlamaConfig.{name}", getattr(self, name))
@@ -146,8 +153,9 @@ class LlamaConfig:
         return cls.from_dict({**LLAMA_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict. None fields are left out (TOML has no null); they default to None."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The fields as a plain dict. None fields are left out (TOML has no null); they default to
+        None. share_layers is left out when 1 (no sharing), as before the field existed."""
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":

@@ -1,6 +1,10 @@
-"""What every model family shares around its layers: input checks and the language-model loss."""
+"""What every model family shares around its layers: input checks, the stack of blocks and the
+language-model loss."""
+
+from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 
 from parallax import ops
 
@@ -18,6 +22,16 @@ def check_token_ids(idx: torch.Tensor, max_positions: int, positions: torch.Tens
     elif positions.dim() != 2 or positions.size(1) != idx.size(1) or positions.size(0) not in (1, idx.size(0)):
         raise ValueError(f"positions must have shape (B, T) or (1, T) for idx {tuple(idx.shape)}; "
                          f"got {tuple(positions.shape)}")
+
+
+def shared_blocks(make_block: Callable[[], nn.Module], n_layer: int, share_layers: int = 1) -> nn.ModuleList:
+    """The n_layer blocks of a model: ``make_block()`` each, or with share_layers = k > 1 (ALBERT's
+    cross-layer sharing) n_layer / k blocks, each at k consecutive positions: the same module
+    object, called k times per forward. ``parameters()`` and ``named_parameters()`` list each
+    shared weight once (under its first position's name), so optimizers, ZeRO and checkpoints
+    hold it once and its gradient sums over every use; ``state_dict()`` names it at every position."""
+    distinct = [make_block() for _ in range(n_layer // share_layers)]
+    return nn.ModuleList([distinct[i // share_layers] for i in range(n_layer)])
 
 
 def packed_segments(idx: torch.Tensor, positions: torch.Tensor | None, max_positions: int) -> PackedSegments:

@@ -1,6 +1,6 @@
 """The ``parallax`` command: ``train`` (the main job), ``finetune`` (SFT with LoRA, prefix tuning
 or all parameters), ``align`` (preference tuning: DPO and its family), ``plan`` (the memory planner), ``generate`` (sampling from a checkpoint),
-``eval`` (task files, lm-eval's definitions), ``tokenizer`` (training a BPE tokenizer) and ``bench``."""
+``distill`` (knowledge distillation), ``eval`` (task files, lm-eval's definitions), ``tokenizer`` (training a BPE tokenizer) and ``bench``."""
 
 from __future__ import annotations
 
@@ -12,21 +12,22 @@ import sys
 __all__ = ["main"]
 
 
-def _train(args: argparse.Namespace, argv: list[str]) -> int:
+def _train(args: argparse.Namespace, argv: list[str], config_cls: type | None = None) -> int:
+    """``parallax train`` (``config_cls`` TrainConfig) or ``parallax distill`` (DistillConfig)."""
     from parallax.data import DataError
-    from parallax.train import ConfigError, train
+    from parallax.train import ConfigError, TrainConfig, train
     from parallax.train.arguments import config_from_args
     from parallax.train.launch import relaunch_with_torchrun, under_launcher
     from parallax.train.loop import validate_before_launch
 
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, config_cls or TrainConfig)
         if cfg.nproc > 1 and not under_launcher():
             validate_before_launch(cfg)  # fail once, here, rather than in every rank
             return relaunch_with_torchrun(cfg.nproc, argv)
         result = train(cfg)
     except (ConfigError, DataError) as exc:
-        print(f"parallax train: error: {exc}", file=sys.stderr)
+        print(f"parallax {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if result.sample is not None:
         start = f"{result.initial_val_loss:.3f} -> " if result.initial_val_loss is not None else ""
@@ -139,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                       "{prompt, chosen, rejected} rows, with --lora (the reference is the base, adapters "
                       "disabled), --prefix or --full")
     add_config_arguments(align_parser, AlignConfig)
+    from parallax.compress.distill_config import DistillConfig
+
+    distill_parser = commands.add_parser(
+        "distill", help="knowledge distillation: train a student (--student PRESET|CHECKPOINT or --student-hf DIR) "
+                        "on the data and a teacher's distribution (--teacher CHECKPOINT or --teacher-hf DIR); "
+                        "--alpha, --temperature, --divergence, --teacher-offload and every train flag")
+    add_config_arguments(distill_parser, DistillConfig)
     commands.add_parser("plan", help="predict each rank's peak memory for every ZeRO stage x precision x offload x "
                                      "checkpointing and pick the fastest that fits", add_help=False)
     commands.add_parser("generate", help="generate text from a parallax train checkpoint (paged-KV engine)",
@@ -171,4 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         return _finetune(args, argv)
     if args.command == "align":
         return _finetune(args, argv, AlignConfig)
+    if args.command == "distill":
+        return _train(args, argv, DistillConfig)
     return _train(args, argv)

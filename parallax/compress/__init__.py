@@ -3,6 +3,8 @@
 
 from parallax.compress.checkpoint import is_compressed, load, read_manifest, save
 from parallax.compress.common import calibration_tokens, target_linears
+from parallax.compress.distill import distill_loss, distill_loss_ref
+from parallax.compress.distill_config import DistillConfig
 from parallax.compress.low_rank import LowRankLinear, low_rank
 from parallax.compress.prune import prune
 from parallax.compress.quant_linear import QuantLinear
@@ -10,4 +12,5 @@ from parallax.compress.quantize import dequantize, quantize
 from parallax.compress.recover import recover, sparsity_masks
 
 __all__ = ["calibration_tokens", "target_linears", "save", "load", "is_compressed", "read_manifest", "recover",
-           "sparsity_masks", "prune", "LowRankLinear", "low_rank", "QuantLinear", "dequantize", "quantize"]
+           "sparsity_masks", "prune", "LowRankLinear", "low_rank", "QuantLinear", "dequantize", "quantize",
+           "distill_loss", "distill_loss_ref", "DistillConfig"]

@@ -98,6 +98,9 @@ class FinetuneConfig(TrainConfig):
                               "run) or --hf DIR (a Hugging Face model directory)")
         if self.base is not None and self.hf is not None:
             raise ConfigError("base and hf exclude each other: fine-tune one model")
+        if self.share_layers is not None:
+            raise ConfigError("share_layers: weight sharing is for training from scratch; fine-tuning keeps the "
+                              "base model's layers (a shared base stays shared)")
         if sum((self.lora is not None, self.prefix is not None, self.full)) > 1:
             raise ConfigError("lora, prefix and full exclude each other: pick one fine-tuning method")
         if self.save == "adapter" and self.tuning == "full":

@@ -126,19 +126,30 @@ class PagedAttentionContext:
     """The forward context of one engine step: every ``Attention`` layer of the model writes its
     new K/V into its cache and attends over the paged context (see the module docstring).
 
-    kv_cache: (2, L, N, B, Hkv, D), one (keys, values) pair per attention layer in ``layers`` order.
+    kv_cache: (2, L, N, B, Hkv, D), one (keys, values) pair per attention layer in ``layers`` order;
+    a layer listed at several positions (cross-layer sharing: one module called at each) uses the
+    pair of its n-th position on its n-th call of the step.
     """
 
     def __init__(self, kv_cache: torch.Tensor, layers: list[Attention], implementation: str,
                  metadata: StepMetadata) -> None:
         self.kv_cache = kv_cache
-        self.layer_index = {id(layer): i for i, layer in enumerate(layers)}
+        self.layer_index: dict[int, list[int]] = {}
+        for i, layer in enumerate(layers):
+            self.layer_index.setdefault(id(layer), []).append(i)
+        self._calls: dict[int, int] = {}  # calls of each layer in this step so far
         self.implementation = implementation
         self.meta = metadata
 
+    def _cache_index(self, layer: Attention) -> int:
+        uses = self.layer_index[id(layer)]
+        call = self._calls.get(id(layer), 0)
+        self._calls[id(layer)] = call + 1
+        return uses[call % len(uses)]
+
     def attend(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, T, H, D), k/v (1, T, Hkv, D) of this step's new tokens -> (1, T, H, D)."""
-        i = self.layer_index[id(layer)]
+        i = self._cache_index(layer)
         k_cache, v_cache = self.kv_cache[0, i], self.kv_cache[1, i]  # (N, B, Hkv, D) each
         q, k, v = q[0], k[0], v[0]
         m = self.meta

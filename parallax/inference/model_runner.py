@@ -70,7 +70,7 @@ class ModelRunner:
         self.device = param.device
         self.dtype = param.dtype
         self.block_size = block_size
-        self.layers = attention_layers(model, "the inference engine")
+        self.layers = attention_layers(model, "the inference engine", per_use=True)
         head_dim, kv_heads = self.layers[0].head_dim, self.layers[0].n_kv_head
         self.attention = resolve_attention(attention, self.device, head_dim, block_size)
         if any(layer.prefix is not None for layer in self.layers):
@@ -82,7 +82,7 @@ class ModelRunner:
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int) -> int:
         """KV-cache bytes of one block across all layers (keys and values)."""
-        layers = attention_layers(model, "the inference engine")
+        layers = attention_layers(model, "the inference engine", per_use=True)
         elem = next(model.parameters()).element_size()
         return 2 * len(layers) * block_size * layers[0].n_kv_head * layers[0].head_dim * elem
 

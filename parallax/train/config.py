@@ -39,6 +39,9 @@ class TrainConfig:
                                   "Llama, Mistral, Qwen2, Qwen3) instead of --preset, with its tokenizer unless "
                                   "--tokenizer is given; --model overrides config fields such as attention")
     model: dict[str, Any] = _field({}, "override a model config field, e.g. --model n_layer=2 (repeatable)")
+    share_layers: int | None = _field(None, "cross-layer weight sharing (ALBERT), training from scratch: every K "
+                                            "consecutive blocks share one set of weights (n_layer must be a "
+                                            "multiple of K); the model config's share_layers")
     tokenizer: str | None = _field(None, "byte (UTF-8 bytes, 257 ids) or a tokenizer directory (tokenizer.json + "
                                          "tokenizer_config.json, e.g. from `parallax tokenizer train`); default: "
                                          "the --hf directory, else byte. A preset's vocab_size is the tokenizer's "
@@ -128,6 +131,9 @@ class TrainConfig:
             raise ConfigError(f"tokenizer must be 'byte' or a tokenizer directory, got {self.tokenizer!r}")
         if self.hf is not None and (not isinstance(self.hf, str) or not self.hf):
             raise ConfigError(f"hf must be a Hugging Face model directory, got {self.hf!r}")
+        if (self.share_layers is not None or self.model.get("share_layers", 1) != 1) and self.hf is not None:
+            raise ConfigError("share_layers: weight sharing is for training from scratch (a --preset); the layers "
+                              f"of --hf {self.hf} hold different weights")
         try:
             self.model_config()
             self.runtime_config()
@@ -171,6 +177,8 @@ class TrainConfig:
         overrides = dict(self.model)
         if self.block_size is not None:
             overrides["block_size"] = self.block_size
+        if self.share_layers is not None:
+            overrides["share_layers"] = self.share_layers
         if self.hf is not None:
             config = read_hf_config(self.hf, **overrides)
             where = f"the model of --hf {self.hf}"

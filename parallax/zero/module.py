@@ -70,7 +70,9 @@ def zero_state(model: nn.Module) -> ZeroState:
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: members of each outermost ModuleList/Sequential of >= 2 modules of one class."""
+    """The repeated blocks: members of each outermost ModuleList/Sequential of >= 2 modules of one
+    class, each module once: a block that a list holds at several positions (cross-layer sharing,
+    ``share_layers``) is one unit, gathered for each of its calls."""
     units: list[nn.Module] = []
     taken: list[str] = []
     for name, module in model.named_modules():
@@ -79,7 +81,7 @@ def default_units(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
             children = list(module)
             if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
-                units.extend(children)
+                units.extend(c for i, c in enumerate(children) if all(c is not d for d in children[:i]))
                 taken.append(name)
     return units
 
