@@ -92,7 +92,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
             set_module(model, fqn, kinds[kind].from_spec(spec))
     source = open_directory(str(directory))
     tensors: dict[str, torch.Tensor] = {}
-    source.read(list(source.index), tensors.__setitem__)
+    # own, aligned copies: safetensors hands out views at the file's (unaligned) offsets, which
+    # vectorised CPU kernels cannot read (ATen's int8 matmul crashes on them)
+    source.read(list(source.index), lambda name, t: tensors.__setitem__(name, t.clone()))
     for alias, name in manifest["aliases"].items():
         tensors[alias] = tensors[name]
     model.load_state_dict(tensors, assign=True)

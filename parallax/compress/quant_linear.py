@@ -33,6 +33,7 @@ BITS = (4, 8)
 ACTIVATIONS = (None, "int8")
 INT8_MAX = 127
 INT4_MAX = 15
+_ALIGNMENT = 64  # bytes: what CPU vector kernels and torch's allocator use
 
 
 def int8_scales(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -198,7 +199,7 @@ class QuantLinear(nn.Module):
         # CUDA: the fused dequantizing kernels; CPU: the reference (as models/layers.py does for
         # every op: the Triton interpreter that TRITON_INTERPRET=1 turns on is for the ops' own tests)
         if self.bits == 8:
-            if _aten_int8_applies(x):
+            if _aten_int8_applies(x, self.qweight, self.scales):
                 return _aten_int8_linear(x, self.qweight, self.scales, self.bias)
             op = int8_linear if x.is_cuda else int8_linear_ref
             return op(x, self.qweight, self.scales, self.bias)
@@ -246,12 +247,15 @@ def _check_layout(in_features: int, out_features: int, bits: int, group_size: in
                          "which must be even (two 4-bit codes per byte)")
 
 
-def _aten_int8_applies(x: torch.Tensor) -> bool:
+def _aten_int8_applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
     """ATen's CPU int8 weight-only matmul: 16-bit activations, inference (it has no backward). Its
-    bf16 kernel reads K in vectors of 16 and crashes (segfault, torch 2.13) on other widths."""
+    kernel uses aligned vector loads: it crashes (segfault, torch 2.13) on a bf16 K that is not a
+    multiple of 16 and on weights not 64-byte aligned (e.g. views into a file's buffer)."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 1:
         return False
     if x.dtype == torch.bfloat16 and x.shape[-1] % 16:
+        return False
+    if not qweight.is_contiguous() or any(t.data_ptr() % _ALIGNMENT for t in (qweight, scales)):
         return False
     return not (torch.is_grad_enabled() and x.requires_grad) and hasattr(torch, "_weight_int8pack_mm")
 
@@ -262,7 +266,10 @@ def _aten_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     runs on CPU): it reads the int8 weight directly instead of dequantizing it per call, 3x faster
     than a bf16 ``F.linear`` and 100x faster than the dequantizing reference for a 4096 x 4096
     weight at batch 1 (2 cores, one thread)."""
-    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scales.to(x.dtype))
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous() or rows.data_ptr() % _ALIGNMENT:
+        rows = rows.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    y = torch._weight_int8pack_mm(rows, qweight, scales.to(x.dtype))
     y = y.reshape(*x.shape[:-1], qweight.shape[0])
     return y if bias is None else y + bias
 

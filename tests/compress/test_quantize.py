@@ -234,6 +234,29 @@ def test_int8_on_cpu_in_16_bit_matches_the_reference_with_and_without_autograd(d
     assert x.grad is not None
 
 
+def test_int8_on_cpu_reads_weights_at_any_address_and_loaded_models_are_aligned(tmp_path):
+    """ATen's int8 kernel crashes on weights that are not 64-byte aligned (safetensors hands out
+    views at file offsets): such weights take the reference, and px.compress.load copies them."""
+    from parallax.ops.quant_linear import int8_linear_ref
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(128, 384).to(torch.bfloat16), bits=8)
+    storage = torch.empty(layer.qweight.numel() + 24, dtype=torch.int8)
+    layer.qweight = storage[24:].view_as(layer.qweight).copy_(layer.qweight)  # 24 bytes off alignment
+    x = torch.randn(64, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert_close(y.double(), int8_linear_ref(x.double(), layer.qweight, layer.scales.double(), layer.bias.double()),
+                 atol=0.05, rtol=0.02)
+    model = from_preset("tiny", n_layer=1).bfloat16()
+    compress.quantize(model, bits=8)
+    compress.save(model, tmp_path / "q")
+    loaded = compress.load(tmp_path / "q")
+    assert all(m.qweight.data_ptr() % 64 == 0 for m in loaded.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        assert torch.equal(loaded(torch.arange(100)[None]), model(torch.arange(100)[None]))
+
+
 def test_w8a8_refuses_autograd():
     layer = QuantLinear.from_linear(linear(16, 8), bits=8, activations="int8")
     with pytest.raises(RuntimeError, match="inference-only"):
