@@ -282,8 +282,15 @@ def run(ctx: Any) -> Iterator[dict]:
             return row
 
         original.update(measure("original (fp32)", copy.deepcopy(model), tokenizer))
-        rows = [original]
-        yield original
+        rows: list[dict[str, Any]] = []
+
+        def judged(row: dict[str, Any]) -> dict[str, Any]:
+            """``row``, after the notes (goals) are brought up to date with it, so its record has them."""
+            rows.append(row)
+            _notes(ctx, {r["method"]: r for r in rows}, samples, recover_steps, distill_steps, gen_tokens, repeats)
+            return row
+
+        yield judged(original)
         for name in methods:
             if name not in chosen:
                 continue
@@ -296,14 +303,12 @@ def run(ctx: Any) -> Iterator[dict]:
                 continue
             seconds = time.perf_counter() - start
             extra = result if isinstance(result, dict) else {}
-            row = {**measure(name, candidate, tokenizer, extra.get("stored_by")), "seconds": seconds}
-            rows.append(row)
-            yield row
+            row = {**measure(name, candidate, tokenizer, extra.pop("stored_by", None)), "seconds": seconds,
+                   **{f"recover_{key}": value for key, value in extra.items()}}  # recovery's report
+            yield judged(row)
         if {"student (no teacher)", "student distilled (KD)"} & set(chosen):
             for row in _distill_rows(base, root, distill_steps, measure):
-                rows.append(row)
-                yield row
-    _notes(ctx, {r["method"]: r for r in rows}, samples, recover_steps, distill_steps, gen_tokens, repeats)
+                yield judged(row)
 
 
 def _notes(ctx: Any, rows: dict[str, dict], samples: int, recover_steps: int, distill_steps: int, gen_tokens: int,
