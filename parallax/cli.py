@@ -1,6 +1,7 @@
 """The ``parallax`` command: ``train`` (the main job), ``finetune`` (SFT with LoRA, prefix tuning
 or all parameters), ``align`` (preference tuning: DPO and its family), ``plan`` (the memory planner), ``generate`` (sampling from a checkpoint),
-``distill`` (knowledge distillation), ``eval`` (task files, lm-eval's definitions), ``tokenizer`` (training a BPE tokenizer) and ``bench``."""
+``distill`` (knowledge distillation), ``eval`` (task files, lm-eval's definitions), ``compress`` (quantization, pruning, low rank),
+``tokenizer`` (training a BPE tokenizer) and ``bench``."""
 
 from __future__ import annotations
 

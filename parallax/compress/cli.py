@@ -26,7 +26,8 @@ _CALIBRATED = {("quantize", "gptq"), ("prune", "wanda"), ("prune", "2:4"), ("pru
 
 
 def build_parser(prog: str = "parallax compress") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description="Compress a trained model (quantize, prune, low-rank) "
+                                     "into a directory that --checkpoint loads in generate, eval and compress.")
     methods = parser.add_subparsers(dest="what", required=True, metavar="{quantize,prune,low-rank}")
     common = argparse.ArgumentParser(add_help=False)
     source = common.add_mutually_exclusive_group()
@@ -60,7 +61,9 @@ def build_parser(prog: str = "parallax compress") -> argparse.ArgumentParser:
     quantize.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
 
     prune = methods.add_parser("prune", parents=[common], help="unstructured, 2:4 or structured pruning")
-    prune.add_argument("--method", choices=("magnitude", "wanda", "2:4", "structured"), default="magnitude")
+    prune.add_argument("--method", choices=("magnitude", "wanda", "2:4", "structured"), default="magnitude",
+                       help="magnitude; wanda (|W| x ||X||, calibrated); 2:4 (2 of every 4 inputs kept by the Wanda "
+                            "score); structured (MLP channels removed by calibrated importance)")
     prune.add_argument("--sparsity", type=float, default=None,
                        help="fraction of weights (structured: of MLP channels) removed, in (0, 1); default 0.5 "
                             "(2:4: fixed at 0.5)")
