@@ -26,19 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from parallax.kernels.tiles import _tile_ids
+
 __all__ = ["_quant_matmul", "_sum_splits"]
-
-
-@triton.jit
-def _tile_ids(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's row tile and column tile, grouped GROUP_M row tiles at a time."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(n_rows, BLOCK_M)
-    tiles_n = tl.cdiv(n_cols, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
 
 
 @triton.jit
