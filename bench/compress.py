@@ -8,8 +8,10 @@ the row measures what a user loads), then reports:
 - size on disk (safetensors bytes; torchao rows: ``torch.save`` of the state dict, which is how
   torchao's tensor subclasses are stored) and the number of parameters (logical: a packed int4
   byte holds two; a pruned zero still counts, the ``nonzero`` column says how many are left);
-- held-out perplexity: ``px.eval.evaluate`` on the built-in ``pydoc_perplexity`` task (the
-  held-out split; what ``parallax eval --tasks pydoc_perplexity`` prints), byte perplexity;
+- held-out perplexity: ``px.eval.evaluate`` (what ``parallax eval --tasks`` runs) on a task file
+  over the whole held-out split of the built-in corpus (about 47k bytes: the built-in
+  ``pydoc_perplexity`` task holds 12k, too few to separate methods a few tenths of a percent
+  apart), byte perplexity over rolling windows;
 - generation tokens/s on this machine's device through the paged engine (``px.inference.LLM``):
   greedy, ``--gen-tokens`` new tokens for one prompt (batch 1, decode-bound: what weight-only
   quantization is for) and for 16 prompts at once; the median of ``--repeats`` timed runs after a
@@ -58,7 +60,8 @@ COLUMNS = [
     Column("seconds", "compress [s]", ".1f"),
 ]
 
-TASK = "pydoc_perplexity"
+TASK = "pydoc_perplexity"  # its documents' openings are the generation prompts
+HELD_OUT = "held_out"
 GOAL_INT8_PPL, GOAL_INT8_SIZE = 0.5, 0.55
 GOAL_STRUCTURED_PPL, GOAL_STRUCTURED_SPEED = 5.0, 1.15
 
@@ -162,11 +165,33 @@ def _param_counts(model: Any) -> tuple[int, float]:
     return total, nonzero / max(total, 1)
 
 
-def _perplexity(model: Any, tokenizer: Any, limit: int | None) -> float:
+def _held_out_task(directory: Path, tokenizer: Any, doc_chars: int = 2000) -> Path:
+    """A task file (lm-eval's YAML, ``loglikelihood_rolling``) over the whole held-out split of the
+    built-in corpus, as ``parallax train`` splits it for this tokenizer, in documents of about
+    ``doc_chars`` characters: ~4x the text of the built-in ``pydoc_perplexity`` task, so that
+    differences of a few tenths of a percent between methods are above the noise."""
+    import json
+
+    from parallax.data import load_dataset
+
+    data = load_dataset(None, tokenizer=tokenizer)
+    text = tokenizer.decode([int(t) for t in data.tokens[data.split_point:]])
+    docs = [text[i:i + doc_chars] for i in range(0, len(text), doc_chars)]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "held_out.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    task = directory / "held_out.yaml"
+    task.write_text(f"task: {HELD_OUT}\ndataset_path: json\n"
+                    "dataset_kwargs: {data_files: {test: held_out.jsonl}}\ntest_split: test\n"
+                    "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: text\n"
+                    "metric_list: [{metric: byte_perplexity}, {metric: word_perplexity}]\n")
+    return task
+
+
+def _perplexity(model: Any, tokenizer: Any, task: Path, limit: int | None) -> float:
     from parallax import eval as px_eval
 
-    results = px_eval.evaluate(model, tokenizer, [TASK], limit=limit, batch_size=8)
-    return float(results["results"][TASK]["byte_perplexity"])
+    results = px_eval.evaluate(model, tokenizer, [str(task)], limit=limit, batch_size=8)
+    return float(results["results"][HELD_OUT]["byte_perplexity"])
 
 
 def _tokens_per_s(model: Any, tokenizer: Any, prompts: list[str], gen_tokens: int, repeats: int,
@@ -265,6 +290,7 @@ def run(ctx: Any) -> Iterator[dict]:
         model, tokenizer, source = load_trained(base)
         ctx.note("base", f"{source}: {type(model).__name__} {model.config}")
         calib = compress.calibration_tokens(tokenizer, samples=samples, seq_len=model.config.block_size)
+        task = _held_out_task(root / "task", tokenizer)
         single, batch = _prompts(1), _prompts(16)
         original: dict[str, Any] = {}
 
@@ -272,7 +298,7 @@ def run(ctx: Any) -> Iterator[dict]:
             m, size = _size_and_reload(m.eval(), tok, root / "out" / name.replace(" ", "_"), stored_by)
             params, nonzero = _param_counts(m)
             row = {"method": name, "size_mb": size / 1e6, "params": params, "nonzero": nonzero,
-                   "ppl": _perplexity(m, tok, limit),
+                   "ppl": _perplexity(m, tok, task, limit),
                    "tok_s_b1": _tokens_per_s(m, tok, single, gen_tokens, repeats, ctx.device),
                    "tok_s_b16": _tokens_per_s(m, tok, batch, gen_tokens, repeats, ctx.device)}
             if original:
@@ -314,7 +340,8 @@ def run(ctx: Any) -> Iterator[dict]:
 def _notes(ctx: Any, rows: dict[str, dict], samples: int, recover_steps: int, distill_steps: int, gen_tokens: int,
            repeats: int) -> None:
     ctx.note("method", f"calibration: {samples} windows of the model's context from the built-in corpus's "
-                       f"training split; perplexity: px.eval.evaluate on {TASK} (byte perplexity); tokens/s: "
+                       f"training split; perplexity: px.eval.evaluate (what parallax eval --tasks runs) on the "
+                       f"whole held-out split of the built-in corpus (byte perplexity, rolling windows); tokens/s: "
                        f"greedy, {gen_tokens} new tokens, median of {repeats} runs after a warm-up, on "
                        f"{ctx.device}; recovery: {recover_steps} full fine-tuning steps (AdamW lr 1e-4, 8 windows "
                        f"per step); students: {distill_steps} steps each")
