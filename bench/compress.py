@@ -15,7 +15,8 @@ the row measures what a user loads), then reports:
 - generation tokens/s on this machine's device through the paged engine (``px.inference.LLM``):
   greedy, ``--gen-tokens`` new tokens for one prompt (batch 1, decode-bound: what weight-only
   quantization is for) and for 16 prompts at once; the median of ``--repeats`` timed runs after a
-  warm-up;
+  warm-up, alternating with runs of the original model so that the speed ratios compare runs
+  made at the same time (on 2 shared cores, tokens/s drifts by 2x over minutes);
 - the change against the original row (perplexity %, size and tokens/s ratios).
 
 Rows: the original (fp32) and its fp16/bf16 casts; on the bf16 cast (embeddings and norms stay
@@ -194,23 +195,26 @@ def _perplexity(model: Any, tokenizer: Any, task: Path, limit: int | None) -> fl
     return float(results["results"][HELD_OUT]["byte_perplexity"])
 
 
-def _tokens_per_s(model: Any, tokenizer: Any, prompts: list[str], gen_tokens: int, repeats: int,
-                  device: torch.device) -> float:
-    """Median generated tokens/s of greedy decoding for ``prompts`` at once through the paged engine."""
+def _tokens_per_s(models: list[Any], tokenizer: Any, prompts: list[str], gen_tokens: int, repeats: int,
+                  device: torch.device) -> list[float]:
+    """Median generated tokens/s of greedy decoding for ``prompts`` at once through the paged
+    engine, for each model; the models' runs alternate, so drift of the machine (frequency,
+    neighbours) affects all of them alike and their ratio stays fair."""
     from parallax.inference import LLM, SamplingParams
 
-    llm = LLM(model.to(device), tokenizer=tokenizer, max_num_seqs=len(prompts))
+    engines = [LLM(model.to(device), tokenizer=tokenizer, max_num_seqs=len(prompts)) for model in models]
     params = SamplingParams(max_tokens=gen_tokens, temperature=0.0)
-    llm.generate(prompts, params, use_tqdm=False)  # warm-up: allocation, first-call costs
-    rates = []
+    for llm in engines:
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up: allocation, first-call costs
+    rates: list[list[float]] = [[] for _ in engines]
     for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        rates.append(sum(len(s.token_ids) for o in outputs for s in o.outputs) / elapsed)
-    return statistics.median(rates)
+        for llm, rate in zip(engines, rates):
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rate.append(sum(len(s.token_ids) for o in outputs for s in o.outputs) / (time.perf_counter() - start))
+    return [statistics.median(rate) for rate in rates]
 
 
 def _prompts(count: int) -> list[str]:
@@ -295,16 +299,20 @@ def run(ctx: Any) -> Iterator[dict]:
         original: dict[str, Any] = {}
 
         def measure(name: str, m: Any, tok: Any, stored_by: str | None = None) -> dict[str, Any]:
+            """The row of ``m``; its speed ratios come from runs alternating with the original's."""
             m, size = _size_and_reload(m.eval(), tok, root / "out" / name.replace(" ", "_"), stored_by)
             params, nonzero = _param_counts(m)
             row = {"method": name, "size_mb": size / 1e6, "params": params, "nonzero": nonzero,
-                   "ppl": _perplexity(m, tok, task, limit),
-                   "tok_s_b1": _tokens_per_s(m, tok, single, gen_tokens, repeats, ctx.device),
-                   "tok_s_b16": _tokens_per_s(m, tok, batch, gen_tokens, repeats, ctx.device)}
-            if original:
-                row.update(ppl_change=100 * (row["ppl"] / original["ppl"] - 1), size_ratio=size / 1e6 /
-                           original["size_mb"], speed_b1=row["tok_s_b1"] / original["tok_s_b1"],
-                           speed_b16=row["tok_s_b16"] / original["tok_s_b16"])
+                   "ppl": _perplexity(m, tok, task, limit)}
+            if not original:
+                row["tok_s_b1"], = _tokens_per_s([m], tok, single, gen_tokens, repeats, ctx.device)
+                row["tok_s_b16"], = _tokens_per_s([m], tok, batch, gen_tokens, repeats, ctx.device)
+                return row
+            for key, prompts in (("b1", single), ("b16", batch)):
+                ours, base_rate = _tokens_per_s([m, model], tok, prompts, gen_tokens, repeats, ctx.device)
+                row[f"tok_s_{key}"], row[f"speed_{key}"] = ours, ours / base_rate
+            row.update(ppl_change=100 * (row["ppl"] / original["ppl"] - 1),
+                       size_ratio=size / 1e6 / original["size_mb"])
             return row
 
         original.update(measure("original (fp32)", copy.deepcopy(model), tokenizer))
@@ -343,7 +351,8 @@ def _notes(ctx: Any, rows: dict[str, dict], samples: int, recover_steps: int, di
                        f"training split; perplexity: px.eval.evaluate (what parallax eval --tasks runs) on the "
                        f"whole held-out split of the built-in corpus (byte perplexity, rolling windows); tokens/s: "
                        f"greedy, {gen_tokens} new tokens, median of {repeats} runs after a warm-up, on "
-                       f"{ctx.device}; recovery: {recover_steps} full fine-tuning steps (AdamW lr 1e-4, 8 windows "
+                       f"{ctx.device}, each row's runs alternating with the original's (the 'vs orig' "
+                       f"ratios are from those pairs); recovery: {recover_steps} full fine-tuning steps (AdamW lr 1e-4, 8 windows "
                        f"per step); students: {distill_steps} steps each")
     goals = {}
 

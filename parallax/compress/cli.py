@@ -69,6 +69,9 @@ def build_parser(prog: str = "parallax compress") -> argparse.ArgumentParser:
                             "(2:4: fixed at 0.5)")
     prune.add_argument("--scope", choices=("layer", "global"), default="layer",
                        help="unstructured: rank weights within each layer or across all of them")
+    prune.add_argument("--targets", default="mlp",
+                       help="structured: what is removed, comma-separated: mlp (channels), heads (key/value head "
+                            "groups with their query heads; Llama-family models); default mlp")
 
     low_rank = methods.add_parser("low-rank", parents=[common], help="truncated-SVD factorization of each linear layer")
     budget = low_rank.add_mutually_exclusive_group()
@@ -143,7 +146,8 @@ def _apply(args: argparse.Namespace, model: Any, calib: Any) -> dict[str, Any]:
                 "activations": activations}
     if args.what == "prune":
         sparsity = 0.5 if args.sparsity is None else args.sparsity
-        extra = {"scope": args.scope} if args.method in ("magnitude", "wanda") else {}
+        extra = ({"scope": args.scope} if args.method in ("magnitude", "wanda") else
+                 {"targets": tuple(t.strip() for t in args.targets.split(","))} if args.method == "structured" else {})
         compress.prune(model, sparsity=sparsity, method=args.method, calib=calib, **extra)
         return {"method": "prune", "kind": args.method, "sparsity": sparsity, **extra}
     if args.budget is not None:

@@ -187,7 +187,7 @@ class DistillConfig(TrainConfig):
         kd = distill_loss(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
                           teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), self._teacher.lm_head.weight,
                           flat_targets, alpha=0.0, temperature=self.temperature, divergence=self.divergence)
-        loss = self.alpha * ce + kd
+        loss = self.alpha * ce + (1.0 - self.alpha) * kd  # kd is T^2 x the divergence (distill_loss, alpha=0)
         return loss, units, {"ce": ce.detach() * units, "kd": kd.detach() * units}
 
 

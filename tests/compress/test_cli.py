@@ -80,3 +80,28 @@ def test_bad_flags_name_the_problem_and_write_nothing(tmp_path, base, capsys, ar
     err = capsys.readouterr().err
     assert "error" in err and message in err, err
     assert not out.exists()
+
+
+def test_a_hugging_face_directory_compresses_and_serves(tmp_path):
+    """--hf DIR (Qwen2: GQA, q/k/v biases, tied head): int8, and structured pruning of MLP channels
+    and key/value head groups; each loads and generates, the int8 one close to transformers' model."""
+    from tests.models.hf_models import hf_model
+
+    hf = hf_model("qwen2", vocab_size=257)
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randint(0, 257, (2, 24))
+    with torch.no_grad():
+        reference = hf(x).logits
+    common = ["--tokenizer", "byte", "--samples", "8", "--seq-len", "32"]
+    assert main(["compress", "quantize", "--hf", str(tmp_path / "hf"), "--bits", "8", *common,
+                 "--out", str(tmp_path / "q8")]) == 0
+    assert main(["compress", "prune", "--hf", str(tmp_path / "hf"), "--method", "structured", "--sparsity", "0.5",
+                 "--targets", "mlp,heads", *common, "--out", str(tmp_path / "p")]) == 0
+    quantized, _, _ = load_trained(str(tmp_path / "q8"))
+    error = (_logits(quantized, x) - reference).abs().max() / reference.abs().max()
+    assert error < 0.02, error  # 8-bit weights: close, not equal
+    pruned, _, _ = load_trained(str(tmp_path / "p"))
+    assert (pruned.config.n_kv_head, pruned.config.n_head) == (1, 2)  # half the KV groups, GQA ratio kept
+    assert pruned.config.intermediate_size < hf.config.intermediate_size
+    for out in ("q8", "p"):
+        assert main(["generate", "--checkpoint", str(tmp_path / out), "--prompt", "ab", "--max-tokens", "3"]) == 0
