@@ -46,7 +46,7 @@ XDIST=()
 step tests "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$RESULTS/gpu_tests.xml" \
   tests/ops tests/optim tests/amp tests/models tests/checkpoint tests/distributed/test_zero_cuda.py \
   tests/distributed/test_precision_cuda.py tests/inference tests/peft/test_lora_cuda.py tests/align/test_objective_cuda.py \
-  tests/compress/test_prune.py
+  tests/compress/test_prune.py tests/compress/test_quantize.py
 export PARALLAX_BENCH_RESULTS=$RESULTS
 step bench-adamw "$PY" -m bench adamw --device cuda --budget 1
 step bench-train "$PY" -m bench train --device cuda --cases tiny,small --steps 40
@@ -55,6 +55,8 @@ if "$PY" -c "import transformers" 2>/dev/null; then
   step bench-train-llama "$PY" -m bench train --device cuda --family llama --steps 40
 fi
 step bench-offload "$PY" -m bench offload --device cuda --steps 10
+# every compression method on a briefly trained tiny GPT, generation through the Triton int8/int4 kernels
+step bench-compress "$PY" -m bench compress --device cuda --quick
 # attention: the full setting (bf16, 16k tokens, seqlens 512-16k, D 64/128, causal and
 # not), autotuned; paged_attention: decode batch 1/8/64 x context 512/4k/16k, GQA 32/8, D 128, and
 # prefill of 512 new tokens after a 4k/16k cached prefix (paged_attention_varlen vs gather + flash).

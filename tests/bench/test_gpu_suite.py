@@ -37,4 +37,4 @@ def test_a_failed_step_makes_the_suite_fail_and_is_named(tmp_path, fail_on, fail
 def test_the_suite_passes_when_every_step_passes(tmp_path):
     result = _run_suite(tmp_path, "")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.rstrip().splitlines()[-1] == "gpu_suite: all 11 steps passed", result.stdout
+    assert result.stdout.rstrip().splitlines()[-1] == "gpu_suite: all 12 steps passed", result.stdout
