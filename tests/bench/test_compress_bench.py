@@ -45,3 +45,30 @@ def test_compress_quick_end_to_end(tmp_path):
     goals = rows["structured mlp 25% + recovery"]["notes"]["goals"]
     assert any(key.startswith("int8 weight-only perplexity") for key in goals)
     assert any(key.startswith("int4 g128 GPTQ") for key in goals)
+
+
+def test_goals_are_judged_in_the_right_direction():
+    """Each goal says met exactly when its figure is on the right side of the issue's threshold."""
+    from types import SimpleNamespace
+
+    from bench import compress as bench_compress
+
+    def goals(rows):
+        ctx = SimpleNamespace(notes={}, device=torch.device("cpu"))
+        ctx.note = lambda key, value: ctx.notes.__setitem__(key, value)
+        bench_compress._notes(ctx, {r["method"]: r for r in rows}, 8, 4, 4, 8, 1)
+        return {key: value.endswith(", met") for key, value in ctx.notes["goals"].items()}
+
+    def row(method, ppl, size_mb=1.0, **extra):
+        return {"method": method, "ppl": ppl, "size_mb": size_mb, "ppl_change": 0.0, **extra}
+
+    good = goals([row("bf16 cast", 4.0, 2.0), row("bf16 + int8 RTN", 4.01, 1.0),
+                  row("bf16 + int4 g128 RTN", 4.2), row("bf16 + int4 g128 GPTQ", 4.09),
+                  row("structured mlp 25% + recovery", 4.1, ppl_change=4.9, speed_b1=1.2, speed_b16=1.0),
+                  row("student (no teacher)", 6.0), row("student distilled (KD)", 5.0)])
+    assert all(good.values()) and len(good) == 6, good
+    bad = goals([row("bf16 cast", 4.0, 2.0), row("bf16 + int8 RTN", 4.03, 1.2),
+                 row("bf16 + int4 g128 RTN", 4.2), row("bf16 + int4 g128 GPTQ", 4.11),
+                 row("structured mlp 25% + recovery", 4.1, ppl_change=5.1, speed_b1=1.1, speed_b16=1.1),
+                 row("student (no teacher)", 5.0), row("student distilled (KD)", 6.0)])
+    assert not any(bad.values()), bad
