@@ -159,6 +159,27 @@ class GradientReducer:
         if self._on_backward_end is not None:
             self._on_backward_end()
 
+    def flush(self) -> None:
+        """Reduce the gradients accumulated locally under ``no_sync`` now, without a backward pass
+        (what a pipeline schedule does once its last micro-batch's backward has run, after
+        summing tied and partial gradients across the other mesh dimensions)."""
+        if self._callback_queued:
+            raise RuntimeError("flush() inside a backward pass: call it after backward has returned")
+        previous, self.sync = self.sync, True
+        try:
+            self._end_of_backward()
+        finally:
+            self.sync = previous
+
+    def local_grad(self, name: str) -> torch.Tensor | None:
+        """The gradient of parameter ``name`` accumulated on this rank since the last reduction (a
+        view into its flat buffer, to modify in place before ``flush``), or None if it has none."""
+        for buffer in self.buffers:
+            for i, param_name in enumerate(buffer.names):
+                if param_name == name:
+                    return buffer.grad_view(i) if buffer.written[i] else None
+        raise KeyError(f"no trainable parameter named {name!r} in this model's flat buffers")
+
     def _agree(self) -> None:
         """Issue one small all-reduce (after this backward's reductions, so at the same place in
         every rank's sequence of collectives): which parameters some rank sent a gradient for,

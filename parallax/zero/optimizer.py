@@ -21,6 +21,7 @@ from torch import nn
 
 from parallax.offload import HostAdamW
 from parallax.optim import AdamW
+from parallax.zero.comm import Comm
 from parallax.zero.flat import FlatBuffer
 from parallax.zero.layout import Segment
 from parallax.zero.module import zero_state
@@ -189,18 +190,56 @@ class ZeroOptimizer(torch.optim.Optimizer):
         grads = [b.grad_shard for b in self.zero.buffers if b.grad_shard is not None]
         device = self.zero.buffers[0].device if self.zero.buffers else torch.device("cpu")
         inf = math.isinf(norm_type)
-        if inf:
+        parallel = self._parallel_state()
+        if parallel is not None:
+            local = self._weighted_local_norm(parallel, norm_type, device)
+        elif inf:
             local = torch.stack([g.abs().max().float() for g in grads]).max() if grads else torch.zeros((), device=device)
         else:
             local = sum((g.float().pow(norm_type).sum() for g in grads), torch.zeros((), device=device))
+        op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
         if self.zero.stage > 0 and self.zero.comm.world_size > 1:
-            op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
             self.zero.comm.all_reduce(local, "all_reduce of the gradient norm", op).wait()
+        for group in self._model_parallel_groups():
+            self._reduce_over(group, local, "all_reduce of the gradient norm over a model-parallel group", op)
         total = local if inf else local.pow(1.0 / norm_type)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.dtype))
         return total
+
+    # ---------------------------------------------------------------- tensor / pipeline parallelism
+
+    def _parallel_state(self):
+        """The model's ``parallax.parallel`` state (tensor/pipeline placement), or None."""
+        return getattr(self.model, "_parallax_parallel", None)
+
+    def _model_parallel_groups(self) -> list:
+        state = self._parallel_state()
+        return [] if state is None else state.norm_groups
+
+    def _reduce_over(self, group, value: torch.Tensor, what: str, op) -> None:
+        """All-reduce ``value`` in place over another mesh dimension's ``group``, on its backend's device."""
+        moved = value.detach().reshape(1).float().to(self.zero.comm.device)
+        Comm(group, self.zero.comm.timeout_s).all_reduce(moved, what, op).wait()
+        value.copy_(moved.reshape(value.shape))
+
+    def _weighted_local_norm(self, parallel, norm_type: float, device: torch.device) -> torch.Tensor:
+        """This rank's share of the global gradient norm (sum of |g|^p, or max for inf) with each
+        parameter weighted by ``parallel.norm_weight`` so that every element over the mesh counts once."""
+        inf = math.isinf(norm_type)
+        self.zero.reducer.settle()  # which parameters got a gradient on some rank
+        local = torch.zeros((), device=device)
+        for run in self.runs:
+            grad = run.grad()
+            weight = parallel.norm_weight(run.segment.name)
+            if grad is None or weight == 0.0 or grad.numel() == 0:
+                continue
+            if inf:
+                local = torch.maximum(local, grad.abs().max().float())
+            else:
+                local = local + weight * grad.float().pow(norm_type).sum()
+        return local
 
     # ---------------------------------------------------------------- for loss scaling
 
@@ -215,6 +254,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.zero.comm.all_reduce(flag, "all_reduce of the non-finite gradient flag",
                                       torch.distributed.ReduceOp.MAX).wait()
             found_inf.copy_(flag.reshape(found_inf.shape))
+        for group in self._model_parallel_groups():
+            self._reduce_over(group, found_inf, "all_reduce of the non-finite gradient flag over a model-parallel "
+                              "group", torch.distributed.ReduceOp.MAX)
 
     def nonfinite_parameters(self) -> list[str]:
         """Names of the parameters whose gradient holds inf or NaN on any rank (sorted)."""
