@@ -18,14 +18,15 @@ def _train(args: argparse.Namespace, argv: list[str], config_cls: type | None = 
     from parallax.data import DataError
     from parallax.train import ConfigError, TrainConfig, train
     from parallax.train.arguments import config_from_args
-    from parallax.train.launch import relaunch_with_torchrun, under_launcher
+    from parallax.train.launch import Launch, relaunch_with_torchrun, under_launcher
     from parallax.train.loop import validate_before_launch
 
     try:
         cfg = config_from_args(args, config_cls or TrainConfig)
-        if cfg.nproc > 1 and not under_launcher():
+        if cfg.world_size > 1 and not under_launcher():
             validate_before_launch(cfg)  # fail once, here, rather than in every rank
-            return relaunch_with_torchrun(cfg.nproc, argv)
+            return relaunch_with_torchrun(Launch(cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.master_addr,
+                                                 cfg.master_port), argv)
         result = train(cfg)
     except (ConfigError, DataError) as exc:
         print(f"parallax {args.command}: error: {exc}", file=sys.stderr)
@@ -47,7 +48,7 @@ def _finetune(args: argparse.Namespace, argv: list[str], config_cls: type | None
     from parallax.finetune.run import finetune
     from parallax.train import ConfigError
     from parallax.train.arguments import config_from_args
-    from parallax.train.launch import relaunch_with_torchrun, under_launcher
+    from parallax.train.launch import Launch, relaunch_with_torchrun, under_launcher
     from parallax.train.loop import validate_before_launch
 
     try:
@@ -55,9 +56,10 @@ def _finetune(args: argparse.Namespace, argv: list[str], config_cls: type | None
         if cfg.show_masks:
             print(_masks(cfg))
             return 0
-        if cfg.nproc > 1 and not under_launcher():
+        if cfg.world_size > 1 and not under_launcher():
             validate_before_launch(cfg)
-            return relaunch_with_torchrun(cfg.nproc, argv)
+            return relaunch_with_torchrun(Launch(cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.master_addr,
+                                                 cfg.master_port), argv)
         result = finetune(cfg)
     except (ConfigError, DataError, SFTDataError) as exc:
         print(f"parallax {args.command}: error: {exc}", file=sys.stderr)

@@ -37,6 +37,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class DistillConfig(TrainConfig):
     """One distillation run; a bad value raises ``ConfigError`` naming the field."""
 
+    supports_model_parallel = False  # the teacher and the KD loss are not parallelized
+
     teacher: str | None = _field(None, "the teacher: a parallax checkpoint or `parallax train` run directory (its "
                                        "newest checkpoint); or give --teacher-hf DIR")
     teacher_hf: str | None = _field(None, "the teacher: a Hugging Face model directory")

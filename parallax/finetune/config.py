@@ -61,6 +61,8 @@ class FinetuneConfig(TrainConfig):
     a method (LoRA, prefix tuning or full) and ``parallax train``'s loop, runtime and outputs.
     A bad value raises ``ConfigError`` naming the field."""
 
+    supports_model_parallel = False  # LoRA/prefix layers and packed rows are not parallelized
+
     base: str | None = _field(None, "start from a parallax checkpoint or `parallax train` run directory (its newest "
                                     "checkpoint): its model, weights and tokenizer; or give --hf DIR")
     data: str | None = _field(str(DEMO_DATA), "JSONL file or directory of them: rows {{prompt, completion}} or chat "

@@ -9,9 +9,17 @@ from torch import nn
 
 from parallax.parallel.mesh import Mesh
 
-__all__ = ["ParallelState", "parallel_state", "attach_parallel_state"]
+__all__ = ["ParallelState", "parallel_state", "attach_parallel_state", "tp_slice"]
 
 ATTRIBUTE = "_parallax_parallel"
+
+
+def tp_slice(size: int, tp: int, rank: int) -> tuple[int, int]:
+    """The [start, end) of dimension ``size`` that tensor-parallel rank ``rank`` of ``tp`` holds:
+    torch.chunk's split (chunks of ceil(size / tp), the last ones smaller), so a vocabulary that tp
+    does not divide (the byte tokenizer's 257 ids) still splits."""
+    chunk = -(-size // tp)
+    return min(size, rank * chunk), min(size, (rank + 1) * chunk)
 
 
 @dataclass(eq=False)
@@ -19,8 +27,9 @@ class ParallelState:
     """Per-parameter placement over the mesh, by parameter name (``model.named_parameters()``).
 
     ``tp_dims``: parameters split over the tensor-parallel group, name -> the dimension split
-    (this rank holds slice ``tp_rank`` of ``tp`` equal slices); every other parameter is
-    replicated over it. ``tp_partial_grads``: replicated parameters whose gradient each
+    (this rank holds ``tp_slice(full size, tp, tp_rank)`` of it); every other parameter is
+    replicated over it. ``full_shapes``: the unsplit shape of each parameter in ``tp_dims`` (a
+    local slice alone does not tell an uneven split's full size). ``tp_partial_grads``: replicated parameters whose gradient each
     tensor-parallel rank computes only a part of (sequence-parallel norms: each rank sees a slice
     of the sequence), summed over the group before the optimizer step. ``pp_tied``: parameters
     also held by another pipeline stage (tied input embedding / LM head), name -> the global rank
@@ -31,6 +40,7 @@ class ParallelState:
 
     mesh: Mesh
     tp_dims: dict[str, int] = field(default_factory=dict)
+    full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     tp_partial_grads: set[str] = field(default_factory=set)
     pp_tied: dict[str, int] = field(default_factory=dict)
     sequence_parallel: bool = False

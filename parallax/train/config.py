@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from parallax.models import ModelConfig, config_from_preset, read_hf_config
 from parallax.runtime_config import RuntimeConfig
@@ -16,6 +17,7 @@ from parallax.runtime_config import RuntimeConfig
 __all__ = ["ConfigError", "TrainConfig", "load_config_file"]
 
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 class ConfigError(ValueError):
@@ -69,7 +71,23 @@ class TrainConfig:
     out: str = _field("out", "run directory: metrics.jsonl, loss.png, checkpoints/")
     resume: bool = _field(False, "continue from the newest checkpoint in --out")
     overwrite: bool = _field(False, "replace a previous run in --out")
-    nproc: int = _field(1, "local processes (relaunched under torchrun; gloo on CPU, NCCL on GPU)")
+    nproc: int = _field(1, "processes on this node (relaunched under torchrun; gloo on CPU, NCCL on GPU)")
+    nnodes: int = _field(1, "nodes of a multi-node run: start `parallax train ... --nnodes N --node-rank R "
+                            "--master-addr HOST` on each (torchrun's static rendezvous); world size nnodes x nproc")
+    node_rank: int = _field(0, "this node's index in a multi-node run, 0 .. nnodes-1")
+    master_addr: str = _field("127.0.0.1", "address of node 0 (the rendezvous host) in a multi-node run")
+    master_port: int = _field(29500, "TCP port of the rendezvous on the master address")
+    tp: int = _field(1, "tensor-parallel degree: each layer's matrices split over tp ranks (within a node); "
+                        "heads, KV heads and the vocabulary must divide by it")
+    pp: int = _field(1, "pipeline-parallel degree: the blocks split into pp stages (across nodes); n_layer must "
+                        "divide by pp x virtual_stages")
+    micro_batches: int = _field(1, "pipeline micro-batches per batch (--pp > 1): batch_size must divide by it; "
+                                   "the bubble is (pp-1)/(micro_batches+pp-1)")
+    schedule: str = _field("1f1b", "pipeline schedule: gpipe, 1f1b or interleaved (1F1B over virtual stages)",
+                           choices=("gpipe", "1f1b", "interleaved"))
+    virtual_stages: int = _field(1, "model chunks per pipeline rank (the interleaved schedule; 2 or more)")
+    sequence_parallel: bool = _field(False, "with --tp: split the norms' and dropouts' activations along the "
+                                            "sequence (reduce-scatter / all-gather instead of all-reduce)")
     zero_stage: int = _field(0, "ZeRO stage: 0 gradient all-reduce; 1 + sharded optimizer state; 2 + sharded "
                                 "gradients; 3 + sharded parameters", choices=(0, 1, 2, 3))
     bucket_mb: float = _field(25.0, "gradient bucket size in MB (stages 0-2)")
@@ -93,9 +111,14 @@ class TrainConfig:
     canary_digits: int = _field(6, "digits of each canary's secret (10^digits candidates)")
     device: str = _field("auto", "auto: cuda when available, else cpu", choices=DEVICES)
 
+    # Tensor/pipeline parallelism parallelize the model families' own modules and loss; a config
+    # that adds adapters or another loss sets this False (its --tp/--pp is refused).
+    supports_model_parallel: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
-                    "checkpoint_interval", "keep_checkpoints", "nproc")
+                    "checkpoint_interval", "keep_checkpoints", "nproc", "nnodes", "master_port", "tp", "pp",
+                    "micro_batches", "virtual_stages")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -116,6 +139,7 @@ class TrainConfig:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         self._check_canaries()
+        self._check_mesh()
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: continue the run or replace it")
         if self.plan not in ("off", "auto"):
@@ -139,6 +163,57 @@ class TrainConfig:
             self.runtime_config()
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
+
+    def _check_mesh(self) -> None:
+        """The launch and mesh fields on their own (sizes against the model:
+        ``parallax.train.parallelism.check_model_parallel``)."""
+        if self.model_parallel and not self.supports_model_parallel:
+            raise ConfigError(f"tp/pp: tensor and pipeline parallelism run parallax train's language-model loss; "
+                              f"`{self.command}` computes another one (use --nproc with --zero-stage for data "
+                              "parallelism)")
+        if isinstance(self.node_rank, bool) or not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in 0 .. nnodes-1 = {self.nnodes - 1}, got {self.node_rank!r}")
+        if not isinstance(self.master_addr, str) or not self.master_addr:
+            raise ConfigError(f"master_addr must be a host name or address, got {self.master_addr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        world = self.world_size
+        if world % (self.tp * self.pp):
+            raise ConfigError(f"the mesh tp={self.tp} x pp={self.pp} = {self.tp * self.pp} ranks does not divide the "
+                              f"world size nnodes x nproc = {world}")
+        if self.pp == 1 and (self.micro_batches != 1 or self.schedule == "interleaved" or self.virtual_stages != 1):
+            raise ConfigError("micro_batches, schedule interleaved and virtual_stages are pipeline settings: "
+                              "they need --pp 2 or more")
+        if self.batch_size % self.micro_batches:
+            raise ConfigError(f"micro_batches {self.micro_batches} must divide batch_size {self.batch_size} "
+                              "(each micro-batch has batch_size / micro_batches sequences)")
+        if (self.schedule == "interleaved") != (self.virtual_stages > 1):
+            raise ConfigError(f"schedule {self.schedule!r} with virtual_stages {self.virtual_stages}: the interleaved "
+                              "schedule runs 2 or more virtual stages per rank, the others 1")
+        if self.pp > 1 and self.grad_accum != 1:
+            raise ConfigError("grad_accum: with --pp the pipeline's micro-batches accumulate the gradients; "
+                              "use --micro-batches instead")
+        if self.pp > 1 and self.zero_stage == 3:
+            raise ConfigError("zero_stage 3 does not compose with --pp (each micro-batch would re-gather every "
+                              "stage's parameters); use zero_stage 1 or 2 with pipeline parallelism")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("sequence_parallel splits the activations over the tensor-parallel ranks: it needs --tp 2 or more")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the run: torchrun's WORLD_SIZE inside a rank (the launch flags stay with the
+        parent), else nnodes x nproc."""
+        return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else self.nnodes * self.nproc
+
+    @property
+    def command(self) -> str:
+        """The CLI command of this config class, for messages (``FinetuneConfig`` -> finetune)."""
+        return type(self).__name__.removesuffix("Config").lower()
+
+    @property
+    def model_parallel(self) -> bool:
+        """Tensor or pipeline parallelism is on (the mesh has tp or pp > 1)."""
+        return self.tp > 1 or self.pp > 1
 
     def _check_canaries(self) -> None:
         if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 0:

@@ -36,6 +36,8 @@ from parallax.train.checkpoints import (
 )
 from parallax.train.config import ConfigError, TrainConfig
 from parallax.train.metrics import MetricsLog, plot_losses
+from parallax.train.parallelism import DataShard, check_model_parallel, parallelize_for_training, \
+    pipeline_for_training, setup_mesh
 from parallax.train.planning import resolve_plan
 from parallax.zero import memory_report
 from parallax.zero.module import zero_state
@@ -90,13 +92,16 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, ds: TokenDataset, cfg: TrainConfig, block_size: int,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, par: _Parallel) -> dict[str, float]:
     """{"val_loss": the mean of the batches' losses, "val_" + statistic: its mean over loss units}."""
     model.eval()
     losses, units, sums = [], 0, {}
     for batch in ds.iter_eval_batches("val", cfg.batch_size, block_size, max_batches=cfg.eval_batches,
                                       device=device):
-        loss, n, stats = cfg.batch_loss(model, batch)
+        if par.pipeline is not None:
+            loss, n, stats = par.pipeline.eval_step(batch[0], batch[1]), 1, {}
+        else:
+            loss, n, stats = cfg.batch_loss(model, batch)
         losses.append(loss.item())
         units += n
         for name, value in stats.items():
@@ -126,6 +131,7 @@ def _validate(cfg: TrainConfig) -> tuple[TokenDataset, Any, Path | None]:
     _device(cfg.device)
     tokenizer = cfg.load_tokenizer()
     model_config = cfg.model_config(tokenizer.vocab_size)  # before tokenizing: a too-small vocabulary fails fast
+    check_model_parallel(cfg, model_config, cfg.world_size)
     ds = cfg.load_data(tokenizer, model_config)
     ds.check_block_size(model_config.block_size)
     resume_from = _prepare_out(cfg)
@@ -181,10 +187,13 @@ def train(cfg: TrainConfig, *, progress: bool = True,
     created_group = not dist.is_initialized()
     info = init_from_env(device.type, cfg.timeout_s)
     try:
+        mesh, shard = setup_mesh(cfg, info.rank, info.world_size)
         torch.manual_seed(cfg.seed)
-        model = cfg.build_model(model_config).to(device)
+        model = parallelize_for_training(cfg, cfg.build_model(model_config).to(device), mesh)
         model, optimizer = initialize(model, cfg.runtime_config(), optimizer_cls=AdamW,
-                                      param_groups=param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+                                      param_groups=param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                      group=None if mesh is None else mesh.dp_group)
+        pipeline = pipeline_for_training(cfg, model, optimizer, mesh)
         start = 0
         if resume_from is not None:
             start = _resume(resume_from, model, optimizer, model_config, ds.tokenizer, cfg)
@@ -197,11 +206,13 @@ def train(cfg: TrainConfig, *, progress: bool = True,
             out.mkdir(parents=True, exist_ok=True)
             _write_canaries(cfg)
             metrics = MetricsLog(out / "metrics.jsonl", keep_through_step=start if resume_from else None)
-            log.info("train: %s, %.2fM parameters, %d process(es), ZeRO stage %d, steps %d..%d on %s", cfg.model_name,
-                     sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, cfg.zero_stage, start + 1, cfg.steps, device)
+            log.info("train: %s, %.2fM parameters (rank 0's), %d process(es), ZeRO stage %d, steps %d..%d on %s",
+                     cfg.model_name, sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, cfg.zero_stage,
+                     start + 1, cfg.steps, device)
         cfg.prepare_training(model, ds, info, device, resuming=resume_from is not None)
         try:
-            return _loop(cfg, ds, model, optimizer, info, device, start, metrics, progress, on_step)
+            return _loop(cfg, ds, model, optimizer, info, device, start, metrics, progress, on_step,
+                         _Parallel(shard, pipeline))
         finally:
             if metrics is not None:
                 metrics.close()
@@ -228,23 +239,33 @@ def _resume(path: Path, model: nn.Module, optimizer, model_config: ModelConfig, 
     return int(manifest["step"])
 
 
-def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, progress, on_step) -> TrainResult:
+@dataclass(frozen=True)
+class _Parallel:
+    """This rank's data shard and, under ``--pp``, the pipeline schedule that runs its stage."""
+
+    shard: DataShard
+    pipeline: Any = None
+
+
+def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, progress, on_step,
+          par: _Parallel) -> TrainResult:
     comm = zero_state(model).comm
     block_size = model.config.block_size
     bar = progress_bar(cfg.steps, "train", "step", enabled=progress and info.is_main, initial=start)
     # Every rank evaluates (stage 3 needs all of them for its gathers); rank 0 logs.
-    initial = _evaluate(model, ds, cfg, block_size, device) if start == 0 else None
+    initial = _evaluate(model, ds, cfg, block_size, device, par) if start == 0 else None
     initial_val = None if initial is None else initial["val_loss"]
     if metrics is not None and initial is not None:
         metrics.write({"step": 0, **initial})
     loss_value = val_loss = tokens_per_s = None
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start, cfg.steps):
-        torch.manual_seed(_step_seed(cfg.seed, step, info.rank))  # dropout, reproducible on resume
+        # Dropout, reproducible on resume; the ranks of one tensor/pipeline group draw alike.
+        torch.manual_seed(_step_seed(cfg.seed, step, par.shard.rank))
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, tokens, stats = _accumulate(cfg, ds, model, optimizer, info, step, block_size, device)
+        loss, tokens, stats = _accumulate(cfg, ds, model, optimizer, par, step, block_size, device)
         if cfg.grad_clip > 0:
             optimizer.clip_grad_norm_(cfg.grad_clip)
         optimizer.step()
@@ -263,10 +284,11 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record.update(loss=loss_value, tokens_per_s=tokens_per_s, lr=lr)
             if stats:
-                units = ds.window_targets(step, cfg.grad_accum, cfg.batch_size, block_size, info.world_size, cfg.seed)
+                units = ds.window_targets(step, cfg.grad_accum, cfg.batch_size, block_size, par.shard.world_size,
+                                          cfg.seed)
                 record.update({name: _global_sum(value, comm) / units for name, value in stats.items()})
         if done % cfg.eval_interval == 0 or done == cfg.steps:
-            record.update(_evaluate(model, ds, cfg, block_size, device))
+            record.update(_evaluate(model, ds, cfg, block_size, device, par))
             val_loss = record["val_loss"]
         if metrics is not None and len(record) > 1:
             metrics.write(record)
@@ -286,14 +308,14 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
             on_step(done, record)
     if bar is not None:
         bar.close()
-    sample = _sample(model, ds, cfg, device)
+    sample = _sample(model, ds, cfg, device) if par.pipeline is None else None  # a stage holds part of the model
     if info.is_main:
         plot_losses(Path(cfg.out) / "metrics.jsonl", Path(cfg.out) / "loss.png")
     return TrainResult(Path(cfg.out), cfg.steps, loss_value, val_loss, initial_val, tokens_per_s,
                        sample if info.is_main else None)
 
 
-def _accumulate(cfg, ds, model: nn.Module, optimizer, info: DistInfo, step: int, block_size: int,
+def _accumulate(cfg, ds, model: nn.Module, optimizer, par: _Parallel, step: int, block_size: int,
                 device: torch.device) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
     """Forward and backward of optimizer step ``step``'s ``grad_accum`` micro-batches on this rank,
     gradients synced on the last; (this rank's share of the step's loss, tokens processed by all
@@ -302,21 +324,28 @@ def _accumulate(cfg, ds, model: nn.Module, optimizer, info: DistInfo, step: int,
     The loss of the step is the mean over every target in the loss across micro-batches and
     ranks: each micro-batch's mean is weighted by its targets x world_size / the window's, so the
     gradient (averaged over ranks by ZeRO) equals one process taking the whole window at once,
-    whatever the split (uneven when examples have different numbers of trained tokens).
+    whatever the split (uneven when examples have different numbers of trained tokens). Ranks are
+    data-parallel replicas here: the ranks of one tensor/pipeline group take the same batch.
     """
-    window = ds.window_targets(step, cfg.grad_accum, cfg.batch_size, block_size, info.world_size, cfg.seed)
+    replica, replicas = par.shard.rank, par.shard.world_size
+    window = ds.window_targets(step, cfg.grad_accum, cfg.batch_size, block_size, replicas, cfg.seed)
     total = torch.zeros((), device=device)
     tokens = 0
     sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
         batch = ds.get_batch("train", cfg.batch_size, block_size, step=step * cfg.grad_accum + micro, seed=cfg.seed,
-                             rank=info.rank, world_size=info.world_size, device=device)  # (inputs, targets, ...)
-        model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-        loss, units, stats = cfg.batch_loss(model, batch)
-        loss = loss * (units * info.world_size / window)
-        optimizer.backward(loss)
+                             rank=replica, world_size=replicas, device=device)  # (inputs, targets, ...)
+        if par.pipeline is not None:  # forward and backward of every micro-batch, through the stages
+            units, stats = int((batch[1] >= 0).sum()), {}
+            weight = units * replicas / window
+            loss = par.pipeline.train_step(batch[0], batch[1], weight=weight) * weight
+        else:
+            model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            loss, units, stats = cfg.batch_loss(model, batch)
+            loss = loss * (units * replicas / window)
+            optimizer.backward(loss)
         total += loss.detach().float()
-        tokens += _batch_positions(batch) * info.world_size  # every rank's micro-batch has about this size
+        tokens += _batch_positions(batch) * replicas  # every replica's micro-batch has about this size
         for name, value in stats.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
     return total, tokens, sums
