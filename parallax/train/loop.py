@@ -273,7 +273,7 @@ def _loop(cfg, ds, model, optimizer, info: DistInfo, device, start, metrics, pro
         if step == start:
             report = memory_report(model, optimizer)
             memory_log.info("memory, rank %d of %d (ZeRO stage %d): parameters %.2f MB, gradients %.2f MB, "
-                            "optimizer state %.2f MB", report["rank"], report["world_size"], report["stage"],
+                            "optimizer state %.2f MB", info.rank, info.world_size, report["stage"],
                             report["param_bytes"] / 2**20, report["grad_bytes"] / 2**20,
                             report["optimizer_bytes"] / 2**20)
         window_tokens += tokens
