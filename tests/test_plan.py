@@ -484,7 +484,23 @@ def test_step_time_of_a_mesh():
     assert t.total_s == pytest.approx(t.compute_s + t.bubble_s + t.tp_comm_s + t.p2p_s + t.dp_comm_s + t.optimizer_s)
     wide = step_time(flops=8e12, num_params=10**9, world_size=8, stage=1, element_size=2, offload="none", hw=hw,
                      tp=2, pp=2, micro_batches=4, tokens=4096, hidden=2048, layers=8)
-    assert wide.dp_comm_s == pytest.approx(2 * 7 / 8 * 2 * 10**9 / 10e9)  # 16 ranks: across nodes
+    # 16 ranks span 2 nodes: hierarchical, each rank's share of 1/4 goes over its 10 GB/s NIC
+    assert wide.dp_comm_s == pytest.approx(2 * 7 / 8 * 2 * 10**9 / (4 * 10e9))
+
+
+def test_gpt_flops_match_megatron_formula():
+    from parallax.planner.cost import gpt_step_flops
+
+    b, s, layers, h, vocab = 8, 2048, 24, 2304, 51200
+    megatron = 96 * b * s * layers * h**2 * (1 + s / (6 * h) + vocab / (16 * layers * h))
+    assert gpt_step_flops(batch=b, seq=s, layers=layers, hidden=h, vocab=vocab, recompute=True) == \
+        pytest.approx(megatron)
+    # the planner's trace counts the same matmuls for a GPT without recomputation (3 x forward)
+    config = GPTConfig.from_preset("tiny")
+    with torch.device("meta"):
+        traced = trace_step(GPT(config), 4, 128)
+    assert traced.flops == pytest.approx(gpt_step_flops(batch=4, seq=128, layers=config.n_layer, hidden=config.n_embd,
+                                                        vocab=config.vocab_size), rel=0.02)
 
 
 def test_activation_factors_and_micro_batches_in_flight():

@@ -12,7 +12,10 @@
   3 (N-1)/N b Psi (an all-gather in forward and again in backward, a reduce-scatter), Psi being
   the parameters this rank's model-parallel shard holds; N = 1 moves nothing. Low precision
   halves the bytes. The link is ``network_bytes_per_s`` while the group stays within a node
-  (``ranks_per_node``), else ``inter_node_bytes_per_s``.
+  (``ranks_per_node``); across nodes the all-reduce is hierarchical (NCCL's: reduce-scatter in
+  the node, all-reduce of 1/g of the bytes across nodes, all-gather in the node, g being the
+  group's ranks per node), so a rank gets g x ``inter_node_bytes_per_s`` (its node's NICs are
+  shared by the tp groups of the node).
 * tensor-parallel communication (Megatron-LM, Shoeybi et al. 2019, section 3): every layer
   all-reduces its (B, T, C) activations twice in forward and twice in backward (and twice more
   when checkpointing recomputes the forward), each a ring all-reduce of 2 (tp-1)/tp of the bytes,
@@ -36,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Hardware", "StepTime", "step_time", "ring_allreduce_s", "bubble_fraction", "tensor_parallel_comm_s",
-           "pipeline_p2p_s", "link_bytes_per_s", "SCHEDULES"]
+           "pipeline_p2p_s", "link_bytes_per_s", "data_parallel_bytes_per_s", "gpt_step_flops", "SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -106,6 +109,14 @@ def link_bytes_per_s(extent: int, hw: Hardware) -> float:
     return hw.network_bytes_per_s if extent <= hw.ranks_per_node else hw.inter_node_bytes_per_s
 
 
+def data_parallel_bytes_per_s(tp: int, dp: int, hw: Hardware) -> float:
+    """Effective per-rank bandwidth of the data-parallel all-reduce (see the module docstring)."""
+    if tp * dp <= hw.ranks_per_node:
+        return hw.network_bytes_per_s
+    per_node = max(1, hw.ranks_per_node // tp)
+    return min(hw.network_bytes_per_s, per_node * hw.inter_node_bytes_per_s)
+
+
 def ring_allreduce_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
     """A ring all-reduce of ``nbytes`` over ``n`` ranks: 2 (n-1) steps, each sending nbytes / n."""
     if n <= 1:
@@ -144,13 +155,15 @@ def pipeline_p2p_s(*, tokens: int, hidden: int, pp: int, micro_batches: int, ele
 def step_time(*, flops: float, num_params: int, world_size: int, stage: int, element_size: int, offload: str,
               hw: Hardware, tp: int = 1, pp: int = 1, micro_batches: int = 1, virtual_stages: int = 1,
               tokens: int = 0, hidden: int = 0, layers: int = 0, recompute: bool = False,
-              sequence_parallel: bool = False) -> StepTime:
+              sequence_parallel: bool = False, p2p_split: int | None = None) -> StepTime:
     """The modelled time of one step (forward, backward, optimizer) on one rank.
 
     ``flops``: one micro-batch's forward + backward FLOPs of the whole model; ``num_params``: the
     parameters this rank's model-parallel shard holds; ``world_size``: the data-parallel ranks
     (dp). With ``tp``/``pp`` > 1: ``tokens`` per micro-batch, the model's ``hidden`` width and
-    ``layers`` (the whole model's; a stage runs layers / pp).
+    ``layers`` (the whole model's; a stage runs layers / pp). ``p2p_split``: how many ways a
+    pipeline send is split (default tp with sequence parallelism, else 1; Megatron-LM's
+    scatter/gather optimization also sends 1/tp per rank).
     """
     rate = hw.fp32_flops_per_s if element_size >= 4 else hw.bf16_flops_per_s
     compute = micro_batches * flops / (tp * pp) / rate
@@ -158,13 +171,14 @@ def step_time(*, flops: float, num_params: int, world_size: int, stage: int, ele
     volume = (3 if stage == 3 else 2) * (dp - 1) / dp * element_size * num_params
     dp_comm = 0.0
     if dp > 1:
-        dp_comm = volume / link_bytes_per_s(tp * dp, hw) + 2 * (dp - 1) * hw.latency_s
+        dp_comm = volume / data_parallel_bytes_per_s(tp, dp, hw) + 2 * (dp - 1) * hw.latency_s
     tp_comm = 0.0
     if tp > 1:
         tp_comm = micro_batches * tensor_parallel_comm_s(tokens=tokens, hidden=hidden, layers=layers // pp, tp=tp,
                                                          element_size=element_size, hw=hw, recompute=recompute)
     p2p = pipeline_p2p_s(tokens=tokens, hidden=hidden, pp=pp, micro_batches=micro_batches,
-                         element_size=element_size, hw=hw, split=tp if sequence_parallel else 1,
+                         element_size=element_size, hw=hw,
+                         split=p2p_split or (tp if sequence_parallel else 1),
                          virtual_stages=virtual_stages, extent=tp * dp * pp)
     bubble = (compute + tp_comm) * (pp - 1) / (virtual_stages * micro_batches)
     updated = num_params / (dp if stage >= 1 else 1)
@@ -175,3 +189,14 @@ def step_time(*, flops: float, num_params: int, world_size: int, stage: int, ele
     else:
         optimizer = ADAMW_DEVICE_BYTES * updated / hw.memory_bytes_per_s
     return StepTime(compute, tp_comm + p2p + dp_comm, optimizer, bubble, tp_comm, p2p, dp_comm)
+
+
+def gpt_step_flops(*, batch: int, seq: int, layers: int, hidden: int, vocab: int, recompute: bool = False) -> float:
+    """Matmul FLOPs of a GPT's forward + backward (Narayanan et al. 2021, eq. 3).
+
+    Forward per layer: 24 B s h^2 (QKV, projection, 4h MLP) + 4 B s^2 h (attention); the logits
+    2 B s h V; backward twice the forward; activation recomputation runs the layers' forward
+    again: 96 B s l h^2 (1 + s/(6h)) + 6 B s h V (72 without recomputation).
+    """
+    per_layer = 24 * batch * seq * hidden**2 + 4 * batch * seq**2 * hidden
+    return (4 if recompute else 3) * layers * per_layer + 6 * batch * seq * hidden * vocab
