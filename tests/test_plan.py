@@ -498,7 +498,8 @@ def test_gpt_flops_match_megatron_formula():
     # the planner's trace counts the same matmuls for a GPT without recomputation (3 x forward)
     config = GPTConfig.from_preset("tiny")
     with torch.device("meta"):
-        traced = trace_step(GPT(config), 4, 128)
+        model = GPT(config)
+    traced = trace_step(model, 4, 128)
     assert traced.flops == pytest.approx(gpt_step_flops(batch=4, seq=128, layers=config.n_layer, hidden=config.n_embd,
                                                         vocab=config.vocab_size), rel=0.02)
 
