@@ -473,8 +473,8 @@ def _meshes(world: int, dims: ModelDims | None, tp: Any, pp: Any, micro_batches:
                                     else ""))
             meshes += [(t, p, m) for m in counts]
     if not meshes:
-        raise ValueError(f"no tensor x pipeline mesh fits: tp candidates {tps or tp_req}, pp candidates {pps or pp_req} "
-                         f"on {world} ranks with micro_batch={batch}")
+        raise ValueError(f"no tensor x pipeline mesh fits: tp candidates {tps or tp_req}, pp candidates "
+                         f"{pps or pp_req} on {world} ranks with micro_batch={batch}")
     return meshes, notes
 
 
