@@ -4,8 +4,9 @@
 * ``time_all_reduce``: the median time of an all-reduce of a given size in the current process
   group (call it on every rank);
 * ``fit_ring_all_reduce``: latency and bandwidth of the ring model
-  ``t = 2 (n-1) latency + 2 (n-1)/n bytes / bandwidth`` fitted (least squares) to such times,
-  i.e. ``Hardware.latency_s`` and ``network_bytes_per_s``.
+  ``t = 2 (n-1) latency + 2 (n-1)/n bytes / bandwidth`` fitted to such times (least squares of
+  the relative error, so that small and large sizes count alike), i.e. ``Hardware.latency_s``
+  and ``network_bytes_per_s``.
 """
 
 from __future__ import annotations
@@ -66,8 +67,13 @@ def fit_ring_all_reduce(sizes: Sequence[float], times: Sequence[float], world: i
     if len(sizes) != len(times) or len(set(sizes)) < 2:
         raise ValueError("fit_ring_all_reduce needs times of at least two distinct sizes")
     xs = [2 * (world - 1) / world * s for s in sizes]
-    mean_x, mean_t = statistics.fmean(xs), statistics.fmean(times)
-    slope = sum((x - mean_x) * (t - mean_t) for x, t in zip(xs, times)) / sum((x - mean_x) ** 2 for x in xs)
+    # minimise sum(((a + c x - t) / t)^2): weighted least squares with weights 1 / t^2
+    ws = [1.0 / t**2 for t in times]
+    total = sum(ws)
+    mean_x = sum(w * x for w, x in zip(ws, xs)) / total
+    mean_t = sum(w * t for w, t in zip(ws, times)) / total
+    slope = (sum(w * (x - mean_x) * (t - mean_t) for w, x, t in zip(ws, xs, times))
+             / sum(w * (x - mean_x) ** 2 for w, x in zip(ws, xs)))
     if slope <= 0:
         raise ValueError("all-reduce times do not grow with the size: cannot fit a bandwidth (too noisy?)")
     intercept = max(0.0, mean_t - slope * mean_x)
