@@ -9,7 +9,9 @@ What is predicted, and from what:
 * the clusters: published hardware figures, named constants below with their sources;
 * the one rate no datasheet gives, the sustained matmul rate of a GPU inside a training step,
   is calibrated on ONE published row per paper (marked "calibration": its error is 0 by
-  construction) and every other row is a prediction;
+  construction) and every other row is a prediction; ``rate needed`` is the rate that would make
+  a row exact: where it rises with the model, the GPU ran its larger matmuls faster than the
+  calibration row's (the model keeps one rate for all sizes);
 * this machine: the ring all-reduce model's latency and bandwidth are fitted to gloo
   all-reduces between ``--ranks`` local processes (``parallax.planner.calibrate``) and checked on a
   held-out size; the matmul rate (CPU, and bf16 on a GPU when present) is recorded in the notes.
@@ -52,6 +54,7 @@ COLUMNS = [
     Column("step_s", "step [s]", ".3g"),
     Column("bubble_pct", "bubble [%]", ".1f"),
     Column("comm_pct", "comm [%]", ".1f"),
+    Column("implied_tflops", "rate needed [TFLOP/s]", ".0f"),
     Column("role", "role"),
 ]
 
@@ -204,20 +207,21 @@ def flops_per_gpu(run: Run, cluster: Cluster, matmul_flops_per_s: float) -> floa
 
 
 def calibrate_matmul_rate(run: Run, cluster: Cluster, achieved_flops_per_gpu: float) -> float:
-    """The sustained matmul rate that makes ``run``'s predicted FLOP/s per GPU equal the achieved one.
+    """The sustained matmul rate that makes ``run``'s predicted FLOP/s per GPU equal ``achieved_flops_per_gpu``.
 
-    The modelled time is compute (FLOPs / rate) plus parts that do not depend on the rate; on a
-    row without a pipeline (no bubble) the rate follows directly.
+    The predicted throughput grows with the rate (compute and the bubble shrink, the rest stays),
+    towards a ceiling set by communication and the optimizer: bisection on a log scale.
     """
-    if run.pp != 1:
-        raise ValueError("calibrate on a row without pipeline parallelism (its bubble scales with the rate)")
-    probe = 1e12
-    t = predict(run, cluster, probe)
-    rest = t.total_s - t.compute_s
-    target = step_flops(run) / (run.gpus * achieved_flops_per_gpu)
-    if target <= rest:
-        raise ValueError(f"{run.label}: the published throughput leaves no time for compute in the model")
-    return probe * t.compute_s / (target - rest)
+    lo, hi = 1e9, 1e18
+    if flops_per_gpu(run, cluster, hi) < achieved_flops_per_gpu:
+        raise ValueError(f"{run.label}: {achieved_flops_per_gpu / 1e12:.0f} TFLOP/s per GPU is more than the model "
+                         "allows at any matmul rate (its communication alone takes longer)")
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if flops_per_gpu(run, cluster, mid) < achieved_flops_per_gpu else (lo, mid)
+        if hi / lo < 1 + 1e-12:
+            break
+    return (lo * hi) ** 0.5
 
 
 def megatron_2019_rows() -> Iterator[dict]:
@@ -227,8 +231,9 @@ def megatron_2019_rows() -> Iterator[dict]:
     base_rate = flops_per_gpu(base, V100_DGX2H, rate)
     for run in MEGATRON_2019:
         efficiency = flops_per_gpu(run, V100_DGX2H, rate) / base_rate
+        implied = calibrate_matmul_rate(run, V100_DGX2H, run.published * base_rate)
         yield _row("Megatron-LM 2019 (V100)", run, predict(run, V100_DGX2H, rate), "weak scaling eff. [%]",
-                   100 * run.published, 100 * efficiency, "calibration" if run is base else "prediction")
+                   100 * run.published, 100 * efficiency, "calibration" if run is base else "prediction", implied)
 
 
 def megatron_2021_rows() -> Iterator[dict]:
@@ -237,12 +242,14 @@ def megatron_2021_rows() -> Iterator[dict]:
     rate = calibrate_matmul_rate(base, A100_SELENE, base.published)
     for run in MEGATRON_2021:
         achieved = flops_per_gpu(run, A100_SELENE, rate)
+        implied = calibrate_matmul_rate(run, A100_SELENE, run.published)
         yield _row("Megatron-LM 2021 (A100)", run, predict(run, A100_SELENE, rate), "TFLOP/s per GPU",
-                   run.published / 1e12, achieved / 1e12, "calibration" if run is base else "prediction")
+                   run.published / 1e12, achieved / 1e12, "calibration" if run is base else "prediction", implied)
 
 
-def _row(suite: str, run: Run, t, metric: str, reference: float, predicted: float, role: str) -> dict:
-    return {"suite": suite, "model": run.label, "gpus": run.gpus, "tp": run.tp, "pp": run.pp, "dp": run.dp,
+def _row(suite: str, run: Run, t, metric: str, reference: float, predicted: float, role: str,
+         implied_rate: float) -> dict:
+    return {"implied_tflops": implied_rate / 1e12, "suite": suite, "model": run.label, "gpus": run.gpus, "tp": run.tp, "pp": run.pp, "dp": run.dp,
             "micro_batches": run.micro_batches, "metric": metric, "reference": reference, "predicted": predicted,
             "error_pct": 100 * (predicted - reference) / reference, "step_s": t.total_s,
             "bubble_pct": 100 * t.bubble_s / t.total_s, "comm_pct": 100 * t.comm_s / t.total_s, "role": role}

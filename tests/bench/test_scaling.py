@@ -37,8 +37,11 @@ def test_calibration_reproduces_its_row():
     rate = scaling.calibrate_matmul_rate(base, A100_SELENE, base.published)
     assert scaling.flops_per_gpu(base, A100_SELENE, rate) == pytest.approx(base.published)
     assert rate < A100_SELENE.peak_flops_per_s
-    with pytest.raises(ValueError, match="pipeline"):
-        scaling.calibrate_matmul_rate(MEGATRON_2021[4], A100_SELENE, 1e14)
+    piped = MEGATRON_2021[4]  # with a pipeline: the bubble shrinks with the rate too
+    assert scaling.flops_per_gpu(piped, A100_SELENE, scaling.calibrate_matmul_rate(piped, A100_SELENE, 1e14)) == \
+        pytest.approx(1e14)
+    with pytest.raises(ValueError, match="more than the model allows"):
+        scaling.calibrate_matmul_rate(piped, A100_SELENE, 1e17)
 
 
 def test_prediction_by_hand():
