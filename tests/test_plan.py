@@ -433,3 +433,180 @@ def test_train_plan_picks_the_memory_fields_and_keeps_the_explicit_ones(tmp_path
         _train_config(base + ["--plan", "2MB"])
     with pytest.raises(ConfigError, match="plan"):
         _train_config(base + ["--plan", "lots"])
+
+
+# -------------------------------------------------------------------------------- tensor / pipeline parallelism
+
+
+def test_ring_all_reduce_and_bubble_formulas():
+    from parallax.planner.cost import bubble_fraction, ring_allreduce_s
+
+    # 2 (n-1)/n of the bytes at the link's rate: 2 * 3/4 * 1 GB / 100 GB/s
+    assert ring_allreduce_s(1e9, 4, 100e9) == pytest.approx(0.015)
+    assert ring_allreduce_s(1e9, 4, 100e9, latency_s=1e-5) == pytest.approx(0.015 + 6e-5)  # 2 (n-1) steps
+    assert ring_allreduce_s(1e9, 1, 100e9) == 0.0
+    assert bubble_fraction(4, 12) == pytest.approx(3 / 15)  # (p-1) / (m+p-1)
+    assert bubble_fraction(4, 12, virtual_stages=2) == pytest.approx(3 / 27)  # (p-1) / (v m+p-1)
+    assert bubble_fraction(1, 5) == 0.0
+
+
+def test_tensor_parallel_communication_formula():
+    from parallax.planner.cost import tensor_parallel_comm_s
+
+    hw = Hardware(network_bytes_per_s=100e9, inter_node_bytes_per_s=10e9, ranks_per_node=8)
+    # one all-reduce: 2048 tokens x 1024 wide x 2 bytes = 4 MiB, ring over 2: 2 * 1/2 * 4 MiB / 100 GB/s
+    one = 2048 * 1024 * 2 / 100e9
+    assert tensor_parallel_comm_s(tokens=2048, hidden=1024, layers=4, tp=2, element_size=2, hw=hw) == \
+        pytest.approx(4 * 4 * one)  # 2 in forward + 2 in backward per layer
+    assert tensor_parallel_comm_s(tokens=2048, hidden=1024, layers=4, tp=2, element_size=2, hw=hw,
+                                  recompute=True) == pytest.approx(6 * 4 * one)  # + the recomputed forward's 2
+    # 16-way spans two nodes: the inter-node link
+    assert tensor_parallel_comm_s(tokens=2048, hidden=1024, layers=1, tp=16, element_size=2, hw=hw) == \
+        pytest.approx(4 * 2 * 15 / 16 * 2048 * 1024 * 2 / 10e9)
+
+
+def test_step_time_of_a_mesh():
+    from parallax.planner.cost import step_time
+
+    hw = Hardware(bf16_flops_per_s=400e12, network_bytes_per_s=100e9, inter_node_bytes_per_s=10e9,
+                  memory_bytes_per_s=1e12, ranks_per_node=8)
+    t = step_time(flops=8e12, num_params=10**9, world_size=4, stage=1, element_size=2, offload="none", hw=hw,
+                  tp=2, pp=2, micro_batches=4, tokens=4096, hidden=2048, layers=8)
+    assert t.compute_s == pytest.approx(4 * 8e12 / 4 / 400e12)  # m micro-batches, 1/(tp pp) of each
+    ar = 2 * 1 / 2 * 4096 * 2048 * 2 / 100e9
+    assert t.tp_comm_s == pytest.approx(4 * 4 * (8 // 2) * ar)  # m x 4 all-reduces x the stage's 4 layers
+    # 2 transfers (activations on, gradients back) per micro-batch; 16 ranks span 2 nodes
+    assert t.p2p_s == pytest.approx(2 * 4 * 4096 * 2048 * 2 / 10e9)
+    assert t.bubble_s == pytest.approx((t.compute_s + t.tp_comm_s) * 1 / 4)  # (p-1)/m of the busy time
+    # the data-parallel group (tp x dp = 8 consecutive ranks) stays in the node
+    assert t.dp_comm_s == pytest.approx(2 * 3 / 4 * 2 * 10**9 / 100e9)
+    assert t.optimizer_s == pytest.approx(28 * 10**9 / 4 / 1e12)
+    assert t.total_s == pytest.approx(t.compute_s + t.bubble_s + t.tp_comm_s + t.p2p_s + t.dp_comm_s + t.optimizer_s)
+    wide = step_time(flops=8e12, num_params=10**9, world_size=8, stage=1, element_size=2, offload="none", hw=hw,
+                     tp=2, pp=2, micro_batches=4, tokens=4096, hidden=2048, layers=8)
+    # 16 ranks span 2 nodes: hierarchical, each rank's share of 1/4 goes over its 10 GB/s NIC
+    assert wide.dp_comm_s == pytest.approx(2 * 7 / 8 * 2 * 10**9 / (4 * 10e9))
+
+
+def test_gpt_flops_match_megatron_formula():
+    from parallax.planner.cost import gpt_step_flops
+
+    b, s, layers, h, vocab = 8, 2048, 24, 2304, 51200
+    megatron = 96 * b * s * layers * h**2 * (1 + s / (6 * h) + vocab / (16 * layers * h))
+    assert gpt_step_flops(batch=b, seq=s, layers=layers, hidden=h, vocab=vocab, recompute=True) == \
+        pytest.approx(megatron)
+    # the planner's trace counts the same matmuls for a GPT without recomputation (3 x forward)
+    config = GPTConfig.from_preset("tiny")
+    with torch.device("meta"):
+        model = GPT(config)
+    traced = trace_step(model, 4, 128)
+    assert traced.flops == pytest.approx(gpt_step_flops(batch=4, seq=128, layers=config.n_layer, hidden=config.n_embd,
+                                                        vocab=config.vocab_size), rel=0.02)
+
+
+def test_activation_factors_and_micro_batches_in_flight():
+    from parallax.planner.partition import micro_batches_in_flight, tp_activation_factor
+
+    assert tp_activation_factor(1) == 1.0
+    assert tp_activation_factor(2) == pytest.approx((10 + 12) / 34)  # Korthikanti et al. 2022, Table 2
+    assert tp_activation_factor(8, sequence_parallel=True) == pytest.approx(1 / 8)
+    assert micro_batches_in_flight("gpipe", 4, 16) == 16
+    assert micro_batches_in_flight("1f1b", 4, 16) == 4
+    assert micro_batches_in_flight("1f1b", 4, 2) == 2
+    assert micro_batches_in_flight("interleaved", 4, 16, virtual_stages=2) == pytest.approx(4 + 3 / 2)
+    assert micro_batches_in_flight("1f1b", 1, 16) == 1  # gradient accumulation: one at a time
+    with pytest.raises(ValueError, match="schedule"):
+        micro_batches_in_flight("zigzag", 2, 4)
+
+
+def test_degrees_must_divide_heads_layers_and_world():
+    from parallax.planner.partition import ModelDims, pp_candidates, tp_candidates
+
+    dims = ModelDims(n_layer=12, n_head=12, n_kv_head=4, hidden=768)
+    assert tp_candidates("auto", 16, dims)[0] == [1, 2, 4]  # 8 and 16 do not divide 4 KV heads
+    assert pp_candidates("auto", 16, dims)[0] == [1, 2, 4]  # 8 and 16 do not divide 12 layers
+    kept, why = tp_candidates((1, 3), 6, dims)
+    assert kept == [1] and why == ["tp=3 does not divide the 12 heads and 4 KV heads"]
+    args = dict(model_or_num_params="tiny", world_size=4, device_bytes="1GB", seq_len=64, micro_batch=4,
+                stages=(0,), precisions=("fp32",), checkpointing=("none",))
+    with pytest.raises(ValueError, match="tp=3 does not divide the world size 4"):
+        plan(**args, tp=3)
+    with pytest.raises(ValueError, match="tp=4 does not divide the 2 heads"):
+        plan(**dict(args, model_or_num_params=GPTConfig.from_preset("tiny", n_head=2)), tp=4)
+    with pytest.raises(ValueError, match="pp=4 does not divide the 2 layers"):
+        plan(**dict(args, model_or_num_params=GPTConfig.from_preset("tiny", n_layer=2)), pp=4)
+    with pytest.raises(ValueError, match="micro_batches: 3 does not divide micro_batch=4"):
+        plan(**args, pp=2, micro_batches=3)
+    with pytest.raises(ValueError, match="needs the model's heads"):
+        plan(10**6, 4, "1GB", tp=2)
+    with pytest.raises(ValueError, match="tp must be"):
+        plan(**args, tp=0)
+    with pytest.raises(ValueError, match="interleaved"):
+        plan(**args, pp=2, schedule="interleaved")
+
+
+def _mesh_plan(**kwargs):
+    args = dict(stages=(0,), precisions=("fp32",), offloads=("none",), checkpointing=("none",))
+    args.update(kwargs)
+    return plan(GPTConfig.from_preset("tiny", n_layer=4), 4, args.pop("device", "1TB"), 64, 8, **args)
+
+
+def test_mesh_memory_splits_matrices_and_layers():
+    config = GPTConfig.from_preset("tiny", n_layer=4)
+    with torch.device("meta"):
+        model = GPT(config)
+    named = dict(model.named_parameters())
+    blocks = {n: p.numel() for n, p in named.items() if ".h." in n}
+    root = {n: p.numel() for n, p in named.items() if ".h." not in n}
+    p = _mesh_plan(tp=(1, 2), pp=(1, 2), micro_batches=(1, 2))
+    base = p.find(0, "fp32")
+    tp2 = p.find(0, "fp32", tp=2)
+    # matrices split by rows (the larger half on the worst rank), vectors and position embeddings kept
+    sharded = sum(-(-q.shape[0] // 2) * q[0].numel() if q.dim() >= 2 and "wpe" not in k else q.numel()
+                  for k, q in named.items())
+    assert tp2.param_bytes == pytest.approx(4 * sharded, rel=1e-3)  # matrices halved, vectors kept
+    assert tp2.formula_bytes == zero_formula_bytes(0, "fp32", "none", sharded, 2)
+    pp2 = p.find(0, "fp32", pp=2, micro_batches=2)
+    first_half = sum(n for k, n in blocks.items() if k.split(".h.")[1].split(".")[0] in ("0", "1"))
+    assert pp2.param_bytes == pytest.approx(4 * (first_half + sum(root.values())), rel=1e-3)
+    assert (base.dp, tp2.dp, pp2.dp) == (4, 2, 2)
+    # activations: 1 of 2 micro-batches of half the batch on half the layers, the other one's too in flight
+    half = p.find(0, "fp32", micro_batches=2)
+    assert pp2.activation_bytes == pytest.approx(2 * half.activation_bytes / 2, rel=0.01)
+    assert tp2.activation_bytes == pytest.approx(base.activation_bytes * (10 + 24 / 2) / 34, rel=0.01)
+    assert tp2.runtime_config().zero_stage == 0 and (tp2.tp, tp2.pp, tp2.micro_batches) == (2, 1, 1)
+    assert "tp2 pp1 m1" in tp2.label
+
+
+def test_gpipe_holds_every_micro_batch_1f1b_at_most_pp():
+    gpipe = _mesh_plan(pp=2, micro_batches=4, schedule="gpipe").find(0, "fp32", pp=2, micro_batches=4)
+    one_f_one_b = _mesh_plan(pp=2, micro_batches=4).find(0, "fp32", pp=2, micro_batches=4)
+    assert gpipe.activation_bytes == pytest.approx(2 * one_f_one_b.activation_bytes, rel=0.01)  # 4 vs 2 in flight
+    assert gpipe.step_time_s == pytest.approx(one_f_one_b.step_time_s)  # the same bubble
+    interleaved = _mesh_plan(pp=2, micro_batches=4, schedule="interleaved", virtual_stages=2).find(
+        0, "fp32", pp=2, micro_batches=4)
+    assert interleaved.bubble_s == pytest.approx(one_f_one_b.bubble_s / 2)
+
+
+def test_search_picks_tensor_or_pipeline_parallelism_when_nothing_else_fits():
+    everything = _mesh_plan(tp="auto", pp="auto", micro_batches="auto", stages=(0, 3))
+    plain = min(e.peak_bytes for e in everything.estimates if not e.has_mesh)
+    split = min(e.peak_bytes for e in everything.estimates if e.tp * e.pp > 1)
+    assert split < plain
+    device = int((plain - 1) / 0.9)
+    tight = _mesh_plan(tp="auto", pp="auto", micro_batches="auto", stages=(0, 3), device=device)
+    assert all(not e.fits for e in tight.estimates if not e.has_mesh)
+    assert tight.best is not None and tight.best.tp * tight.best.pp > 1
+    assert tight.best.peak_bytes <= tight.usable_bytes
+    table = tight.table()
+    assert table.splitlines()[1].startswith("tp  pp  m  dp") and "<- best" in table
+
+
+def test_cli_searches_the_mesh(capsys):
+    assert plan_main(["--preset", "tiny", "--world-size", "4", "--device-memory", "1GB", "--micro-batch", "4",
+                      "--seq-len", "64", "--tp", "auto", "--pp", "1,2", "--micro-batches", "auto", "--stages", "0",
+                      "--precisions", "fp32", "--offload", "none", "--checkpointing", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "tp  pp  m  dp" in out
+    assert plan_main(["--preset", "tiny", "--world-size", "4", "--device-memory", "1GB", "--tp", "3"]) == 2
+    assert "tp=3" in capsys.readouterr().err

@@ -46,9 +46,16 @@ def build_parser(prog: str = "parallax plan") -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.10,
                    help="fraction of device memory kept free for what the plan does not model (default 0.10)")
     p.add_argument("--layers", type=int, default=None, help="with --params: equal blocks the model is made of")
+    p.add_argument("--tp", default="1", help="candidate tensor-parallel degrees, e.g. 1,2,4 or auto (default 1)")
+    p.add_argument("--pp", default="1", help="candidate pipeline-parallel degrees, e.g. 1,2 or auto (default 1)")
+    p.add_argument("--micro-batches", default="1",
+                   help="candidate micro-batch counts splitting --micro-batch, e.g. 1,4 or auto (default 1)")
+    p.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved (default 1f1b)")
+    p.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (interleaved; default 1)")
+    p.add_argument("--sequence-parallel", action="store_true", help="tensor parallelism with sequence parallelism")
     for f in dataclasses.fields(Hardware):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=float, default=None,
-                       help=f"step-time model: {f.name} (default {f.default:g})")
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if f.type == "int" else float,
+                       default=None, help=f"step-time model: {f.name} (default {f.default:g})")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     return p
 
@@ -83,6 +90,10 @@ def _list(text: str, kind=str) -> list:
         raise ValueError(f"cannot read the list {text!r}") from None
 
 
+def _degrees(text: str) -> list[int] | str:
+    return "auto" if text.strip() == "auto" else _list(text, int)
+
+
 def plan_main(argv: list[str] | None = None, prog: str = "parallax plan") -> int:
     """Entry point of ``parallax plan``; returns the exit status (0 fits, 1 nothing fits, 2 bad input)."""
     parser = build_parser(prog)
@@ -97,7 +108,9 @@ def plan_main(argv: list[str] | None = None, prog: str = "parallax plan") -> int
                       stages=_list(args.stages, int), precisions=_list(args.precisions),
                       offloads=_list(args.offload), checkpointing=_list(args.checkpointing),
                       bucket_mb=args.bucket_mb, prefetch=args.prefetch, backend=args.backend, margin=args.margin,
-                      hardware=hardware, layers=args.layers)
+                      hardware=hardware, layers=args.layers, tp=_degrees(args.tp), pp=_degrees(args.pp),
+                      micro_batches=_degrees(args.micro_batches), schedule=args.schedule,
+                      virtual_stages=args.virtual_stages, sequence_parallel=args.sequence_parallel)
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

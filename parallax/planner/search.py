@@ -12,8 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallax.planner.cost import Hardware, step_time
+from parallax.planner.cost import SCHEDULES, Hardware, step_time
 from parallax.planner.device import device_memory_bytes
+from parallax.planner.partition import (
+    ModelDims,
+    local_params,
+    micro_batch_candidates,
+    micro_batches_in_flight,
+    model_dims,
+    parse_degrees,
+    pp_candidates,
+    stage_trace,
+    tp_activation_factor,
+    tp_candidates,
+)
 from parallax.planner.states import BACKENDS, flat_buffers, simulate, state_bytes
 from parallax.planner.trace import LossFn, StepTrace, synthetic_trace, trace_step
 from parallax.planner.units import format_bytes, parse_bytes
@@ -57,12 +69,30 @@ class Estimate:
     fits: bool
     bucket_mb: float = 25.0
     prefetch: int = 1
+    tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline stages
+    micro_batches: int = 1  # the per-replica batch is split into this many (pipeline / accumulation)
+    dp: int = 1  # data-parallel degree: world / (tp pp), what ZeRO shards over
+    schedule: str = "1f1b"  # pipeline schedule (pp > 1)
+    bubble_s: float = 0.0  # modelled pipeline fill and drain (in step_time_s)
 
     @property
     def label(self) -> str:
         ckpt = "" if self.checkpointing == "none" else f" +ckpt({self.checkpointing})"
         off = " +offload" if self.offload == "cpu" else ""
-        return f"stage {self.zero_stage} {self.precision}{off}{ckpt}"
+        mesh = f" tp{self.tp} pp{self.pp} m{self.micro_batches}" if self.has_mesh else ""
+        return f"stage {self.zero_stage} {self.precision}{off}{ckpt}{mesh}"
+
+    @property
+    def has_mesh(self) -> bool:
+        """Whether this row uses tensor/pipeline parallelism or splits the batch into micro-batches."""
+        return (self.tp, self.pp, self.micro_batches) != (1, 1, 1)
+
+    @property
+    def time_per_sequence_s(self) -> float:
+        """Modelled seconds per sequence of the global batch (dp replicas step together): what
+        ranks meshes with different data-parallel degrees."""
+        return self.step_time_s / self.dp
 
     def runtime_config(self, **overrides: Any) -> RuntimeConfig:
         """The ``px.RuntimeConfig`` of this row (``overrides`` replace fields, e.g. ``timeout_s``)."""
@@ -88,33 +118,37 @@ class Plan:
     device_bytes: int
     usable_bytes: int  # device_bytes * (1 - margin): what a configuration must fit in
     seq_len: int | None
-    micro_batch: int
+    micro_batch: int  # sequences per data-parallel replica and step
     activations_known: bool
     notes: tuple[str, ...] = ()
 
     def fitting(self) -> list[Estimate]:
         return [e for e in self.estimates if e.fits]
 
-    def find(self, zero_stage: int, precision: str, offload: str = "none", checkpointing: str = "none") -> Estimate:
-        key = (zero_stage, precision, offload, checkpointing)
+    def find(self, zero_stage: int, precision: str, offload: str = "none", checkpointing: str = "none", *,
+             tp: int = 1, pp: int = 1, micro_batches: int = 1) -> Estimate:
+        key = (zero_stage, precision, offload, checkpointing, tp, pp, micro_batches)
         for e in self.estimates:
-            if (e.zero_stage, e.precision, e.offload, e.checkpointing) == key:
+            if (e.zero_stage, e.precision, e.offload, e.checkpointing, e.tp, e.pp, e.micro_batches) == key:
                 return e
         raise KeyError(f"no estimate for stage {zero_stage} {precision}, offload {offload}, "
-                       f"checkpointing {checkpointing}")
+                       f"checkpointing {checkpointing}, tp {tp}, pp {pp}, micro_batches {micro_batches}")
 
     def table(self) -> str:
         """The table ``parallax plan`` prints: one row per configuration, the pick marked."""
-        fastest = min((e.step_time_s for e in self.estimates), default=1.0)
-        headers = ["stage", "precision", "offload", "ckpt", "params", "grads", "optim", "activations",
-                   "peak/rank", "host/rank", "ZeRO formula", "fits", "step [rel]", ""]
+        fastest = min((e.time_per_sequence_s for e in self.estimates), default=1.0)
+        mesh = any(e.has_mesh for e in self.estimates)
+        headers = (["tp", "pp", "m", "dp"] if mesh else []) + [
+            "stage", "precision", "offload", "ckpt", "params", "grads", "optim", "activations",
+            "peak/rank", "host/rank", "ZeRO formula", "fits", "step [rel]", ""]
         rows = []
         for e in self.estimates:
-            rows.append([str(e.zero_stage), e.precision, e.offload, e.checkpointing, format_bytes(e.param_bytes),
+            rows.append(([str(e.tp), str(e.pp), str(e.micro_batches), str(e.dp)] if mesh else []) + [
+                         str(e.zero_stage), e.precision, e.offload, e.checkpointing, format_bytes(e.param_bytes),
                          format_bytes(e.grads_after_backward), format_bytes(e.optimizer_bytes),
                          format_bytes(e.activation_bytes), format_bytes(e.peak_bytes),
                          format_bytes(e.host_bytes) if e.host_bytes else "-", format_bytes(e.formula_bytes),
-                         "yes" if e.fits else "no", f"{e.step_time_s / fastest:.2f}",
+                         "yes" if e.fits else "no", f"{e.time_per_sequence_s / fastest:.2f}",
                          "<- best" if e is self.best else ""])
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
         batch = f"micro-batch {self.micro_batch} x {self.seq_len} tokens" if self.seq_len else "activations unknown"
@@ -227,7 +261,10 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
          stages: Sequence[int] = STAGES, precisions: Sequence[str] = PRECISIONS,
          offloads: Sequence[str] = OFFLOADS, checkpointing: Sequence[str] = ("none", "block"),
          bucket_mb: float = 25.0, prefetch: int = 1, backend: str = "nccl", margin: float = 0.10,
-         hardware: Hardware | None = None, loss_fn: LossFn | None = None, layers: int | None = None) -> Plan:
+         hardware: Hardware | None = None, loss_fn: LossFn | None = None, layers: int | None = None,
+         tp: int | Sequence[int] | str = 1, pp: int | Sequence[int] | str = 1,
+         micro_batches: int | Sequence[int] | str = 1, schedule: str = "1f1b", virtual_stages: int = 1,
+         sequence_parallel: bool = False) -> Plan:
     """Predict each rank's peak memory for every stage x precision x offload x checkpointing; pick the
     fastest configuration that fits.
 
@@ -240,12 +277,13 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
             bare count has no activations (reported as unknown and left out of the peak) and no
             layer structure: it is taken as ``layers`` equal blocks (default 1, i.e. stage 3
             gathers it all at once, a pessimistic bound); only checkpointing "none" is planned.
-        world_size: data-parallel ranks (N).
+        world_size: ranks (N = tp x pp x dp; data-parallel ranks when tp = pp = 1).
         device_bytes: memory of one device, bytes or a string ("16GB" = 16e9, "16GiB" = 16 * 2**30;
             see ``parallax.planner.units``), or "auto": this machine's (``device_memory_bytes``:
             the CUDA device's total memory, else physical RAM / ``LOCAL_WORLD_SIZE``).
         seq_len: tokens per sequence (default: the model's block_size / n_positions).
-        micro_batch: sequences per rank and step.
+        micro_batch: sequences per data-parallel replica and step (per rank when tp = pp = 1); with
+            ``micro_batches`` = m it is split into m micro-batches of micro_batch / m sequences.
         stages, precisions, offloads, checkpointing: the candidates (checkpointing: "none" and
             ``px.checkpoint.activation`` policies, e.g. "block", "every_n:2"). Offload needs
             stage >= 1 (stage 0 + offload is skipped).
@@ -260,6 +298,20 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
         loss_fn: ``loss_fn(model, idx, targets) -> scalar loss`` for a module that is not a
             language model taking token ids (default ``parallax.planner.trace.default_loss``).
         layers: for a bare parameter count, how many equal blocks it is made of.
+        tp, pp: tensor- and pipeline-parallel degrees: an int, a sequence of candidates or "auto"
+            (every degree that divides the world size and, for tp, the heads and KV heads, for pp,
+            the layers). Explicit degrees that do not divide them are an error. Needs a module or
+            config (its heads, layers and width). Default 1: data parallelism only.
+        micro_batches: how many micro-batches the per-replica batch is split into (an int, a
+            sequence or "auto": 1 without a pipeline, else pp, 2 pp, 4 pp, ... dividing the batch).
+        schedule: the pipeline schedule, "gpipe", "1f1b" or "interleaved" (with ``virtual_stages``
+            model chunks per rank): it sets the activations in flight and the bubble.
+        sequence_parallel: tensor parallelism with sequence parallelism (activations outside the
+            tensor-parallel regions split too; pipeline sends 1/tp per rank).
+
+    Meshes are compared by modelled time per sequence of the global batch (``dp`` replicas
+    step together), so a mesh with fewer data-parallel replicas must step faster to win. The
+    memory and time of tensor/pipeline parallelism: ``parallax.planner.partition`` and ``cost``.
 
     Returns a ``Plan``: ``plan.best`` is the fastest configuration expected to fit (``None`` if
     none does), ``plan.estimates`` every candidate, ``plan.table()`` the table.
@@ -290,27 +342,33 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
     policies = _policies(checkpointing)
     hardware = hardware or Hardware()
     usable = int(device_bytes * (1 - margin))
+    dims = model_dims(module) if module is not None else None
+    meshes, mesh_notes = _meshes(world_size, dims, tp, pp, micro_batches, micro_batch, schedule, virtual_stages)
 
-    notes: list[str] = []
-    traces: dict[tuple[int, str], StepTrace] = {}
+    notes: list[str] = list(mesh_notes)
+    traces: dict[tuple[int, str, int], StepTrace] = {}
+    batch_sizes = sorted({micro_batch // m for _, _, m in meshes})
     if module is None:
         if policies != ("none",):
             notes.append("a bare parameter count has no activations to checkpoint: only checkpointing 'none' planned")
         policies = ("none",)
         synthetic = synthetic_trace(num_params, layers or 1)
         for size in {_DTYPES[p].itemsize for p in precisions}:
-            traces[(size, "none")] = synthetic
+            for batch in batch_sizes:
+                traces[(size, "none", batch)] = synthetic
         notes.append("activations unknown (a bare parameter count): peaks are model states and gradient/communication "
                      "buffers only; pass a module or model config to include activations")
     else:
         skipped: dict[str, str] = {}
         for size in sorted({_DTYPES[p].itemsize for p in precisions}, reverse=True):
             dtype = torch.float32 if size == 4 else torch.bfloat16  # fp16 has bf16's sizes
-            for policy in policies:
+            for policy, batch in ((p, b) for p in policies for b in batch_sizes):
+                if policy in skipped:
+                    continue
                 try:
-                    traces[(size, policy)] = trace_step(module, micro_batch, seq_len, dtype=dtype,
-                                                        checkpointing=None if policy == "none" else policy,
-                                                        loss_fn=loss_fn)
+                    traces[(size, policy, batch)] = trace_step(module, batch, seq_len, dtype=dtype,
+                                                               checkpointing=None if policy == "none" else policy,
+                                                               loss_fn=loss_fn)
                 except ValueError as exc:  # bad input (a sequence too long), or a policy without blocks
                     if policy == "none":
                         raise
@@ -323,46 +381,113 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
         policies = tuple(p for p in policies if p not in skipped)
     if 0 in stages and "cpu" in offloads:
         notes.append("offload 'cpu' needs stage >= 1: stage 0 + offload is not a configuration")
-    tokens = micro_batch * (seq_len or 0)
-
     estimates = []
-    for stage in stages:
-        for precision in precisions:
-            b = _DTYPES[precision].itemsize
-            for offload in offloads:
-                if stage == 0 and offload == "cpu":
-                    continue
-                for policy in policies:
-                    trace = traces[(b, policy)]
-                    buffers = flat_buffers(trace.params, trace.units, stage, world_size, bucket_mb, _DTYPES[precision])
-                    states = state_bytes(trace.params, buffers, stage, world_size, b, offload)
-                    peak = simulate(trace, buffers, states, stage, b, prefetch, world_size=world_size, backend=backend)
-                    flops = trace.flops if trace.known else 6.0 * num_params * tokens
-                    t = step_time(flops=flops, num_params=num_params, world_size=world_size, stage=stage,
-                                  element_size=b, offload=offload, hw=hardware)
-                    estimates.append(Estimate(
-                        zero_stage=stage, precision=precision, offload=offload, checkpointing=policy,
-                        peak_bytes=peak.total, param_bytes=states.params, grad_bytes=states.grads,
-                        optimizer_bytes=states.optimizer, grads_after_backward=states.grads_after_backward,
-                        activation_bytes=trace.saved_bytes if trace.known else None,
-                        peak_activation_bytes=peak.activations if trace.known else None,
-                        host_bytes=states.host,
-                        formula_bytes=zero_formula_bytes(stage, precision, offload, num_params, world_size),
-                        peak_phase=peak.phase, step_time_s=t.total_s, compute_s=t.compute_s, comm_s=t.comm_s,
-                        optimizer_s=t.optimizer_s, fits=peak.total <= usable, bucket_mb=bucket_mb,
-                        prefetch=prefetch))
+    for tp_degree, pp_degree, m in meshes:
+        dp = world_size // (tp_degree * pp_degree)
+        batch = micro_batch // m
+        v = virtual_stages if schedule == "interleaved" else 1
+        in_flight = micro_batches_in_flight(schedule, pp_degree, m, v)
+        for stage in stages:
+            for precision in precisions:
+                b = _DTYPES[precision].itemsize
+                for offload in offloads:
+                    if stage == 0 and offload == "cpu":
+                        continue
+                    for policy in policies:
+                        trace = traces[(b, policy, batch)]
+                        if tp_degree * pp_degree * m > 1:
+                            trace = stage_trace(trace, tp=tp_degree, pp=pp_degree, n_layer=dims.n_layer if dims else 1,
+                                                activation_factor=tp_activation_factor(tp_degree, sequence_parallel),
+                                                in_flight=in_flight)
+                        estimates.append(_estimate(
+                            trace, stage=stage, precision=precision, offload=offload, policy=policy, dp=dp,
+                            tp=tp_degree, pp=pp_degree, micro_batches=m, schedule=schedule, virtual_stages=v,
+                            tokens=batch * (seq_len or 0), num_params=num_params, dims=dims,
+                            sequence_parallel=sequence_parallel, bucket_mb=bucket_mb, prefetch=prefetch,
+                            backend=backend, hardware=hardware, usable=usable))
     return Plan(tuple(estimates), _pick(estimates), name, num_params, world_size, device_bytes, usable, seq_len,
                 micro_batch, module is not None, tuple(notes))
 
 
+def _estimate(trace: StepTrace, *, stage: int, precision: str, offload: str, policy: str, dp: int, tp: int, pp: int,
+              micro_batches: int, schedule: str, virtual_stages: int, tokens: int, num_params: int,
+              dims: ModelDims | None, sequence_parallel: bool, bucket_mb: float, prefetch: int, backend: str,
+              hardware: Hardware, usable: int) -> Estimate:
+    """One row: the stage's model states and peak on ``dp`` ZeRO ranks, and its modelled time."""
+    b = _DTYPES[precision].itemsize
+    buffers = flat_buffers(trace.params, trace.units, stage, dp, bucket_mb, _DTYPES[precision])
+    states = state_bytes(trace.params, buffers, stage, dp, b, offload)
+    peak = simulate(trace, buffers, states, stage, b, prefetch, world_size=dp, backend=backend)
+    local = local_params(trace.params) if trace.known else num_params // (tp * pp)
+    flops = trace.flops if trace.known else 6.0 * num_params * tokens
+    t = step_time(flops=flops, num_params=local, world_size=dp, stage=stage, element_size=b, offload=offload,
+                  hw=hardware, tp=tp, pp=pp, micro_batches=micro_batches, virtual_stages=virtual_stages,
+                  tokens=tokens, hidden=dims.hidden if dims else 0, layers=dims.n_layer if dims else 0,
+                  recompute=policy != "none", sequence_parallel=sequence_parallel)
+    return Estimate(
+        zero_stage=stage, precision=precision, offload=offload, checkpointing=policy,
+        peak_bytes=peak.total, param_bytes=states.params, grad_bytes=states.grads,
+        optimizer_bytes=states.optimizer, grads_after_backward=states.grads_after_backward,
+        activation_bytes=trace.saved_bytes if trace.known else None,
+        peak_activation_bytes=peak.activations if trace.known else None,
+        host_bytes=states.host, formula_bytes=zero_formula_bytes(stage, precision, offload, local, dp),
+        peak_phase=peak.phase, step_time_s=t.total_s, compute_s=t.compute_s, comm_s=t.comm_s,
+        optimizer_s=t.optimizer_s, fits=peak.total <= usable, bucket_mb=bucket_mb, prefetch=prefetch,
+        tp=tp, pp=pp, micro_batches=micro_batches, dp=dp, schedule=schedule, bubble_s=t.bubble_s)
+
+
+def _meshes(world: int, dims: ModelDims | None, tp: Any, pp: Any, micro_batches: Any, batch: int, schedule: str,
+            virtual_stages: int) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """The (tp, pp, micro-batches) candidates, and notes on what "auto" left out."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    virtual_stages = positive_int("virtual_stages", virtual_stages)
+    if schedule == "interleaved" and virtual_stages < 2:
+        raise ValueError(f"schedule 'interleaved' needs virtual_stages >= 2, got {virtual_stages}")
+    tp_req, pp_req = parse_degrees("tp", tp), parse_degrees("pp", pp)
+    mb_req = parse_degrees("micro_batches", micro_batches)
+    notes: list[str] = []
+    tps, why_tp = tp_candidates(tp_req, world, dims)
+    pps, why_pp = pp_candidates(pp_req, world, dims)
+    if schedule == "interleaved" and dims is not None:
+        chunked = [p for p in pps if p == 1 or dims.n_layer % (p * virtual_stages) == 0]
+        why_pp += [f"pp={p} x virtual_stages={virtual_stages} does not divide the {dims.n_layer} layers"
+                   for p in pps if p not in chunked]
+        pps = chunked
+    for name, requested, why in (("tp", tp_req, why_tp), ("pp", pp_req, why_pp)):
+        if why and requested != "auto":
+            raise ValueError(f"{name}: {'; '.join(why)}")
+    notes += [f"left out: {w}" for w in why_tp + why_pp if "does not divide the world" not in w]
+    meshes = []
+    for t in tps:
+        for p in pps:
+            if world % (t * p):
+                continue
+            counts = micro_batch_candidates(mb_req, batch, p)
+            if schedule == "interleaved" and p > 1:
+                counts = [m for m in counts if m % p == 0]
+            if mb_req != "auto" and len(counts) < len(mb_req):
+                raise ValueError(f"micro_batches: {', '.join(str(m) for m in mb_req if m not in counts)} does not "
+                                 f"divide micro_batch={batch} (sequences per data-parallel replica)"
+                                 + (f" or is not a multiple of pp={p} (interleaved)" if schedule == "interleaved"
+                                    else ""))
+            meshes += [(t, p, m) for m in counts]
+    if not meshes:
+        raise ValueError(f"no tensor x pipeline mesh fits: tp candidates {tps or tp_req}, pp candidates "
+                         f"{pps or pp_req} on {world} ranks with micro_batch={batch}")
+    return meshes, notes
+
+
 def _simplicity(e: Estimate) -> tuple:
-    return (e.offload != "none", e.checkpointing != "none", e.zero_stage, PRECISIONS.index(e.precision) == 2)
+    return (e.offload != "none", e.checkpointing != "none", e.tp * e.pp, e.zero_stage,
+            PRECISIONS.index(e.precision) == 2, e.micro_batches)
 
 
 def _pick(estimates: list[Estimate]) -> Estimate | None:
     fits = [e for e in estimates if e.fits]
     if not fits:
         return None
-    fastest = min(e.step_time_s for e in fits)
-    ties = [e for e in fits if e.step_time_s <= fastest * (1 + TIE) or math.isclose(e.step_time_s, fastest)]
+    fastest = min(e.time_per_sequence_s for e in fits)
+    ties = [e for e in fits if e.time_per_sequence_s <= fastest * (1 + TIE)
+            or math.isclose(e.time_per_sequence_s, fastest)]
     return min(ties, key=lambda e: (_simplicity(e), e.peak_bytes))
