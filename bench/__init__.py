@@ -83,6 +83,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "training step throughput: the parallax train loop vs a plain PyTorch loop on the same model and data "
         "(runtime overhead)",
     ),
+    "scaling": (
+        ".scaling",
+        "the planner's step-time model vs published clusters: Megatron-LM 2019 weak scaling (V100, 1-512 GPUs) and "
+        "2021 Table 1 (A100, 32-3072 GPUs), predicted vs published and the error; gloo all-reduce fit on this machine",
+    ),
     "zero": (
         ".zero",
         "ZeRO data parallelism on 2 gloo ranks: parallax stages 0-3 vs torch DDP and FSDP2, step time, "
