@@ -55,7 +55,9 @@ def reference(family: str, steps: int, clip: float | None = None) -> dict:
         opt.zero_grad()
         losses.append(float(loss))
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"params": params, "losses": losses, "norms": norms, "grads": grads}
+    with torch.no_grad():
+        eval_loss = float(model(*batch(steps)))
+    return {"params": params, "losses": losses, "norms": norms, "grads": grads, "eval_loss": eval_loss}
 
 
 def suite(rank: int, world_size: int, cases: list[dict], zero3: bool = False) -> dict:
@@ -102,10 +104,12 @@ def train(mesh, family: str, schedule: str, steps: int = 3, virtual_stages: int 
         if opt.loss_scaler is not None:
             skipped.append(opt.loss_scaler.state_dict()["_consecutive_skips"] > 0)
         opt.zero_grad()
+    eval_loss = float(pipe.eval_step(*batch(steps))) if mesh.dims.dp == 1 else None
     params = {n: p.detach().float().clone() for n, p in stage.named_parameters()}
     checkpointed = len(checkpointed_blocks(stage))
     return {"params": params, "losses": losses, "norms": norms, "grads": grads, "skipped": skipped,
-            "pp_rank": mesh.pp_rank, "pp_tied": dict(parallel_state(stage).pp_tied), "checkpointed": checkpointed}
+            "pp_rank": mesh.pp_rank, "pp_tied": dict(parallel_state(stage).pp_tied), "checkpointed": checkpointed,
+            "eval_loss": eval_loss}
 
 
 def zero3_refused(mesh) -> str:
