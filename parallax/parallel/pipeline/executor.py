@@ -3,8 +3,12 @@
 Activations go forward and their gradients backward with ``torch.distributed`` point-to-point
 ``isend``/``irecv`` between the ranks of ``mesh.pp_ranks``. Every message carries a tag built
 from (micro-batch, virtual stage, direction), so a receive can only match its own message even
-when ranks issue them in different orders. Sends are asynchronous and waited for at the end of
-the step; receives block, so a rank waits only for what its next action needs.
+when ranks issue them in different orders (gloo). Sends are asynchronous and waited for at the
+end of the step; receives block, so a rank waits only for what its next action needs. The two
+directions use two process groups over the pipeline: NCCL ignores tags and runs a pair's
+operations in issue order on one stream, where an activation send queued before a gradient
+receive could wait for a peer that waits for us; per direction, both ends issue a pair's
+messages in the same (schedule) order, so that cannot happen.
 
 Gradients accumulate locally under ZeRO's ``no_sync`` over all micro-batches; then the tied
 embedding / LM head gradients are summed between the first and last stage, and
@@ -54,6 +58,7 @@ class PipelineSchedule:
         self.micro_batches = micro_batches
         self.actions = schedule_actions(schedule, mesh.dims.pp, micro_batches, len(stage.chunks))[mesh.pp_rank]
         self.reducer = zero.reducer
+        self.groups = _direction_groups(mesh)
         self.device = next(stage.parameters()).device
         self.dtype = next(p.dtype for p in stage.parameters() if p.is_floating_point())
         self._num_stages = stage.num_chunks_total
@@ -133,9 +138,10 @@ class PipelineSchedule:
                                    f"{self.mesh.pp_rank}; both holders must use it in every step")
             theirs = torch.empty_like(grad)
             tag = self.tag(0, 0, TIED)
-            sent = dist.isend(grad.clone(), other, tag=tag)
-            dist.irecv(theirs, other, tag=tag).wait()
-            sent.wait()
+            # One batch: NCCL runs both at once (two blocking sends first would wait for each other).
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, grad.clone(), other, tag=tag),
+                                                dist.P2POp(dist.irecv, theirs, other, tag=tag)]):
+                work.wait()
             grad.add_(theirs)
 
     def _broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
@@ -172,12 +178,15 @@ class _Run:
 
     def _recv(self, shape, src_stage: int, i: int, stage: int, direction: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=self.s.dtype, device=self.s.device)
-        dist.irecv(buf, self.s.rank_of(src_stage), tag=self.s.tag(i, stage, direction)).wait()
+        dist.irecv(buf, self.s.rank_of(src_stage), group=self.s.groups[direction],
+                   tag=self.s.tag(i, stage, direction)).wait()
         return buf
 
     def _send(self, tensor: torch.Tensor, dst_stage: int, i: int, stage: int, direction: int) -> None:
         tensor = tensor.detach().contiguous()
-        self.sends.append((dist.isend(tensor, self.s.rank_of(dst_stage), tag=self.s.tag(i, stage, direction)), tensor))
+        work = dist.isend(tensor, self.s.rank_of(dst_stage), group=self.s.groups[direction],
+                          tag=self.s.tag(i, stage, direction))
+        self.sends.append((work, tensor))  # the tensor must live until the send completes
 
     def _forward(self, i: int, stage: int) -> None:
         idx, targets = self.batches[i]
@@ -215,3 +224,17 @@ class _Run:
         for work, _ in self.sends:
             work.wait()
         self.sends.clear()
+
+
+def _direction_groups(mesh) -> dict[int, dist.ProcessGroup]:
+    """This rank's pipeline as two process groups, one for activations and one for gradients.
+    ``new_group`` is collective over the world: every rank creates every pipeline's pair, in order."""
+    dims = mesh.dims
+    mine: dict[int, dist.ProcessGroup] = {}
+    for d in range(dims.dp):
+        for t in range(dims.tp):
+            members = [dims.rank_of(p, d, t) for p in range(dims.pp)]
+            groups = {direction: dist.new_group(members) for direction in (FORWARD, BACKWARD)}
+            if mesh.rank in members:
+                mine = groups
+    return mine
