@@ -22,10 +22,12 @@ import logging
 import torch
 import torch.distributed as dist
 
-from parallax.parallel.pipeline.schedules import Action, check_schedule, schedule_actions
+from parallax.parallel.mesh import Mesh
+from parallax.parallel.pipeline.schedules import Action, bubble_fraction, check_schedule, schedule_actions
 from parallax.parallel.pipeline.split import PipelineStage
 from parallax.parallel.state import parallel_state
 from parallax.zero.module import zero_state
+from parallax.zero.optimizer import ZeroOptimizer
 
 __all__ = ["PipelineSchedule"]
 
@@ -43,7 +45,8 @@ class PipelineSchedule:
     which must divide the batch.
     """
 
-    def __init__(self, stage: PipelineStage, optimizer, mesh, schedule: str = "1f1b", micro_batches: int = 1) -> None:
+    def __init__(self, stage: PipelineStage, optimizer: ZeroOptimizer, mesh: Mesh, schedule: str = "1f1b",
+                 micro_batches: int = 1) -> None:
         if not isinstance(stage, PipelineStage):
             raise ValueError(f"stage must be a PipelineStage from build_stage (pp > 1), got {type(stage).__name__}")
         zero = zero_state(stage)
@@ -62,6 +65,9 @@ class PipelineSchedule:
         self.device = next(stage.parameters()).device
         self.dtype = next(p.dtype for p in stage.parameters() if p.is_floating_point())
         self._num_stages = stage.num_chunks_total
+        log.info("pipeline: rank %d of %d, schedule %s, %d micro-batches, %d virtual stage(s) per rank, "
+                 "ideal bubble %.1f%%", mesh.pp_rank, mesh.dims.pp, schedule, micro_batches, len(stage.chunks),
+                 100 * bubble_fraction(mesh.dims.pp, micro_batches, len(stage.chunks)))
 
     # ------------------------------------------------------------------ public steps
 
@@ -101,6 +107,10 @@ class PipelineSchedule:
         if idx.size(0) % self.micro_batches:
             raise ValueError(f"the batch of {idx.size(0)} sequences does not split into micro_batches="
                              f"{self.micro_batches} equal micro-batches")
+        state = parallel_state(self.stage)
+        if state is not None and state.sequence_parallel and idx.size(1) % self.mesh.dims.tp:
+            raise ValueError(f"sequence parallelism splits the sequence over tp={self.mesh.dims.tp} ranks; "
+                             f"the sequence length {idx.size(1)} is not divisible by it")
         return list(zip(idx.chunk(self.micro_batches), targets.chunk(self.micro_batches)))
 
     @staticmethod
@@ -155,9 +165,9 @@ class PipelineSchedule:
 class _Run:
     """One step's state: inputs and outputs kept for backward, sends in flight, the loss."""
 
-    def __init__(self, schedule: PipelineSchedule, batches: list, shares: list[float], weight: float,
+    def __init__(self, schedule: "PipelineSchedule", batches: list, shares: list[float], weight: float,
                  train: bool) -> None:
-        self.s = schedule
+        self.pipe = schedule
         self.batches = batches
         self.shares = shares
         self.weight = weight
@@ -173,35 +183,35 @@ class _Run:
 
     def _context(self, i: int) -> tuple:
         if i not in self.contexts:
-            self.contexts[i] = self.s.stage.block_context(self.batches[i][0])
+            self.contexts[i] = self.pipe.stage.block_context(self.batches[i][0])
         return self.contexts[i]
 
     def _recv(self, shape, src_stage: int, i: int, stage: int, direction: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=self.s.dtype, device=self.s.device)
-        dist.irecv(buf, self.s.rank_of(src_stage), group=self.s.groups[direction],
-                   tag=self.s.tag(i, stage, direction)).wait()
+        buf = torch.empty(shape, dtype=self.pipe.dtype, device=self.pipe.device)
+        dist.irecv(buf, self.pipe.rank_of(src_stage), group=self.pipe.groups[direction],
+                   tag=self.pipe.tag(i, stage, direction)).wait()
         return buf
 
     def _send(self, tensor: torch.Tensor, dst_stage: int, i: int, stage: int, direction: int) -> None:
         tensor = tensor.detach().contiguous()
-        work = dist.isend(tensor, self.s.rank_of(dst_stage), group=self.s.groups[direction],
-                          tag=self.s.tag(i, stage, direction))
+        work = dist.isend(tensor, self.pipe.rank_of(dst_stage), group=self.pipe.groups[direction],
+                          tag=self.pipe.tag(i, stage, direction))
         self.sends.append((work, tensor))  # the tensor must live until the send completes
 
     def _forward(self, i: int, stage: int) -> None:
         idx, targets = self.batches[i]
-        chunk = stage // self.s.mesh.dims.pp
+        chunk = stage // self.pipe.mesh.dims.pp
         if stage == 0:
             x_in = None
-            x = self.s.stage.embed(idx)
+            x = self.pipe.stage.embed(idx)
         else:
             # Tagged with the receiving stage: the message of micro-batch i into stage `stage`.
-            x_in = self._recv(self.s.activation_shape(idx), stage - 1, i, stage, FORWARD)
+            x_in = self._recv(self.pipe.activation_shape(idx), stage - 1, i, stage, FORWARD)
             x_in.requires_grad_(self.train)
             x = x_in
-        out = self.s.stage.run_blocks(chunk, x, self._context(i))
+        out = self.pipe.stage.run_blocks(chunk, x, self._context(i))
         if stage == self.last:
-            mean = self.s.stage.head_loss(out, targets)
+            mean = self.pipe.stage.head_loss(out, targets)
             share = self.shares[i]
             self.loss = mean.detach().float() * share + (self.loss if self.loss is not None else 0.0)
             out = mean * (share * self.weight)
@@ -213,7 +223,7 @@ class _Run:
     def _backward(self, i: int, stage: int) -> None:
         x_in, out = self.saved.pop((i, stage))
         if stage == self.last:
-            self.s.optimizer.backward(out)
+            self.pipe.optimizer.backward(out)
         else:
             grad = self._recv(out.shape, stage + 1, i, stage, BACKWARD)
             torch.autograd.backward(out, grad_tensors=grad)
