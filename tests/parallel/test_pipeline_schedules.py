@@ -19,7 +19,8 @@ from parallax.parallel.pipeline import (
 from parallax.zero.module import default_units
 
 CASES = [("gpipe", 4, 8, 1), ("gpipe", 3, 2, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 3, 1), ("1f1b", 2, 1, 1),
-         ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 2), ("interleaved", 4, 4, 3), ("interleaved", 2, 6, 2)]
+         ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 2), ("interleaved", 4, 4, 3), ("interleaved", 2, 6, 2),
+         ("interleaved", 4, 8, 1)]
 
 
 @pytest.mark.parametrize("kind,pp,m,v", CASES)
