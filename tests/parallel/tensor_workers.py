@@ -168,3 +168,181 @@ def cross_entropy_checks(rank: int, world: int) -> None:
         _close(h_tp.grad, h.grad, f"fused vocab-parallel grad of h ({reduction})")
         _close(w_tp.grad, shard_slice(weight.grad, 0, rank, world), f"fused vocab-parallel weight grad ({reduction})")
         h.grad = weight.grad = None
+
+
+# ------------------------------------------------------------------------------ whole models
+
+import parallax as px  # noqa: E402
+from parallax.models import GPTConfig, LlamaConfig, build_model  # noqa: E402
+from parallax.parallel import ParallelDims, init_mesh  # noqa: E402
+from parallax.parallel.tensor import gather_tensor_parallel, parallelize  # noqa: E402
+
+OPT = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+BATCH, SEQ, VOCAB = 4, 8, 70
+
+
+def model_config(family: str):
+    """Tiny models with odd unsplit sizes and grouped-query attention (n_kv_head < n_head)."""
+    if family == "gpt":
+        return GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=36,
+                         attention="math")
+    if family == "llama":
+        return LlamaConfig(model_type="llama", block_size=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2,
+                           n_embd=32, intermediate_size=42, tie_word_embeddings=False, attention="math")
+    # Qwen3: per-head q/k norms (their weights are shared by heads that tensor parallelism splits),
+    # q/k/v biases and a tied LM head.
+    return LlamaConfig(model_type="qwen3", block_size=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=32, head_dim=12, intermediate_size=42, qk_norm=True, attention_bias=True,
+                       tie_word_embeddings=True, attention="math")
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+
+
+def reference_run(family: str, steps: int, clip: float | None) -> dict:
+    """One process, the plain model and torch.optim.AdamW on the whole batch."""
+    torch.manual_seed(0)
+    model = build_model(model_config(family))
+    opt = torch.optim.AdamW(model.parameters(), **OPT)
+    losses, norms = [], []
+    for step in range(steps):
+        idx, targets = _batch(step)
+        loss = model(idx, targets)
+        loss.backward()
+        if clip is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    logits = model(_batch(steps)[0]).detach()
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses,
+            "norms": norms, "logits": logits}
+
+
+def tensor_parallel_run(rank: int, world: int, family: str, tp: int, stage: int = 0, steps: int = 3,
+                        sequence_parallel: bool = False, clip: float | None = None, precision: str = "fp32",
+                        checkpointing: bool = False) -> dict:
+    """The same training on a (dp, tp) mesh: parallelize, ZeRO over the data-parallel group, each
+    data-parallel rank on its rows of the batch. Returns the full parameters (gathered), the batch
+    losses, the clipped norms and the full logits of one more batch."""
+    mesh = init_mesh(ParallelDims.for_world(world, tp=tp))
+    torch.manual_seed(0)
+    model = build_model(model_config(family))
+    parallelize(model, mesh, sequence_parallel=sequence_parallel)
+    config = px.RuntimeConfig(zero_stage=stage, precision=precision, activation_checkpointing=checkpointing,
+                              timeout_s=60)
+    model, opt = px.initialize(model, config, group=mesh.dp_group, **OPT)
+    rows = slice(mesh.dp_rank * BATCH // mesh.dims.dp, (mesh.dp_rank + 1) * BATCH // mesh.dims.dp)
+    losses, norms = [], []
+    for step in range(steps):
+        idx, targets = _batch(step)
+        loss = model(idx[rows], targets[rows])
+        opt.backward(loss)
+        if clip is not None:
+            norms.append(float(opt.clip_grad_norm_(clip)))
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().float().clone()
+        dist.all_reduce(mean, group=mesh.dp_group)
+        losses.append(mean.item() / mesh.dims.dp)
+    logits = model(_batch(steps)[0]).detach().float()
+    full = px.zero.full_state_dict(model)
+    params = {name: gather_tensor_parallel(model, name, t).float() for name, t in full.items()}
+    return {"params": params, "losses": losses, "norms": norms, "logits": logits}
+
+
+def _diffs(run: dict, ref: dict) -> dict:
+    """Largest absolute difference per parameter, and for the logits; None for a missing name."""
+    out = {name: (float((run["params"][name] - p).abs().max()) if name in run["params"]
+                  and run["params"][name].shape == p.shape else None) for name, p in ref["params"].items()}
+    out["<logits>"] = float((run["logits"] - ref["logits"]).abs().max())
+    return out
+
+
+# Cases of the 2-rank test module (tp = 2): name -> keyword arguments of tensor_parallel_run.
+TWO_RANK_CASES = {
+    "gpt": dict(family="gpt"),
+    "llama": dict(family="llama"),
+    "qwen3": dict(family="qwen3"),
+    "gpt_sp": dict(family="gpt", sequence_parallel=True),
+    "qwen3_sp": dict(family="qwen3", sequence_parallel=True),
+    "gpt_clip": dict(family="gpt", clip=0.05),
+    "llama_sp_clip_ckpt": dict(family="llama", sequence_parallel=True, clip=0.05, checkpointing=True),
+    "gpt_bf16": dict(family="gpt", precision="bf16"),
+}
+# Cases of the 4-rank test (tp = 2 x dp = 2) with ZeRO stages 1-3.
+FOUR_RANK_CASES = {
+    "gpt_stage1_clip": dict(family="gpt", stage=1, clip=0.05),
+    "llama_stage2_sp": dict(family="llama", stage=2, sequence_parallel=True),
+    "qwen3_stage3_clip": dict(family="qwen3", stage=3, clip=0.05),
+    "gpt_stage3_sp_ckpt": dict(family="gpt", stage=3, sequence_parallel=True, checkpointing=True),
+}
+
+
+def model_cases(rank: int, world: int, cases: dict, with_hf: bool) -> dict:
+    """Every case against the single-process reference (computed here); rank 0's summary."""
+    out, refs, params = {}, {}, {}
+    for name, kwargs in cases.items():
+        key = (kwargs["family"], kwargs.get("clip"))
+        if key not in refs:
+            refs[key] = reference_run(kwargs["family"], 3, kwargs.get("clip"))
+        ref = refs[key]
+        run = tensor_parallel_run(rank, world, tp=2, **kwargs)
+        params[name] = run["params"]
+        out[name] = {"diffs": _diffs(run, ref), "losses": run["losses"], "ref_losses": ref["losses"],
+                     "norms": run["norms"], "ref_norms": ref["norms"]}
+    for sp_case in [c for c in cases if c.endswith("_sp") and c[:-3] in cases]:
+        plain = params[sp_case[:-3]]
+        out[sp_case]["vs_plain"] = max(float((params[sp_case][k] - plain[k]).abs().max()) for k in plain)
+    if with_hf:
+        out["hf"] = hf_checks(rank, world)
+    return out
+
+
+# ------------------------------------------------------------------------------ Hugging Face
+
+
+def _hf_models():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    def llama():
+        return LlamaForCausalLM(HFLlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=42,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=16, attention_bias=True))
+
+    def gpt2():
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                          eos_token_id=0))
+
+    return {"hf_llama": llama, "hf_gpt2": gpt2}
+
+
+def hf_checks(rank: int, world: int) -> dict:
+    """Hugging Face models parallelized with tp = world: loss, every gradient and the logits
+    against the unparallelized model's; largest absolute differences."""
+    mesh = init_mesh(ParallelDims.for_world(world, tp=world))
+    idx, labels = _batch(0)
+    labels[0, :3] = -100
+    out = {}
+    for name, make in _hf_models().items():
+        torch.manual_seed(0)
+        ref = make()
+        ref_loss = ref(input_ids=idx, labels=labels).loss
+        ref_loss.backward()
+        torch.manual_seed(0)
+        model = parallelize(make(), mesh)
+        loss = model(input_ids=idx, labels=labels).loss
+        loss.backward()
+        diffs = {"<loss>": abs(loss.item() - ref_loss.item()),
+                 "<logits>": float((model(idx).logits - ref(idx).logits).abs().max())}
+        for pname, p in model.named_parameters():
+            grad = gather_tensor_parallel(model, pname, p.grad)
+            expected = ref.get_parameter(pname).grad
+            diffs[pname] = float((grad - expected).abs().max()) if grad.shape == expected.shape else None
+        out[name] = diffs
+    return out

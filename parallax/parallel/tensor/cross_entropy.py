@@ -152,11 +152,14 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                         group: dist.ProcessGroup | None = None, ignore_index: int = -100,
-                                        reduction: str = "mean", chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                                        reduction: str = "mean", chunk_rows: int = CHUNK_ROWS,
+                                        reduce_h_grad: bool = True) -> torch.Tensor:
     """``vocab_parallel_cross_entropy(h @ weight.T, ...)`` without the logits: computed
     ``chunk_rows`` rows at a time, recomputed in backward.
 
-    h (N, C) replicated over ``group``; weight (V/tp, C) this rank's rows of the LM head.
+    h (N, C) replicated over ``group``; weight (V/tp, C) this rank's rows of the LM head. Each
+    rank's gradient of h is a partial sum (over its vocabulary rows), all-reduced here unless
+    ``reduce_h_grad=False`` (h comes from ``gather_from_sequence``, whose backward sums it).
     """
     _check("vocab_parallel_linear_cross_entropy", h, targets, reduction)
     if weight.dim() != 2 or weight.size(1) != h.size(1):
@@ -164,6 +167,7 @@ def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, t
                          f"got {tuple(weight.shape)}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
-    loss = _VocabParallelLinearCrossEntropy.apply(copy_to_region(h, group), weight, targets, group, ignore_index,
-                                                  chunk_rows)
+    if reduce_h_grad:
+        h = copy_to_region(h, group)
+    loss = _VocabParallelLinearCrossEntropy.apply(h, weight, targets, group, ignore_index, chunk_rows)
     return _reduce(loss, targets, ignore_index, reduction)
