@@ -1,4 +1,5 @@
-"""Clear errors, before any process allocates memory, for sizes tensor parallelism cannot split."""
+"""Tensor parallelism in one process: clear errors, before any process allocates memory, for sizes it
+cannot split; what slicing a module keeps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 
 from parallax.models import GPTConfig, LlamaConfig, build_model
 from parallax.parallel import Mesh, ParallelDims
-from parallax.parallel.tensor import ColumnParallelLinear, check_tensor_parallel, parallelize
+from parallax.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                      check_tensor_parallel, parallelize)
 from parallax.parallel.tensor.layers import split_size
 
 
@@ -75,3 +77,14 @@ def test_layer_widths_must_split_evenly():
         split_size(7, 2, "out_features")
     with pytest.raises(ValueError, match=r"sections \[4, 2\] must add up to out_features = 7"):
         ColumnParallelLinear(3, 7, sections=[4, 2])
+
+
+def test_from_module_keeps_frozen_parameters_frozen():
+    """Slicing a module keeps requires_grad (frozen embeddings or layers stay frozen); one process,
+    no process group: tp = 1."""
+    linear = nn.Linear(4, 6).requires_grad_(False)
+    assert not any(p.requires_grad for p in ColumnParallelLinear.from_module(linear, None).parameters())
+    assert not any(p.requires_grad for p in RowParallelLinear.from_module(linear, None).parameters())
+    embedding = nn.Embedding(6, 4).requires_grad_(False)
+    assert not VocabParallelEmbedding.from_module(embedding, None).weight.requires_grad
+    assert ColumnParallelLinear.from_module(nn.Linear(4, 6), None).weight.requires_grad
