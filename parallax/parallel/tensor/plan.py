@@ -365,7 +365,8 @@ def gather_tensor_parallel(model: nn.Module, name: str, tensor: torch.Tensor) ->
         return tensor
     dim, tp = state.tp_dims[name], state.mesh.dims.tp
     pieces = all_gather_along(tensor.unsqueeze(0), 0, state.mesh.tp_group, f"gather of {name}").unbind(0)
-    sections = tp_sections(model).get(name)
+    owner = model.get_submodule(name.rpartition(".")[0])
+    sections = owner.sections if isinstance(owner, ColumnParallelLinear) else None
     if not sections:
         return torch.cat(pieces, dim)
     local = [s // tp for s in sections]
