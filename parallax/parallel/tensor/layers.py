@@ -136,9 +136,17 @@ class ColumnParallelLinear(_ParallelLinear):
         layer._copy_from(module, sections)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """x entering the tensor-parallel region: all-gathered along the sequence (sequence
+        parallel), else marked for the all-reduce of its gradient. Column layers that read the
+        same x (q, k and v; gate and up) can share one: ``x = first.enter(x)``, then call each
+        with ``input_entered=True``."""
+        return gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
+
+    def forward(self, x: torch.Tensor, input_entered: bool = False) -> torch.Tensor:
         """x (..., in) -> (..., out / tp), or (..., out) with gather_output."""
-        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
+        if not input_entered:
+            x = self.enter(x)
         y = self._matmul(x, self.bias)
         return gather_from_region(y, -1, self.group) if self.gather_output else y
 

@@ -16,7 +16,8 @@ their gradients are summed over the group by a gradient hook (``ParallelState.tp
 
 The model's class is swapped for a subclass (as ``px.zero.shard`` does) whose ``forward`` calls
 ``lm_head_loss``; attention modules get a subclass whose ``forward`` takes the head counts and the
-sequence length from the projections' local outputs.
+sequence length from the projections' local outputs, and (Llama family) lets q, k and v, and the
+MLP's gate and up, share one all-gather / gradient all-reduce of their input.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallax import ops
 from parallax.models.attention import PackedSegments
 from parallax.models.config import GPTConfig
 from parallax.models.gpt import GPT
@@ -121,16 +123,28 @@ class _TensorParallelLlamaAttention:
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 segments: PackedSegments | None = None) -> torch.Tensor:
         """x (B, T, C) (sequence parallel: (B, T/tp, C)) -> the same shape."""
-        q = self.q_proj(x)  # (B, T, H/tp * D); the full T
+        x = self.q_proj.enter(x)  # one all-gather (sequence parallel) / gradient all-reduce for q, k and v
+        q = self.q_proj(x, input_entered=True)  # (B, T, H/tp * D); the full T
         B, T, _ = q.shape
         q = q.view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        k = self.k_proj(x, input_entered=True).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x, input_entered=True).view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary_embedding(q, k, cos, sin)
         y = self.attend(q, k, v, segments)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class _TensorParallelSwiGLU:
+    """Mixin for the Llama family's SwiGLU: gate and up share one entry into the region."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) (sequence parallel: (B, T/tp, C)) -> the same shape."""
+        x = self.gate_proj.enter(x)
+        gate, up = self.gate_proj(x, input_entered=True), self.up_proj(x, input_entered=True)
+        # The kernel on CUDA, the PyTorch reference on CPU (SwiGLU's own rule).
+        return self.down_proj(ops.swiglu(gate, up, backend=None if gate.is_cuda else "reference"))
 
 
 class _TensorParallelHFCausalLM:
@@ -239,6 +253,8 @@ def _plan_llama(p: _Planner, hugging_face: bool = False) -> None:
         p.column(layer.mlp, "gate_proj")
         p.column(layer.mlp, "up_proj")
         p.row(layer.mlp, "down_proj")
+        if not hugging_face:
+            _swap_class(layer.mlp, _TensorParallelSwiGLU)
     p.embedding_and_head(p.model.model, "embed_tokens")
 
 
