@@ -404,31 +404,40 @@ class _Wanted:
 
 class _Source:
     """Every piece of a checkpoint, addressed by parameter name, place (tensor-parallel slice or
-    the whole tensor) and element range within that place."""
+    the whole tensor) and element range within that place.
+
+    A shard file is opened, and its SHA-256 checked, when a piece in it is first read: a rank
+    reads (and hashes) only the files holding what it loads, not the whole checkpoint.
+    """
 
     def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
-        st = _safetensors()
         self.directory = directory
         self.manifest = manifest
-        self.pieces: dict[str, dict[Place, list[tuple[int, int, dict, Any]]]] = {}
-        self._files = {}
+        self.pieces: dict[str, dict[Place, list[tuple[int, int, dict, str]]]] = {}
+        self._sha256 = {shard["file"]: shard["sha256"] for shard in manifest["shards"]}
+        self._files: dict[str, Any] = {}
         for shard in manifest["shards"]:
-            path = directory / shard["file"]
-            if not path.is_file():
+            if not (directory / shard["file"]).is_file():
                 raise CheckpointError(f"{directory}: shard {shard['file']} is missing")
-            if _sha256(path) != shard["sha256"]:
-                raise CheckpointError(f"{path} is corrupted: its SHA-256 does not match the manifest")
-            handle = st.safe_open(str(path), framework="pt")
-            self._files[shard["file"]] = handle
             for entry in shard["entries"]:
                 if entry["name"] not in manifest["params"]:
-                    raise CheckpointError(f"{path}: a piece of {entry['name']}, which the manifest does not list")
+                    raise CheckpointError(f"{directory / shard['file']}: a piece of {entry['name']}, which the "
+                                          "manifest does not list")
                 place = Place.from_json(manifest["params"][entry["name"]]["shape"], entry.get("slice"))
                 self.pieces.setdefault(entry["name"], {}).setdefault(place, []).append(
-                    (entry["start"], entry["end"], entry, handle))
+                    (entry["start"], entry["end"], entry, shard["file"]))
         for by_place in self.pieces.values():
             for pieces in by_place.values():
                 pieces.sort(key=lambda p: p[0])
+
+    def _file(self, name: str):
+        """The open shard file ``name``, checked against the manifest's SHA-256 on first use."""
+        if name not in self._files:
+            path = self.directory / name
+            if _sha256(path) != self._sha256[name]:
+                raise CheckpointError(f"{path} is corrupted: its SHA-256 does not match the manifest")
+            self._files[name] = _safetensors().safe_open(str(path), framework="pt")
+        return self._files[name]
 
     def whole(self, name: str) -> _Wanted:
         """Parameter ``name`` as a whole tensor."""
@@ -440,7 +449,7 @@ class _Source:
     def _flat(self, kind: str, name: str, place: Place, start: int, end: int) -> torch.Tensor:
         """Elements ``[start, end)`` of ``kind`` of the saved ``place`` of ``name``."""
         out, pos = [], start
-        for a, b, entry, handle in self.pieces[name][place]:
+        for a, b, entry, file in self.pieces[name][place]:
             if b <= pos or a >= end:
                 continue
             if a > pos:
@@ -448,7 +457,7 @@ class _Source:
             key = _key(kind, name, a)
             if kind != "param" and kind.removeprefix("state.") not in entry["state"]:
                 raise CheckpointError(f"{self.directory}: no {kind} saved for {name}[{a}:{b}]")
-            out.append(handle.get_slice(key)[pos - a: min(b, end) - a])
+            out.append(self._file(file).get_slice(key)[pos - a: min(b, end) - a])
             pos = min(b, end)
             if pos == end:
                 break
@@ -466,7 +475,7 @@ class _Source:
         """(start, entry, file) of the saved pieces that elements ``[start, end)`` are read from."""
         out = []
         for r in self._region(wanted, start, end).reads:
-            out += [(a, entry, handle) for a, b, entry, handle in self.pieces[wanted.name][r.place]
+            out += [(a, entry, file) for a, b, entry, file in self.pieces[wanted.name][r.place]
                     if a < r.end and b > r.start]
         return out
 
@@ -485,9 +494,9 @@ class _Source:
     def scalar(self, key: str, wanted: _Wanted, start: int, end: int) -> torch.Tensor | None:
         """Scalar state ``key`` (Adam's step) of the first piece covering ``[start, end)``, or None
         when that piece saved ``key`` element-wise. Pieces of one parameter share it."""
-        for a, entry, handle in self._covering(wanted, start, end):
+        for a, entry, file in self._covering(wanted, start, end):
             if key in entry["state"]:
-                scalar_key = _key(f"scalar.{key}", wanted.name, a)
+                scalar_key, handle = _key(f"scalar.{key}", wanted.name, a), self._file(file)
                 return handle.get_tensor(scalar_key) if scalar_key in handle.keys() else None
         raise CheckpointError(f"{self.directory}: no {key} saved for {wanted.name}[{start}:{end}]")
 
@@ -498,7 +507,7 @@ class _Source:
     def buffer(self, name: str) -> torch.Tensor:
         """Module buffer ``name``, from the shard that holds it (format /1: the first)."""
         file = self.manifest["buffers"][name].get("file", self.manifest["shards"][0]["file"])
-        return self._files[file].get_tensor(f"buffer/{name}")
+        return self._file(file).get_tensor(f"buffer/{name}")
 
 
 # ---------------------------------------------------------------------------- load
