@@ -199,7 +199,8 @@ class RankRole:
         if place.local_shape != tuple(local_shape):
             split = "" if dim is None else f" (its slice {self.tp_rank} of tp={self.tp} along dim {dim})"
             raise CheckpointError(f"parameter {name}: the checkpoint holds shape {full}, the model "
-                                  f"{tuple(local_shape)}{split} where {place.local_shape} was expected (first mismatch)")
+                                  f"{tuple(local_shape)}{split} where {place.local_shape} was expected "
+                                  "(first mismatch)")
         return place
 
 

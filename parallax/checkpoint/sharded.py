@@ -15,11 +15,11 @@ tensor-parallel group replicates is written by its rank 0, and a parameter tied 
 stages (``pp_tied``) once (``placement.RankRole``).
 
 Saving is atomic and durable: every rank writes and fsyncs its files in one temporary directory;
-rank 0 (of the world, for a 3D model) adds the manifest, fsyncs the directory, renames it into place and fsyncs the parent.
-Replacing a checkpoint first renames the old one to its backup name ``<directory>.prev``, so at
-every instant (a process killed, a power cut) a complete checkpoint exists at ``<directory>`` or
-at ``<directory>.prev``; ``locate`` (which ``load``, ``read_manifest`` and ``full_tensors`` use)
-picks ``<directory>`` when it is there, else the backup. Directories are only ever published
+rank 0 (of the world, for a 3D model) adds the manifest, fsyncs the directory, renames it into
+place and fsyncs the parent. Replacing a checkpoint first renames the old one to its backup
+name ``<directory>.prev``, so at every instant (a process killed, a power cut) a complete
+checkpoint exists at ``<directory>`` or at ``<directory>.prev``; ``locate`` (which ``load``,
+``read_manifest`` and ``full_tensors`` use) picks ``<directory>`` when it is there, else the backup. Directories are only ever published
 or removed by rename(2), so a name never shows a partial checkpoint. Saving draws no random
 numbers from Python's, NumPy's or torch's generators, so a run that saves follows the same
 random streams (dropout) as one that does not.
@@ -214,7 +214,8 @@ def _local_pieces(zs: ZeroState, model: nn.Module, role: RankRole) -> list[tuple
                                buffer.shard[seg.shard_offset: seg.shard_offset + seg.numel]))
     if zs.comm.rank == 0:
         for name, p in model.named_parameters():
-            if id(p) not in in_buffers and role.saves(name):  # frozen parameters outside the flat buffers (stages 0-2)
+            # frozen parameters outside the flat buffers (stages 0-2)
+            if id(p) not in in_buffers and role.saves(name):
                 pieces.append((name, 0, p.numel(), p.detach().reshape(-1)))
     return pieces
 
@@ -317,7 +318,8 @@ def _write_shard(st, tmp: Path, model: nn.Module, optimizer: ZeroOptimizer | Non
                 tensors[f"buffer/{name}"] = t.detach().cpu().clone()
                 buffers[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
     tied = role.tied_elsewhere()
-    params = {name: {"shape": list(places[name].shape), "dtype": _dtype_name(p.dtype), "requires_grad": p.requires_grad}
+    params = {name: {"shape": list(places[name].shape), "dtype": _dtype_name(p.dtype),
+                     "requires_grad": p.requires_grad}
               for name, p in model.named_parameters() if name not in tied or role.saves(name)}
     shard_file = tmp / f"shard_{rank:05d}.safetensors"
     st.save_file(tensors, str(shard_file))
@@ -465,7 +467,8 @@ class _Source:
             raise CheckpointError(f"{self.directory}: elements {pos}..{end} of {name} are in no shard")
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def read(self, kind: str, wanted: _Wanted, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, kind: str, wanted: _Wanted, start: int, end: int,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
         """Elements ``[start, end)`` of ``kind`` ('param' or 'state.KEY') of the wanted copy (flat)."""
         region = self._region(wanted, start, end)
         t = region.assemble([self._flat(kind, wanted.name, r.place, r.start, r.end) for r in region.reads])

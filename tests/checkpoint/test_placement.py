@@ -62,7 +62,8 @@ def test_places_and_who_writes():
     assert role.saved_place("b", (4,)) == Place((4,))
     assert role.saves("w") and not role.saves("b")  # b is replicated: tensor-parallel rank 0 writes it
     assert role.target_place("w", (4, 6), (4, 3)) == Place((4, 6), 1, 3, 6)
-    with pytest.raises(CheckpointError, match=r"parameter w: the checkpoint's full shape \(4, 5\) does not split into tp=2"):
+    with pytest.raises(CheckpointError, match=r"parameter w: the checkpoint's full shape \(4, 5\) does not split "
+                                              "into tp=2"):
         role.target_place("w", (4, 5), (4, 3))
     with pytest.raises(CheckpointError, match=r"parameter w: the checkpoint holds shape \(4, 8\), the model \(4, 3\) "
                                               r"\(its slice 1 of tp=2 along dim 1\)"):

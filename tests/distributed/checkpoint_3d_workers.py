@@ -66,7 +66,8 @@ class Stage(HalfSquares):
         if pp_rank == 0:
             self.embed = net.embed
         per_stage = DEPTH // pp
-        self.blocks = nn.ModuleDict({str(i): net.blocks[i] for i in range(pp_rank * per_stage, (pp_rank + 1) * per_stage)})
+        held = range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+        self.blocks = nn.ModuleDict({str(i): net.blocks[i] for i in held})
         if pp_rank == pp - 1:
             self.head = net.head
 

@@ -31,7 +31,8 @@ def _assemble(reports: list[dict]) -> dict:
                     steps.setdefault(place[0], set()).add(float(value))
                     continue
                 k = (f"state.{key}",) + place
-                locals_.setdefault(k, torch.zeros(local_shape.numel(), dtype=value.dtype))[start:end] = value.reshape(-1)
+                flat = locals_.setdefault(k, torch.zeros(local_shape.numel(), dtype=value.dtype))
+                flat[start:end] = value.reshape(-1)
                 covered.setdefault(k, torch.zeros(local_shape.numel(), dtype=torch.bool))[start:end] = True
     out: dict[tuple, torch.Tensor] = {}
     for (kind, name, full_shape, dim, lo), flat in locals_.items():
