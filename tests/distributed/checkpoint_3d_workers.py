@@ -96,8 +96,18 @@ def build(dims: ParallelDims, stage: int, hidden: int = HIDDEN):
     if dims.pp > 1 and mesh.is_last_stage:
         pp_tied["head.weight"] = mesh.pp_ranks[0]
     attach_parallel_state(model, ParallelState(mesh, tp_dims=tp_dims, pp_tied=pp_tied))
-    return px.initialize(model, px.RuntimeConfig(zero_stage=stage, bucket_mb=0.0002, timeout_s=60),
-                         group=mesh.dp_group, optimizer_cls=torch.optim.AdamW, **ADAMW)
+    return _initialize(model, stage, mesh.dp_group)
+
+
+def build_alone(group, stage: int, hidden: int = HIDDEN):
+    """The plain full model (no ``ParallelState``) of one process: ZeRO over a group of one rank."""
+    torch.manual_seed(0)
+    return _initialize(Net(hidden), stage, group)
+
+
+def _initialize(model: nn.Module, stage: int, group):
+    return px.initialize(model, px.RuntimeConfig(zero_stage=stage, bucket_mb=0.001, timeout_s=60),
+                         group=group, optimizer_cls=torch.optim.AdamW, **ADAMW)
 
 
 def train(model, opt, steps: int) -> None:
@@ -111,14 +121,14 @@ def report(model, opt) -> dict:
     """This rank's parameters (whole local copies) and optimizer state pieces, each with its
     place in the full tensor: (name, full shape, dim, start along dim, flat start, flat end)."""
     state = parallel_state(model)
-    dims, tp_rank = state.mesh.dims, state.mesh.tp_rank
+    tp, tp_rank = (state.mesh.dims.tp, state.mesh.tp_rank) if state is not None else (1, 0)
     full = px.zero.full_state_dict(model)
 
     def place(name: str, shape: torch.Size) -> tuple:
-        dim = state.tp_dims.get(name)
-        if dim is None or dims.tp == 1:
+        dim = state.tp_dims.get(name) if state is not None else None
+        if dim is None or tp == 1:
             return ALIASES.get(name, name), tuple(shape), None, 0
-        full_shape = shape[:dim] + (shape[dim] * dims.tp,) + shape[dim + 1:]
+        full_shape = shape[:dim] + (shape[dim] * tp,) + shape[dim + 1:]
         return ALIASES.get(name, name), tuple(full_shape), dim, tp_rank * shape[dim]
 
     params = [(place(name, p.shape), full[name]) for name, p in model.named_parameters()]
@@ -138,33 +148,31 @@ def save_after(rank: int, world: int, dims: tuple, stage: int, steps: int, direc
     return report(model, opt)
 
 
+def _load_and_step(model, opt, directory: str) -> dict:
+    px.checkpoint.load(directory, model, opt)
+    loaded = report(model, opt)
+    train(model, opt, 1)
+    return {"loaded": loaded, "stepped": report(model, opt)}
+
+
 def load_and_step(rank: int, world: int, layouts: list[tuple[tuple, int]], directory: str) -> list[dict]:
     """For each ((pp, dp, tp), ZeRO stage) in ``layouts`` (one process group each): a fresh model
     loaded at that layout, its state as loaded and one step later."""
-    out = []
-    for dims, stage in layouts:
-        model, opt = build(ParallelDims(*dims), stage)
-        px.checkpoint.load(directory, model, opt)
-        loaded = report(model, opt)
-        train(model, opt, 1)
-        out.append({"loaded": loaded, "stepped": report(model, opt)})
-    return out
+    return [_load_and_step(*build(ParallelDims(*dims), stage), directory) for dims, stage in layouts]
 
 
-def load_other_shapes(rank: int, world: int, directory: str) -> str:
-    """A model whose blocks are wider than the checkpoint's: the error message."""
-    model, opt = build(ParallelDims(), 0, hidden=HIDDEN + 2)
+def load_and_step_also_alone(rank: int, world: int, layouts: list[tuple[tuple, int]], directory: str) -> dict:
+    """``load_and_step``; then each rank alone (a process group of its own, as one process)
+    loads the plain model, and a model whose blocks are wider than the checkpoint's (the error)."""
+    out = {"layouts": load_and_step(rank, world, layouts, directory)}
+    alone = [torch.distributed.new_group([r]) for r in range(world)][rank]  # new_group: every rank, every group
+    out["alone"] = _load_and_step(*build_alone(alone, 0), directory)
     try:
-        px.checkpoint.load(directory, model, opt)
+        px.checkpoint.load(directory, *build_alone(alone, 0, hidden=HIDDEN + 2))
+        out["mismatch"] = "no error"
     except px.checkpoint.CheckpointError as exc:
-        return str(exc)
-    return "no error"
-
-
-def load_one_process(rank: int, world: int, directory: str) -> dict:
-    """One process: the checkpoint loaded (and stepped), and the error a model of other shapes gets."""
-    return {"layouts": load_and_step(rank, world, [((1, 1, 1), 0)], directory),
-            "mismatch": load_other_shapes(rank, world, directory)}
+        out["mismatch"] = str(exc)
+    return out
 
 
 def reference(steps: int) -> dict:

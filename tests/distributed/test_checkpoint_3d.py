@@ -62,8 +62,10 @@ def tp2_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process_load(tp2_checkpoint):
-    return run_ranks(w.load_one_process, 1, str(tp2_checkpoint[0]))[0]
+def tp2_loads(tp2_checkpoint):
+    """The tp2 checkpoint loaded at (pp, dp, tp) = (1, 2, 1) ZeRO-1 and (2, 1, 1) ZeRO-0, then by
+    each rank alone as a plain model (and as one of other shapes)."""
+    return run_ranks(w.load_and_step_also_alone, 2, [((1, 2, 1), 1), ((2, 1, 1), 0)], str(tp2_checkpoint[0]))
 
 
 def _assert_loaded_then_stepped(ranks: list[dict]) -> None:
@@ -71,7 +73,7 @@ def _assert_loaded_then_stepped(ranks: list[dict]) -> None:
     _assert_matches([r["stepped"] for r in ranks], STEPS + 1)
 
 
-def test_tensor_parallel_checkpoint_loads_at_other_layouts(tp2_checkpoint, one_process_load):
+def test_tensor_parallel_checkpoint_loads_at_other_layouts(tp2_checkpoint, tp2_loads):
     directory, saved = tp2_checkpoint
     _assert_matches(saved, STEPS)
 
@@ -84,11 +86,10 @@ def test_tensor_parallel_checkpoint_loads_at_other_layouts(tp2_checkpoint, one_p
     reference = w.reference(STEPS)
     assert all(torch.equal(full[name], reference[("param", name)]) for name in manifest["params"])
 
-    # (pp, dp, tp) = (1, 2, 1) ZeRO-1 and (2, 1, 1) ZeRO-0 on 2 ranks, (1, 1, 1) on one
-    two_ranks = run_ranks(w.load_and_step, 2, [((1, 2, 1), 1), ((2, 1, 1), 0)], str(directory))
-    for layout in zip(*two_ranks):
+    for layout in zip(*(rank["layouts"] for rank in tp2_loads)):
         _assert_loaded_then_stepped(layout)
-    _assert_loaded_then_stepped([one_process_load["layouts"][0]])
+    for rank in tp2_loads:
+        _assert_loaded_then_stepped([rank["alone"]])
 
 
 def test_pipeline_checkpoint_loads_at_tensor_parallel_zero3(tmp_path):
@@ -104,7 +105,7 @@ def test_pipeline_checkpoint_loads_at_tensor_parallel_zero3(tmp_path):
         _assert_loaded_then_stepped(layout)
 
 
-def test_a_model_of_other_full_shapes_is_a_clear_error(one_process_load):
-    message = one_process_load["mismatch"]
+def test_a_model_of_other_full_shapes_is_a_clear_error(tp2_loads):
+    message = tp2_loads[0]["mismatch"]
     assert "parameter blocks.0.fc.weight" in message and f"({w.HIDDEN}, {w.WIDTH})" in message, message
     assert f"({w.HIDDEN + 2}, {w.WIDTH})" in message and "first mismatch" in message, message
