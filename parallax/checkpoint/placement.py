@@ -2,7 +2,8 @@
 data-parallel (3D) models.
 
 A rank holds a parameter whole or, under tensor parallelism, as one slice of the full tensor
-along one dimension (a ``Place``). A checkpoint records each saved piece with its place, so a
+along one dimension (``parallax.parallel.state.tp_slice``: chunks of ceil(n / tp)), or one slice
+of each of several sections side by side (a fused q, k, v projection): a ``Place``. A checkpoint records each saved piece with its place, so a
 rank of another ``(pp, dp, tp)`` layout finds the elements of its own place in the saved
 slices (``Region``), reading only the rows it needs. ``RankRole`` says which of a rank's
 parameters it writes: a parameter replicated over the tensor-parallel group is written by
@@ -12,6 +13,7 @@ ZeRO stage 0) replicated flat buffers by data-parallel rank 0.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from parallax.parallel.state import ParallelState
+from parallax.parallel.state import ParallelState, tp_slice
 
 __all__ = ["CheckpointError", "Place", "Region", "RankRole"]
 
@@ -36,18 +38,51 @@ def _rows_shape(shape: Sequence[int]) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Place:
     """A rank's copy of a parameter as part of the full tensor of ``shape``: the whole tensor
-    (``dim`` None), or elements ``[start, end)`` along dimension ``dim``."""
+    (``dim`` None), elements ``[start, end)`` along dimension ``dim``, or with ``sections`` (the
+    full sizes of sections along ``dim``) tensor-parallel rank ``rank`` of ``tp``'s slice of each
+    section, side by side."""
 
     shape: tuple[int, ...]
     dim: int | None = None
     start: int = 0
     end: int = 0
+    sections: tuple[int, ...] | None = None
+    rank: int = 0
+    tp: int = 1
+
+    def segments(self) -> list[tuple[int, int]]:
+        """The ``[lo, hi)`` ranges along ``dim`` of the full tensor that this copy holds, in order."""
+        if self.sections is None:
+            return [(self.start, self.end)]
+        out, offset = [], 0
+        for size in self.sections:
+            lo, hi = tp_slice(size, self.tp, self.rank)
+            out.append((offset + lo, offset + hi))
+            offset += size
+        return out
 
     @property
     def local_shape(self) -> tuple[int, ...]:
         if self.dim is None:
             return self.shape
-        return self.shape[:self.dim] + (self.end - self.start,) + self.shape[self.dim + 1:]
+        size = sum(hi - lo for lo, hi in self.segments())
+        return self.shape[:self.dim] + (size,) + self.shape[self.dim + 1:]
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This place's copy (``local_shape``) cut out of the ``full`` tensor."""
+        if self.dim is None:
+            return full
+        return torch.cat([full.narrow(self.dim, lo, hi - lo) for lo, hi in self.segments()], self.dim)
+
+    def put(self, full: torch.Tensor, local: torch.Tensor) -> None:
+        """Write this place's copy ``local`` into its part of ``full``."""
+        if self.dim is None:
+            full.copy_(local)
+            return
+        at = 0
+        for lo, hi in self.segments():
+            full.narrow(self.dim, lo, hi - lo).copy_(local.narrow(self.dim, at, hi - lo))
+            at += hi - lo
 
     @property
     def numel(self) -> int:
@@ -60,14 +95,21 @@ class Place:
             box[self.dim] = (self.start, self.end)
         return box
 
-    def to_json(self) -> dict[str, int] | None:
+    def to_json(self) -> dict[str, Any] | None:
         """The manifest's ``"slice"`` of a piece (None: the whole tensor)."""
-        return None if self.dim is None else {"dim": self.dim, "start": self.start, "end": self.end}
+        if self.dim is None:
+            return None
+        if self.sections is not None:
+            return {"dim": self.dim, "sections": list(self.sections), "rank": self.rank, "tp": self.tp}
+        return {"dim": self.dim, "start": self.start, "end": self.end}
 
     @classmethod
-    def from_json(cls, shape: Sequence[int], saved: dict[str, int] | None) -> "Place":
+    def from_json(cls, shape: Sequence[int], saved: dict[str, Any] | None) -> "Place":
         if saved is None:
             return cls(tuple(shape))
+        if "sections" in saved:
+            return cls(tuple(shape), saved["dim"], sections=tuple(saved["sections"]), rank=saved["rank"],
+                       tp=saved["tp"])
         return cls(tuple(shape), saved["dim"], saved["start"], saved["end"])
 
 
@@ -99,8 +141,18 @@ class Region:
     def __init__(self, name: str, saved: Iterable[Place], target: Place, start: int, end: int) -> None:
         saved = list(saved)
         self.start, self.end = start, end
+        self.target = target
+        self.whole = False
         if target in saved:  # saved at this very place (no resharding over tensor parallelism)
             self.reads = [_Read(target, start, end)]
+            return
+        if target.sections is not None or any(place.sections is not None for place in saved):
+            # Sectioned slices are not boxes of the full tensor: rebuild the parameter, then cut.
+            self.whole = True
+            self.reads = [_Read(place, 0, place.numel) for place in saved]
+            if sum(place.numel for place in saved) != math.prod(target.shape):
+                raise CheckpointError(f"{name}: the checkpoint's slices of it do not tile the full tensor "
+                                      f"{target.shape}")
             return
         rows_t = _rows_shape(target.local_shape)
         inner_t = math.prod(rows_t[1:])
@@ -129,6 +181,11 @@ class Region:
 
     def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The region's elements (flat) from the tensors ``self.reads`` returned, in order."""
+        if self.whole:
+            full = torch.empty(self.target.shape, dtype=parts[0].dtype)
+            for read, part in zip(self.reads, parts):
+                read.place.put(full, part.reshape(read.place.local_shape))
+            return self.target.take(full).reshape(-1)[self.start: self.end]
         first = self.reads[0]
         if first.src is None:
             return parts[0]
@@ -179,9 +236,18 @@ class RankRole:
         dim = self._tp_dim(name)
         if dim is None:
             return Place(tuple(local_shape))
-        size = local_shape[dim]
-        full = tuple(local_shape[:dim]) + (size * self.tp,) + tuple(local_shape[dim + 1:])
-        return Place(full, dim, self.tp_rank * size, (self.tp_rank + 1) * size)
+        even = tuple(local_shape[:dim]) + (local_shape[dim] * self.tp,) + tuple(local_shape[dim + 1:])
+        return self._split_place(name, tuple(self.state.full_shapes.get(name, even)), dim)
+
+    def _split_place(self, name: str, full: tuple[int, ...], dim: int) -> Place:
+        sections = self.state.tp_sections.get(name)
+        if sections is not None:
+            if sum(sections) != full[dim]:
+                raise CheckpointError(f"parameter {name}: its sections {tuple(sections)} do not add up to the full "
+                                      f"shape {full} along dim {dim}")
+            return Place(full, dim, sections=tuple(sections), rank=self.tp_rank, tp=self.tp)
+        start, end = tp_slice(full[dim], self.tp, self.tp_rank)
+        return Place(full, dim, start, end)
 
     def target_place(self, name: str, full_shape: Sequence[int], local_shape: Sequence[int]) -> Place:
         """Where this rank's copy of ``name`` sits in a full tensor of ``full_shape`` (the
@@ -191,11 +257,10 @@ class RankRole:
         if dim is None:
             place = Place(full)
         else:
-            if dim >= len(full) or full[dim] % self.tp:
+            if dim >= len(full) or full[dim] < self.tp:
                 raise CheckpointError(f"parameter {name}: the checkpoint's full shape {full} does not split into "
-                                      f"tp={self.tp} equal slices along dim {dim} (first mismatch)")
-            size = full[dim] // self.tp
-            place = Place(full, dim, self.tp_rank * size, (self.tp_rank + 1) * size)
+                                      f"tp={self.tp} slices along dim {dim} (first mismatch)")
+            place = self._split_place(name, full, dim)
         if place.local_shape != tuple(local_shape):
             split = "" if dim is None else f" (its slice {self.tp_rank} of tp={self.tp} along dim {dim})"
             raise CheckpointError(f"parameter {name}: the checkpoint holds shape {full}, the model "
@@ -242,7 +307,7 @@ def check_coverage(params: dict[str, dict], shards: list[dict[str, Any]]) -> Non
     saved: dict[str, dict[Any, list[tuple[int, int]]]] = {}
     for shard in shards:
         for entry in shard["entries"]:
-            key = None if entry.get("slice") is None else tuple(sorted(entry["slice"].items()))
+            key = None if entry.get("slice") is None else json.dumps(entry["slice"], sort_keys=True)
             saved.setdefault(entry["name"], {}).setdefault(key, []).append((entry["start"], entry["end"]))
     for name, meta in params.items():
         total = 0

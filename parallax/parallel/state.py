@@ -29,7 +29,9 @@ class ParallelState:
     ``tp_dims``: parameters split over the tensor-parallel group, name -> the dimension split
     (this rank holds ``tp_slice(full size, tp, tp_rank)`` of it); every other parameter is
     replicated over it. ``full_shapes``: the unsplit shape of each parameter in ``tp_dims`` (a
-    local slice alone does not tell an uneven split's full size). ``tp_partial_grads``: replicated parameters whose gradient each
+    local slice alone does not tell an uneven split's full size). ``tp_sections``: parameters split
+    section by section (a fused q, k, v projection), name -> the full sizes of the sections along
+    the split dimension: this rank holds its slice of each section, side by side. ``tp_partial_grads``: replicated parameters whose gradient each
     tensor-parallel rank computes only a part of (sequence-parallel norms: each rank sees a slice
     of the sequence), summed over the group before the optimizer step. ``pp_tied``: parameters
     also held by another pipeline stage (tied input embedding / LM head), name -> the global rank
@@ -41,6 +43,7 @@ class ParallelState:
     mesh: Mesh
     tp_dims: dict[str, int] = field(default_factory=dict)
     full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tp_sections: dict[str, tuple[int, ...]] = field(default_factory=dict)
     tp_partial_grads: set[str] = field(default_factory=set)
     pp_tied: dict[str, int] = field(default_factory=dict)
     sequence_parallel: bool = False

@@ -62,9 +62,11 @@ def test_places_and_who_writes():
     assert role.saved_place("b", (4,)) == Place((4,))
     assert role.saves("w") and not role.saves("b")  # b is replicated: tensor-parallel rank 0 writes it
     assert role.target_place("w", (4, 6), (4, 3)) == Place((4, 6), 1, 3, 6)
-    with pytest.raises(CheckpointError, match=r"parameter w: the checkpoint's full shape \(4, 5\) does not split "
+    with pytest.raises(CheckpointError, match=r"parameter w: the checkpoint's full shape \(4, 1\) does not split "
                                               "into tp=2"):
-        role.target_place("w", (4, 5), (4, 3))
+        role.target_place("w", (4, 1), (4, 3))
+    with pytest.raises(CheckpointError, match=r"the checkpoint holds shape \(4, 5\), the model \(4, 3\)"):
+        role.target_place("w", (4, 5), (4, 3))  # rank 1 of an uneven split holds 2 columns of 5
     with pytest.raises(CheckpointError, match=r"parameter w: the checkpoint holds shape \(4, 8\), the model \(4, 3\) "
                                               r"\(its slice 1 of tp=2 along dim 1\)"):
         role.target_place("w", (4, 8), (4, 3))
@@ -95,3 +97,41 @@ def test_coverage_catches_a_parameter_written_twice_or_partly():
         check_coverage(params, [_shard(0, {}, {}, [piece]), _shard(1, {}, {}, [piece])])
     with pytest.raises(CheckpointError, match="wrote 4 of its 6 elements"):
         check_coverage(params, [_shard(0, {}, {}, [{"name": "w", "start": 0, "end": 4}])])
+
+
+def _sectioned(dim: int, sections: tuple[int, ...], tp: int) -> list[Place]:
+    return [Place(tuple(FULL.shape), dim, sections=sections, rank=r, tp=tp) for r in range(tp)]
+
+
+def _uneven(dim: int, tp: int) -> list[Place]:
+    from parallax.parallel.state import tp_slice
+
+    return [Place(tuple(FULL.shape), dim, *tp_slice(FULL.shape[dim], tp, r)) for r in range(tp)]
+
+
+@pytest.mark.parametrize("saved, targets", [
+    (_sectioned(1, (4, 2, 4), 2), [Place(tuple(FULL.shape))]),        # fused q, k, v at tp=2 -> one process
+    (_sectioned(1, (4, 2, 4), 2), _sectioned(1, (4, 2, 4), 1)),       # ... -> tp=1 written as sections
+    ([Place(tuple(FULL.shape))], _sectioned(0, (2, 2, 2), 2)),        # one process -> tp=2 sections
+    (_uneven(1, 3), _sectioned(1, (4, 2, 4), 2)),                     # an uneven split -> sections
+    (_sectioned(1, (4, 2, 4), 2), _uneven(1, 4)),                     # sections -> an uneven split
+])
+def test_sectioned_and_uneven_slices_reshard(saved, targets):
+    """A fused projection's slice is one piece of each section (not a box of the full tensor); a
+    vocabulary that tp does not divide splits unevenly (torch.chunk's sizes)."""
+    local = {place: place.take(FULL).reshape(-1) for place in saved}
+    for target in targets:
+        expected = target.take(FULL).reshape(-1)
+        for start, end in ((0, target.numel), (3, target.numel - 2)):
+            region = Region("w", saved, target, start, end)
+            got = region.assemble([local[r.place][r.start: r.end] for r in region.reads])
+            assert torch.equal(got, expected[start:end]), (target, start, end)
+    assert Place.from_json(FULL.shape, saved[0].to_json()) == saved[0]
+
+
+def test_a_sectioned_place_holds_its_slice_of_each_section():
+    place = Place((10, 3), 0, sections=(4, 2, 4), rank=1, tp=2)
+    assert place.segments() == [(2, 4), (5, 6), (8, 10)] and place.local_shape == (5, 3)
+    source, full = torch.arange(1, 31.0).reshape(10, 3), torch.zeros(10, 3)
+    place.put(full, place.take(source))
+    assert torch.equal(full[[2, 3, 5, 8, 9]], source[[2, 3, 5, 8, 9]]) and full[[0, 1, 4, 6, 7]].abs().sum() == 0

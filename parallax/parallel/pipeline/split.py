@@ -276,6 +276,8 @@ def build_stage(model: nn.Module, mesh: Mesh, virtual_stages: int = 1, balance: 
     stage_state = ParallelState(
         mesh, tp_dims={n: state.tp_dims[f] for n, f in full_name.items() if f in state.tp_dims},
         tp_partial_grads={n for n, f in full_name.items() if f in state.tp_partial_grads},
+        full_shapes={n: state.full_shapes[f] for n, f in full_name.items() if f in state.full_shapes},
+        tp_sections={n: state.tp_sections[f] for n, f in full_name.items() if f in state.tp_sections},
         pp_tied=pp_tied, sequence_parallel=state.sequence_parallel)
     attach_parallel_state(stage, stage_state)
     return stage

@@ -336,11 +336,14 @@ def parallelize(model: nn.Module, mesh: Mesh, sequence_parallel: bool = False) -
 def _record(model: nn.Module, state: ParallelState, planner: _Planner) -> None:
     """Fill ``state.tp_dims`` / ``tp_partial_grads`` and hook the partial gradients."""
     split: dict[int, int] = {}
+    sections: dict[int, tuple[int, ...]] = {}
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
             split[id(module.weight)] = module.weight_split_dim
             if isinstance(module, ColumnParallelLinear) and module.bias is not None:
                 split[id(module.bias)] = 0
+            if isinstance(module, ColumnParallelLinear) and module.sections:
+                sections.update({id(t): tuple(module.sections) for t in (module.weight, module.bias) if t is not None})
     partial = {id(p) for p in planner.always_partial}
     if state.sequence_parallel:
         scattered = {id(p) for p in planner.scattered}
@@ -349,6 +352,8 @@ def _record(model: nn.Module, state: ParallelState, planner: _Planner) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in split:
             state.tp_dims[name] = split[id(param)]
+            if id(param) in sections:
+                state.tp_sections[name] = sections[id(param)]
         elif id(param) in partial and param.requires_grad:
             state.tp_partial_grads.add(name)
             if id(param) not in hooked:
