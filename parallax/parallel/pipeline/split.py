@@ -20,6 +20,7 @@ from parallax.models.loss import check_token_ids
 from parallax.models.rope import inv_frequencies, rope_tables
 from parallax.parallel.mesh import Mesh
 from parallax.parallel.state import ParallelState, attach_parallel_state, parallel_state
+from parallax.parallel.tensor.loss import lm_head_loss
 
 __all__ = ["check_pipeline", "stage_layout", "build_stage", "PipelineStage", "Family"]
 
@@ -217,20 +218,6 @@ class PipelineStage(nn.Module):
         """Last stage: the mean cross-entropy of targets (B, T) (negative ones ignored) from the
         residual stream x, through the final norm and the LM head (vocab-parallel under TP)."""
         return lm_head_loss(self.lm_head, self._part(self.family.norm)(x), targets)
-
-
-def lm_head_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """``parallax.parallel.tensor.loss.lm_head_loss`` (vocab-parallel when the head is), or the
-    plain fused loss where tensor parallelism is not installed."""
-    try:
-        from parallax.parallel.tensor.loss import lm_head_loss as tensor_lm_head_loss
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("parallax.parallel.tensor"):
-            raise  # tensor parallelism is there but broken: say so
-        from parallax.models.loss import lm_loss
-
-        return lm_loss(h, head.weight, targets, reduction)
-    return tensor_lm_head_loss(head, h, targets, reduction)
 
 
 def _block_param_counts(blocks: nn.ModuleList) -> list[float]:
