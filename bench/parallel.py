@@ -32,8 +32,11 @@ rank's; ``vs torch`` = parallax's median / torch's median in the same case (goal
 
 The pipeline bubble is measured in ``--bubble-steps`` extra, instrumented steps per pipeline
 provider: every rank records the wall-clock intervals (``time.perf_counter``, CLOCK_MONOTONIC:
-one clock for all processes of the machine) in which it computes: any forward of the stage's
-modules (outermost call) and of the loss, and every ``torch.autograd.backward`` call. The span is
+one clock for all processes of the machine) in which it computes: the outermost call of any
+forward entry point (torch: the stage module and the ``loss_fn`` module; parallax: the stage's
+``embed``, ``run_blocks`` and ``head_loss``, which its executor calls per micro-batch; module
+forwards nested in them count once) and every ``torch.autograd.backward`` call (the backward of a
+micro-batch in both); the hooks exist only in these extra steps, never in the timed ones. The span is
 from the first compute start to the last compute end over all ranks; a rank's idle fraction is
 1 - (its compute time in the span) / span; ``idle`` is the mean over ranks (median over the
 steps), against the formula (p - 1) / (m + p - 1) for p stages and m micro-batches, which
@@ -141,10 +144,10 @@ def idle_fractions(per_rank: Sequence[Sequence[tuple[float, float]]]) -> list[fl
 class ComputeRecorder:
     """Records the intervals in which this rank computes, while ``recording()`` is active.
 
-    A forward is the outermost call of any module given to ``attach`` (so nested modules count
-    once); a backward is a ``torch.autograd.backward`` call (``Tensor.backward`` goes through it),
-    replaced for the duration of ``recording()``. Hooks are removed by ``detach``, so that timed
-    steps run without them.
+    A forward is the outermost call of any module given to ``attach`` or of any method given
+    to ``attach_methods`` (so nested calls count once); a backward is a ``torch.autograd.backward``
+    call (``Tensor.backward`` goes through it), replaced for the duration of ``recording()``.
+    ``detach`` removes the hooks and method wrappers, so that timed steps run without them.
     """
 
     def __init__(self) -> None:
@@ -152,16 +155,36 @@ class ComputeRecorder:
         self._depth = 0
         self._started = 0.0
         self._handles: list = []
+        self._wrapped: list[tuple[object, str]] = []
 
-    def attach(self, modules: Sequence) -> None:
+    def attach(self, modules: Sequence[nn.Module]) -> None:
+        """Record the forward of each of ``modules``."""
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._leave))
 
+    def attach_methods(self, obj: object, names: Sequence[str]) -> None:
+        """Record each call of the methods ``names`` of ``obj`` (instance attributes shadow them
+        until ``detach``): compute entry points that are not module calls."""
+        for name in names:
+            method = getattr(obj, name)
+
+            def timed(*args, _method=method, **kwargs):
+                self._enter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self._leave()
+
+            setattr(obj, name, timed)
+            self._wrapped.append((obj, name))
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for obj, name in self._wrapped:
+            delattr(obj, name)
+        self._handles, self._wrapped = [], []
 
     def _enter(self, *_) -> None:
         if self._depth == 0:
@@ -201,7 +224,9 @@ class _Provider:
     case: str
     implementation: str
     step: Callable[[], float]  # one training step on the next batch; returns its loss (0.0 where unknown)
-    compute_modules: list = field(default_factory=list)  # what ComputeRecorder attaches to (pipeline only)
+    # pipeline only: what ComputeRecorder records as forward compute (modules; object -> method names)
+    compute_modules: list[nn.Module] = field(default_factory=list)
+    compute_methods: list[tuple[object, tuple[str, ...]]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
 
@@ -322,7 +347,7 @@ def _parallax_tp(config, state, args, world: int) -> _Provider:
         opt.backward(loss)
         opt.step()
         opt.zero_grad()
-        return float(loss)
+        return float(loss.detach())
 
     return _Provider("tp", "parallax", _counter_step(step))
 
@@ -433,7 +458,11 @@ def _parallax_pp(config, state, args, world: int, schedule: str, micro_batches: 
         opt.zero_grad()
         return float(loss)
 
-    return _Provider(f"pp-{schedule}-m{micro_batches}", "parallax", _counter_step(step), [stage])
+    # The executor calls these stage methods per micro-batch (the loss is computed in head_loss,
+    # outside any module call); module forwards inside them count once.
+    entry_points = tuple(n for n in ("embed", "run_blocks", "head_loss") if callable(getattr(stage, n, None)))
+    return _Provider(f"pp-{schedule}-m{micro_batches}", "parallax", _counter_step(step), [stage],
+                     [(stage, entry_points)])
 
 
 def _build_providers(config, state, args: dict, rank: int, world: int) -> tuple[list[_Provider], dict[str, str]]:
@@ -481,9 +510,11 @@ def _rank_main(rank: int, world: int, args: dict) -> dict:
     compute: dict[str, list[list[tuple[float, float]]]] = {}
     recorder = ComputeRecorder()
     for p in providers:
-        if not p.compute_modules:
+        if not (p.compute_modules or p.compute_methods):
             continue
         recorder.attach([m for top in p.compute_modules for m in top.modules()])
+        for obj, names in p.compute_methods:
+            recorder.attach_methods(obj, names)
         compute[key[id(p)]] = []
         for _ in range(args["bubble_steps"]):
             dist.barrier()
@@ -557,8 +588,9 @@ def run(ctx) -> Iterator[dict]:
                        "round-robin with an untimed barrier before each; step time = the slower rank's; "
                        "optimizer torch.optim.AdamW (parallax: ZeroOptimizer over it, ZeRO stage 0)")
     ctx.note("bubble", f"idle = mean over ranks of 1 - compute time / pipeline span (first compute start to last "
-                       f"compute end), median of {args['bubble_steps']} instrumented step(s); compute = module "
-                       "forwards and autograd.backward calls; formula (p-1)/(m+p-1)")
+                       f"compute end), median of {args['bubble_steps']} instrumented step(s); compute = forwards (torch: "
+                       "the stage module and the loss_fn; parallax: the stage's embed/run_blocks/head_loss) and "
+                       "torch.autograd.backward calls; formula (p-1)/(m+p-1)")
     rows = list(_rows(results, args, world))
     _note_goals(ctx, rows)
     yield from rows
@@ -585,6 +617,7 @@ def _rows(results: list[dict], args: dict, world: int) -> Iterator[dict]:
             row["idle_per_rank"] = [quantile([s[r] for s in steps], 0.5) for r in range(world)]
             row["idle"] = quantile([sum(s) / world for s in steps], 0.5)
             row["bubble_formula"] = bubble_formula(world, row["micro_batches"])
+            row["timeline_ms"] = _relative_timeline([r["compute"][name][0] for r in results])
         by_case.setdefault(case, {})[implementation] = row
     for rows in by_case.values():
         torch_row = rows.get("torch")
@@ -594,6 +627,45 @@ def _rows(results: list[dict], args: dict, world: int) -> Iterator[dict]:
             row["max_loss_diff"] = (max(abs(a - b) for a, b in zip(row["losses"], other["losses"]))
                                     if other else None)
         yield from rows.values()
+
+
+def _relative_timeline(per_rank: list[list[tuple[float, float]]]) -> list[list[list[float]]]:
+    """Per rank the compute intervals [start, end] in ms from the pipeline's first compute start."""
+    origin = min(a for intervals in per_rank for a, _ in intervals)
+    return [[[1e3 * (a - origin), 1e3 * (b - origin)] for a, b in sorted(intervals)] for intervals in per_rank]
+
+
+def plot(rows: list[dict], path) -> None:
+    """Left: measured idle fraction against m for each schedule and implementation, with the
+    formula; right: the compute timeline of each rank in one step of the largest m."""
+    from .runner import pyplot
+
+    plt = pyplot()
+    pp_rows = [r for r in rows if r.get("idle") is not None]
+    if not pp_rows:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for schedule in SCHEDULES:
+        for implementation, style in (("torch", "--"), ("parallax", "-")):
+            sel = sorted((r["micro_batches"], r["idle"]) for r in pp_rows
+                         if r["schedule"] == schedule and r["provider"] == implementation)
+            if sel:
+                left.plot(*zip(*sel), style, marker="o", label=f"{implementation} {schedule}")
+    ms = sorted({r["micro_batches"] for r in pp_rows})
+    left.plot(ms, [bubble_formula(pp_rows[0]["degree"], m) for m in ms], "k:", marker="x", label="(p-1)/(m+p-1)")
+    left.set(xlabel="micro-batches m", ylabel="idle fraction", xscale="log", xticks=ms, xticklabels=ms, ylim=(0, 1))
+    left.legend()
+    largest = [r for r in pp_rows if r["micro_batches"] == ms[-1]]
+    for k, row in enumerate(largest):
+        for rank, intervals in enumerate(row["timeline_ms"]):
+            y = k * (row["degree"] + 1) + rank
+            right.broken_barh([(a, b - a) for a, b in intervals], (y, 0.8))
+    right.set_yticks([k * (r["degree"] + 1) + rank + 0.4 for k, r in enumerate(largest) for rank in range(r["degree"])],
+                     [f"{r['provider']} {r['schedule']} rank {rank}" for r in largest for rank in range(r["degree"])])
+    right.set(xlabel=f"ms (one step, m={ms[-1]})", title="compute per rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _note_goals(ctx, rows: list[dict]) -> None:

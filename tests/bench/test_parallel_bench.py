@@ -83,6 +83,34 @@ def test_compute_recorder_records_outermost_forwards_and_backwards():
     assert len(intervals) == 1  # only the backward once the hooks are gone
 
 
+class _Stage:
+    """A pipeline stage whose executor calls methods, not the module: the loss outside any module."""
+
+    def __init__(self) -> None:
+        self.body = nn.Linear(4, 4)
+
+    def run(self, x):
+        return self.body(x)
+
+    def loss(self, y):
+        return (y ** 2).mean()
+
+
+def test_compute_recorder_times_method_entry_points_once():
+    stage, x = _Stage(), torch.randn(2, 4)
+    recorder = ComputeRecorder()
+    recorder.attach([stage.body])
+    recorder.attach_methods(stage, ("run", "loss"))
+    with recorder.recording() as intervals:
+        stage.loss(stage.run(x))
+    assert len(intervals) == 2  # run (with the module call nested in it) and loss
+    recorder.detach()
+    assert "run" not in vars(stage) and "loss" not in vars(stage)
+    with recorder.recording() as intervals:
+        stage.loss(stage.run(x))
+    assert intervals == []
+
+
 def test_quick_end_to_end(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "bench", "parallel", "--quick", "--json", "--results-dir", str(tmp_path)],
