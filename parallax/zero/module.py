@@ -71,19 +71,29 @@ def zero_state(model: nn.Module) -> ZeroState:
 
 def default_units(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks: members of each outermost ModuleList/Sequential of >= 2 modules of one
-    class, each module once: a block that a list holds at several positions (cross-layer sharing,
-    ``share_layers``) is one unit, gathered for each of its calls."""
+    class, or of each ModuleDict keyed by block indices (a pipeline stage's blocks, which keep their
+    full-model names; one block is enough there), each module once: a block that a list holds at several positions
+    (cross-layer sharing, ``share_layers``) is one unit, gathered for each of its calls."""
     units: list[nn.Module] = []
     taken: list[str] = []
     for name, module in model.named_modules():
         if any(name == t or name.startswith(t + ".") for t in taken):
             continue  # inside a block already chosen: units must not nest
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            children = list(module)
+        children = _block_list(module)
+        if len(children) >= (1 if isinstance(module, nn.ModuleDict) else 2):
             if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
                 units.extend(c for i, c in enumerate(children) if all(c is not d for d in children[:i]))
                 taken.append(name)
     return units
+
+
+def _block_list(module: nn.Module) -> list[nn.Module]:
+    """The members of a ModuleList/Sequential, or of a ModuleDict keyed by block indices; else []."""
+    if isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return list(module)
+    if isinstance(module, nn.ModuleDict) and len(module) and all(key.isdigit() for key in module.keys()):
+        return list(module.values())
+    return []
 
 
 def _check(model: nn.Module, stage: int, prefetch: int, bucket_mb: float) -> None:

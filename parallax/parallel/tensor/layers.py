@@ -1,0 +1,246 @@
+"""Tensor-parallel layers (Megatron-LM): each rank holds one slice of the weight.
+
+``ColumnParallelLinear`` splits the output features (weight rows), ``RowParallelLinear`` the
+input features (weight columns), ``VocabParallelEmbedding`` the vocabulary (embedding rows).
+A column layer followed by a row layer (attention's q/k/v then its output projection, an MLP's
+up then down projection) needs one all-reduce in forward and one in backward.
+
+With ``sequence_parallel`` the activations outside those pairs are split along the sequence
+(B, T/tp, C): a column layer all-gathers its input along the sequence, a row layer and the
+embedding reduce-scatter their output instead of all-reducing it.
+
+``from_module`` slices a full ``nn.Linear`` / ``nn.Embedding`` (or Hugging Face's ``Conv1D``,
+whose weight is stored (in, out)), copying this rank's slice, so that a model built with the
+same seed on every rank holds exactly a single process's weights, only split. Parameters keep
+the names ``weight`` and ``bias``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallax.parallel.tensor.comm import (copy_to_region, gather_from_region, gather_from_sequence, group_rank,
+                                           group_size, reduce_from_region, reduce_scatter_to_sequence,
+                                           split_to_region)
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "shard_slice", "split_size"]
+
+
+def split_size(size: int, tp: int, what: str) -> int:
+    """size // tp, or a ValueError naming ``what`` when tp does not divide it."""
+    if size % tp:
+        raise ValueError(f"{what} = {size} is not divisible by the tensor-parallel degree tp = {tp}")
+    return size // tp
+
+
+def shard_slice(full: torch.Tensor, dim: int, rank: int, tp: int, sections: list[int] | None = None) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` along ``dim``: one of tp equal slices, or with ``sections``
+    (a fused q, k, v projection) the concatenation of its slice of each section."""
+    parts = full.split(sections, dim) if sections else [full]
+    return torch.cat([p.chunk(tp, dim)[rank] for p in parts], dim)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2): y = x @ weight + bias, weight (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, conv1d) of an nn.Linear or a Conv1D."""
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1], True
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    raise TypeError(f"expected an nn.Linear (or Hugging Face Conv1D); got {type(module).__name__}")
+
+
+class _ParallelLinear(nn.Module):
+    """The weight of a tensor-parallel linear layer: (out, in) like nn.Linear, or (in, out) with
+    ``conv1d`` (Hugging Face's Conv1D layout, kept so that parameter shapes match its checkpoints)."""
+
+    split_dim_linear: int  # the weight dimension split over ranks in (out, in) layout
+
+    def __init__(self, in_local: int, out_local: int, bias_size: int | None, group, conv1d: bool,
+                 sequence_parallel: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        self.group = group
+        self.tp = group_size(group)
+        self.conv1d = conv1d
+        self.sequence_parallel = sequence_parallel
+        shape = (in_local, out_local) if conv1d else (out_local, in_local)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        if bias_size is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.zeros(bias_size, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's; from_module overwrites it
+
+    @property
+    def weight_split_dim(self) -> int:
+        """The dimension of ``weight`` split over the tensor-parallel ranks."""
+        return 1 - self.split_dim_linear if self.conv1d else self.split_dim_linear
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight.t() if self.conv1d else self.weight, bias)
+
+    @torch.no_grad()
+    def _copy_from(self, module: nn.Module, sections: list[int] | None) -> None:
+        rank = group_rank(self.group)
+        self.weight.copy_(shard_slice(module.weight, self.weight_split_dim, rank, self.tp, sections))
+        if self.bias is not None:
+            column = self.split_dim_linear == 0
+            self.bias.copy_(shard_slice(module.bias, 0, rank, self.tp, sections) if column else module.bias)
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """y = x W^T + b with W's output features split: this rank computes out_features / tp of them.
+
+    x (..., in_features) replicated (with ``sequence_parallel``: (B, T/tp, in_features), gathered
+    along the sequence first) -> (..., out_features / tp), or with ``gather_output`` the full
+    (..., out_features). ``sections``: the output is several projections side by side (a fused
+    q, k, v), each split by ranks (a rank holds its heads of q, of k and of v).
+    """
+
+    split_dim_linear = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group: dist.ProcessGroup | None = None, gather_output: bool = False,
+                 sequence_parallel: bool = False, sections: list[int] | None = None, conv1d: bool = False,
+                 device=None, dtype=None) -> None:
+        tp = group_size(group)
+        sections = list(sections) if sections else None
+        if sections is not None and sum(sections) != out_features:
+            raise ValueError(f"sections {sections} must add up to out_features = {out_features}")
+        for i, size in enumerate(sections or [out_features]):
+            split_size(size, tp, "out_features" if sections is None else f"section {i} of out_features")
+        out_local = out_features // tp
+        super().__init__(in_features, out_local, out_local if bias else None, group, conv1d, sequence_parallel,
+                         device, dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output = gather_output
+        self.sections = sections
+
+    @classmethod
+    def from_module(cls, module: nn.Module, group: dist.ProcessGroup | None, gather_output: bool = False,
+                    sequence_parallel: bool = False, sections: list[int] | None = None) -> "ColumnParallelLinear":
+        """This rank's slice of a full nn.Linear (or Conv1D), weights copied."""
+        in_features, out_features, conv1d = _linear_shape(module)
+        w = module.weight
+        layer = cls(in_features, out_features, module.bias is not None, group, gather_output, sequence_parallel,
+                    sections, conv1d, device=w.device, dtype=w.dtype)
+        layer._copy_from(module, sections)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out / tp), or (..., out) with gather_output."""
+        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
+        y = self._matmul(x, self.bias)
+        return gather_from_region(y, -1, self.group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} / tp={self.tp}, "
+                f"bias={self.bias is not None}, gather_output={self.gather_output}, "
+                f"sequence_parallel={self.sequence_parallel}" + (f", sections={self.sections}" if self.sections else ""))
+
+
+class RowParallelLinear(_ParallelLinear):
+    """y = x W^T + b with W's input features split: this rank multiplies its in_features / tp
+    columns and the partial products are summed over ranks (with ``sequence_parallel``:
+    reduce-scattered along the sequence). The bias is replicated and added once, after the sum.
+
+    x (..., in_features / tp) (``input_is_parallel``; else the full x, split here) -> (..., out)
+    (with ``sequence_parallel``: (B, T/tp, out)).
+    """
+
+    split_dim_linear = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group: dist.ProcessGroup | None = None, input_is_parallel: bool = True,
+                 sequence_parallel: bool = False, conv1d: bool = False, device=None, dtype=None) -> None:
+        tp = group_size(group)
+        in_local = split_size(in_features, tp, "in_features")
+        super().__init__(in_local, out_features, out_features if bias else None, group, conv1d, sequence_parallel,
+                         device, dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel = input_is_parallel
+
+    @classmethod
+    def from_module(cls, module: nn.Module, group: dist.ProcessGroup | None, input_is_parallel: bool = True,
+                    sequence_parallel: bool = False) -> "RowParallelLinear":
+        """This rank's slice of a full nn.Linear (or Conv1D), weights copied."""
+        in_features, out_features, conv1d = _linear_shape(module)
+        w = module.weight
+        layer = cls(in_features, out_features, module.bias is not None, group, input_is_parallel, sequence_parallel,
+                    conv1d, device=w.device, dtype=w.dtype)
+        layer._copy_from(module, None)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in / tp) -> (..., out)."""
+        if not self.input_is_parallel:
+            x = split_to_region(x, -1, self.group)
+        partial = self._matmul(x, None)
+        y = reduce_scatter_to_sequence(partial, self.group) if self.sequence_parallel \
+            else reduce_from_region(partial, self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} / tp={self.tp}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, "
+                f"sequence_parallel={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding whose rows (the vocabulary) are split: this rank holds ids
+    [rank * V/tp, (rank + 1) * V/tp). Each rank looks up the ids it holds (zeros for the others)
+    and the results are summed over ranks (with ``sequence_parallel``: reduce-scattered along
+    the sequence).
+
+    idx (B, T) -> (B, T, dim) (with ``sequence_parallel``: (B, T/tp, dim)).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None = None,
+                 sequence_parallel: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.group = group
+        self.tp = group_size(group)
+        self.sequence_parallel = sequence_parallel
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        local = split_size(num_embeddings, self.tp, "the vocabulary size (num_embeddings)")
+        self.vocab_start = group_rank(group) * local
+        self.vocab_end = self.vocab_start + local
+        self.weight = nn.Parameter(torch.empty((local, embedding_dim), device=device, dtype=dtype))
+        nn.init.normal_(self.weight)
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, group: dist.ProcessGroup | None,
+                    sequence_parallel: bool = False) -> "VocabParallelEmbedding":
+        """This rank's rows of a full nn.Embedding, copied."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"expected an nn.Embedding; got {type(module).__name__}")
+        w = module.weight
+        layer = cls(module.num_embeddings, module.embedding_dim, group, sequence_parallel, device=w.device,
+                    dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(shard_slice(w, 0, group_rank(group), layer.tp))
+        return layer
+
+    @property
+    def weight_split_dim(self) -> int:
+        return 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> (B, T, dim), or (B, T/tp, dim) with sequence_parallel."""
+        outside = (idx < self.vocab_start) | (idx >= self.vocab_end)
+        local = (idx - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(partial, self.group)
+        return reduce_from_region(partial, self.group)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings} / tp={self.tp} (ids {self.vocab_start}..{self.vocab_end - 1}), "
+                f"{self.embedding_dim}, sequence_parallel={self.sequence_parallel}")
