@@ -460,7 +460,11 @@ def _parallax_pp(config, state, args, world: int, schedule: str, micro_batches: 
 
     # The executor calls these stage methods per micro-batch (the loss is computed in head_loss,
     # outside any module call); module forwards inside them count once.
-    entry_points = tuple(n for n in ("embed", "run_blocks", "head_loss") if callable(getattr(stage, n, None)))
+    entry_points = ("embed", "run_blocks", "head_loss")
+    missing = [n for n in entry_points if not callable(getattr(stage, n, None))]
+    if missing:  # the bubble would count the missing compute as idle
+        raise RuntimeError(f"bench parallel records parallax's pipeline compute at the stage methods {entry_points}, "
+                           f"but the stage has no {missing}: update bench/parallel.py to the executor's entry points")
     return _Provider(f"pp-{schedule}-m{micro_batches}", "parallax", _counter_step(step), [stage],
                      [(stage, entry_points)])
 
