@@ -77,6 +77,8 @@ COLUMNS = [
     Column("median_ms", "median [ms]", ".1f"),
     Column("p20_ms", "p20 [ms]", ".1f"),
     Column("p80_ms", "p80 [ms]", ".1f"),
+    Column("train_ms", "fwd+bwd [ms]", ".1f"),
+    Column("update_ms", "opt [ms]", ".1f"),
     Column("vs_torch", "vs torch [x]", ".3f"),
     Column("idle", "idle (measured)", ".3f"),
     Column("bubble_formula", "(p-1)/(m+p-1)", ".3f"),
@@ -221,13 +223,31 @@ class ComputeRecorder:
 
 @dataclass
 class _Provider:
+    """One implementation of one case on this rank: ``train(k)`` runs forward and backward of batch
+    k (gradients complete, the pipeline's tied gradients summed) and returns the loss (0.0 on a
+    rank without it); ``update()`` steps the optimizer and zeroes the gradients."""
+
     case: str
     implementation: str
-    step: Callable[[], float]  # one training step on the next batch; returns its loss (0.0 where unknown)
+    train: Callable[[int], float]
+    update: Callable[[], None]
     # pipeline only: what ComputeRecorder records as forward compute (modules; object -> method names)
     compute_modules: list[nn.Module] = field(default_factory=list)
     compute_methods: list[tuple[object, tuple[str, ...]]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    phases: list[tuple[float, float]] = field(default_factory=list)  # (train, update) seconds per step
+
+    @property
+    def name(self) -> str:
+        return f"{self.implementation} {self.case}"
+
+    def step(self) -> None:
+        """One training step on the next batch (0, 1, 2, ...)."""
+        t0 = time.perf_counter()
+        self.losses.append(self.train(len(self.losses)))
+        t1 = time.perf_counter()
+        self.update()
+        self.phases.append((t1 - t0, time.perf_counter() - t1))
 
 
 def _batch(k: int, args: dict):
@@ -243,16 +263,20 @@ def _model(config: GPTConfig, state: dict) -> GPT:
     return model
 
 
-def _counter_step(provider_step: Callable[[int], float]) -> Callable[[], float]:
-    """A step function that feeds batch 0, 1, 2, ... to ``provider_step(k)``."""
-    calls = [0]
+def _torch_update(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    def update() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    def step() -> float:
-        k = calls[0]
-        calls[0] += 1
-        return provider_step(k)
+    return update
 
-    return step
+
+def _parallax_update(opt) -> Callable[[], None]:
+    def update() -> None:
+        opt.step()
+        opt.zero_grad()
+
+    return update
 
 
 # -- tensor parallelism: torch
@@ -313,18 +337,16 @@ def _torch_tp(config, state, args, world: int) -> _Provider:
     model.lm_head.weight = model.transformer.wte.weight
     opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=args["weight_decay"], foreach=False)
 
-    def step(k: int) -> float:
+    def train(k: int) -> float:
         idx, targets = _batch(k, args)
         h = model.hidden_states(idx)
         logits = model.lm_head(h)  # DTensor (B, T, V) sharded over the vocabulary
         with loss_parallel():
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
             loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         return float(loss.detach().full_tensor())
 
-    return _Provider("tp", "torch", _counter_step(step))
+    return _Provider("tp", "torch", train, _torch_update(opt))
 
 
 # -- tensor parallelism: parallax
@@ -341,15 +363,13 @@ def _parallax_tp(config, state, args, world: int) -> _Provider:
                                optimizer_cls=torch.optim.AdamW, group=mesh.dp_group, lr=args["lr"],
                                weight_decay=args["weight_decay"], foreach=False)
 
-    def step(k: int) -> float:
+    def train(k: int) -> float:
         idx, targets = _batch(k, args)
         loss = model(idx, targets)
         opt.backward(loss)
-        opt.step()
-        opt.zero_grad()
         return float(loss.detach())
 
-    return _Provider("tp", "parallax", _counter_step(step))
+    return _Provider("tp", "parallax", train, _parallax_update(opt))
 
 
 # -- pipeline parallelism: torch
@@ -415,7 +435,7 @@ def _torch_pp(config, state, args, world: int, rank: int, schedule: str, micro_b
     opt = torch.optim.AdamW(submod.parameters(), lr=args["lr"], weight_decay=args["weight_decay"], foreach=False)
     tied = submod.transformer.wte.weight if first else submod.lm_head.weight if last else None
 
-    def step(k: int) -> float:
+    def train(k: int) -> float:
         idx, targets = _batch(k, args)
         losses: list = []
         if first:
@@ -427,11 +447,9 @@ def _torch_pp(config, state, args, world: int, rank: int, schedule: str, micro_b
         if world > 1:  # the embedding is tied to the head: each copy gets the sum of both stages' gradients
             grad = tied.grad if tied is not None else torch.zeros(config.vocab_size, config.n_embd)
             dist.all_reduce(grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         return float(torch.stack(losses).detach().mean()) if losses else 0.0
 
-    return _Provider(f"pp-{schedule}-m{micro_batches}", "torch", _counter_step(step), [submod, loss_fn])
+    return _Provider(f"pp-{schedule}-m{micro_batches}", "torch", train, _torch_update(opt), [submod, loss_fn])
 
 
 # -- pipeline parallelism: parallax
@@ -451,12 +469,9 @@ def _parallax_pp(config, state, args, world: int, schedule: str, micro_batches: 
                                weight_decay=args["weight_decay"], foreach=False)
     runner = PipelineSchedule(stage, opt, mesh, schedule=schedule, micro_batches=micro_batches)
 
-    def step(k: int) -> float:
+    def train(k: int) -> float:
         idx, targets = _batch(k, args)
-        loss = runner.train_step(idx, targets)
-        opt.step()
-        opt.zero_grad()
-        return float(loss)
+        return float(runner.train_step(idx, targets))
 
     # The executor calls these stage methods per micro-batch (the loss is computed in head_loss,
     # outside any module call); module forwards inside them count once.
@@ -465,7 +480,7 @@ def _parallax_pp(config, state, args, world: int, schedule: str, micro_batches: 
     if missing:  # the bubble would count the missing compute as idle
         raise RuntimeError(f"bench parallel records parallax's pipeline compute at the stage methods {entry_points}, "
                            f"but the stage has no {missing}: update bench/parallel.py to the executor's entry points")
-    return _Provider(f"pp-{schedule}-m{micro_batches}", "parallax", _counter_step(step), [stage],
+    return _Provider(f"pp-{schedule}-m{micro_batches}", "parallax", train, _parallax_update(opt), [stage],
                      [(stage, entry_points)])
 
 
@@ -504,12 +519,10 @@ def _rank_main(rank: int, world: int, args: dict) -> dict:
     state = GPT(config).state_dict()
     providers, failed = _build_providers(config, state, args, rank, world)
 
-    def timed(p: _Provider) -> Callable[[], None]:
-        return lambda: p.losses.append(p.step())
-
-    key = {id(p): f"{p.implementation} {p.case}" for p in providers}
-    timings = interleave({key[id(p)]: timed(p) for p in providers}, warmup=args["warmup"], repeat=args["steps"],
+    timings = interleave({p.name: p.step for p in providers}, warmup=args["warmup"], repeat=args["steps"],
                          flush=dist.barrier)
+    timed = slice(args["warmup"], args["warmup"] + args["steps"])
+    phases = {p.name: p.phases[timed] for p in providers}
 
     compute: dict[str, list[list[tuple[float, float]]]] = {}
     recorder = ComputeRecorder()
@@ -519,16 +532,16 @@ def _rank_main(rank: int, world: int, args: dict) -> dict:
         recorder.attach([m for top in p.compute_modules for m in top.modules()])
         for obj, names in p.compute_methods:
             recorder.attach_methods(obj, names)
-        compute[key[id(p)]] = []
+        compute[p.name] = []
         for _ in range(args["bubble_steps"]):
             dist.barrier()
             with recorder.recording() as intervals:
-                p.losses.append(p.step())
-            compute[key[id(p)]].append(list(intervals))
+                p.step()
+            compute[p.name].append(list(intervals))
         recorder.detach()
     return {"rank": rank, "config": config.to_dict(), "params": GPT(config).num_params(non_embedding=False),
-            "failed": failed, "times": {name: list(t.times_s) for name, t in timings.items()},
-            "losses": {key[id(p)]: p.losses for p in providers}, "compute": compute}
+            "failed": failed, "times": {name: list(t.times_s) for name, t in timings.items()}, "phases": phases,
+            "losses": {p.name: p.losses for p in providers}, "compute": compute}
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,6 +629,9 @@ def _rows(results: list[dict], args: dict, world: int) -> Iterator[dict]:
             "p20_ms": 1e3 * quantile(per_step, 0.2), "p80_ms": 1e3 * quantile(per_step, 0.8),
             "step_ms": [1e3 * t for t in per_step], "losses": losses,
         }
+        for j, phase in enumerate(("train_ms", "update_ms")):  # the slower rank's, per step
+            row[phase] = 1e3 * quantile([max(r["phases"][name][i][j] for r in results)
+                                         for i in range(args["steps"])], 0.5)
         if name in results[0]["compute"]:
             steps = [idle_fractions([r["compute"][name][i] for r in results]) for i in range(args["bubble_steps"])]
             row["idle_per_rank"] = [quantile([s[r] for s in steps], 0.5) for r in range(world)]
