@@ -16,10 +16,12 @@ Cases (``--parts``):
   after), on a ``DeviceMesh`` over gloo. The fused q/k/v rows are reordered so that each
   column shard holds its own heads' q, k and v, and the attention splits them with local head
   counts (what torchtitan's models do). ``parallax``: ``parallax.parallel.tensor.plan.parallelize``.
-* ``pp``: pipeline parallelism over N stages, ``--schedules`` (GPipe, 1F1B) x ``--micro-batches``.
-  ``torch``: ``torch.distributed.pipelining.PipelineStage`` per rank holding an equal share of the
+* ``pp``: pipeline parallelism over N ranks, ``--schedules`` (GPipe, 1F1B, interleaved 1F1B with
+  ``--virtual-stages`` chunks per rank) x ``--micro-batches``.
+  ``torch``: ``torch.distributed.pipelining.PipelineStage`` per stage holding an equal share of the
   blocks under their original names (the embeddings on the first, the final norm and head on the
-  last), ``ScheduleGPipe`` / ``Schedule1F1B`` with the same micro-batch count, the loss
+  last; rank r holds stages r, r + N, ... when interleaved), ``ScheduleGPipe`` / ``Schedule1F1B`` /
+  ``ScheduleInterleaved1F1B`` with the same micro-batch count, the loss
   (``models.loss.lm_loss``, what parallax's last stage computes) as the schedule's ``loss_fn``,
   and the tied embedding's gradients summed across first and last stage after each schedule
   step. ``parallax``: ``build_stage`` with the same block split and ``PipelineSchedule.train_step``.
@@ -39,8 +41,8 @@ forwards nested in them count once) and every ``torch.autograd.backward`` call (
 micro-batch in both); the hooks exist only in these extra steps, never in the timed ones. The span is
 from the first compute start to the last compute end over all ranks; a rank's idle fraction is
 1 - (its compute time in the span) / span; ``idle`` is the mean over ranks (median over the
-steps), against the formula (p - 1) / (m + p - 1) for p stages and m micro-batches, which
-assumes equal stages and free communication.
+steps), against the formula (p - 1) / (m + p - 1) for p ranks and m micro-batches ((p - 1) /
+(v m + p - 1) interleaved with v chunks per rank), which assumes equal stages and free communication.
 """
 
 from __future__ import annotations
@@ -62,13 +64,13 @@ from .ranks import spawn_gloo
 from .table import Column
 from .timing import interleave, quantile
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 IMPLEMENTATIONS = ("torch", "parallax")
 
 # model (overrides of the "tiny" GPT preset), batch and steps per run kind.
 DEFAULT = dict(n_layer=4, n_embd=128, n_head=4, vocab=2048, seq=64, batch=8, warmup=2, steps=10, bubble_steps=3,
                micro_batches="2,4,8")
-QUICK = dict(n_layer=2, n_embd=64, n_head=4, vocab=128, seq=32, batch=4, warmup=1, steps=2, bubble_steps=1,
+QUICK = dict(n_layer=4, n_embd=64, n_head=4, vocab=128, seq=32, batch=4, warmup=1, steps=2, bubble_steps=1,
              micro_batches="2")
 
 COLUMNS = [
@@ -93,7 +95,10 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--parts", default="tp,pp", help="comma-separated subset of tp,pp (default both)")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
                         help="comma-separated subset of torch,parallax (default both)")
-    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="pipeline schedules (default gpipe,1f1b)")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES),
+                        help=f"comma-separated subset of {','.join(SCHEDULES)} (default all)")
+    parser.add_argument("--virtual-stages", dest="virtual_stages", type=int, default=2,
+                        help="chunks per rank of the interleaved schedule (default 2)")
     parser.add_argument("--micro-batches", dest="micro_batches", default=None,
                         help=f"comma-separated micro-batch counts (default {DEFAULT['micro_batches']}; "
                              f"--quick: {QUICK['micro_batches']}); each must divide --batch")
@@ -112,13 +117,15 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
 # the pipeline bubble
 
 
-def bubble_formula(stages: int, micro_batches: int) -> float:
-    """The idle fraction of every stage in a GPipe or 1F1B schedule with equal stages and free
-    communication: (p - 1) / (m + p - 1) (GPipe paper; Narayanan et al. 2021, eq. 1 relative to
-    the whole step)."""
-    if stages < 1 or micro_batches < 1:
-        raise ValueError(f"stages and micro_batches must be >= 1, got {stages} and {micro_batches}")
-    return (stages - 1) / (micro_batches + stages - 1)
+def bubble_formula(stages: int, micro_batches: int, virtual_stages: int = 1) -> float:
+    """The idle fraction of every rank in a GPipe or 1F1B schedule over p = ``stages`` equal
+    stages with free communication: (p - 1) / (m + p - 1) (the GPipe paper; Narayanan et al.
+    2021, section 2.2, as a fraction of the whole step); interleaved 1F1B with v chunks per rank
+    shrinks the bubble v times: (p - 1) / (v m + p - 1)."""
+    if stages < 1 or micro_batches < 1 or virtual_stages < 1:
+        raise ValueError(f"stages, micro_batches and virtual_stages must be >= 1, got {stages}, {micro_batches} "
+                         f"and {virtual_stages}")
+    return (stages - 1) / (virtual_stages * micro_batches + stages - 1)
 
 
 def busy_seconds(intervals: Sequence[tuple[float, float]], start: float, end: float) -> float:
@@ -376,8 +383,13 @@ def _parallax_tp(config, state, args, world: int) -> _Provider:
 
 
 def _stage_blocks(n_layer: int, stages: int, stage: int) -> range:
+    """The blocks of pipeline stage ``stage`` of ``stages`` equal ones."""
     per = n_layer // stages
     return range(stage * per, (stage + 1) * per)
+
+
+def _virtual_stages(schedule: str, args: dict) -> int:
+    return args["virtual_stages"] if schedule == "interleaved" else 1
 
 
 class TorchStage(nn.Module):
@@ -422,18 +434,27 @@ class HeadLoss(nn.Module):
 
 def _torch_pp(config, state, args, world: int, rank: int, schedule: str, micro_batches: int) -> _Provider:
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     first, last = rank == 0, rank == world - 1
     model = _model(config, state)
-    submod = TorchStage(model, _stage_blocks(config.n_layer, world, rank), first, last)
-    stage = PipelineStage(submod, stage_index=rank, num_stages=world, device=torch.device("cpu"))
+    chunks = _virtual_stages(schedule, args)
+    n_stages = world * chunks
+    # rank r holds stages r, r + world, ... (interleaved), as parallax's stage_layout
+    submods = [TorchStage(model, _stage_blocks(config.n_layer, n_stages, s), s == 0, s == n_stages - 1)
+               for s in range(rank, n_stages, world)]
+    stages = [PipelineStage(m, stage_index=s, num_stages=n_stages, device=torch.device("cpu"))
+              for m, s in zip(submods, range(rank, n_stages, world))]
     # Every rank's schedule needs a loss_fn to run backward at all; only the last stage calls it.
     loss_fn = HeadLoss(model.lm_head)
-    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-    runner = cls(stage, n_microbatches=micro_batches, loss_fn=loss_fn)
-    opt = torch.optim.AdamW(submod.parameters(), lr=args["lr"], weight_decay=args["weight_decay"], foreach=False)
-    tied = submod.transformer.wte.weight if first else submod.lm_head.weight if last else None
+    if schedule == "interleaved":
+        runner = ScheduleInterleaved1F1B(stages, n_microbatches=micro_batches, loss_fn=loss_fn)
+    else:
+        runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stages[0], n_microbatches=micro_batches,
+                                                                           loss_fn=loss_fn)
+    params = [p for m in submods for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=args["weight_decay"], foreach=False)
+    tied = submods[0].transformer.wte.weight if first else submods[-1].lm_head.weight if last else None
 
     def train(k: int) -> float:
         idx, targets = _batch(k, args)
@@ -449,7 +470,7 @@ def _torch_pp(config, state, args, world: int, rank: int, schedule: str, micro_b
             dist.all_reduce(grad)
         return float(torch.stack(losses).detach().mean()) if losses else 0.0
 
-    return _Provider(f"pp-{schedule}-m{micro_batches}", "torch", train, _torch_update(opt), [submod, loss_fn])
+    return _Provider(f"pp-{schedule}-m{micro_batches}", "torch", train, _torch_update(opt), [*submods, loss_fn])
 
 
 # -- pipeline parallelism: parallax
@@ -463,7 +484,8 @@ def _parallax_pp(config, state, args, world: int, schedule: str, micro_batches: 
 
     mesh = init_mesh(ParallelDims(pp=world))
     # equal costs per block: the same split as the torch stages
-    stage = build_stage(_model(config, state), mesh, balance=[1.0] * config.n_layer)
+    stage = build_stage(_model(config, state), mesh, virtual_stages=_virtual_stages(schedule, args),
+                        balance=[1.0] * config.n_layer)
     stage, opt = px.initialize(stage, px.RuntimeConfig(zero_stage=0, timeout_s=args["timeout"]),
                                optimizer_cls=torch.optim.AdamW, group=mesh.dp_group, lr=args["lr"],
                                weight_decay=args["weight_decay"], foreach=False)
@@ -576,13 +598,17 @@ def _settings(ctx) -> dict:
     if s["n_layer"] % a.ranks or s["n_head"] % a.ranks or s["vocab"] % a.ranks:
         raise ValueError(f"--ranks {a.ranks} must divide --n-layer {s['n_layer']}, --n-head {s['n_head']} and "
                          f"--vocab {s['vocab']}")
-    bad = [m for m in s["micro_batches"] if s["batch"] % m or m < a.ranks]
+    bad = [m for m in s["micro_batches"] if s["batch"] % m or m % a.ranks]
     if bad:
-        raise ValueError(f"--micro-batches {bad}: each must divide --batch {s['batch']} and be >= --ranks {a.ranks} "
-                         "(1F1B needs a micro-batch per stage)")
+        raise ValueError(f"--micro-batches {bad}: each must divide --batch {s['batch']} and be a multiple of --ranks "
+                         f"{a.ranks} (1F1B needs a micro-batch per stage, interleaved 1F1B whole rounds of them)")
+    schedules = _subset(a.schedules, SCHEDULES, "--schedules")
+    if "interleaved" in schedules and (a.virtual_stages < 2 or s["n_layer"] % (a.ranks * a.virtual_stages)):
+        raise ValueError(f"--virtual-stages {a.virtual_stages}: must be >= 2 and --ranks x --virtual-stages must "
+                         f"divide --n-layer {s['n_layer']} (interleaved schedule)")
     return dict(s, parts=_subset(a.parts, ("tp", "pp"), "--parts"),
                 implementations=_subset(a.implementations, IMPLEMENTATIONS, "--implementations"),
-                schedules=_subset(a.schedules, SCHEDULES, "--schedules"), rank_threads=a.rank_threads,
+                schedules=schedules, virtual_stages=a.virtual_stages, rank_threads=a.rank_threads,
                 timeout=a.timeout, lr=1e-3, weight_decay=0.1)
 
 
@@ -607,7 +633,7 @@ def run(ctx) -> Iterator[dict]:
     ctx.note("bubble", f"idle = mean over ranks of 1 - compute time / pipeline span (first compute start to last "
                        f"compute end), median of {args['bubble_steps']} instrumented step(s); compute = forwards (torch: "
                        "the stage module and the loss_fn; parallax: the stage's embed/run_blocks/head_loss) and "
-                       "torch.autograd.backward calls; formula (p-1)/(m+p-1)")
+                       "torch.autograd.backward calls; formula (p-1)/(m+p-1), interleaved (p-1)/(v m+p-1)")
     rows = list(_rows(results, args, world))
     _note_goals(ctx, rows)
     yield from rows
@@ -636,7 +662,8 @@ def _rows(results: list[dict], args: dict, world: int) -> Iterator[dict]:
             steps = [idle_fractions([r["compute"][name][i] for r in results]) for i in range(args["bubble_steps"])]
             row["idle_per_rank"] = [quantile([s[r] for s in steps], 0.5) for r in range(world)]
             row["idle"] = quantile([sum(s) / world for s in steps], 0.5)
-            row["bubble_formula"] = bubble_formula(world, row["micro_batches"])
+            row["virtual_stages"] = _virtual_stages(row["schedule"], args)
+            row["bubble_formula"] = bubble_formula(world, row["micro_batches"], row["virtual_stages"])
             row["timeline_ms"] = _relative_timeline([r["compute"][name][0] for r in results])
         by_case.setdefault(case, {})[implementation] = row
     for rows in by_case.values():
@@ -672,7 +699,9 @@ def plot(rows: list[dict], path) -> None:
             if sel:
                 left.plot(*zip(*sel), style, marker="o", label=f"{implementation} {schedule}")
     ms = sorted({r["micro_batches"] for r in pp_rows})
-    left.plot(ms, [bubble_formula(pp_rows[0]["degree"], m) for m in ms], "k:", marker="x", label="(p-1)/(m+p-1)")
+    for v in sorted({r["virtual_stages"] for r in pp_rows}):
+        left.plot(ms, [bubble_formula(pp_rows[0]["degree"], m, v) for m in ms], "k:" if v == 1 else "k-.",
+                  marker="x", label="(p-1)/(m+p-1)" if v == 1 else f"(p-1)/({v}m+p-1)")
     left.set(xlabel="micro-batches m", ylabel="idle fraction", xscale="log", xticks=ms, xticklabels=ms, ylim=(0, 1))
     left.legend()
     largest = [r for r in pp_rows if r["micro_batches"] == ms[-1]]

@@ -45,6 +45,8 @@ def test_formula_values():
     assert bubble_formula(2, 4) == pytest.approx(1 / 5)
     assert bubble_formula(2, 8) == pytest.approx(1 / 9)
     assert bubble_formula(1, 4) == 0.0
+    assert bubble_formula(2, 4, virtual_stages=2) == pytest.approx(1 / 9)
+    assert bubble_formula(4, 8, virtual_stages=2) == pytest.approx(3 / 19)
     with pytest.raises(ValueError, match="micro_batches"):
         bubble_formula(2, 0)
 
@@ -120,7 +122,7 @@ def test_quick_end_to_end(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     assert len(records.read_records(tmp_path / "parallel.jsonl")) == len(rows)
     cases = {(r["case"], r["provider"]): r for r in rows}
-    expected_cases = {"tp", "pp-gpipe-m2", "pp-1f1b-m2"}
+    expected_cases = {"tp", "pp-gpipe-m2", "pp-1f1b-m2", "pp-interleaved-m2"}
     assert {case for case, _ in cases} == expected_cases
     assert set(cases) == {(case, impl) for case in expected_cases for impl in ("torch", "parallax")}, (
         rows[0]["notes"].get("skipped"))
@@ -131,7 +133,8 @@ def test_quick_end_to_end(tmp_path):
         assert r["max_loss_diff"] is not None and r["max_loss_diff"] < 1e-4, (r["case"], r["max_loss_diff"])
         assert r["vs_torch"] == pytest.approx(r["median_ms"] / cases[(r["case"], "torch")]["median_ms"])
         if r["parallel"] == "pp":
-            assert r["bubble_formula"] == pytest.approx(1 / 3)
+            v = 2 if r["schedule"] == "interleaved" else 1
+            assert r["virtual_stages"] == v and r["bubble_formula"] == pytest.approx(1 / (2 * v + 1))
             assert 0 < r["idle"] < 1 and len(r["idle_per_rank"]) == 2
         else:
             assert "idle" not in r
