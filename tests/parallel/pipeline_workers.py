@@ -23,13 +23,13 @@ def make_model(family: str) -> torch.nn.Module:
     if family == "gpt":
         # No biases: the key projection's bias has a zero gradient in exact arithmetic, and AdamW
         # turns its rounding noise (1e-12) into full-size updates that no two summation orders share.
-        return GPT(GPTConfig(block_size=16, vocab_size=67, n_layer=4, n_head=2, n_embd=32, dropout=0.0,
+        return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=4, n_head=2, n_embd=32, dropout=0.0,
                              bias=False, attention="math"))
-    return Llama(LlamaConfig(block_size=16, vocab_size=67, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
+    return Llama(LlamaConfig(block_size=16, vocab_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
                              intermediate_size=48, tie_word_embeddings=False, attention="math"))
 
 
-def batch(step: int, vocab: int = 67) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     idx = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
     targets = torch.roll(idx, -1, dims=1)
@@ -121,3 +121,28 @@ def zero3_refused(mesh) -> str:
     except ValueError as exc:
         return str(exc)
     return "accepted"
+
+
+def tensor_pipeline(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """TP=2 x PP=2 (x DP = world / 4): each case's full parameters after training (gathered over
+    the tensor-parallel group) and losses."""
+    from parallax.parallel.tensor.plan import gather_tensor_parallel, parallelize
+
+    out = []
+    for case in cases:
+        mesh = init_mesh(ParallelDims.for_world(world_size, tp=2, pp=2))
+        model = parallelize(make_model(case["family"]), mesh, sequence_parallel=case["sequence_parallel"])
+        stage = build_stage(model, mesh, virtual_stages=case.get("virtual_stages", 1))
+        stage, opt = px.initialize(stage, px.RuntimeConfig(zero_stage=case["zero_stage"]), group=mesh.dp_group,
+                                   **OPTIMIZER)
+        pipe = PipelineSchedule(stage, opt, mesh, schedule=case["schedule"], micro_batches=2)
+        losses, norms = [], []
+        for step in range(3):
+            idx, targets, weight = _replica_batch(*batch(step), mesh)
+            losses.append(float(pipe.train_step(idx, targets, weight=weight)))
+            norms.append(float(opt.clip_grad_norm_(case["clip"])))
+            opt.step()
+            opt.zero_grad()
+        params = {n: gather_tensor_parallel(stage, n, p.detach()).clone() for n, p in stage.named_parameters()}
+        out.append({"params": params, "losses": losses, "norms": norms})
+    return out

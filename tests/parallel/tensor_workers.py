@@ -136,6 +136,18 @@ def _sequence_parallel_checks(rank, world, B, T, g, upstream) -> None:
     _close(layer.weight.grad, shard_slice(full.weight.grad, 0, rank, world), "sequence-parallel embedding grad")
 
 
+def layer_and_loss_checks(rank: int, world: int) -> dict[str, str | None]:
+    """Both check groups in one launch (spawning ranks costs more than the checks): what failed, by group."""
+    out: dict[str, str | None] = {}
+    for check in (layer_checks, cross_entropy_checks):
+        try:
+            check(rank, world)
+            out[check.__name__] = None
+        except AssertionError as exc:
+            out[check.__name__] = f"rank {rank}: {exc}"
+    return out
+
+
 def cross_entropy_checks(rank: int, world: int) -> None:
     """Both vocabulary-parallel losses against F.cross_entropy on the full logits: loss (mean and
     per row, ignored rows included) and the gradients of the logits / of h and the weight."""

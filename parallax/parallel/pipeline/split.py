@@ -194,11 +194,11 @@ class PipelineStage(nn.Module):
         tokens = self._part(self.family.embedding)(idx)
         if self.family is LLAMA_FAMILY:
             return tokens
-        positions = self._positions(idx)[0]
-        if tokens.size(1) != idx.size(1):  # sequence-parallel embedding: this rank's slice of T
-            local = tokens.size(1)
+        positions = self._part("wpe")(self._positions(idx)[0])  # (T, C), or (T / tp, C) if TP split it
+        local = tokens.size(1)
+        if positions.size(0) != local:  # sequence-parallel tokens, full positions: this rank's slice of T
             positions = positions[self.mesh.tp_rank * local:(self.mesh.tp_rank + 1) * local]
-        return self._part("drop")(tokens + self._part("wpe")(positions))
+        return self._part("drop")(tokens + positions)
 
     def run_blocks(self, chunk: int, x: torch.Tensor, context: tuple) -> torch.Tensor:
         """Chunk ``chunk``'s blocks on the residual stream x."""

@@ -27,7 +27,7 @@ from parallax.zero.comm import Comm
 
 __all__ = ["copy_to_region", "reduce_from_region", "gather_from_region", "split_to_region",
            "scatter_to_sequence", "gather_from_sequence", "reduce_scatter_to_sequence",
-           "group_rank", "group_size", "COLLECTIVE_TIMEOUT_S"]
+           "all_reduce_", "all_gather_along", "group_rank", "group_size", "COLLECTIVE_TIMEOUT_S"]
 
 # How long a tensor-parallel collective may take before it fails with CollectiveError (the
 # ZeRO default): a dead peer then gives an error, not a hang.
@@ -51,14 +51,20 @@ def group_rank(group: dist.ProcessGroup | None) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+def all_reduce_(x: torch.Tensor, group: dist.ProcessGroup | None, what: str,
+                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """x reduced over ``group`` in place (no autograd); returns x. ``what`` names it in errors."""
+    if group_size(group) > 1:
+        _comm(group).all_reduce(x, f"tensor parallel: {what}", op).wait()
+    return x
+
+
 def _all_reduce(x: torch.Tensor, group, what: str) -> torch.Tensor:
-    out = x.contiguous().clone()
-    _comm(group).all_reduce(out, f"tensor parallel: {what}").wait()
-    return out
+    return all_reduce_(x.contiguous().clone(), group, what)
 
 
-def _all_gather(x: torch.Tensor, dim: int, group, what: str) -> torch.Tensor:
-    """Every rank's x concatenated along ``dim`` in rank order."""
+def all_gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None, what: str) -> torch.Tensor:
+    """Every rank's x concatenated along ``dim`` in rank order (no autograd)."""
     n = group_size(group)
     moved = x.movedim(dim, 0).contiguous()  # the gathered dimension first: rank blocks are contiguous
     out = torch.empty((n * moved.size(0), *moved.shape[1:]), dtype=x.dtype, device=x.device)
@@ -114,7 +120,7 @@ class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group, f"all-gather along dim {dim}")
+        return all_gather_along(x, dim, group, f"all-gather along dim {dim}")
 
     @staticmethod
     def backward(ctx, grad):
@@ -129,14 +135,14 @@ class _SplitToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group, f"all-gather of a gradient along dim {ctx.dim}"), None, None
+        return all_gather_along(grad, ctx.dim, ctx.group, f"all-gather of a gradient along dim {ctx.dim}"), None, None
 
 
 class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather(x, 1, group, "all-gather along the sequence")
+        return all_gather_along(x, 1, group, "all-gather along the sequence")
 
     @staticmethod
     def backward(ctx, grad):
@@ -151,7 +157,7 @@ class _ReduceScatterToSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, 1, ctx.group, "all-gather of a gradient along the sequence"), None
+        return all_gather_along(grad, 1, ctx.group, "all-gather of a gradient along the sequence"), None
 
 
 def _single(group) -> bool:

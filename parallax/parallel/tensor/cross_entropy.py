@@ -1,9 +1,9 @@
 """Vocabulary-parallel cross-entropy (Megatron-LM): each rank holds the logits of its V/tp
 vocabulary ids and the full-vocabulary logits are never gathered.
 
-Per row, three all-reduces over the tensor-parallel group of (N,)-sized values replace the
-gather of (N, V) logits: the maximum logit, the sum of exponentials and the target's logit
-(from the one rank that holds it). The gradient of the logits, softmax - onehot, is then local.
+Per row, two all-reduces over the tensor-parallel group of (N,)-sized values replace the
+gather of (N, V) logits: the maximum logit, then the sum of exponentials together with the
+target's logit (from the one rank that holds it). The gradient of the logits, softmax - onehot, is then local.
 
 ``vocab_parallel_linear_cross_entropy`` also fuses the LM head's matmul, one chunk of rows at a
 time (the forward keeps only each row's log-sum-exp; the backward recomputes each chunk's
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallax.parallel.tensor.comm import _comm, copy_to_region, group_rank, group_size
+from parallax.parallel.tensor.comm import all_reduce_, copy_to_region, group_rank
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -25,23 +25,15 @@ REDUCTIONS = ("mean", "none")
 CHUNK_ROWS = 1024
 
 
-def _all_reduce_(x: torch.Tensor, group, op: dist.ReduceOp.RedOpType, what: str) -> torch.Tensor:
-    if group_size(group) > 1:
-        _comm(group).all_reduce(x, f"vocab-parallel cross-entropy: {what}", op).wait()
-    return x
-
-
 def _shard_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, ignore_index: int,
                  group) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of logits (rows, V/tp) fp32: the full-vocabulary log-sum-exp and the target's logit."""
-    row_max = _all_reduce_(logits.max(dim=1).values, group, dist.ReduceOp.MAX, "all-reduce of the row maxima")
-    sum_exp = _all_reduce_(torch.exp(logits - row_max[:, None]).sum(dim=1), group, dist.ReduceOp.SUM,
-                           "all-reduce of the sums of exponentials")
-    lse = row_max + torch.log(sum_exp)
+    row_max = all_reduce_(logits.max(dim=1).values, group, "all-reduce of the row maxima", dist.ReduceOp.MAX)
     local, mine = _local_targets(targets, vocab_start, logits.size(1), ignore_index)
-    target_logit = logits.gather(1, local[:, None])[:, 0].masked_fill(~mine, 0.0)
-    target_logit = _all_reduce_(target_logit, group, dist.ReduceOp.SUM, "all-reduce of the target logits")
-    return lse, target_logit
+    target_logit = logits.gather(1, local[:, None])[:, 0].masked_fill(~mine, 0.0)  # only its holder's is nonzero
+    sums = torch.stack([torch.exp(logits - row_max[:, None]).sum(dim=1), target_logit])
+    all_reduce_(sums, group, "all-reduce of the sums of exponentials and the target logits")
+    return row_max + torch.log(sums[0]), sums[1]
 
 
 def _local_targets(targets: torch.Tensor, vocab_start: int, vocab_local: int,

@@ -36,7 +36,7 @@ from parallax.models.llama import Llama
 from parallax.models.llama_config import LlamaConfig
 from parallax.parallel.mesh import Mesh
 from parallax.parallel.state import ParallelState, attach_parallel_state, parallel_state
-from parallax.parallel.tensor.comm import _all_gather, _all_reduce, split_to_region
+from parallax.parallel.tensor.comm import all_gather_along, all_reduce_, split_to_region
 from parallax.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from parallax.parallel.tensor.loss import lm_head_loss
 
@@ -290,7 +290,7 @@ PLANS = {"gpt": _plan_gpt, "llama": _plan_llama, "hf_llama": _plan_hf_llama, "hf
 
 def _all_reduce_grad_hook(group):
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(grad, group, "all-reduce of a partial gradient (sequence-parallel norm)")
+        return all_reduce_(grad.clone(), group, "all-reduce of a partial gradient (a norm under sequence parallelism)")
 
     return hook
 
@@ -375,7 +375,7 @@ def gather_tensor_parallel(model: nn.Module, name: str, tensor: torch.Tensor) ->
     if state is None or name not in state.tp_dims or state.mesh.dims.tp == 1:
         return tensor
     dim, tp = state.tp_dims[name], state.mesh.dims.tp
-    pieces = _all_gather(tensor.unsqueeze(0), 0, state.mesh.tp_group, f"gather of {name}").unbind(0)
+    pieces = all_gather_along(tensor.unsqueeze(0), 0, state.mesh.tp_group, f"gather of {name}").unbind(0)
     sections = tp_sections(model).get(name)
     if not sections:
         return torch.cat(pieces, dim)

@@ -1,0 +1,77 @@
+"""Clear errors, before any process allocates memory, for sizes tensor parallelism cannot split."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from torch import nn
+
+from parallax.models import GPTConfig, LlamaConfig, build_model
+from parallax.parallel import Mesh, ParallelDims
+from parallax.parallel.tensor import ColumnParallelLinear, check_tensor_parallel, parallelize
+from parallax.parallel.tensor.layers import split_size
+
+
+def _gpt(**overrides) -> GPTConfig:
+    return GPTConfig(**{**dict(block_size=8, vocab_size=64, n_layer=1, n_head=4, n_embd=32), **overrides})
+
+
+def _llama(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**dict(block_size=8, vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
+                                 intermediate_size=64), **overrides})
+
+
+@pytest.mark.parametrize("config, tp, message", [
+    (_gpt(n_head=6, n_embd=48), 4, "n_head = 6 is not divisible by tp = 4"),
+    (_gpt(n_kv_head=2), 4, "n_kv_head = 2 is not divisible by tp = 4"),
+    (_gpt(vocab_size=257), 2, "vocab_size = 257 is not divisible by tp = 2"),
+    (_gpt(n_inner=66), 4, "MLP width (n_inner) = 66 is not divisible by tp = 4"),
+    (_llama(), 4, "n_kv_head = 2 is not divisible by tp = 4"),
+    (_llama(n_kv_head=4, intermediate_size=42), 4, "intermediate_size = 42 is not divisible by tp = 4"),
+])
+def test_indivisible_sizes_name_the_size_and_tp(config, tp, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_tensor_parallel(config, tp)
+    check_tensor_parallel(config, 1)
+
+
+def test_hugging_face_configs_are_checked():
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    config = HFLlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, num_hidden_layers=1)
+    check_tensor_parallel(config, 2)
+    with pytest.raises(ValueError, match="num_key_value_heads = 2 is not divisible by tp = 4"):
+        check_tensor_parallel(config, 4)
+
+
+def _mesh(tp: int) -> Mesh:
+    """A mesh object for the checks that run before any collective (no process group needed)."""
+    return Mesh(ParallelDims(tp=tp), 0, None, None, None)
+
+
+def test_parallelize_refuses_bad_models_before_touching_them():
+    model = build_model(_gpt(n_kv_head=2))
+    with pytest.raises(ValueError, match="n_kv_head = 2 is not divisible by tp = 4"):
+        parallelize(model, _mesh(4))
+    assert isinstance(model.transformer.h[0].attn.c_attn, nn.Linear)
+    with pytest.raises(TypeError, match="no plan for Sequential"):
+        parallelize(nn.Sequential(nn.Linear(2, 2)), _mesh(2))
+    with pytest.raises(ValueError, match="tp must be a positive integer"):
+        check_tensor_parallel(_gpt(), 0)
+
+
+def test_sequence_parallel_is_refused_for_hugging_face_models():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=8, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="sequence parallelism is available for parallax's GPT and Llama"):
+        parallelize(model, _mesh(2), sequence_parallel=True)
+
+
+def test_layer_widths_must_split_evenly():
+    with pytest.raises(ValueError, match="out_features = 7 is not divisible by the tensor-parallel degree tp = 2"):
+        split_size(7, 2, "out_features")
+    with pytest.raises(ValueError, match=r"sections \[4, 2\] must add up to out_features = 7"):
+        ColumnParallelLinear(3, 7, sections=[4, 2])
