@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,10 @@ def test_quick_end_to_end(tmp_path):
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         # same weights, batches and AdamW arithmetic: the two implementations' losses agree
         assert r["max_loss_diff"] is not None and r["max_loss_diff"] < 1e-4, (r["case"], r["max_loss_diff"])
-        assert r["vs_torch"] == pytest.approx(r["median_ms"] / cases[(r["case"], "torch")]["median_ms"])
+        torch_row = cases[(r["case"], "torch")]
+        assert r["vs_torch"] == pytest.approx(r["median_ms"] / torch_row["median_ms"])
+        ratios = [a / b for a, b in zip(r["step_ms"], torch_row["step_ms"])]
+        assert r["vs_torch_paired"] == pytest.approx(statistics.median(ratios))
         if r["parallel"] == "pp":
             v = 2 if r["schedule"] == "interleaved" else 1
             assert r["virtual_stages"] == v and r["bubble_formula"] == pytest.approx(1 / (2 * v + 1))
