@@ -345,7 +345,7 @@ def _torch_tp(config, state, args, world: int) -> _Provider:
     # Both plans shard the tied matrix by vocabulary rows (Shard(0)); distributing each module
     # replaced its own parameter, so tie them again.
     model.lm_head.weight = model.transformer.wte.weight
-    opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=args["weight_decay"], foreach=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=args["weight_decay"])
 
     def train(k: int) -> float:
         idx, targets = _batch(k, args)
@@ -371,7 +371,7 @@ def _parallax_tp(config, state, args, world: int) -> _Provider:
     model = parallelize(_model(config, state), mesh)
     model, opt = px.initialize(model, px.RuntimeConfig(zero_stage=0, timeout_s=args["timeout"]),
                                optimizer_cls=torch.optim.AdamW, group=mesh.dp_group, lr=args["lr"],
-                               weight_decay=args["weight_decay"], foreach=False)
+                               weight_decay=args["weight_decay"])
 
     def train(k: int) -> float:
         idx, targets = _batch(k, args)
@@ -456,7 +456,7 @@ def _torch_pp(config, state, args, world: int, rank: int, schedule: str, micro_b
         runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stages[0], n_microbatches=micro_batches,
                                                                            loss_fn=loss_fn)
     params = [p for m in submods for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=args["weight_decay"], foreach=False)
+    opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=args["weight_decay"])
     tied = submods[0].transformer.wte.weight if first else submods[-1].lm_head.weight if last else None
 
     def train(k: int) -> float:
@@ -491,7 +491,7 @@ def _parallax_pp(config, state, args, world: int, schedule: str, micro_batches: 
                         balance=[1.0] * config.n_layer)
     stage, opt = px.initialize(stage, px.RuntimeConfig(zero_stage=0, timeout_s=args["timeout"]),
                                optimizer_cls=torch.optim.AdamW, group=mesh.dp_group, lr=args["lr"],
-                               weight_decay=args["weight_decay"], foreach=False)
+                               weight_decay=args["weight_decay"])
     runner = PipelineSchedule(stage, opt, mesh, schedule=schedule, micro_batches=micro_batches)
 
     def train(k: int) -> float:
