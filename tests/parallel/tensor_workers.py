@@ -90,8 +90,8 @@ def layer_checks(rank: int, world: int) -> None:
     _close(gx, gx_ref, "Conv1D row input grad")
     _close(layer.weight.grad, shard_slice(conv.weight.grad, 0, rank, world), "Conv1D row weight grad")
 
-    # Vocabulary-parallel embedding: 10 ids (5 per rank), width 7, every id used.
-    full = nn.Embedding(10, 7)
+    # Vocabulary-parallel embedding: 10 ids (5 per rank), width 7, every id used, id 6's row padding.
+    full = nn.Embedding(10, 7, padding_idx=6)
     idx = torch.arange(B * T).remainder(10).view(B, T)
     y_ref, _ = _run(full, idx, lambda y: upstream(tuple(y.shape)))
     layer = VocabParallelEmbedding.from_module(full, None)
@@ -293,8 +293,19 @@ FOUR_RANK_CASES = {
 }
 
 
-def model_cases(rank: int, world: int, cases: dict, with_hf: bool) -> dict:
-    """Every case against the single-process reference (computed here); rank 0's summary."""
+def two_rank_checks(rank: int, world: int) -> dict:
+    """Everything of the 2-rank tests in one launch (spawning ranks costs more than the checks)."""
+    return {"layers": layer_and_loss_checks(rank, world), "models": model_cases(rank, world, TWO_RANK_CASES),
+            "hf": hf_checks(rank, world)}
+
+
+def four_rank_checks(rank: int, world: int) -> dict:
+    return {"models": model_cases(rank, world, FOUR_RANK_CASES)}
+
+
+def model_cases(rank: int, world: int, cases: dict) -> dict:
+    """Every case against the single-process reference (computed here): parameter and logits
+    differences, losses and clipped norms of both."""
     out, refs, params = {}, {}, {}
     for name, kwargs in cases.items():
         key = (kwargs["family"], kwargs.get("clip"))
@@ -308,8 +319,6 @@ def model_cases(rank: int, world: int, cases: dict, with_hf: bool) -> dict:
     for sp_case in [c for c in cases if c.endswith("_sp") and c[:-3] in cases]:
         plain = params[sp_case[:-3]]
         out[sp_case]["vs_plain"] = max(float((params[sp_case][k] - plain[k]).abs().max()) for k in plain)
-    if with_hf:
-        out["hf"] = hf_checks(rank, world)
     return out
 
 
@@ -324,7 +333,7 @@ def _hf_models():
     def llama():
         return LlamaForCausalLM(HFLlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=42,
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=16, attention_bias=True))
+                                              max_position_embeddings=16, attention_bias=True, pad_token_id=5))
 
     def gpt2():
         return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4,

@@ -3,8 +3,12 @@
 Activations go forward and their gradients backward with ``torch.distributed`` point-to-point
 ``isend``/``irecv`` between the ranks of ``mesh.pp_ranks``. Every message carries a tag built
 from (micro-batch, virtual stage, direction), so a receive can only match its own message even
-when ranks issue them in different orders. Sends are asynchronous and waited for at the end of
-the step; receives block, so a rank waits only for what its next action needs.
+when ranks issue them in different orders (gloo). Sends are asynchronous and waited for at the
+end of the step; receives block, so a rank waits only for what its next action needs. The two
+directions use two process groups over the pipeline: NCCL ignores tags and runs a pair's
+operations in issue order on one stream, where an activation send queued before a gradient
+receive could wait for a peer that waits for us; per direction, both ends issue a pair's
+messages in the same (schedule) order, so that cannot happen.
 
 Gradients accumulate locally under ZeRO's ``no_sync`` over all micro-batches; then the tied
 embedding / LM head gradients are summed between the first and last stage, and
@@ -18,10 +22,12 @@ import logging
 import torch
 import torch.distributed as dist
 
-from parallax.parallel.pipeline.schedules import Action, check_schedule, schedule_actions
+from parallax.parallel.mesh import Mesh
+from parallax.parallel.pipeline.schedules import Action, bubble_fraction, check_schedule, schedule_actions
 from parallax.parallel.pipeline.split import PipelineStage
 from parallax.parallel.state import parallel_state
 from parallax.zero.module import zero_state
+from parallax.zero.optimizer import ZeroOptimizer
 
 __all__ = ["PipelineSchedule"]
 
@@ -39,7 +45,8 @@ class PipelineSchedule:
     which must divide the batch.
     """
 
-    def __init__(self, stage: PipelineStage, optimizer, mesh, schedule: str = "1f1b", micro_batches: int = 1) -> None:
+    def __init__(self, stage: PipelineStage, optimizer: ZeroOptimizer, mesh: Mesh, schedule: str = "1f1b",
+                 micro_batches: int = 1) -> None:
         if not isinstance(stage, PipelineStage):
             raise ValueError(f"stage must be a PipelineStage from build_stage (pp > 1), got {type(stage).__name__}")
         zero = zero_state(stage)
@@ -54,9 +61,13 @@ class PipelineSchedule:
         self.micro_batches = micro_batches
         self.actions = schedule_actions(schedule, mesh.dims.pp, micro_batches, len(stage.chunks))[mesh.pp_rank]
         self.reducer = zero.reducer
+        self.groups = _direction_groups(mesh)
         self.device = next(stage.parameters()).device
         self.dtype = next(p.dtype for p in stage.parameters() if p.is_floating_point())
         self._num_stages = stage.num_chunks_total
+        log.info("pipeline: rank %d of %d, schedule %s, %d micro-batches, %d virtual stage(s) per rank, "
+                 "ideal bubble %.1f%%", mesh.pp_rank, mesh.dims.pp, schedule, micro_batches, len(stage.chunks),
+                 100 * bubble_fraction(mesh.dims.pp, micro_batches, len(stage.chunks)))
 
     # ------------------------------------------------------------------ public steps
 
@@ -96,6 +107,10 @@ class PipelineSchedule:
         if idx.size(0) % self.micro_batches:
             raise ValueError(f"the batch of {idx.size(0)} sequences does not split into micro_batches="
                              f"{self.micro_batches} equal micro-batches")
+        state = parallel_state(self.stage)
+        if state is not None and state.sequence_parallel and idx.size(1) % self.mesh.dims.tp:
+            raise ValueError(f"sequence parallelism splits the sequence over tp={self.mesh.dims.tp} ranks; "
+                             f"the sequence length {idx.size(1)} is not divisible by it")
         return list(zip(idx.chunk(self.micro_batches), targets.chunk(self.micro_batches)))
 
     @staticmethod
@@ -133,9 +148,10 @@ class PipelineSchedule:
                                    f"{self.mesh.pp_rank}; both holders must use it in every step")
             theirs = torch.empty_like(grad)
             tag = self.tag(0, 0, TIED)
-            sent = dist.isend(grad.clone(), other, tag=tag)
-            dist.irecv(theirs, other, tag=tag).wait()
-            sent.wait()
+            # One batch: NCCL runs both at once (two blocking sends first would wait for each other).
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, grad.clone(), other, tag=tag),
+                                                dist.P2POp(dist.irecv, theirs, other, tag=tag)]):
+                work.wait()
             grad.add_(theirs)
 
     def _broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
@@ -149,9 +165,9 @@ class PipelineSchedule:
 class _Run:
     """One step's state: inputs and outputs kept for backward, sends in flight, the loss."""
 
-    def __init__(self, schedule: PipelineSchedule, batches: list, shares: list[float], weight: float,
+    def __init__(self, schedule: "PipelineSchedule", batches: list, shares: list[float], weight: float,
                  train: bool) -> None:
-        self.s = schedule
+        self.pipe = schedule
         self.batches = batches
         self.shares = shares
         self.weight = weight
@@ -167,32 +183,35 @@ class _Run:
 
     def _context(self, i: int) -> tuple:
         if i not in self.contexts:
-            self.contexts[i] = self.s.stage.block_context(self.batches[i][0])
+            self.contexts[i] = self.pipe.stage.block_context(self.batches[i][0])
         return self.contexts[i]
 
     def _recv(self, shape, src_stage: int, i: int, stage: int, direction: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=self.s.dtype, device=self.s.device)
-        dist.irecv(buf, self.s.rank_of(src_stage), tag=self.s.tag(i, stage, direction)).wait()
+        buf = torch.empty(shape, dtype=self.pipe.dtype, device=self.pipe.device)
+        dist.irecv(buf, self.pipe.rank_of(src_stage), group=self.pipe.groups[direction],
+                   tag=self.pipe.tag(i, stage, direction)).wait()
         return buf
 
     def _send(self, tensor: torch.Tensor, dst_stage: int, i: int, stage: int, direction: int) -> None:
         tensor = tensor.detach().contiguous()
-        self.sends.append((dist.isend(tensor, self.s.rank_of(dst_stage), tag=self.s.tag(i, stage, direction)), tensor))
+        work = dist.isend(tensor, self.pipe.rank_of(dst_stage), group=self.pipe.groups[direction],
+                          tag=self.pipe.tag(i, stage, direction))
+        self.sends.append((work, tensor))  # the tensor must live until the send completes
 
     def _forward(self, i: int, stage: int) -> None:
         idx, targets = self.batches[i]
-        chunk = stage // self.s.mesh.dims.pp
+        chunk = stage // self.pipe.mesh.dims.pp
         if stage == 0:
             x_in = None
-            x = self.s.stage.embed(idx)
+            x = self.pipe.stage.embed(idx)
         else:
             # Tagged with the receiving stage: the message of micro-batch i into stage `stage`.
-            x_in = self._recv(self.s.activation_shape(idx), stage - 1, i, stage, FORWARD)
+            x_in = self._recv(self.pipe.activation_shape(idx), stage - 1, i, stage, FORWARD)
             x_in.requires_grad_(self.train)
             x = x_in
-        out = self.s.stage.run_blocks(chunk, x, self._context(i))
+        out = self.pipe.stage.run_blocks(chunk, x, self._context(i))
         if stage == self.last:
-            mean = self.s.stage.head_loss(out, targets)
+            mean = self.pipe.stage.head_loss(out, targets)
             share = self.shares[i]
             self.loss = mean.detach().float() * share + (self.loss if self.loss is not None else 0.0)
             out = mean * (share * self.weight)
@@ -204,7 +223,7 @@ class _Run:
     def _backward(self, i: int, stage: int) -> None:
         x_in, out = self.saved.pop((i, stage))
         if stage == self.last:
-            self.s.optimizer.backward(out)
+            self.pipe.optimizer.backward(out)
         else:
             grad = self._recv(out.shape, stage + 1, i, stage, BACKWARD)
             torch.autograd.backward(out, grad_tensors=grad)
@@ -215,3 +234,17 @@ class _Run:
         for work, _ in self.sends:
             work.wait()
         self.sends.clear()
+
+
+def _direction_groups(mesh) -> dict[int, dist.ProcessGroup]:
+    """This rank's pipeline as two process groups, one for activations and one for gradients.
+    ``new_group`` is collective over the world: every rank creates every pipeline's pair, in order."""
+    dims = mesh.dims
+    mine: dict[int, dist.ProcessGroup] = {}
+    for d in range(dims.dp):
+        for t in range(dims.tp):
+            members = [dims.rank_of(p, d, t) for p in range(dims.pp)]
+            groups = {direction: dist.new_group(members) for direction in (FORWARD, BACKWARD)}
+            if mesh.rank in members:
+                mine = groups
+    return mine

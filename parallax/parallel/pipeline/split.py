@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from parallax.models.loss import check_token_ids
+from parallax.models.rope import inv_frequencies, rope_tables
 from parallax.parallel.mesh import Mesh
 from parallax.parallel.state import ParallelState, attach_parallel_state, parallel_state
 
@@ -121,7 +123,7 @@ GPT_FAMILY = Family("gpt", "transformer", ("wte", "wpe", "drop"), "h", "ln_f", "
 LLAMA_FAMILY = Family("llama", "model", ("embed_tokens",), "layers", "norm", "embed_tokens")
 
 
-def family_of(model: nn.Module) -> Family:
+def pipeline_family(model: nn.Module) -> Family:
     """The pipeline layout of a parallax GPT or Llama-family model; ValueError for others."""
     for family in (GPT_FAMILY, LLAMA_FAMILY):
         container = getattr(model, family.container, None)
@@ -148,8 +150,9 @@ class PipelineStage(nn.Module):
         self.mesh = mesh
         self.chunks = chunks
         self.num_chunks_total = mesh.dims.pp * len(chunks)
-        # A reference to the full model's rope tables / position offset, outside the module tree.
-        self.__dict__["_source"] = model
+        # Not a reference to the full model: that would keep every other stage's blocks alive here.
+        self.position_offset = model.position_offset
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # rotary inverse frequencies per device (Llama)
         full = getattr(model, family.container)
         parts: dict[str, nn.Module] = {}
         if mesh.is_first_stage:
@@ -174,22 +177,25 @@ class PipelineStage(nn.Module):
 
     def _positions(self, idx: torch.Tensor) -> torch.Tensor:
         """(1, T) positions of idx (B, T), shifted by the model's prefix-tuning offset."""
-        return torch.arange(idx.size(1), device=idx.device)[None] + self._source.position_offset
+        return torch.arange(idx.size(1), device=idx.device)[None] + self.position_offset
 
     def block_context(self, idx: torch.Tensor) -> tuple:
         """The extra arguments every block of this family takes for tokens idx (B, T): none for
-        GPT, the rotary cos/sin (1, T, D // 2) for Llama (recomputed on each stage)."""
-        if self.family is LLAMA_FAMILY:
-            from parallax.models.rope import rope_tables
+        GPT, the rotary cos/sin (1, T, D // 2) for Llama (recomputed on each stage, as the model does)."""
+        if self.family is not LLAMA_FAMILY:
+            return ()
+        if idx.device not in self._inv_freq:
+            cfg = self.config
+            self._inv_freq[idx.device] = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(idx.device)
+        return rope_tables(self._inv_freq[idx.device], self._positions(idx))
 
-            return rope_tables(self._source._frequencies(idx.device), self._positions(idx))
-        return ()
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline stage holds part of a model: run it with "
+                           "parallax.parallel.pipeline.PipelineSchedule.train_step / eval_step")
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """First stage: token ids idx (B, T) -> the residual stream (B, T, C), or (B, T / tp, C)
         when the embedding is sequence-parallel."""
-        from parallax.models.loss import check_token_ids
-
         check_token_ids(idx, self.config.block_size)
         tokens = self._part(self.family.embedding)(idx)
         if self.family is LLAMA_FAMILY:
@@ -218,7 +224,9 @@ def lm_head_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, reduct
     plain fused loss where tensor parallelism is not installed."""
     try:
         from parallax.parallel.tensor.loss import lm_head_loss as tensor_lm_head_loss
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("parallax.parallel.tensor"):
+            raise  # tensor parallelism is there but broken: say so
         from parallax.models.loss import lm_loss
 
         return lm_loss(h, head.weight, targets, reduction)
@@ -248,7 +256,7 @@ def build_stage(model: nn.Module, mesh: Mesh, virtual_stages: int = 1, balance: 
     if mesh.dims.pp == 1:
         attach_parallel_state(model, state)
         return model
-    family = family_of(model)
+    family = pipeline_family(model)
     blocks = getattr(getattr(model, family.container), family.blocks)
     _check_unshared(blocks)
     costs = _block_param_counts(blocks) if balance == "params" else balance

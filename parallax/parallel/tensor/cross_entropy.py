@@ -104,8 +104,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             z = (h[lo:hi] @ weight.t()).float()
             grad = _softmax_minus_onehot(z, lse[lo:hi], targets[lo:hi], ctx.vocab_start, ctx.ignore_index,
                                          row_scale[lo:hi])
-            if grad_h is not None:
-                grad_h[lo:hi] = (grad @ weight.float()).to(h.dtype)
+            if grad_h is not None:  # in the weight's dtype: no fp32 copy of the (V/tp, C) weight
+                grad_h[lo:hi] = (grad.to(weight.dtype) @ weight).to(h.dtype)
             grad_w.addmm_(grad.t(), h[lo:hi].float())
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None

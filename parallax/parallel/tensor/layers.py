@@ -90,9 +90,11 @@ class _ParallelLinear(nn.Module):
     def _copy_from(self, module: nn.Module, sections: list[int] | None) -> None:
         rank = group_rank(self.group)
         self.weight.copy_(shard_slice(module.weight, self.weight_split_dim, rank, self.tp, sections))
+        self.weight.requires_grad_(module.weight.requires_grad)  # a frozen weight stays frozen
         if self.bias is not None:
             column = self.split_dim_linear == 0
             self.bias.copy_(shard_slice(module.bias, 0, rank, self.tp, sections) if column else module.bias)
+            self.bias.requires_grad_(module.bias.requires_grad)
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -203,8 +205,9 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None = None,
-                 sequence_parallel: bool = False, device=None, dtype=None) -> None:
+                 sequence_parallel: bool = False, padding_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
+        self.padding_idx = padding_idx  # a full-vocabulary id whose row gets no gradient (nn.Embedding's)
         self.group = group
         self.tp = group_size(group)
         self.sequence_parallel = sequence_parallel
@@ -222,10 +225,11 @@ class VocabParallelEmbedding(nn.Module):
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"expected an nn.Embedding; got {type(module).__name__}")
         w = module.weight
-        layer = cls(module.num_embeddings, module.embedding_dim, group, sequence_parallel, device=w.device,
-                    dtype=w.dtype)
+        layer = cls(module.num_embeddings, module.embedding_dim, group, sequence_parallel, module.padding_idx,
+                    device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.weight.copy_(shard_slice(w, 0, group_rank(group), layer.tp))
+        layer.weight.requires_grad_(w.requires_grad)
         return layer
 
     @property
@@ -236,7 +240,9 @@ class VocabParallelEmbedding(nn.Module):
         """idx (B, T) -> (B, T, dim), or (B, T/tp, dim) with sequence_parallel."""
         outside = (idx < self.vocab_start) | (idx >= self.vocab_end)
         local = (idx - self.vocab_start).masked_fill(outside, 0)
-        partial = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
+        pad = self.padding_idx
+        local_pad = pad - self.vocab_start if pad is not None and self.vocab_start <= pad < self.vocab_end else None
+        partial = F.embedding(local, self.weight, local_pad).masked_fill(outside[..., None], 0.0)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence(partial, self.group)
         return reduce_from_region(partial, self.group)

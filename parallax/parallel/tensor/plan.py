@@ -223,30 +223,18 @@ def _plan_gpt(p: _Planner) -> None:
         p.scattered.append(wpe.weight)
 
 
-def _plan_llama(p: _Planner) -> None:
+def _plan_llama(p: _Planner, hugging_face: bool = False) -> None:
+    """parallax's Llama family, or (``hugging_face``) Hugging Face's, whose attention infers its
+    head counts from the projections' widths."""
     for layer in _unique(p.model.model.layers):
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj"):
             p.column(attn, name)
         p.row(attn, "o_proj")
-        _local_heads(attn, p.tp)
-        _swap_class(attn, _TensorParallelLlamaAttention)
+        if not hugging_face:
+            _local_heads(attn, p.tp)
+            _swap_class(attn, _TensorParallelLlamaAttention)
         if hasattr(attn, "q_norm"):  # shared by the heads, which are split: each rank's grad is partial
-            p.always_partial += [attn.q_norm.weight, attn.k_norm.weight]
-        p.column(layer.mlp, "gate_proj")
-        p.column(layer.mlp, "up_proj")
-        p.row(layer.mlp, "down_proj")
-    p.embedding_and_head(p.model.model, "embed_tokens")
-
-
-def _plan_hf_llama(p: _Planner) -> None:
-    """Hugging Face's Llama-style attention infers its head counts from the projections' widths."""
-    for layer in _unique(p.model.model.layers):
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj"):
-            p.column(attn, name)
-        p.row(attn, "o_proj")
-        if hasattr(attn, "q_norm"):
             p.always_partial += [attn.q_norm.weight, attn.k_norm.weight]
         p.column(layer.mlp, "gate_proj")
         p.column(layer.mlp, "up_proj")
@@ -282,7 +270,8 @@ def _family(model: nn.Module) -> str:
                     f"families and Hugging Face's {', '.join(HF_LLAMA_TYPES + HF_GPT2_TYPES)} causal LMs have one")
 
 
-PLANS = {"gpt": _plan_gpt, "llama": _plan_llama, "hf_llama": _plan_hf_llama, "hf_gpt2": _plan_hf_gpt2}
+PLANS = {"gpt": _plan_gpt, "llama": _plan_llama, "hf_llama": lambda p: _plan_llama(p, hugging_face=True),
+         "hf_gpt2": _plan_hf_gpt2}
 
 
 # ------------------------------------------------------------------------------ parallelize

@@ -1,6 +1,10 @@
-"""Tensor-parallel GPT and Llama-family models (and Hugging Face's) trained on gloo ranks against
-a single-process run of the plain model, element-wise: parameters after 3 AdamW steps, losses,
-clipped gradient norms and full logits."""
+"""Tensor parallelism on gloo ranks against plain PyTorch, element-wise: each layer and the
+vocabulary-parallel cross-entropy (outputs and gradients), and GPT / Llama-family models (and
+Hugging Face's) trained against a single-process run of the plain model: parameters after 3
+AdamW steps, losses, clipped gradient norms and full logits.
+
+Each world size is one launch whose results the tests read (spawning ranks costs more than the
+checks themselves)."""
 
 from __future__ import annotations
 
@@ -13,14 +17,40 @@ FP32_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> dict:
-    """Every tp = 2 case in one launch of 2 ranks (spawning ranks dominates the time): rank 0's results."""
-    return run_ranks(tw.model_cases, 2, tw.TWO_RANK_CASES, True, timeout_s=120)[0]
+def two_rank_results() -> list[dict]:
+    """Every tp = 2 check, one launch of 2 ranks: each rank's results."""
+    return run_ranks(tw.two_rank_checks, 2, timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_rank_results) -> dict:
+    """Rank 0's model results (cases by name, and "hf")."""
+    return {**two_rank_results[0]["models"], "hf": two_rank_results[0]["hf"]}
 
 
 @pytest.fixture(scope="module")
 def four_ranks() -> dict:
-    return run_ranks(tw.model_cases, 4, tw.FOUR_RANK_CASES, False, timeout_s=120)[0]
+    return run_ranks(tw.four_rank_checks, 4, timeout_s=120)[0]["models"]
+
+
+def _layer_failures(two_rank_results, check: str) -> list[str]:
+    return [r["layers"][check] for r in two_rank_results if r["layers"][check]]
+
+
+def test_layers_match_full_modules(two_rank_results):
+    """Column (gathered, sharded, fused q/k/v sections), row (split input or not), Hugging Face
+    Conv1D layouts and the vocabulary embedding (with a padding row), with and without sequence
+    parallelism: outputs, input gradients and this rank's slice of the parameter gradients equal
+    the full module's."""
+    failures = _layer_failures(two_rank_results, "layer_checks")
+    assert not failures, failures
+
+
+def test_vocab_parallel_cross_entropy_matches_full_logits(two_rank_results):
+    """Loss and gradients of the vocabulary-parallel cross-entropy and of its fused, chunked
+    linear form equal F.cross_entropy on the full logits (mean and per-row, ignored rows)."""
+    failures = _layer_failures(two_rank_results, "cross_entropy_checks")
+    assert not failures, failures
 
 
 def _assert_matches(result: dict, tol: float = FP32_TOL) -> None:

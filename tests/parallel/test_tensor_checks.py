@@ -1,15 +1,19 @@
-"""Clear errors, before any process allocates memory, for sizes tensor parallelism cannot split."""
+"""Tensor parallelism in one process: clear errors, before any process allocates memory, for sizes it
+cannot split; what slicing a module keeps."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from parallax.models import GPTConfig, LlamaConfig, build_model
 from parallax.parallel import Mesh, ParallelDims
-from parallax.parallel.tensor import ColumnParallelLinear, check_tensor_parallel, parallelize
+from parallax.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                      check_tensor_parallel, parallelize, vocab_parallel_linear_cross_entropy)
 from parallax.parallel.tensor.layers import split_size
 
 
@@ -75,3 +79,36 @@ def test_layer_widths_must_split_evenly():
         split_size(7, 2, "out_features")
     with pytest.raises(ValueError, match=r"sections \[4, 2\] must add up to out_features = 7"):
         ColumnParallelLinear(3, 7, sections=[4, 2])
+
+
+def test_from_module_keeps_frozen_parameters_frozen():
+    """Slicing a module keeps requires_grad (frozen embeddings or layers stay frozen); one process,
+    no process group: tp = 1."""
+    linear = nn.Linear(4, 6).requires_grad_(False)
+    assert not any(p.requires_grad for p in ColumnParallelLinear.from_module(linear, None).parameters())
+    assert not any(p.requires_grad for p in RowParallelLinear.from_module(linear, None).parameters())
+    embedding = nn.Embedding(6, 4).requires_grad_(False)
+    assert not VocabParallelEmbedding.from_module(embedding, None).weight.requires_grad
+    assert ColumnParallelLinear.from_module(nn.Linear(4, 6), None).weight.requires_grad
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_fused_loss_in_bf16_is_close_to_fp32(device):
+    """The fused vocabulary-parallel loss (one process: the whole vocabulary) with bf16 h and
+    weight: loss and gradients within bf16 rounding of F.cross_entropy in fp32."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 24, generator=g)
+    weight = torch.randn(50, 24, generator=g) / 5
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[3] = -100
+    h32, w32 = (t.to(device).clone().requires_grad_() for t in (h, weight))
+    F.cross_entropy(h32 @ w32.t(), targets.to(device)).backward()
+    h16, w16 = (t.to(device, torch.bfloat16).requires_grad_() for t in (h, weight))
+    loss = vocab_parallel_linear_cross_entropy(h16, w16, targets.to(device), chunk_rows=16)
+    loss.backward()
+    ref = F.cross_entropy(h32 @ w32.t(), targets.to(device))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h16.grad.float(), h32.grad, rtol=5e-2, atol=2e-3)
+    torch.testing.assert_close(w16.grad.float(), w32.grad, rtol=5e-2, atol=2e-3)
