@@ -708,7 +708,7 @@ def plot(rows: list[dict], path) -> None:
     for v in sorted({r["virtual_stages"] for r in pp_rows}):
         left.plot(ms, [bubble_formula(pp_rows[0]["degree"], m, v) for m in ms], "k:" if v == 1 else "k-.",
                   marker="x", label="(p-1)/(m+p-1)" if v == 1 else f"(p-1)/({v}m+p-1)")
-    left.set(xlabel="micro-batches m", ylabel="idle fraction", xscale="log", xticks=ms, xticklabels=ms, ylim=(0, 1))
+    left.set(xlabel="micro-batches m", ylabel="idle fraction", xticks=ms, ylim=(0, 1))
     left.legend()
     largest = [r for r in pp_rows if r["micro_batches"] == ms[-1]]
     for k, row in enumerate(largest):

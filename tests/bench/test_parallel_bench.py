@@ -140,6 +140,7 @@ def test_quick_end_to_end(tmp_path):
             v = 2 if r["schedule"] == "interleaved" else 1
             assert r["virtual_stages"] == v and r["bubble_formula"] == pytest.approx(1 / (2 * v + 1))
             assert 0 < r["idle"] < 1 and len(r["idle_per_rank"]) == 2
+            assert len(r["timeline_ms"]) == 2 and all(a <= b for rank in r["timeline_ms"] for a, b in rank)
         else:
             assert "idle" not in r
     assert any(key.startswith("tp: parallax step") for key in rows[-1]["notes"]["goals"])
