@@ -68,6 +68,12 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "per-rank peak memory and step time of fp32/bf16 x ZeRO stage 0-3 x offload x checkpointing on 2 gloo ranks: "
         "measured vs px.planner's prediction and the ZeRO formula",
     ),
+    "parallel": (
+        ".parallel",
+        "tensor (TP=2) and pipeline (PP=2, GPipe/1F1B, m micro-batches) parallelism on gloo: parallax vs "
+        "torch.distributed.tensor.parallel and torch.distributed.pipelining, step time; measured pipeline bubble "
+        "vs (p-1)/(m+p-1)",
+    ),
     "paged_attention": (
         ".paged_attention",
         "PagedAttention decode (GQA 32/8, D 128, bf16): parallax CUDA and Triton kernels vs SDPA on a contiguous "
