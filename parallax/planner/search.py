@@ -381,6 +381,8 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
         policies = tuple(p for p in policies if p not in skipped)
     if 0 in stages and "cpu" in offloads:
         notes.append("offload 'cpu' needs stage >= 1: stage 0 + offload is not a configuration")
+    if 3 in stages and any(p > 1 for _, p, _ in meshes):
+        notes.append("ZeRO stage 3 is not combined with pipeline parallelism (pp > 1)")
     estimates = []
     for tp_degree, pp_degree, m in meshes:
         dp = world_size // (tp_degree * pp_degree)
@@ -391,8 +393,8 @@ def plan(model_or_num_params: nn.Module | Any, world_size: int, device_bytes: in
             for precision in precisions:
                 b = _DTYPES[precision].itemsize
                 for offload in offloads:
-                    if stage == 0 and offload == "cpu":
-                        continue
+                    if (stage == 0 and offload == "cpu") or (stage == 3 and pp_degree > 1):
+                        continue  # ZeRO-3 would re-gather a stage's parameters for every micro-batch
                     for policy in policies:
                         trace = traces[(b, policy, batch)]
                         if tp_degree * pp_degree * m > 1:

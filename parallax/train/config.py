@@ -168,9 +168,9 @@ class TrainConfig:
         """The launch and mesh fields on their own (sizes against the model:
         ``parallax.train.parallelism.check_model_parallel``)."""
         if self.model_parallel and not self.supports_model_parallel:
-            raise ConfigError(f"tp/pp: tensor and pipeline parallelism run parallax train's language-model loss; "
-                              f"`{self.command}` computes another one (use --nproc with --zero-stage for data "
-                              "parallelism)")
+            raise ConfigError(f"tp/pp: tensor and pipeline parallelism are for `parallax train`; `{self.command}` "
+                              "adds adapters, packed rows or another loss, which they do not split (use --nproc "
+                              "with --zero-stage for data parallelism)")
         if isinstance(self.node_rank, bool) or not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"node_rank must be in 0 .. nnodes-1 = {self.nnodes - 1}, got {self.node_rank!r}")
         if not isinstance(self.master_addr, str) or not self.master_addr:

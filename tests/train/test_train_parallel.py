@@ -135,4 +135,19 @@ def test_fine_tuning_refuses_model_parallelism():
     from parallax.finetune.config import FinetuneConfig
 
     with pytest.raises(ConfigError, match="tp/pp"):
-        FinetuneConfig(tp=2, nproc=2)
+        FinetuneConfig(base="runs/base", tp=2, nproc=2)
+
+
+def test_plan_searches_the_mesh_when_data_parallelism_alone_does_not_fit():
+    """--plan over 4 ranks: with too little memory for data parallelism the planner splits the
+    model (here into pipeline stages), never with ZeRO-3 across stages, and the result is a valid
+    config; given explicitly, tp/pp are kept."""
+    from parallax.train.planning import resolve_plan
+
+    common = dict(nproc=4, model={"n_layer": 4, "n_head": 4, "n_embd": 128}, batch_size=8)
+    roomy = resolve_plan(TrainConfig(**common, plan="1GB"))
+    assert (roomy.tp, roomy.pp, roomy.micro_batches) == (1, 1, 1)
+    tight = resolve_plan(TrainConfig(**common, plan="3MB"))
+    assert tight.tp * tight.pp > 1 and not (tight.pp > 1 and tight.zero_stage == 3), tight
+    kept = resolve_plan(TrainConfig(**common, plan="3MB", tp=2), fixed=["tp"])
+    assert kept.tp == 2
