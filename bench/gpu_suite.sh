@@ -46,7 +46,7 @@ XDIST=()
 step tests "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$RESULTS/gpu_tests.xml" \
   tests/ops tests/optim tests/amp tests/models tests/checkpoint tests/distributed/test_zero_cuda.py \
   tests/distributed/test_precision_cuda.py tests/inference tests/peft/test_lora_cuda.py tests/align/test_objective_cuda.py \
-  tests/compress/test_prune.py tests/compress/test_quantize.py
+  tests/compress/test_prune.py tests/compress/test_quantize.py tests/parallel/test_tensor_checks.py
 export PARALLAX_BENCH_RESULTS=$RESULTS
 step bench-adamw "$PY" -m bench adamw --device cuda --budget 1
 step bench-train "$PY" -m bench train --device cuda --cases tiny,small --steps 40
