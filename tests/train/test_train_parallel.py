@@ -151,3 +151,16 @@ def test_plan_searches_the_mesh_when_data_parallelism_alone_does_not_fit():
     assert tight.tp * tight.pp > 1 and not (tight.pp > 1 and tight.zero_stage == 3), tight
     kept = resolve_plan(TrainConfig(**common, plan="3MB", tp=2), fixed=["tp"])
     assert kept.tp == 2
+
+
+def test_a_tensor_parallel_checkpoint_resumes_as_a_pipeline(tmp_path, one_process):
+    """Saved at (pp=1, dp=1, tp=2) -- GPT's fused q/k/v split by heads within each section, the
+    257-id vocabulary split unevenly -- and resumed at (pp=2, dp=1, tp=1): the run continues as
+    the uninterrupted one-process run (weights and Adam moments resharded)."""
+    first = _run("--tp", "2", "--nproc", "2", "--batch-size", "8", "--steps", "2", "--checkpoint-interval", "2",
+                 "--out", "run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = _run("--pp", "2", "--nproc", "2", "--batch-size", "8", "--micro-batches", "2", "--out", "run",
+                "--resume", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    _assert_same_run(tmp_path / "run", one_process)
