@@ -58,7 +58,7 @@ def test_vocab_parallel_cross_entropy_matches_full_logits(two_rank_results):
 
 def _assert_matches(result: dict, tol: float = FP32_TOL) -> None:
     assert not result["wrong_full_shapes"], f"ParallelState.full_shapes wrong for {result['wrong_full_shapes']}"
-    assert not result["parallelize_drew_random_numbers"]
+    assert not result["parallelize_drew_random_numbers"], "parallelize moved the random generator (unequal slices)"
     diffs = result["diffs"]
     missing = sorted(k for k, v in diffs.items() if v is None)
     assert not missing, f"parameters missing or of another shape: {missing}"
