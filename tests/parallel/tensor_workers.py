@@ -90,14 +90,28 @@ def layer_checks(rank: int, world: int) -> None:
     _close(gx, gx_ref, "Conv1D row input grad")
     _close(layer.weight.grad, shard_slice(conv.weight.grad, 0, rank, world), "Conv1D row weight grad")
 
-    # Vocabulary-parallel embedding: 10 ids (5 per rank), width 7, every id used, id 6's row padding.
-    full = nn.Embedding(10, 7, padding_idx=6)
-    idx = torch.arange(B * T).remainder(10).view(B, T)
-    y_ref, _ = _run(full, idx, lambda y: upstream(tuple(y.shape)))
-    layer = VocabParallelEmbedding.from_module(full, None)
-    y, _ = _run(layer, idx, lambda y: upstream(tuple(y.shape)))
-    _close(y, y_ref, "embedding output")
-    _close(layer.weight.grad, shard_slice(full.weight.grad, 0, rank, world), "embedding weight grad")
+    # Vocabulary-parallel embedding, width 7, every id used: 10 ids (5 per rank), id 6's row padding;
+    # 2 * world + 1 ids, which tp does not divide (torch.chunk's split: the last rank holds fewer),
+    # the last id's row padding.
+    for vocab, padding_idx in ((10, 6), (2 * world + 1, 2 * world)):
+        full = nn.Embedding(vocab, 7, padding_idx=padding_idx)
+        idx = torch.arange(B * T).remainder(vocab).view(B, T)
+        y_ref, _ = _run(full, idx, lambda y: upstream(tuple(y.shape)))
+        layer = VocabParallelEmbedding.from_module(full, None)
+        y, _ = _run(layer, idx, lambda y: upstream(tuple(y.shape)))
+        _close(y, y_ref, f"embedding output ({vocab} ids)")
+        _close(layer.weight.grad, shard_slice(full.weight.grad, 0, rank, world), f"embedding weight grad ({vocab} ids)")
+
+    # A column-parallel LM head over a vocabulary tp does not divide, gathering the full logits
+    # (the shorter slice padded for the all-gather, then trimmed).
+    full = nn.Linear(7, 2 * world + 1, bias=False)
+    x = torch.randn(B, T, 7, generator=g)
+    y_ref, gx_ref = _run(full, x, lambda y: upstream(tuple(y.shape)))
+    layer = ColumnParallelLinear.from_module(full, None, gather_output=True)
+    y, gx = _run(layer, x, lambda y: upstream(tuple(y.shape)))
+    _close(y, y_ref, "uneven column gathered output")
+    _close(gx, gx_ref, "uneven column input grad")
+    _close(layer.weight.grad, shard_slice(full.weight.grad, 0, rank, world), "uneven column weight grad")
 
     _sequence_parallel_checks(rank, world, B, T, g, upstream)
 
@@ -150,8 +164,14 @@ def layer_and_loss_checks(rank: int, world: int) -> dict[str, str | None]:
 
 def cross_entropy_checks(rank: int, world: int) -> None:
     """Both vocabulary-parallel losses against F.cross_entropy on the full logits: loss (mean and
-    per row, ignored rows included) and the gradients of the logits / of h and the weight."""
-    N, C, V = 13, 6, 11 * world
+    per row, ignored rows included) and the gradients of the logits / of h and the weight, with a
+    vocabulary tp divides and one it does not (each rank its torch.chunk slice)."""
+    for V in (11 * world, 97):
+        _cross_entropy_checks(rank, world, V)
+
+
+def _cross_entropy_checks(rank: int, world: int, V: int) -> None:
+    N, C = 13, 6
     g = torch.Generator().manual_seed(2)
     targets = torch.randint(0, V, (N,), generator=g)
     targets[[2, 7]] = -100
@@ -161,10 +181,10 @@ def cross_entropy_checks(rank: int, world: int) -> None:
         ref = F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
         (ref if reduction == "mean" else (ref * row_weights).sum()).backward()
         shard = shard_slice(logits.detach(), 1, rank, world).requires_grad_()
-        loss = vocab_parallel_cross_entropy(shard, targets, None, reduction=reduction)
+        loss = vocab_parallel_cross_entropy(shard, targets, None, reduction=reduction, vocab_size=V)
         (loss if reduction == "mean" else (loss * row_weights).sum()).backward()
-        _close(loss, ref.detach(), f"vocab-parallel cross-entropy ({reduction})")
-        _close(shard.grad, shard_slice(logits.grad, 1, rank, world), f"vocab-parallel logits grad ({reduction})")
+        _close(loss, ref.detach(), f"vocab-parallel cross-entropy (V={V}, {reduction})")
+        _close(shard.grad, shard_slice(logits.grad, 1, rank, world), f"vocab-parallel logits grad (V={V}, {reduction})")
         logits.grad = None
 
     h = torch.randn(N, C, generator=g, requires_grad=True)
@@ -174,11 +194,13 @@ def cross_entropy_checks(rank: int, world: int) -> None:
         (ref if reduction == "mean" else (ref * row_weights).sum()).backward()
         h_tp = h.detach().clone().requires_grad_()
         w_tp = shard_slice(weight.detach(), 0, rank, world).requires_grad_()
-        loss = vocab_parallel_linear_cross_entropy(h_tp, w_tp, targets, None, reduction=reduction, chunk_rows=4)
+        loss = vocab_parallel_linear_cross_entropy(h_tp, w_tp, targets, None, reduction=reduction, chunk_rows=4,
+                                                   vocab_size=V)
         (loss if reduction == "mean" else (loss * row_weights).sum()).backward()
-        _close(loss, ref.detach(), f"fused vocab-parallel cross-entropy ({reduction})")
-        _close(h_tp.grad, h.grad, f"fused vocab-parallel grad of h ({reduction})")
-        _close(w_tp.grad, shard_slice(weight.grad, 0, rank, world), f"fused vocab-parallel weight grad ({reduction})")
+        what = f"(V={V}, {reduction})"
+        _close(loss, ref.detach(), f"fused vocab-parallel cross-entropy {what}")
+        _close(h_tp.grad, h.grad, f"fused vocab-parallel grad of h {what}")
+        _close(w_tp.grad, shard_slice(weight.grad, 0, rank, world), f"fused vocab-parallel weight grad {what}")
         h.grad = weight.grad = None
 
 
@@ -186,11 +208,13 @@ def cross_entropy_checks(rank: int, world: int) -> None:
 
 import parallax as px  # noqa: E402
 from parallax.models import GPTConfig, LlamaConfig, build_model  # noqa: E402
-from parallax.parallel import ParallelDims, init_mesh  # noqa: E402
+from parallax.parallel import ParallelDims, init_mesh, parallel_state  # noqa: E402
 from parallax.parallel.tensor import gather_tensor_parallel, parallelize  # noqa: E402
 
 OPT = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-BATCH, SEQ, VOCAB = 4, 8, 70
+# The byte tokenizer's vocabulary, which tp = 2 does not divide: the embedding and the LM head
+# split it 129 + 128, like torch.chunk.
+BATCH, SEQ, VOCAB = 4, 8, 257
 
 
 def model_config(family: str):
@@ -242,7 +266,14 @@ def tensor_parallel_run(rank: int, world: int, family: str, tp: int, stage: int 
     mesh = init_mesh(ParallelDims.for_world(world, tp=tp))
     torch.manual_seed(0)
     model = build_model(model_config(family))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    rng = torch.get_rng_state()
     parallelize(model, mesh, sequence_parallel=sequence_parallel)
+    # Slices of unequal sizes must not leave the ranks' generators (batches, dropout) apart.
+    parallelize_drew_random_numbers = not torch.equal(rng, torch.get_rng_state())
+    state = parallel_state(model)
+    wrong_full_shapes = sorted(n for n in {*state.tp_dims, *state.full_shapes}
+                               if n not in state.tp_dims or state.full_shapes.get(n) != shapes[n])
     config = px.RuntimeConfig(zero_stage=stage, precision=precision, activation_checkpointing=checkpointing,
                               timeout_s=60)
     model, opt = px.initialize(model, config, group=mesh.dp_group, **OPT)
@@ -262,7 +293,8 @@ def tensor_parallel_run(rank: int, world: int, family: str, tp: int, stage: int 
     logits = model(_batch(steps)[0]).detach().float()
     full = px.zero.full_state_dict(model)
     params = {name: gather_tensor_parallel(model, name, t).float() for name, t in full.items()}
-    return {"params": params, "losses": losses, "norms": norms, "logits": logits}
+    return {"params": params, "losses": losses, "norms": norms, "logits": logits,
+            "wrong_full_shapes": wrong_full_shapes, "parallelize_drew_random_numbers": parallelize_drew_random_numbers}
 
 
 def _diffs(run: dict, ref: dict) -> dict:
@@ -315,7 +347,8 @@ def model_cases(rank: int, world: int, cases: dict) -> dict:
         run = tensor_parallel_run(rank, world, tp=2, **kwargs)
         params[name] = run["params"]
         out[name] = {"diffs": _diffs(run, ref), "losses": run["losses"], "ref_losses": ref["losses"],
-                     "norms": run["norms"], "ref_norms": ref["norms"]}
+                     "norms": run["norms"], "ref_norms": ref["norms"],
+                     **{k: run[k] for k in ("wrong_full_shapes", "parallelize_drew_random_numbers")}}
     for sp_case in [c for c in cases if c.endswith("_sp") and c[:-3] in cases]:
         plain = params[sp_case[:-3]]
         out[sp_case]["vs_plain"] = max(float((params[sp_case][k] - plain[k]).abs().max()) for k in plain)

@@ -13,8 +13,10 @@ from torch import nn
 from parallax.models import GPTConfig, LlamaConfig, build_model
 from parallax.parallel import Mesh, ParallelDims
 from parallax.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      check_tensor_parallel, parallelize, vocab_parallel_linear_cross_entropy)
-from parallax.parallel.tensor.layers import split_size
+                                      check_tensor_parallel, parallelize, vocab_parallel_cross_entropy,
+                                      vocab_parallel_linear_cross_entropy)
+from parallax.parallel.state import tp_slice
+from parallax.parallel.tensor.layers import shard_slice, split_size
 
 
 def _gpt(**overrides) -> GPTConfig:
@@ -29,7 +31,8 @@ def _llama(**overrides) -> LlamaConfig:
 @pytest.mark.parametrize("config, tp, message", [
     (_gpt(n_head=6, n_embd=48), 4, "n_head = 6 is not divisible by tp = 4"),
     (_gpt(n_kv_head=2), 4, "n_kv_head = 2 is not divisible by tp = 4"),
-    (_gpt(vocab_size=257), 2, "vocab_size = 257 is not divisible by tp = 2"),
+    (_gpt(vocab_size=3), 4, "vocab_size = 3 is too small to split over tp = 4"),
+    (_gpt(vocab_size=5), 4, "vocab_size = 5 is too small to split over tp = 4"),  # chunks 2, 2, 1, none
     (_gpt(n_inner=66), 4, "MLP width (n_inner) = 66 is not divisible by tp = 4"),
     (_llama(), 4, "n_kv_head = 2 is not divisible by tp = 4"),
     (_llama(n_kv_head=4, intermediate_size=42), 4, "intermediate_size = 42 is not divisible by tp = 4"),
@@ -38,6 +41,36 @@ def test_indivisible_sizes_name_the_size_and_tp(config, tp, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_tensor_parallel(config, tp)
     check_tensor_parallel(config, 1)
+
+
+@pytest.mark.parametrize("config, tp", [(_gpt(vocab_size=257), 2), (_gpt(vocab_size=257), 4),
+                                        (_gpt(vocab_size=7), 4), (_llama(vocab_size=97), 2)])
+def test_a_vocabulary_tp_does_not_divide_is_accepted(config, tp):
+    """Only the vocabulary may split unevenly (the byte tokenizer's 257 ids over tp = 2); 7 ids
+    over tp = 4 still give every rank some (2, 2, 2, 1)."""
+    check_tensor_parallel(config, tp)
+
+
+@pytest.mark.parametrize("size, tp", [(257, 2), (257, 3), (97, 4), (7, 4), (64, 4)])
+def test_shard_slices_follow_torch_chunk(size, tp):
+    """Each rank's slice (tp_slice, shard_slice) is torch.chunk's: ceil(size / tp) rows, the last
+    smaller, in rank order covering the dimension once."""
+    full = torch.arange(size * 3).view(size, 3)
+    slices = [shard_slice(full, 0, rank, tp) for rank in range(tp)]
+    for rank, (mine, expected) in enumerate(zip(slices, full.chunk(tp, 0))):
+        assert torch.equal(mine, expected)
+        start, end = tp_slice(size, tp, rank)
+        assert torch.equal(mine, full[start:end])
+    assert torch.equal(torch.cat(slices), full)
+
+
+def test_vocab_parallel_loss_checks_its_slice_against_the_vocabulary():
+    """One process (tp = 1) holds the whole vocabulary: logits of 5 ids are not a vocabulary of 7."""
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 4])
+    with pytest.raises(ValueError, match="holds 5 vocabulary ids; a vocab_size of 7 split like torch.chunk gives it 7"):
+        vocab_parallel_cross_entropy(logits, targets, vocab_size=7)
+    torch.testing.assert_close(vocab_parallel_cross_entropy(logits, targets, vocab_size=5),
+                               F.cross_entropy(logits, targets))
 
 
 def test_hugging_face_configs_are_checked():

@@ -23,11 +23,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallax.parallel.state import tp_slice
 from parallax.zero.comm import Comm
 
 __all__ = ["copy_to_region", "reduce_from_region", "gather_from_region", "split_to_region",
            "scatter_to_sequence", "gather_from_sequence", "reduce_scatter_to_sequence",
-           "all_reduce_", "all_gather_along", "group_rank", "group_size", "COLLECTIVE_TIMEOUT_S"]
+           "all_reduce_", "all_gather_along", "all_gather_slices", "group_rank", "group_size",
+           "COLLECTIVE_TIMEOUT_S"]
 
 # How long a tensor-parallel collective may take before it fails with CollectiveError (the
 # ZeRO default): a dead peer then gives an error, not a hang.
@@ -70,6 +72,26 @@ def all_gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None,
     out = torch.empty((n * moved.size(0), *moved.shape[1:]), dtype=x.dtype, device=x.device)
     _comm(group).all_gather(out, moved, f"tensor parallel: {what}").wait()
     return out.movedim(0, dim)
+
+
+def all_gather_slices(x: torch.Tensor, dim: int, size: int, group: dist.ProcessGroup | None,
+                      what: str) -> torch.Tensor:
+    """The full tensor of a dimension ``dim`` of full size ``size`` that ``group`` holds split like
+    torch.chunk (rank r its ``tp_slice(size, tp, r)``, the last slices smaller when tp does not
+    divide ``size``): every rank's slice concatenated (no autograd). The shorter slices are padded
+    to ceil(size / tp) for the all-gather and the padding trimmed."""
+    n, rank = group_size(group), group_rank(group)
+    start, end = tp_slice(size, n, rank)
+    if x.size(dim) != end - start:
+        raise ValueError(f"tensor parallel {what}: rank {rank} of {n} holds {x.size(dim)} of dimension {dim} "
+                         f"(shape {tuple(x.shape)}); a full size of {size} split like torch.chunk gives it "
+                         f"{end - start}")
+    chunk = -(-size // n)
+    if x.size(dim) < chunk:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = chunk - x.size(dim)
+        x = torch.cat([x, x.new_zeros(pad_shape)], dim)
+    return all_gather_along(x, dim, group, what).narrow(dim, 0, size)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group, what: str) -> torch.Tensor:
@@ -118,13 +140,14 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return all_gather_along(x, dim, group, f"all-gather along dim {dim}")
+    def forward(ctx, x, dim, group, size):
+        ctx.dim, ctx.group, ctx.size = dim, group, size
+        return all_gather_slices(x, dim, size, group, f"all-gather along dim {dim}")
 
     @staticmethod
     def backward(ctx, grad):
-        return _split(grad, ctx.dim, ctx.group, f"split of a gradient along dim {ctx.dim}"), None, None
+        start, end = tp_slice(ctx.size, group_size(ctx.group), group_rank(ctx.group))
+        return grad.narrow(ctx.dim, start, end - start).contiguous(), None, None, None
 
 
 class _SplitToRegion(torch.autograd.Function):
@@ -175,9 +198,16 @@ def reduce_from_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torc
     return x if _single(group) else _ReduceFromRegion.apply(x, group)
 
 
-def gather_from_region(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Concatenate every rank's slice of x along ``dim``; backward keeps this rank's slice."""
-    return x if _single(group) else _GatherFromRegion.apply(x, dim % x.dim(), group)
+def gather_from_region(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None,
+                       size: int | None = None) -> torch.Tensor:
+    """Concatenate every rank's slice of x along ``dim``; backward keeps this rank's slice.
+
+    ``size``: the full size along ``dim`` when tp need not divide it (a vocabulary: rank r holds
+    ``tp_slice(size, tp, r)``, torch.chunk's split); default tp x this rank's size (an even split)."""
+    if _single(group):
+        return x
+    dim = dim % x.dim()
+    return _GatherFromRegion.apply(x, dim, group, x.size(dim) * group_size(group) if size is None else size)
 
 
 def split_to_region(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Vocabulary-parallel cross-entropy (Megatron-LM): each rank holds the logits of its V/tp
-vocabulary ids and the full-vocabulary logits are never gathered.
+vocabulary ids (``tp_slice(V, tp, rank)``: torch.chunk's split, so tp need not divide V) and the
+full-vocabulary logits are never gathered.
 
 Per row, two all-reduces over the tensor-parallel group of (N,)-sized values replace the
 gather of (N, V) logits: the maximum logit, then the sum of exponentials together with the
@@ -16,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallax.parallel.tensor.comm import all_reduce_, copy_to_region, group_rank
+from parallax.parallel.state import tp_slice
+from parallax.parallel.tensor.comm import all_reduce_, copy_to_region, group_rank, group_size
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -58,8 +60,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """logits (N, V/tp) -> loss (N,) fp32, 0 on ignored rows."""
 
     @staticmethod
-    def forward(ctx, logits, targets, group, ignore_index):
-        vocab_start = group_rank(group) * logits.size(1)
+    def forward(ctx, logits, targets, group, ignore_index, vocab_start):
         z = logits.float()
         lse, target_logit = _shard_stats(z, targets, vocab_start, ignore_index, group)
         loss = torch.where(targets != ignore_index, lse - target_logit, 0.0)
@@ -72,7 +73,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits, lse, targets = ctx.saved_tensors
         grad = _softmax_minus_onehot(logits.float(), lse, targets, ctx.vocab_start, ctx.ignore_index,
                                      grad_loss.float())
-        return grad.to(logits.dtype), None, None, None
+        return grad.to(logits.dtype), None, None, None, None
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -80,8 +81,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     rank's partial sum (the caller's ``copy_to_region`` all-reduces it)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, group, ignore_index, chunk_rows):
-        vocab_start = group_rank(group) * weight.size(0)
+    def forward(ctx, h, weight, targets, group, ignore_index, chunk_rows, vocab_start):
         loss = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
         lse = torch.empty_like(loss)
         for lo in range(0, h.size(0), chunk_rows):
@@ -108,7 +108,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 grad_h[lo:hi] = (grad.to(weight.dtype) @ weight).to(h.dtype)
             grad_w.addmm_(grad.t(), h[lo:hi].float())
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _check(what: str, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
@@ -120,6 +120,18 @@ def _check(what: str, x: torch.Tensor, targets: torch.Tensor, reduction: str) ->
         raise ValueError(f"{what}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
 
 
+def _vocab_start(what: str, local: int, vocab_size: int | None, group) -> int:
+    """The first vocabulary id of this rank's ``local`` columns: ``tp_slice(vocab_size, tp, rank)``
+    (vocab_size None: an even split, tp x local)."""
+    tp, rank = group_size(group), group_rank(group)
+    full = local * tp if vocab_size is None else vocab_size
+    start, end = tp_slice(full, tp, rank)
+    if end - start != local:
+        raise ValueError(f"{what}: tensor-parallel rank {rank} of {tp} holds {local} vocabulary ids; a vocab_size "
+                         f"of {full} split like torch.chunk gives it {end - start}")
+    return start
+
+
 def _reduce(loss: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return loss
@@ -128,38 +140,43 @@ def _reduce(loss: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduct
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                  group: dist.ProcessGroup | None = None, ignore_index: int = -100,
-                                 reduction: str = "mean") -> torch.Tensor:
+                                 reduction: str = "mean", vocab_size: int | None = None) -> torch.Tensor:
     """Cross-entropy of logits split over the vocabulary, equal to ``F.cross_entropy`` of the
     full logits.
 
-    logits (N, V/tp): this rank's columns [rank * V/tp, (rank + 1) * V/tp) of the (N, V) logits
-    (a column-parallel LM head's output); targets (N,) full-vocabulary ids, ``ignore_index``
-    rows left out. Returns the mean over counted rows, or with ``reduction="none"`` (N,) fp32,
-    0 on ignored rows. The same on every rank of ``group``.
+    logits (N, V/tp): this rank's columns ``tp_slice(V, tp, rank)`` of the (N, V) logits (a
+    column-parallel LM head's output); ``vocab_size`` V, needed when tp does not divide it
+    (default: tp x this rank's columns); targets (N,) full-vocabulary ids, ``ignore_index`` rows
+    left out. Returns the mean over counted rows, or with ``reduction="none"`` (N,) fp32, 0 on
+    ignored rows. The same on every rank of ``group``.
     """
-    _check("vocab_parallel_cross_entropy", logits, targets, reduction)
-    loss = _VocabParallelCrossEntropy.apply(logits, targets, group, ignore_index)
+    what = "vocab_parallel_cross_entropy"
+    _check(what, logits, targets, reduction)
+    vocab_start = _vocab_start(what, logits.size(1), vocab_size, group)
+    loss = _VocabParallelCrossEntropy.apply(logits, targets, group, ignore_index, vocab_start)
     return _reduce(loss, targets, ignore_index, reduction)
 
 
 def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                         group: dist.ProcessGroup | None = None, ignore_index: int = -100,
                                         reduction: str = "mean", chunk_rows: int = CHUNK_ROWS,
-                                        reduce_h_grad: bool = True) -> torch.Tensor:
+                                        reduce_h_grad: bool = True, vocab_size: int | None = None) -> torch.Tensor:
     """``vocab_parallel_cross_entropy(h @ weight.T, ...)`` without the logits: computed
     ``chunk_rows`` rows at a time, recomputed in backward.
 
-    h (N, C) replicated over ``group``; weight (V/tp, C) this rank's rows of the LM head. Each
+    h (N, C) replicated over ``group``; weight (V/tp, C) this rank's rows ``tp_slice(V, tp, rank)``
+    of the LM head (``vocab_size`` V as in ``vocab_parallel_cross_entropy``). Each
     rank's gradient of h is a partial sum (over its vocabulary rows), all-reduced here unless
     ``reduce_h_grad=False`` (h comes from ``gather_from_sequence``, whose backward sums it).
     """
-    _check("vocab_parallel_linear_cross_entropy", h, targets, reduction)
+    what = "vocab_parallel_linear_cross_entropy"
+    _check(what, h, targets, reduction)
     if weight.dim() != 2 or weight.size(1) != h.size(1):
-        raise ValueError(f"vocab_parallel_linear_cross_entropy: weight must be (V/tp, C = {h.size(1)}); "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(f"{what}: weight must be (V/tp, C = {h.size(1)}); got {tuple(weight.shape)}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
+    vocab_start = _vocab_start(what, weight.size(0), vocab_size, group)
     if reduce_h_grad:
         h = copy_to_region(h, group)
-    loss = _VocabParallelLinearCrossEntropy.apply(h, weight, targets, group, ignore_index, chunk_rows)
+    loss = _VocabParallelLinearCrossEntropy.apply(h, weight, targets, group, ignore_index, chunk_rows, vocab_start)
     return _reduce(loss, targets, ignore_index, reduction)

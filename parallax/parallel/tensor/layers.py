@@ -2,6 +2,9 @@
 
 ``ColumnParallelLinear`` splits the output features (weight rows), ``RowParallelLinear`` the
 input features (weight columns), ``VocabParallelEmbedding`` the vocabulary (embedding rows).
+Every split follows torch.chunk (``parallax.parallel.state.tp_slice``): a column layer's output
+and an embedding's rows need not divide by tp (a vocabulary of 257 byte ids over tp = 2 is split
+129 + 128); a row layer's input and fused sections (attention heads) must.
 A column layer followed by a row layer (attention's q/k/v then its output projection, an MLP's
 up then down projection) needs one all-reduce in forward and one in backward.
 
@@ -11,7 +14,9 @@ embedding reduce-scatter their output instead of all-reducing it.
 
 ``from_module`` slices a full ``nn.Linear`` / ``nn.Embedding`` (or Hugging Face's ``Conv1D``,
 whose weight is stored (in, out)), copying this rank's slice, so that a model built with the
-same seed on every rank holds exactly a single process's weights, only split. Parameters keep
+same seed on every rank holds exactly a single process's weights, only split. It draws no
+random numbers (``skip_init``): slices of unequal sizes would otherwise leave the ranks' random
+generators apart, and their batches and dropout masks with them. Parameters keep
 the names ``weight`` and ``bias``.
 """
 
@@ -21,12 +26,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
+from parallax.parallel.state import tp_slice
 from parallax.parallel.tensor.comm import (copy_to_region, gather_from_region, gather_from_sequence, group_rank,
                                            group_size, reduce_from_region, reduce_scatter_to_sequence,
                                            split_to_region)
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "shard_slice", "split_size"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "shard_slice", "split_size",
+           "split_range"]
 
 
 def split_size(size: int, tp: int, what: str) -> int:
@@ -36,11 +44,26 @@ def split_size(size: int, tp: int, what: str) -> int:
     return size // tp
 
 
+def split_range(size: int, tp: int, rank: int, what: str) -> tuple[int, int]:
+    """``tp_slice(size, tp, rank)``: this rank's [start, end) of a dimension tp need not divide (a
+    vocabulary), or a ValueError naming ``what`` when torch.chunk's split would leave a rank none."""
+    chunk = -(-size // tp)
+    if (tp - 1) * chunk >= size:
+        raise ValueError(f"{what} = {size} is too small to split over tp = {tp}: in chunks of ceil({size} / {tp}) = "
+                         f"{chunk} (torch.chunk's split) the last rank would hold none")
+    return tp_slice(size, tp, rank)
+
+
+def _narrow(t: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
+    start, end = tp_slice(t.size(dim), tp, rank)
+    return t.narrow(dim, start, end - start)
+
+
 def shard_slice(full: torch.Tensor, dim: int, rank: int, tp: int, sections: list[int] | None = None) -> torch.Tensor:
-    """Rank ``rank``'s slice of ``full`` along ``dim``: one of tp equal slices, or with ``sections``
-    (a fused q, k, v projection) the concatenation of its slice of each section."""
+    """Rank ``rank``'s slice of ``full`` along ``dim`` (``tp_slice``: torch.chunk's split), or with
+    ``sections`` (a fused q, k, v projection) the concatenation of its slice of each section."""
     parts = full.split(sections, dim) if sections else [full]
-    return torch.cat([p.chunk(tp, dim)[rank] for p in parts], dim)
+    return torch.cat([_narrow(p, dim % full.dim(), rank, tp) for p in parts], dim)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -83,6 +106,11 @@ class _ParallelLinear(nn.Module):
         """The dimension of ``weight`` split over the tensor-parallel ranks."""
         return 1 - self.split_dim_linear if self.conv1d else self.split_dim_linear
 
+    @property
+    def full_weight_shape(self) -> tuple[int, int]:
+        """The unsplit weight's shape (in this layer's layout)."""
+        return (self.in_features, self.out_features) if self.conv1d else (self.out_features, self.in_features)
+
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.weight.t() if self.conv1d else self.weight, bias)
 
@@ -102,8 +130,10 @@ class ColumnParallelLinear(_ParallelLinear):
 
     x (..., in_features) replicated (with ``sequence_parallel``: (B, T/tp, in_features), gathered
     along the sequence first) -> (..., out_features / tp), or with ``gather_output`` the full
-    (..., out_features). ``sections``: the output is several projections side by side (a fused
-    q, k, v), each split by ranks (a rank holds its heads of q, of k and of v).
+    (..., out_features). The rank's outputs are ``tp_slice(out_features, tp, rank)``: tp need not
+    divide out_features (an LM head over a vocabulary of 257). ``sections``: the output is several
+    projections side by side (a fused q, k, v), each split evenly by ranks (a rank holds its heads
+    of q, of k and of v).
     """
 
     split_dim_linear = 0
@@ -116,9 +146,11 @@ class ColumnParallelLinear(_ParallelLinear):
         sections = list(sections) if sections else None
         if sections is not None and sum(sections) != out_features:
             raise ValueError(f"sections {sections} must add up to out_features = {out_features}")
-        for i, size in enumerate(sections or [out_features]):
-            split_size(size, tp, "out_features" if sections is None else f"section {i} of out_features")
-        out_local = out_features // tp
+        if sections is None:
+            start, end = split_range(out_features, tp, group_rank(group), "out_features")
+            out_local = end - start
+        else:
+            out_local = sum(split_size(size, tp, f"section {i} of out_features") for i, size in enumerate(sections))
         super().__init__(in_features, out_local, out_local if bias else None, group, conv1d, sequence_parallel,
                          device, dtype)
         self.in_features, self.out_features = in_features, out_features
@@ -131,8 +163,8 @@ class ColumnParallelLinear(_ParallelLinear):
         """This rank's slice of a full nn.Linear (or Conv1D), weights copied."""
         in_features, out_features, conv1d = _linear_shape(module)
         w = module.weight
-        layer = cls(in_features, out_features, module.bias is not None, group, gather_output, sequence_parallel,
-                    sections, conv1d, device=w.device, dtype=w.dtype)
+        layer = skip_init(cls, in_features, out_features, module.bias is not None, group, gather_output,
+                          sequence_parallel, sections, conv1d, device=w.device, dtype=w.dtype)
         layer._copy_from(module, sections)
         return layer
 
@@ -148,7 +180,7 @@ class ColumnParallelLinear(_ParallelLinear):
         if not input_entered:
             x = self.enter(x)
         y = self._matmul(x, self.bias)
-        return gather_from_region(y, -1, self.group) if self.gather_output else y
+        return gather_from_region(y, -1, self.group, self.out_features) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} / tp={self.tp}, "
@@ -183,8 +215,8 @@ class RowParallelLinear(_ParallelLinear):
         """This rank's slice of a full nn.Linear (or Conv1D), weights copied."""
         in_features, out_features, conv1d = _linear_shape(module)
         w = module.weight
-        layer = cls(in_features, out_features, module.bias is not None, group, input_is_parallel, sequence_parallel,
-                    conv1d, device=w.device, dtype=w.dtype)
+        layer = skip_init(cls, in_features, out_features, module.bias is not None, group, input_is_parallel,
+                          sequence_parallel, conv1d, device=w.device, dtype=w.dtype)
         layer._copy_from(module, None)
         return layer
 
@@ -205,9 +237,9 @@ class RowParallelLinear(_ParallelLinear):
 
 class VocabParallelEmbedding(nn.Module):
     """An embedding whose rows (the vocabulary) are split: this rank holds ids
-    [rank * V/tp, (rank + 1) * V/tp). Each rank looks up the ids it holds (zeros for the others)
-    and the results are summed over ranks (with ``sequence_parallel``: reduce-scattered along
-    the sequence).
+    [vocab_start, vocab_end) = ``tp_slice(num_embeddings, tp, rank)`` (torch.chunk's split: tp need
+    not divide the vocabulary). Each rank looks up the ids it holds (zeros for the others) and the
+    results are summed over ranks (with ``sequence_parallel``: reduce-scattered along the sequence).
 
     idx (B, T) -> (B, T, dim) (with ``sequence_parallel``: (B, T/tp, dim)).
     """
@@ -220,10 +252,10 @@ class VocabParallelEmbedding(nn.Module):
         self.tp = group_size(group)
         self.sequence_parallel = sequence_parallel
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        local = split_size(num_embeddings, self.tp, "the vocabulary size (num_embeddings)")
-        self.vocab_start = group_rank(group) * local
-        self.vocab_end = self.vocab_start + local
-        self.weight = nn.Parameter(torch.empty((local, embedding_dim), device=device, dtype=dtype))
+        self.vocab_start, self.vocab_end = split_range(num_embeddings, self.tp, group_rank(group),
+                                                       "the vocabulary size (num_embeddings)")
+        self.weight = nn.Parameter(torch.empty((self.vocab_end - self.vocab_start, embedding_dim), device=device,
+                                               dtype=dtype))
         nn.init.normal_(self.weight)
 
     @classmethod
@@ -233,8 +265,8 @@ class VocabParallelEmbedding(nn.Module):
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"expected an nn.Embedding; got {type(module).__name__}")
         w = module.weight
-        layer = cls(module.num_embeddings, module.embedding_dim, group, sequence_parallel, module.padding_idx,
-                    device=w.device, dtype=w.dtype)
+        layer = skip_init(cls, module.num_embeddings, module.embedding_dim, group, sequence_parallel,
+                          module.padding_idx, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.weight.copy_(shard_slice(w, 0, group_rank(group), layer.tp))
         layer.weight.requires_grad_(w.requires_grad)
@@ -243,6 +275,10 @@ class VocabParallelEmbedding(nn.Module):
     @property
     def weight_split_dim(self) -> int:
         return 0
+
+    @property
+    def full_weight_shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) -> (B, T, dim), or (B, T/tp, dim) with sequence_parallel."""

@@ -34,5 +34,5 @@ def lm_head_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, reduct
     flat = flat.masked_fill(flat < 0, -100)
     loss = vocab_parallel_linear_cross_entropy(h.reshape(-1, h.size(-1)), head.weight, flat, head.group,
                                                ignore_index=-100, reduction=reduction,
-                                               reduce_h_grad=not head.sequence_parallel)
+                                               reduce_h_grad=not head.sequence_parallel, vocab_size=head.out_features)
     return loss if reduction == "mean" else loss.view(targets.shape)

@@ -7,7 +7,8 @@ rank holds n_head/tp query heads and n_kv_head/tp key/value heads; GPT's fused `
 split by heads within each of its q, k and v sections) and its output projection row-parallel;
 the MLP's up (and gate) projections column-parallel, its down projection row-parallel. The token
 embedding is vocabulary-parallel and the LM head column-parallel over the vocabulary (tied or
-not): the loss is the vocabulary-parallel cross-entropy, and ``model.logits(h)`` / ``model(idx)``
+not; split like torch.chunk, so tp need not divide the vocabulary): the loss is the
+vocabulary-parallel cross-entropy, and ``model.logits(h)`` / ``model(idx)``
 all-gather the full logits. Norms and position embeddings are replicated.
 
 With ``sequence_parallel`` (parallax's families) the residual stream between the tensor-parallel
@@ -38,8 +39,9 @@ from parallax.models.llama import Llama
 from parallax.models.llama_config import LlamaConfig
 from parallax.parallel.mesh import Mesh
 from parallax.parallel.state import ParallelState, attach_parallel_state, parallel_state
-from parallax.parallel.tensor.comm import all_gather_along, all_reduce_, split_to_region
-from parallax.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallax.parallel.tensor.comm import all_gather_along, all_gather_slices, all_reduce_, split_to_region
+from parallax.parallel.tensor.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                             split_range)
 from parallax.parallel.tensor.loss import lm_head_loss
 
 __all__ = ["parallelize", "check_tensor_parallel", "tp_sections", "gather_tensor_parallel"]
@@ -77,12 +79,18 @@ def _sizes(config_or_model: Any) -> dict[str, int]:
 
 
 def check_tensor_parallel(config_or_model: Any, tp: int) -> None:
-    """Raise ValueError unless the tensor-parallel degree ``tp`` divides every size the plan splits
-    (query heads, key/value heads, vocabulary, MLP width), naming the size and tp. The launcher
-    calls it before spawning ranks."""
+    """Raise ValueError, naming the size and tp, unless the tensor-parallel degree ``tp`` divides
+    every size the plan splits (query heads, key/value heads, MLP width) but the vocabulary, which
+    is split like torch.chunk (257 byte ids over tp = 2: 129 + 128) and only needs an id on every
+    rank. The launcher calls it before spawning ranks."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer; got {tp!r}")
-    for name, size in _sizes(config_or_model).items():
+    sizes = _sizes(config_or_model)
+    try:
+        split_range(sizes.pop("vocab_size"), tp, 0, "vocab_size")
+    except ValueError as exc:
+        raise ValueError(f"tensor parallelism: {exc}") from None
+    for name, size in sizes.items():
         if size % tp:
             raise ValueError(f"tensor parallelism: {name} = {size} is not divisible by tp = {tp} "
                              f"(each of the {tp} ranks must hold an equal share); choose a tp that divides it")
@@ -307,8 +315,9 @@ def parallelize(model: nn.Module, mesh: Mesh, sequence_parallel: bool = False) -
     every split weight, so the parallel model computes exactly what the full one does.
     ``model(idx, targets)`` returns the same loss and ``model(idx)`` the full logits (B, T, V).
     Attaches (or updates) the model's ``ParallelState``: ``tp_dims`` (every split parameter and
-    the dimension split, aliases of tied ones included), ``tp_partial_grads``. Raises ValueError
-    when tp does not divide the heads, KV heads, vocabulary or MLP width (``check_tensor_parallel``).
+    the dimension split, aliases of tied ones included), ``full_shapes`` (their unsplit shapes:
+    the vocabulary may split unevenly), ``tp_partial_grads``. Raises ValueError when tp does not
+    divide the heads, KV heads or MLP width, or the vocabulary is too small (``check_tensor_parallel``).
     With tp == 1 only the state is attached.
     """
     state = parallel_state(model) or ParallelState(mesh)
@@ -334,14 +343,15 @@ def parallelize(model: nn.Module, mesh: Mesh, sequence_parallel: bool = False) -
 
 
 def _record(model: nn.Module, state: ParallelState, planner: _Planner) -> None:
-    """Fill ``state.tp_dims`` / ``tp_partial_grads`` and hook the partial gradients."""
-    split: dict[int, int] = {}
+    """Fill ``state.tp_dims`` / ``full_shapes`` / ``tp_sections`` / ``tp_partial_grads`` and hook the
+    partial gradients."""
+    split: dict[int, tuple[int, tuple[int, ...]]] = {}  # id(param) -> (split dimension, full shape)
     sections: dict[int, tuple[int, ...]] = {}
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-            split[id(module.weight)] = module.weight_split_dim
+            split[id(module.weight)] = module.weight_split_dim, module.full_weight_shape
             if isinstance(module, ColumnParallelLinear) and module.bias is not None:
-                split[id(module.bias)] = 0
+                split[id(module.bias)] = 0, (module.out_features,)
             if isinstance(module, ColumnParallelLinear) and module.sections:
                 sections.update({id(t): tuple(module.sections) for t in (module.weight, module.bias) if t is not None})
     partial = {id(p) for p in planner.always_partial}
@@ -351,7 +361,7 @@ def _record(model: nn.Module, state: ParallelState, planner: _Planner) -> None:
     hooked: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in split:
-            state.tp_dims[name] = split[id(param)]
+            state.tp_dims[name], state.full_shapes[name] = split[id(param)]
             if id(param) in sections:
                 state.tp_sections[name] = sections[id(param)]
         elif id(param) in partial and param.requires_grad:
@@ -380,16 +390,19 @@ def tp_sections(model: nn.Module) -> dict[str, list[int]]:
 @torch.no_grad()
 def gather_tensor_parallel(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """The full tensor of parameter ``name`` (or of its gradient, ``tensor``), all-gathered over the
-    tensor-parallel group (a collective: every rank of the group calls it); replicated ones as they are."""
+    tensor-parallel group (a collective: every rank of the group calls it); replicated ones as they are.
+    Its full size comes from ``ParallelState.full_shapes`` (an uneven vocabulary split), else tp x
+    the local size."""
     state = parallel_state(model)
     if state is None or name not in state.tp_dims or state.mesh.dims.tp == 1:
         return tensor
     dim, tp = state.tp_dims[name], state.mesh.dims.tp
-    pieces = all_gather_along(tensor.unsqueeze(0), 0, state.mesh.tp_group, f"gather of {name}").unbind(0)
     owner = model.get_submodule(name.rpartition(".")[0])
     sections = owner.sections if isinstance(owner, ColumnParallelLinear) else None
     if not sections:
-        return torch.cat(pieces, dim)
+        full = state.full_shapes[name][dim] if name in state.full_shapes else tensor.size(dim) * tp
+        return all_gather_slices(tensor, dim, full, state.mesh.tp_group, f"gather of {name}")
+    pieces = all_gather_along(tensor.unsqueeze(0), 0, state.mesh.tp_group, f"gather of {name}").unbind(0)
     local = [s // tp for s in sections]
     per_rank = [piece.split(local, dim) for piece in pieces]
     return torch.cat([torch.cat([rank_parts[i] for rank_parts in per_rank], dim) for i in range(len(sections))], dim)
