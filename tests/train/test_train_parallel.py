@@ -121,7 +121,7 @@ def test_mesh_settings_that_cannot_work_are_refused(flags, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--tp", "2", "--nproc", "2", "--model", "n_head=3", "--model", "n_embd=48"], "n_head"),
-    (["--pp", "3", "--nproc", "3"], "n_layer"),
+    (["--pp", "3", "--nproc", "3", "--model", "n_layer=2"], "n_layer=2"),
     (["--tp", "2", "--nproc", "2", "--preset", "llama-tiny", "--model", "n_kv_head=1"], "n_kv_head"),
 ])
 def test_model_sizes_the_mesh_cannot_split_fail_before_any_rank_starts(tmp_path, args, message):
