@@ -155,7 +155,8 @@ def shard(model: nn.Module, stage: int = 3, group: dist.ProcessGroup | None = No
           bucket_mb: float = 25.0, units: Sequence[nn.Module] | None = None, timeout_s: float = 600.0) -> nn.Module:
     """Shard ``model`` over ``group`` (default: the world) with ZeRO ``stage``; returns the same object.
 
-    Stage 0: plain data parallelism (gradients all-reduced). Stage 1: optimizer state sharded.
+    A tensor- or pipeline-parallel model (``parallax.parallel``) is sharded over its mesh's
+    data-parallel group unless ``group`` is given. Stage 0: plain data parallelism (gradients all-reduced). Stage 1: optimizer state sharded.
     Stage 2: and gradients (reduce-scattered in ``bucket_mb`` buckets during backward). Stage 3:
     and parameters, per unit (``units``, default: the repeated blocks), gathered for each
     unit's forward and backward with ``prefetch`` units gathered ahead. Collectives fail after
@@ -163,6 +164,10 @@ def shard(model: nn.Module, stage: int = 3, group: dist.ProcessGroup | None = No
     device, then build the optimizer with ``ZeroOptimizer(model, ...)``.
     """
     _check(model, stage, prefetch, bucket_mb)
+    parallel = getattr(model, "_parallax_parallel", None)  # set by parallax.parallel (tensor/pipeline)
+    if group is None and parallel is not None:
+        # The other ranks of the world hold other slices or stages: shard over the replicas only.
+        group = parallel.mesh.dp_group
     comm = Comm(group, timeout_s)
     _broadcast_from_rank0(model, comm)
 

@@ -133,8 +133,8 @@ def tensor_pipeline(rank: int, world_size: int, cases: list[dict]) -> list[dict]
         mesh = init_mesh(ParallelDims.for_world(world_size, tp=2, pp=2))
         model = parallelize(make_model(case["family"]), mesh, sequence_parallel=case["sequence_parallel"])
         stage = build_stage(model, mesh, virtual_stages=case.get("virtual_stages", 1))
-        stage, opt = px.initialize(stage, px.RuntimeConfig(zero_stage=case["zero_stage"]), group=mesh.dp_group,
-                                   **OPTIMIZER)
+        # No group: a parallel model is sharded over its mesh's data-parallel group by default.
+        stage, opt = px.initialize(stage, px.RuntimeConfig(zero_stage=case["zero_stage"]), **OPTIMIZER)
         pipe = PipelineSchedule(stage, opt, mesh, schedule=case["schedule"], micro_batches=2)
         losses, norms = [], []
         for step in range(3):
