@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parallax.data import cache
+from parallax.data import cache, prepared
 from parallax.data.dataset import TokenDataset
 from parallax.data.errors import TokenizerError
 from parallax.data.sources import Source, resolve_source
@@ -32,8 +32,10 @@ _BATCH_CHARS = 8 << 20
 def load_dataset(path: str | os.PathLike[str] | None = None, *, tokenizer: str | os.PathLike[str] | Tokenizer | None
                  = None, val_fraction: float = 0.1, cache_dir: str | os.PathLike[str] | None = None,
                  insert: Sequence[tuple[str, int]] = (), insert_seed: int = 0) -> TokenDataset:
-    """Tokenized dataset for ``path`` (a .txt file, a .jsonl file with a "text" field per line, or a
-    directory of them), or for the built-in corpus (CPython's documentation) when ``path`` is None.
+    """Tokenized dataset for ``path`` (a .txt file, a .jsonl file with a "text" field per line, a
+    directory of them, or a directory ``parallax prep`` wrote), or for the built-in corpus (CPython's
+    documentation) when ``path`` is None. A prepared directory's tokens are memory-mapped as they are when
+    the same tokenizer made them; otherwise its kept documents (``--format jsonl``) are tokenized.
 
     ``tokenizer`` is anything ``load_tokenizer`` takes: None or ``"byte"`` (the default), a
     tokenizer directory, or a tokenizer object. Documents are encoded without special tokens
@@ -55,12 +57,31 @@ def load_dataset(path: str | os.PathLike[str] | None = None, *, tokenizer: str |
     if tokenizer.eot_id is None:
         raise TokenizerError(f"tokenizer {tokenizer.source} has no end-of-text token to separate documents; "
                              "set eos_token in its tokenizer_config.json")
-    source = resolve_source(path)
+    description = tokenizer.describe()
     root = cache.resolve_cache_dir(cache_dir)
-    content_hash = source.fingerprint()
+    entry = prepared.prepared_tokens(path, description) if prepared.is_prepared(path) else None
+    if entry is not None:
+        tokens, meta = entry
+        content_hash, description_text = meta["content_hash"], str(Path(path).expanduser())
+        bin_path, _ = cache.entry_paths(Path(path).expanduser(), prepared.TOKENS_KEY)
+        log.info("data: %s: %d prepared tokens", description_text, len(tokens))
+    else:
+        if prepared.is_prepared(path):  # prepared with another tokenizer: tokenize its kept documents
+            path = prepared.prepared_documents(path, tokenizer.source)
+        source = resolve_source(path)
+        content_hash, description_text = source.fingerprint(), source.description
+        tokens, bin_path = _cached_tokens(source, tokenizer, content_hash, root)
+    if insert:
+        return _with_insertions(tokens, tokenizer, description_text, content_hash, val_fraction, root, insert,
+                                insert_seed)
+    return TokenDataset(tokens, tokenizer=tokenizer, source=description_text, val_fraction=val_fraction,
+                        content_hash=content_hash, cache_path=str(bin_path))
+
+
+def _cached_tokens(source: Source, tokenizer: Tokenizer, content_hash: str, root: Path) -> tuple[np.ndarray, Path]:
+    """``source``'s tokens from the cache in ``root``, built and cached first on a miss; and the cache file."""
     description = tokenizer.describe()
     key = cache.cache_key(content_hash, description)
-
     entry = cache.read_entry(root, key)
     if entry is None:
         t0 = time.perf_counter()
@@ -75,13 +96,7 @@ def load_dataset(path: str | os.PathLike[str] | None = None, *, tokenizer: str |
         log.info("data: %d tokens in %.2fs", len(entry[0]), time.perf_counter() - t0)
     else:
         log.info("data: %s: %d tokens from cache %s", source.description, len(entry[0]), root)
-    tokens, _ = entry
-    if insert:
-        return _with_insertions(tokens, tokenizer, source.description, content_hash, val_fraction, root, insert,
-                                insert_seed)
-    bin_path, _ = cache.entry_paths(root, key)
-    return TokenDataset(tokens, tokenizer=tokenizer, source=source.description, val_fraction=val_fraction,
-                        content_hash=content_hash, cache_path=str(bin_path))
+    return entry[0], cache.entry_paths(root, key)[0]
 
 
 def _with_insertions(tokens: np.ndarray, tokenizer: Tokenizer, source: str, content_hash: str, val_fraction: float,

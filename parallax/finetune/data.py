@@ -1,7 +1,9 @@
 """Supervised fine-tuning data: JSONL rows rendered into token ids with a per-token loss mask.
 
-A row is either ``{"prompt": str, "completion": str}`` (tokens: the prompt, the completion, then
-EOS) or ``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template.
+A row is ``{"prompt": str, "completion": str}`` (tokens: the prompt, the completion, then EOS),
+``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template, or plain
+``{"text": str}`` (the text with the tokenizer's special tokens, then EOS; every token trained), the rows
+``parallax prep --format jsonl`` writes (a prepared directory reads its ``documents/``).
 Which tokens are trained (``loss``):
 
 - "completion": the completion and its EOS; the prompt is out of the loss (prompt/completion rows);
@@ -9,7 +11,7 @@ Which tokens are trained (``loss``):
   included, and nothing else (no system/user turn, no assistant header) (chat rows);
 - "all": every token.
 
-``loss=None`` picks "completion" for prompt/completion rows and "assistant" for chats.
+``loss=None`` picks "completion" for prompt/completion rows, "assistant" for chats and "all" for text.
 An example of L tokens is L - 1 (input, next-token target) pairs, so ``max_length`` counts
 positions, as a model's ``block_size`` does: longer examples are cut to max_length + 1 tokens.
 """
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from parallax.data.prepared import is_prepared, prepared_documents
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,8 @@ def load_sft_examples(path: str | os.PathLike[str], tokenizer: Any, *, max_lengt
 
 def _rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
     """("file:line", row) for each non-blank line of the file or directory's *.jsonl files."""
+    if is_prepared(path):
+        path = prepared_documents(path)
     if path.is_dir():
         files = sorted(path.glob("*.jsonl"))
         if not files:
@@ -173,10 +179,12 @@ def render_row(row: Mapping[str, Any], tokenizer: Any, loss: str | None, source:
         return _render_chat(row["messages"], tokenizer, loss or "assistant", source, chat_template)
     if loss == "assistant":
         raise SFTDataError(f"{source}: loss='assistant' needs chat rows with 'messages'; this row has none")
+    if "prompt" not in row and "completion" not in row and "text" in row:
+        return _render_text(row["text"], tokenizer, loss, source)
     for field in ("prompt", "completion"):
         if field not in row:
             raise SFTDataError(f"{source}: the row has no {field!r} field (a row needs 'prompt' and 'completion', "
-                               f"or 'messages'); it has {sorted(row)}")
+                               f"'messages', or 'text'); it has {sorted(row)}")
         if not isinstance(row[field], str):
             raise SFTDataError(f"{source}: {field!r} must be a string; got {type(row[field]).__name__}")
     return _render_completion(row["prompt"], row["completion"], tokenizer, loss or "completion", source)
@@ -191,6 +199,16 @@ def _render_completion(prompt: str, completion: str, tokenizer: Any, loss: str, 
     tokens = (*prompt_ids, *completion_ids)
     trained = (loss == "all",) * len(prompt_ids) + (True,) * len(completion_ids)
     return SFTExample(tuple(tokens), trained, source)
+
+
+def _render_text(text: Any, tokenizer: Any, loss: str | None, source: str) -> SFTExample:
+    if not isinstance(text, str):
+        raise SFTDataError(f"{source}: 'text' must be a string; got {type(text).__name__}")
+    if loss not in (None, "all"):
+        raise SFTDataError(f"{source}: loss={loss!r} needs prompt/completion or chat rows; a text row trains "
+                           "every token (use loss='all' or 'auto')")
+    tokens = (*tokenizer.encode(text, add_special_tokens=True), _eos_id(tokenizer))
+    return SFTExample(tokens, (True,) * len(tokens), source)
 
 
 def _eos_id(tokenizer: Any) -> int:

@@ -89,7 +89,7 @@ def test_chat_rows_without_a_chat_template_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("row, field", [({"prompt": "a"}, "'completion'"), ({"completion": "a"}, "'prompt'"),
-                                        ({"text": "a"}, "'prompt'"),
+                                        ({"body": "a"}, "'prompt'"),
                                         ({"messages": [{"role": "user"}]}, r"messages\[0\] has no 'content'")])
 def test_a_row_missing_its_fields_names_file_line_and_field(tmp_path, chatml, row, field):
     path = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "c"}, "", row])
