@@ -64,7 +64,7 @@ case "$command" in
     setup
     # Triton kernels run on the CPU through Triton's interpreter when there is no GPU.
     have_gpu || export TRITON_INTERPRET=1
-    exec python -m pytest -q "$@"
+    exec python -m pytest -q --durations=30 "$@"
     ;;
   bench)
     setup
