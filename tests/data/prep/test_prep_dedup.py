@@ -319,3 +319,51 @@ def test_near_duplicates_process_pool_equals_builtin_map():
     assert sum(int(m.sum()) for m in builtin) > 10
     for a, b in zip(builtin, pooled):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------- the faster "words" shingle hash
+
+
+def _py_fmix64(h: int) -> int:
+    m = (1 << 64) - 1
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & m
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & m
+    return h ^ (h >> 33)
+
+
+def _py_words_hash(shingle: tuple[str, ...]) -> int:
+    """The "words" shingle hash written out in plain Python (its definition)."""
+    import hashlib
+
+    h = 0
+    for w in shingle:
+        h = _py_fmix64(h ^ int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little"))
+    return h >> 32
+
+
+@pytest.mark.parametrize("ngram", [5, 3])
+def test_words_hash_signatures_equal_datasketch_with_its_hashfunc(ngram, monkeypatch):
+    monkeypatch.setattr(dedup, "_FLUSH_SHINGLES", 50)  # several flushes
+    docs = _random_docs(np.random.default_rng(9), 40)
+    sig = MinHashDedup(shingle_hash="words", ngram=ngram).signatures(docs)
+    for i, text in enumerate(docs):
+        words = text.lower().split()
+        grams = {tuple(words[k : k + ngram]) for k in range(max(len(words) - ngram + 1, 1))} if words else set()
+        m = datasketch.MinHash(128, 1, hashfunc=_py_words_hash)
+        for g in grams:
+            m.update(g)
+        np.testing.assert_array_equal(sig[i], m.hashvalues, err_msg=repr(text))
+
+
+def test_words_hash_estimates_jaccard():
+    docs, planted = _near_dup_corpus(np.random.default_rng(21), 60, 0)
+    sig = MinHashDedup(shingle_hash="words").signatures(docs)
+    sets = [_ref_shingles(t, 5) for t in docs]
+    err = [(sig[a] == sig[b]).mean() - _jaccard(sets[a], sets[b]) for a, b in planted]
+    # 128 permutations: the estimate's standard deviation is at most 0.044; its mean error over 60
+    # pairs at most ~0.006 unless biased.
+    assert abs(np.mean(err)) < 0.02 and np.std(err) < 0.06
+    with pytest.raises(ValueError, match="shingle_hash"):
+        MinHashDedup(shingle_hash="md5")
