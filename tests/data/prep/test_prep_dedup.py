@@ -3,16 +3,16 @@ precision on planted near-duplicates of known Jaccard similarity; components acr
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ProcessPoolExecutor
 
+import datasketch
 import numpy as np
 import pytest
+from datasketch.lsh import _optimal_param
 
-datasketch = pytest.importorskip("datasketch")
-from datasketch.lsh import _optimal_param  # noqa: E402
-
-from parallax.data.prep import dedup  # noqa: E402
-from parallax.data.prep.dedup import (  # noqa: E402
+from parallax.data.prep import dedup
+from parallax.data.prep.dedup import (
     ExactDedup,
     MinHashDedup,
     connected_components,
@@ -96,7 +96,7 @@ def _near_dup_corpus(rng, n_pairs, n_random, lo=0.5, hi=1.0):
         keep = 2 * target / (1 + target)
         frac = 1 - keep ** (1 / 5)
         edited = list(words)
-        for pos in rng.choice(len(words), size=int(round(frac * len(words))), replace=False):
+        for pos in rng.choice(len(words), size=round(frac * len(words)), replace=False):
             edited[pos] = str(rng.choice(VOCAB))
         pairs.append((len(docs), len(docs) + 1))
         docs += [" ".join(words), " ".join(edited)]
@@ -175,6 +175,8 @@ def test_default_bands_and_validation():
         d.near_duplicates([np.zeros((3, 4), dtype=np.uint64)])
     with pytest.raises(ValueError, match="signatures"):
         d.band_keys(np.zeros((2, 64), dtype=np.uint64))
+    # A string array is texts, not signatures.
+    np.testing.assert_array_equal(d.band_keys(np.array(["a b c", "d e"])), d.band_keys(["a b c", "d e"]))
     with pytest.raises(ValueError, match="verify"):
         MinHashDedup(verify=True).near_duplicates([np.zeros((1, 9), dtype=np.uint64)])
 
@@ -199,7 +201,7 @@ def test_lsh_candidates_equal_datasketch(threshold, params):
     assert len(expected) > 20  # the corpus has candidates to compare
     # Through the public entry point, across 3 shards: drop = not the lowest index of its component.
     cuts = [0, 37, 90, len(docs)]
-    drops = d.near_duplicates([keys[a:b] for a, b in zip(cuts, cuts[1:])])
+    drops = d.near_duplicates([keys[a:b] for a, b in itertools.pairwise(cuts)])
     lowest = _lowest_of_components(len(docs), expected)
     np.testing.assert_array_equal(np.concatenate(drops), lowest != np.arange(len(docs)))
 
@@ -302,6 +304,8 @@ def test_exact_dedup_keeps_first_occurrence_across_shards():
     assert keys[0][0] == keys[0][2] and keys[0][0] != keys[0][1]
     drops = exact_duplicates(keys)
     assert [m.tolist() for m in drops] == [[False, False, True], [False, True], [], [True, False, True, False]]
+    with pytest.raises(ValueError, match="texts\\[1\\]"):
+        e.keys(["a", b"b"])
     with pytest.raises(ValueError, match="keys\\[1\\]"):
         exact_duplicates([keys[0], np.zeros((2, 2), dtype=np.uint64)])
 
