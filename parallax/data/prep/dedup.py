@@ -19,12 +19,13 @@ words i..i+ngram-1 joined by single spaces and encoded UTF-8. A document with fe
 is one shingle of all its words; an empty document has no shingles, so its signature is all max values
 (as an un-updated datasketch MinHash), and all empty documents are duplicates of each other.
 
-Speed (one core of this machine, the built-in corpus, 128 permutations): the default shingle hash is
-SHA-1 (datasketch's ``sha1_hash32``, needed for equal signatures) at 6.5-7.3 MB/s of text, most of it
-in Python per shingle (join + SHA-1 ~ 0.9 us); ``shingle_hash = "words"`` hashes each distinct word once
-(BLAKE2b, cached) and combines the n-gram's word hashes in numpy: 15-17 MB/s, 2.3x faster, but not
-datasketch's hash, so it is an option and SHA-1 stays the default. The permutations and minimum
-(numpy, uint32) take ~25 ms per MB of text.
+Speed (one core of the shared 2-core build machine, the built-in corpus x6, 128 permutations; the range is
+load from other jobs): the default shingle hash is SHA-1 (datasketch's ``sha1_hash32``, needed for equal
+signatures) at 4.2-7.3 MB/s of text, most of it in Python per shingle (join + SHA-1 ~ 0.9 us);
+``shingle_hash = "words"`` hashes each distinct word once (BLAKE2b, cached) and combines the n-gram's word
+hashes in numpy: 8.9-17 MB/s, 2.1-2.3x faster, but not datasketch's hash, so it is an option and SHA-1
+stays the default. The permutations and minimum (numpy, uint32, [num_perm, shingles] blocks) take
+~25 ms per MB of text.
 """
 
 from __future__ import annotations

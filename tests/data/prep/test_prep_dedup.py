@@ -241,6 +241,8 @@ def test_planted_near_duplicates_recall_precision():
     assert found[high].mean() >= 0.95
     # Unrelated documents never collide.
     assert all(p in truth or exact[p] > 0.3 for p in reported)
+    # LSH alone (datasketch's answer) is 0.99 precise only with a 0.15 tolerance: P(0.65) = 0.03.
+    assert np.mean([exact[p] >= t - 0.15 for p in reported]) >= 0.99
 
     # Precision with anchor verification: a reported pair is true when its exact Jaccard is at least
     # t - 0.05; 0.05 is 1.4 standard deviations of the 128-permutation estimate at s = 0.8
