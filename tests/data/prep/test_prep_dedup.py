@@ -373,3 +373,17 @@ def test_words_hash_estimates_jaccard():
     assert abs(np.mean(err)) < 0.02 and np.std(err) < 0.06
     with pytest.raises(ValueError, match="shingle_hash"):
         MinHashDedup(shingle_hash="md5")
+
+
+def test_registry_and_pickle():
+    import pickle
+
+    from parallax.data.prep.stages import build_stage
+
+    stage = build_stage("minhash_dedup", {"threshold": 0.7, "num_perm": 64})
+    assert (stage.bands, stage.rows) == _optimal_param(0.7, 64, 0.5, 0.5)
+    assert build_stage("exact_dedup", {"enabled": False}) is None
+    assert isinstance(build_stage("exact_dedup", {}), ExactDedup)
+    docs = ["the quick brown fox jumps over the lazy dog", "ab cd"]
+    clone = pickle.loads(pickle.dumps(stage))  # what a worker process receives
+    np.testing.assert_array_equal(clone.band_keys(docs), stage.band_keys(docs))
