@@ -65,7 +65,9 @@ DEFAULT_PLACEHOLDERS: dict[str, str] = {
 _SECRET = re.compile(
     r"[-Aegrsx](?:"
     r"(?<=-)----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-    r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,.-]*)"
+    # to its END line; without one (a truncated paste), through the header and base64 lines that follow
+    r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r"|(?:\r?\n(?:(?:Proc-Type|DEK-Info|Comment|Version): [^\n]*|[A-Za-z0-9+/=]{1,100}(?=\r?\n|\Z)|))*)"
     r"|(?<![\w-].)(?:"
     r"(?<=e)yJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # JWT: base64url('{"') header . payload . sig
     r"|(?<=A)(?:KIA|SIA|BIA|CCA)[0-9A-Z]{16}"  # AWS access key id
@@ -98,9 +100,10 @@ def _scrub_secret(text: str, placeholder: str) -> tuple[str, int]:
 
 # --- e-mail ----------------------------------------------------------------------------------------
 
-# The local part, matched backwards from the "@" (the characters nearly every address uses; RFC 5322's
-# rarer ones like "'" or "=" would swallow code such as name='x@y.com').
-_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+-]{1,64}\Z")
+# The local part, matched backwards from the "@": the characters nearly every address uses, and "'"
+# (o'brien@...) which is stripped at the start like "."; RFC 5322's rarer ones like "=" or "/" would
+# swallow code such as name=x@y.com.
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+'-]{1,64}\Z")
 _EMAIL_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24})(?![\w(-])")
 # Generic top-level domains accepted besides every two-letter (country) code: the original ones and the
 # commonly used new ones. An unlisted TLD is missed (recall) rather than code being scrubbed.
@@ -125,8 +128,9 @@ def _scrub_email(text: str, placeholder: str) -> tuple[str, int]:
         dom = _EMAIL_DOMAIN.match(text, at + 1) if local is not None else None
         if dom is not None:
             start = local.start()
-            # The local part may not start or end with a dot (RFC 5322 dot-atom).
-            while start < at and text[start] == ".":
+            # The local part may not start or end with a dot (RFC 5322 dot-atom); a leading quote is
+            # the string's, not the address's.
+            while start < at and text[start] in ".'":
                 start += 1
             tld = dom.group(1).lower()
             after = text[dom.end():dom.end() + 2]

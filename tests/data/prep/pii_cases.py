@@ -224,6 +224,13 @@ HARD_POSITIVES = [
      "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nabc+/=\n-----END RSA PRIVATE KEY-----\nend"),
     ("secret", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACBf",
      "truncated: -----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACBf"),
+    ("secret", "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17\n\nMIIEpAIBAAK\n",
+     "cut short -----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17\n\nMIIEpAIBAAK\n"
+     "and the rest of the post is prose, kept."),
+    ("email", "o'brien@example.ie", "write to o'brien@example.ie"),
+    ("email", "john@example.com", "user = User(name='john@example.com')"),
+    ("ip", "192.168.0.1", "subnet 192.168.0.1/24 gateway"),
+    ("phone", "+1-202-555-0143", "[+1-202-555-0143](#contact)"),
     ("secret", "sk-ant-api03-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z", "ANTHROPIC_API_KEY=sk-ant-api03-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z"),
 ]
 HARD_POSITIVES += [("credit_card", n, f"number {n} on file") for n in PUBLISHED_CARDS]
