@@ -322,7 +322,7 @@ def _read_parquet(path: Path, rel: str, field: str, report: _Reporter) -> Iterat
                 report(row + 1, f"cannot read Parquet ({type(e).__name__}: {e})")
                 return
             texts = batch.column(field).to_pylist()
-            meta_cols = [batch.column(c).to_pylist() for c in others]
+            meta_cols = [_json_column(batch.column(c), pa).to_pylist() for c in others]
             for i, text in enumerate(texts):
                 row += 1
                 if text is None:
@@ -330,3 +330,12 @@ def _read_parquet(path: Path, rel: str, field: str, report: _Reporter) -> Iterat
                     continue
                 meta = {c: col[i] for c, col in zip(others, meta_cols)} if others else None
                 yield Document(id=f"{rel}:{row}", text=text, meta=meta)
+
+
+def _json_column(column: Any, pa: Any) -> Any:
+    """``column`` with timestamps, dates, times, durations and decimals cast to strings, so that
+    ``Document.meta`` stays JSON-serialisable like a JSON-lines record (the output writes it back)."""
+    kind = column.type
+    if pa.types.is_temporal(kind) or pa.types.is_decimal(kind):
+        return column.cast(pa.string())
+    return column

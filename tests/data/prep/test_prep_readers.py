@@ -79,6 +79,23 @@ def test_parquet_rows_and_meta(tmp_path: Path) -> None:
     assert docs[599] == Document(id="p.parquet:600", text="doc 599", meta={"id": 599})
 
 
+def test_parquet_meta_is_json_serialisable(tmp_path: Path) -> None:
+    import datetime
+    import decimal
+
+    table = pa.table({
+        "text": ["a"],
+        "when": pa.array([datetime.datetime(2024, 3, 10, 14, 30)], pa.timestamp("s")),
+        "day": pa.array([datetime.date(2024, 3, 10)], pa.date32()),
+        "price": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)),
+        "tags": [["x", "y"]],
+    })
+    pq.write_table(table, tmp_path / "m.parquet")
+    (doc,) = read_all(tmp_path / "m.parquet", tmp_path)
+    assert doc.meta == {"when": "2024-03-10 14:30:00.000", "day": "2024-03-10", "price": "1.50", "tags": ["x", "y"]}
+    json.dumps(doc.meta)
+
+
 def test_parquet_without_the_column_lists_its_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["x"], "lang": ["en"]}), tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"p\.parquet: no column 'text' \(columns: body, lang\)"):
