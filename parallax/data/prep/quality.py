@@ -155,12 +155,19 @@ def _top_ngram_chars(words: list[str], n: int) -> int:
 
 def _duplicate_ngram_chars(words: list[str], n: int) -> int:
     """Characters in repeated word n-grams, non-overlapping: scanning left to right, an n-gram seen before
-    adds len("".join(gram)) and skips n words (datatrove's find_all_duplicate, same "".join key)."""
+    adds len("".join(gram)) and skips n words (datatrove's find_all_duplicate, same "".join key).
+
+    The keys are joined in C (map over zip); when they are all distinct, which is most documents for
+    most n, the answer is 0 without the Python scan (GopherRepetition 0.8 -> 2.9 MB/s on the test corpus).
+    """
+    grams = list(map("".join, zip(*(words[i:] for i in range(n)))))
+    if len(set(grams)) == len(grams):
+        return 0
     seen: set[str] = set()
     chars = idx = 0
-    end = len(words) - n + 1
+    end = len(grams)
     while idx < end:
-        gram = "".join(words[idx : idx + n])
+        gram = grams[idx]
         if gram in seen:
             chars += len(gram)
             idx += n

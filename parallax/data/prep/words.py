@@ -45,9 +45,21 @@ _WORD_RE = re.compile(
 )
 
 
+_last: tuple[str | None, list[str]] = (None, [])
+
+
 def split_words(text: str) -> list[str]:
-    """The words and punctuation tokens of ``text``, in order (whitespace dropped)."""
-    return _WORD_RE.findall(text)
+    """The words and punctuation tokens of ``text``, in order (whitespace dropped).
+
+    The last result is kept: the Gopher repetition and quality stages run one after the other on the same
+    string object, so the second split is free. Callers must not modify the returned list.
+    """
+    global _last
+    if text is _last[0]:
+        return _last[1]
+    words = _WORD_RE.findall(text)
+    _last = (text, words)
+    return words
 
 # datatrove.utils.text.PUNCTUATION_SET (Apache-2.0): a token made only of these characters is a "symbol"
 # token in the Gopher rules (not counted as a word for the word-count and mean-length rules). ASCII and CJK
