@@ -82,9 +82,9 @@ def test_gopher_max_mean_word_length(extra, kept):
 @pytest.mark.parametrize("symbol", ["#", "..."])
 @pytest.mark.parametrize("count,kept", [(6, True), (7, False)])  # 6/60 = 0.1 kept, 7/61 removed
 def test_gopher_symbol_ratio(symbol, count, kept):
-    text = " ".join(_words(54) + [symbol] * count) + " end."
+    text = " ".join(_words(52) + [symbol] * count) + " end."
     words = split_words(text)
-    assert len(words) == 54 + count + 2 and words.count(symbol) == count
+    assert len(words) == 52 + count + 2 and words.count(symbol) == count
     stage = GopherQuality(max_ellipsis_lines_ratio=None)
     ratio = count / len(words)
     assert (ratio <= 0.1) == kept
@@ -177,6 +177,31 @@ def test_repetition_duplicate_ngram_boundary(n, frac):
     stage, dt = _rep(dup_n_grams=((n, frac),))
     _check(stage, "GopherRepetitionFilter", head + "x" * k_min, True, **dt)
     _check(stage, "GopherRepetitionFilter", head + "x" * (k_min - 1), False, **dt)
+
+
+@pytest.mark.parametrize(
+    "words,n,expected",
+    [(["a"] * 12, 5, 10), (["a", "b"] * 6, 2, 10), (["ab", "c", "a", "bc"], 2, 3), (list("abcdef"), 3, 0)],
+)
+def test_duplicate_ngram_chars_hand_computed(words, n, expected):
+    """Non-overlapping: after a repeat the scan skips n words ("a"*12, n=5: repeats at 1 and 6, 10 chars);
+    keys are "".join(gram), so ("ab","c") repeats as ("a","bc"), as in datatrove."""
+    from parallax.data.prep.quality import _duplicate_ngram_chars
+
+    assert _duplicate_ngram_chars(words, n) == expected
+    try:
+        from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
+    except ImportError:
+        return
+    assert find_all_duplicate(words, n) == expected
+
+
+def test_top_ngram_chars_hand_computed():
+    from parallax.data.prep.quality import _top_ngram_chars
+
+    # ("to", "be") twice: len("to be") * 2; ties go to the first seen n-gram
+    assert _top_ngram_chars("to be or not to be".split(), 2) == 10
+    assert _top_ngram_chars(["xx", "y", "a", "bbbb"], 2) == 4
 
 
 def test_repetition_empty_and_toml_lists():
