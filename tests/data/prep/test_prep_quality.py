@@ -196,6 +196,35 @@ def test_duplicate_ngram_chars_hand_computed(words, n, expected):
     assert find_all_duplicate(words, n) == expected
 
 
+def _reference_duplicate_ngram_chars(words: list[str], n: int) -> int:
+    """The published scan, position by position (datatrove's find_all_duplicate)."""
+    seen: set[str] = set()
+    chars = idx = 0
+    while idx < len(words) - n + 1:
+        gram = "".join(words[idx : idx + n])
+        if gram in seen:
+            chars += len(gram)
+            idx += n
+        else:
+            seen.add(gram)
+            idx += 1
+    return chars
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_duplicate_ngram_chars_matches_the_scan(seed):
+    """Random word sequences over tiny vocabularies (many overlapping repeats, skipped first occurrences)."""
+    import random
+
+    from parallax.data.prep.quality import _duplicate_ngram_chars
+
+    rng = random.Random(seed)
+    vocab = ["a", "b", "ab", "ba", "c"][: rng.randint(1, 5)]
+    words = rng.choices(vocab, k=rng.randint(0, 120))
+    for n in (1, 2, 3, 5, 7):
+        assert _duplicate_ngram_chars(words, n) == _reference_duplicate_ngram_chars(words, n), (words, n)
+
+
 def test_top_ngram_chars_hand_computed():
     from parallax.data.prep.quality import _top_ngram_chars
 
