@@ -60,7 +60,9 @@ def _check_count(owner: str, name: str, value: int | float | None) -> None:
 
 @dataclass(kw_only=True)
 class GopherQuality:
-    """Gopher's quality rules (Rae et al. 2021, A.1.1). A threshold set to None disables its rule.
+    """Gopher's quality rules (Rae et al. 2021, A.1.1). A threshold set to None disables its rule (TOML has
+    no null: use 0 for a minimum, 1.0 or a large count for a maximum). Unlike datatrove, 0 is a threshold,
+    not "disabled".
 
     Words are non-symbol tokens (at least one character outside datatrove's punctuation set); the
     symbol and alphabetic ratios divide by all tokens, punctuation included, as datatrove does.
