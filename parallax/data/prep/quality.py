@@ -40,11 +40,12 @@ _PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
 _LINE_SPLIT = re.compile(r"\n+")
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 _END_PUNCTUATION = (".", "?", "!", '"', "'")
-# A sentence boundary as spaCy's sentencizer finds one: a terminal mark token followed, after any closing
-# quotes/brackets and whitespace, by more text. Dotted abbreviations and the common titles are matched first
-# (empty group) so their dot does not count, as spaCy's tokenizer exceptions keep "e.g." and "Mr." whole.
+# A sentence boundary as spaCy's sentencizer finds one: a terminal mark token ("." "!" "?", not "...")
+# followed, after any other punctuation and whitespace, by more text. Dotted abbreviations and the common
+# titles are matched first (empty group) so their dot does not count, as spaCy's tokenizer exceptions keep
+# "e.g." and "Mr." whole.
 _SENTENCE_END = re.compile(
-    r"\b(?:[^\W\d_]\.){2,}|\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs)\.|([.!?]+)[\"'”’)\]]*\s+(?=\S)"
+    r"\b(?:[^\W\d_]\.){2,}|\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs)\.|((?<!\.)[.!?](?!\.)[!?]*)[^\w\s]*\s+(?=\S)"
 )
 
 

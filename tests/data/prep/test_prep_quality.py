@@ -281,6 +281,18 @@ def test_c4_min_sentences(n, kept):
     _c4_check(C4Quality(), text, text if kept else None)
 
 
+@pytest.mark.parametrize(
+    "line,count",
+    [("Wait... what is it now.", 1), ("Really?! Yes. No!", 3), ('He said "hi." Then left.', 2),
+     ("A point \"'!'\", then more.", 2), ("Use e.g. this. And Mr. Smith too.", 2), ("Version 3.14 is out. Ok.", 2),
+     ("End (see below). Next one.", 2)],
+)
+def test_c4_sentence_count(line, count):
+    """Sentences as spaCy's sentencizer counts them: not after "...", "e.g.", "Mr." or inside "3.14"."""
+    _c4_check(C4Quality(min_num_sentences=count), line, line, min_num_sentences=count)
+    _c4_check(C4Quality(min_num_sentences=count + 1), line, None, min_num_sentences=count + 1)
+
+
 @pytest.mark.parametrize("length,kept", [(1000, True), (1001, False)])
 def test_c4_max_word_length(length, kept):
     line = "A word " + "x" * length + " here."
@@ -346,7 +358,7 @@ def test_word_split_matches_spacy_on_prose():
     from datatrove.utils.text import split_into_words
 
     text = ("It's the U.S. team's well-known plan, e.g. 3.14 or 1,000 (maybe); don't stop... "
-            'He said "yes!" at 10:30 and x.name was set.')
+            'He said "yes!" at 10:30 and x.name was set. Cannot re-run f(x) and/or "-m" --foo @decorator x+.')
     assert split_words(text) == split_into_words(text)
 
 
