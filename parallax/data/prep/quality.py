@@ -4,14 +4,17 @@ and C4 (Raffel et al. 2020, section 2.2), with the thresholds and rule order of 
 
 Words come from :func:`parallax.data.prep.words.split_words`, a regex approximation of the spaCy English
 tokenizer datatrove uses (see that module for the known differences); everything else (lines, paragraphs,
-character counts, n-gram definitions) is computed as datatrove computes it. Each document's words are split
-once per stage, and only when a rule that needs them is reached.
+character counts, n-gram definitions) is computed as datatrove computes it. Words are split only when a
+rule that needs them is reached, and the repetition and quality stages share one split per document.
 
-Throughput (tests/data/prep/quality_corpus.py's 300 documents, 0.76 MB; one process on a shared 2-core
-machine, so the ratios matter more than the absolute figures), this module vs datatrove 0.10.1 with spaCy
-3.8: GopherQuality 3.5 vs 0.40 MB/s (8.7x), GopherRepetition 1.5 vs 0.22 MB/s (6.9x), C4 17 vs 0.72 MB/s
-(24x); the three chained as the pipeline runs them (repetition, quality, C4; a removed document stops)
-1.6 vs 0.29 MB/s (5.6x). Same verdicts on 299, 300 and 299 of the 300 documents.
+Throughput (tests/data/prep/quality_corpus.py's 300 documents, 0.76 MB; one process on a shared, loaded
+2-core machine, so the ratios matter more than the absolute figures; two runs), this module vs datatrove
+0.10.1 with spaCy 3.8: GopherQuality 2.9-3.5 vs 0.28-0.40 MB/s (9-10x), GopherRepetition 1.5-1.6 vs
+0.22-0.27 MB/s (6-7x), C4 17-26 vs 0.7 MB/s (24-37x); the three chained as the pipeline runs them
+(repetition, quality, C4; a removed document stops) 1.4-1.6 vs 0.27-0.29 MB/s (5-5.6x).
+Verdicts: the same on 299, 300 and 299 of those 300 documents, and on 918, 921 and 920 of 921 more
+(``varied_documents(1000, seed=7)`` less the built-in ones); the differences are documents within 0.01 of
+the alphabetic-ratio cut or one sentence short of C4's 5.
 """
 
 from __future__ import annotations

@@ -362,6 +362,16 @@ def test_word_split_matches_spacy_on_prose():
     assert split_words(text) == split_into_words(text)
 
 
+def test_split_words_reuses_only_the_same_string():
+    text = "The cat sat. " * 3
+    first = split_words(text)
+    assert split_words(text) is first  # the next stage on the same document object
+    other = "".join(["The cat sat. "] * 3)
+    assert other == text and other is not text
+    assert split_words(other) == first and split_words(other) is not first
+    assert split_words("A dog.") == ["A", "dog", "."]
+
+
 @pytest.mark.parametrize(
     "ours,theirs",
     [(GopherQuality, "GopherQualityFilter"), (GopherRepetition, "GopherRepetitionFilter"), (C4Quality, "C4QualityFilter")],
