@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -316,7 +316,7 @@ class C4Quality:
     marks, drop it without terminal punctuation (or ending in "..."), with fewer than
     ``min_words_per_line`` words, mentioning "javascript", or holding a policy phrase; remove the page if
     a checked line holds "lorem ipsum" or "{"; remove it with fewer than ``min_num_sentences`` sentences
-    in the kept lines. Kept lines are joined with "\\n". Counts dropped lines in ``stats["c4_lines_removed"]``.
+    in the kept lines. Kept lines are joined with "\\n". Counts dropped lines in ``stats["lines_removed"]``.
 
     Deviation: datatrove counts sentences with spaCy's sentencizer; here a terminal mark followed by more
     text ends a sentence (dotted abbreviations and common titles excepted), which agrees on prose.
@@ -334,7 +334,6 @@ class C4Quality:
     filter_lorem_ipsum: bool = True  # C4: drop pages with "lorem ipsum"
     filter_curly_bracket: bool = True  # C4: drop pages with a curly bracket
     remove_citations: bool = True  # datatrove: strip "[1]", "[edit]", "[citation needed]"
-    _policy: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
         for f in ("filter_no_terminal_punct", "filter_javascript", "filter_policy", "filter_lorem_ipsum",
@@ -370,13 +369,13 @@ class C4Quality:
                 continue
             lower = line.lower()
             if self.filter_lorem_ipsum and "lorem ipsum" in lower:
-                stats["c4_lines_removed"] += dropped
+                stats["lines_removed"] += dropped
                 return Removed('contains "lorem ipsum"')
             if self.filter_javascript and "javascript" in lower:
                 dropped += 1
                 continue
             if self.filter_curly_bracket and "{" in line:
-                stats["c4_lines_removed"] += dropped
+                stats["lines_removed"] += dropped
                 return Removed('contains a curly bracket "{"')
             if self.filter_policy and any(p in lower for p in self._policy):
                 dropped += 1
@@ -384,7 +383,7 @@ class C4Quality:
             if count_sentences:
                 sentences += 1 + sum(1 for mark in _SENTENCE_END.findall(line) if mark)
             kept.append(line)
-        stats["c4_lines_removed"] += dropped
+        stats["lines_removed"] += dropped
         if sentences < self.min_num_sentences:
             return Removed(f"sentences {sentences} < {self.min_num_sentences}")
         return "\n".join(kept).strip()

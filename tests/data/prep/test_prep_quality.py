@@ -313,7 +313,7 @@ def test_c4_citations_and_stats():
     trailing = "The cat sat on the mat. [edit]"  # stripped before the citation goes: ends in a space, dropped
     text = "\n".join([cited] * 5 + [trailing, "no punctuation", "Two words."])
     assert C4Quality().apply(text, stats) == "\n".join([_S] * 5)
-    assert stats["c4_lines_removed"] == 3
+    assert stats["lines_removed"] == 3
     _c4_check(C4Quality(), text, "\n".join([_S] * 5))
 
 

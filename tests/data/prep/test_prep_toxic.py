@@ -123,3 +123,9 @@ def test_bad_options(kwargs, match):
 def test_registered_and_picklable():
     stage = pickle.loads(pickle.dumps(build_stage("toxic", {"max_flagged_ratio": 0.0})))
     assert isinstance(stage.apply(f"one {WORD}", Counter()), Removed)
+
+
+def test_derived_state_is_not_an_option():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) _singles; it has classifier, classifier_threshold, "
+                                         r"languages, max_flagged_ratio"):
+        build_stage("toxic", {"_singles": []})
