@@ -181,7 +181,7 @@ class _ConcatHashes:
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         self.offsets = np.zeros(len(words) + 1, dtype=np.int64)  # [n_words + 1] char offset of each word
         np.cumsum(lengths, out=self.offsets[1:])
-        codes = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        codes = np.frombuffer("".join(words).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
         t = len(codes)
         self.pow_b = np.empty(t, dtype=np.uint64)  # [chars] B^k
         self.pow_b[:1] = 1

@@ -136,3 +136,8 @@ def test_bad_options(kwargs, match):
 def test_picklable():
     stage = pickle.loads(pickle.dumps(LanguageFilter(language="en")))
     assert isinstance(stage.apply(OTHER_LATIN["fr"], Counter()), Removed)
+
+
+@pytest.mark.parametrize("text", ["", " \n ", "lone \ud800 surrogate", "a" * 100_000, "😀 " * 50, "\x00\x01"])
+def test_odd_inputs_give_a_verdict(text):
+    assert isinstance(LanguageFilter().apply(text, Counter()), (str, Removed))

@@ -402,3 +402,15 @@ def test_agreement_and_throughput_vs_datatrove(ours, theirs):
     assert not text_diff
     assert 20 < sum(verdicts) < 280  # the corpus exercises both outcomes
     assert t_dt / t_ours >= 2.0, f"{ours.__name__}: {t_dt / t_ours:.1f}x datatrove"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "\n\n\n", "\r\n".join(["The cat sat on the mat."] * 6), "lone \ud800 surrogate " * 30,
+     " ".join(f"word{i}" for i in range(200)) + " lone \ud800 surrogate.",  # reaches the n-gram hashes
+     "a" * 100_000, "x " * 50_000, "\x00\x01 control " * 20, "😀 emoji " * 60],
+)
+@pytest.mark.parametrize("cls", [GopherQuality, GopherRepetition, C4Quality])
+def test_odd_inputs_give_a_verdict(cls, text):
+    result = cls().apply(text, Counter())
+    assert isinstance(result, (str, Removed))
