@@ -156,20 +156,12 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return dup, dup_chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent word n-gram: len(" ".join(gram)) * count (datatrove's
-    find_top_duplicate; tuples count the same as the joined strings because words hold no spaces, and
-    Counter keeps first-seen order, so ties resolve to the same n-gram)."""
-    gram, count = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
-    return (sum(map(len, gram)) + n - 1) * count
-
-
 _BASE = 0x100000001B3  # polynomial hash base (the FNV prime): odd, so invertible modulo 2**64
 _BASE_INV = pow(_BASE, -1, 1 << 64)
 
 
 class _ConcatHashes:
-    """Hashes of "".join(words[i:j]) for any i < j, from one O(chars) numpy pass over the document.
+    """Hashes of sep.join(words[i:j]) for any i < j, from one O(chars) numpy pass over the document.
 
     A substring [a, b) of the concatenation hashes to sum c_s * B^(b-1-s) = B^(b-1) * (S_b - S_a) with
     S_t = sum_{s<t} c_s * B^-s (mod 2**64), so every n-gram key costs a few vectorised operations instead of
@@ -177,11 +169,13 @@ class _ConcatHashes:
     different strings has probability ~2**-64 per pair.
     """
 
-    def __init__(self, words: list[str]) -> None:
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        self.offsets = np.zeros(len(words) + 1, dtype=np.int64)  # [n_words + 1] char offset of each word
+    def __init__(self, words: list[str], sep: str = "") -> None:
+        self.sep = len(sep)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words)) + self.sep
+        self.offsets = np.zeros(len(words) + 1, dtype=np.int64)  # [n_words + 1] start of each word (+ sep)
         np.cumsum(lengths, out=self.offsets[1:])
-        codes = np.frombuffer("".join(words).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+        text = sep.join(words)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
         t = len(codes)
         self.pow_b = np.empty(t, dtype=np.uint64)  # [chars] B^k
         self.pow_b[:1] = 1
@@ -195,12 +189,23 @@ class _ConcatHashes:
         np.cumsum(codes * pow_inv, out=self.prefix[1:])
 
     def ngram_keys(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """([n_words - n + 1] uint64 keys of "".join(words[i:i+n]), [same] int64 their lengths)."""
+        """([n_words - n + 1] uint64 keys of sep.join(words[i:i+n]), [same] int64 their lengths)."""
         a = self.offsets[: len(self.offsets) - n]
-        b = self.offsets[n:]
+        b = self.offsets[n:] - self.sep
         size = b - a
         keys = self.pow_b[b - 1] * (self.prefix[b] - self.prefix[a])
         return keys ^ (size.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)), size
+
+
+def _top_ngram_chars(words: list[str], n: int, hashes: _ConcatHashes | None = None) -> int:
+    """Characters covered by the most frequent word n-gram: len(" ".join(gram)) * count, the first-seen
+    n-gram among equally frequent ones (datatrove's find_top_duplicate: Counter.most_common keeps
+    first-seen order). ``hashes`` must be built with sep=" "; keys are " ".join(gram), as there."""
+    hashes = hashes or _ConcatHashes(words, " ")
+    keys, size = hashes.ngram_keys(n)
+    _, first_idx, counts = np.unique(keys, return_index=True, return_counts=True)
+    top = counts.max()
+    return int(size[first_idx[counts == top].min()]) * int(top)
 
 
 def _duplicate_ngram_chars(words: list[str], n: int, hashes: _ConcatHashes | None = None) -> int:
@@ -295,10 +300,11 @@ class GopherRepetition:
         if not self.top_n_grams and not self.dup_n_grams:
             return text
         words = split_words(text)
+        spaced = _ConcatHashes(words, " ") if self.top_n_grams and words else None
         for n, frac in self.top_n_grams:
             if len(words) < n:
                 continue
-            value = _top_ngram_chars(words, n) / size
+            value = _top_ngram_chars(words, n, spaced) / size
             if value > frac:
                 return Removed(f"top {n}-gram char fraction {value:.3f} > {frac}")
         hashes = _ConcatHashes(words) if self.dup_n_grams and words else None

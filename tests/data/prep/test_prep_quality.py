@@ -225,6 +225,21 @@ def test_duplicate_ngram_chars_matches_the_scan(seed):
         assert _duplicate_ngram_chars(words, n) == _reference_duplicate_ngram_chars(words, n), (words, n)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_top_ngram_chars_matches_counter(seed):
+    """The published definition: Counter of " ".join(gram), most_common(1) (ties: first seen)."""
+    import random
+
+    from parallax.data.prep.quality import _top_ngram_chars
+
+    rng = random.Random(seed)
+    vocab = ["a", "bb", "ab", "ccc", "d"][: rng.randint(1, 5)]
+    words = rng.choices(vocab, k=rng.randint(4, 80))
+    for n in (1, 2, 3, 4):
+        gram, count = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+        assert _top_ngram_chars(words, n) == len(gram) * count, (words, n)
+
+
 def test_top_ngram_chars_hand_computed():
     from parallax.data.prep.quality import _top_ngram_chars
 
