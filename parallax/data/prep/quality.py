@@ -7,11 +7,11 @@ tokenizer datatrove uses (see that module for the known differences); everything
 character counts, n-gram definitions) is computed as datatrove computes it. Words are split only when a
 rule that needs them is reached, and the repetition and quality stages share one split per document.
 
-Throughput (tests/data/prep/quality_corpus.py's 300 documents, 0.76 MB; one process on a shared, loaded
-2-core machine, so the ratios matter more than the absolute figures; two runs), this module vs datatrove
-0.10.1 with spaCy 3.8: GopherQuality 2.9-3.5 vs 0.28-0.40 MB/s (9-10x), GopherRepetition 1.5-1.6 vs
-0.22-0.27 MB/s (6-7x), C4 17-26 vs 0.7 MB/s (24-37x); the three chained as the pipeline runs them
-(repetition, quality, C4; a removed document stops) 1.4-1.6 vs 0.27-0.29 MB/s (5-5.6x).
+Throughput (tests/data/prep/quality_corpus.py's 300 documents, 0.76 MB; one process on a shared 2-core
+machine at load ~1.7), this module vs datatrove 0.10.1 with spaCy 3.8: GopherQuality 5.1 vs 0.51 MB/s
+(9.9x), GopherRepetition 3.1 vs 0.46 MB/s (6.6x), C4 26 vs 1.3 MB/s (20x); the three chained as the
+pipeline runs them (repetition, quality, C4; a removed document stops) 2.6 vs 0.40 MB/s (6.4x). Runs at
+higher load gave 5-10x for each and 5x chained. The word split is about half of the Gopher time.
 Verdicts: the same on 299, 300 and 299 of those 300 documents, and on 918, 921 and 920 of 921 more
 (``varied_documents(1000, seed=7)`` less the built-in ones); the differences are documents within 0.01 of
 the alphabetic-ratio cut or one sentence short of C4's 5.
