@@ -166,13 +166,18 @@ def _scan_shard(task: _ScanTask) -> None:
     errors: list[Any] = []
     exact_keys: list[np.ndarray] = []
     band_keys: list[np.ndarray] = []
+    signatures: list[np.ndarray] = []
+    verify = task.minhash is not None and getattr(task.minhash, "verify", False)
     batch: list[str] = []
     docs_read = bytes_read = kept = 0
 
     def flush() -> None:
         if task.exact is not None:
             exact_keys.append(np.asarray(task.exact.keys(batch), dtype=np.uint64))
-        if task.minhash is not None:
+        if verify:  # the Jaccard check in phase 2 needs the signatures themselves
+            signatures.append(task.minhash.signatures(batch))
+            band_keys.append(task.minhash.band_keys(signatures[-1]))
+        elif task.minhash is not None:
             band_keys.append(np.asarray(task.minhash.band_keys(batch), dtype=np.uint64))
         batch.clear()
 
@@ -212,7 +217,11 @@ def _scan_shard(task: _ScanTask) -> None:
         if task.exact is not None:
             arrays["exact"] = np.concatenate(exact_keys) if exact_keys else np.zeros(0, np.uint64)
         if task.minhash is not None:
-            arrays["bands"] = np.concatenate(band_keys) if band_keys else np.zeros((0, 0), np.uint64)
+            bands = task.minhash.bands
+            arrays["bands"] = np.concatenate(band_keys) if band_keys else np.zeros((0, bands), np.uint64)
+        if verify:
+            arrays["signatures"] = (np.concatenate(signatures) if signatures
+                                    else np.zeros((0, task.minhash.num_perm), np.uint64))
         np.savez(f, **arrays)
     _write_json(marker, {"path": task.path, "docs_read": docs_read, "bytes_read": bytes_read, "kept": kept,
                          "stages": {name: tally.to_dict() for name, _, tally in tallies},
@@ -238,7 +247,11 @@ def _find_duplicates(work: Path, n_shards: int, exact: Any | None, minhash: Any 
         drop_exact = [np.asarray(m, dtype=bool) for m in _dedup().exact_duplicates([k["exact"] for k in keys])]
     if minhash is not None and sum(sizes):
         survivors = [k["bands"][~d] for k, d in zip(keys, drop_exact)]
-        near = minhash.near_duplicates(survivors, map_fn=map_fn)
+        if "signatures" in keys[0]:
+            near = minhash.near_duplicates(survivors, map_fn=map_fn,
+                                           signatures=[k["signatures"][~d] for k, d in zip(keys, drop_exact)])
+        else:
+            near = minhash.near_duplicates(survivors, map_fn=map_fn)
         for d, n, m in zip(drop_exact, drop_near, near):
             n[~d] = np.asarray(m, dtype=bool)
     with _atomic(target, binary=True) as f:

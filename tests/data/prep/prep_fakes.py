@@ -154,6 +154,7 @@ def _band_drops(column: np.ndarray) -> np.ndarray:
 class FirstWords:
     """'Near duplicates': documents sharing their first 4 words (band 0) or their last 4 (band 1)."""
     name: ClassVar[str] = "minhash_dedup"
+    bands: ClassVar[int] = 2
 
     def band_keys(self, texts) -> np.ndarray:
         return np.array([[_hash(" ".join(t.split()[:4])), _hash(" ".join(t.split()[-4:]))] for t in texts],
