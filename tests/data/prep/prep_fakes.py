@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,16 @@ REGISTRY = {
                      "minhash_dedup": "tests.data.prep.prep_fakes:FirstWords"},
     "OUTPUT_STAGES": {"pii": "tests.data.prep.prep_fakes:Emails"},
 }
+
+
+def install(monkeypatch) -> None:
+    """Make run_prep use these readers, stages and dedup functions for the rest of the test."""
+    from parallax.data.prep import pipeline, stages
+
+    for name, table in REGISTRY.items():
+        monkeypatch.setattr(stages, name, table)
+    monkeypatch.setattr(pipeline, "_readers", lambda: sys.modules[__name__])
+    monkeypatch.setattr(pipeline, "_dedup", lambda: sys.modules[__name__])
 
 
 # ---- readers: JSONL only
@@ -165,3 +176,46 @@ class FirstWords:
         drops = map_fn(_band_drops, [every[:, j] for j in range(every.shape[1])])
         drop = np.logical_or.reduce(drops)
         return np.split(drop, np.cumsum([len(k) for k in band_keys])[:-1])
+
+
+# ---- a corpus with planted junk
+
+FILES = 5
+DOCS_PER_FILE = 24
+
+
+def _words(i: int, n: int) -> str:
+    return " ".join(f"w{i}x{j}" for j in range(n))
+
+
+def write_corpus(root: Path) -> list[str]:
+    """FILES JSONL files with planted junk; returns the texts the fake stages keep, in order (e-mail
+    addresses already replaced)."""
+    root.mkdir(parents=True, exist_ok=True)
+    kept: list[str] = []
+    normal: list[str] = []
+    for f in range(FILES):
+        lines = []
+        for k in range(DOCS_PER_FILE):
+            i = f * DOCS_PER_FILE + k
+            kind = i % 8
+            if kind == 1:
+                text = "  \n "  # normalize removes it
+            elif kind == 2:
+                text = f"tiny {i}"  # 2 words < 3: gopher_quality removes it
+            elif kind == 3 and normal:
+                text = normal[(i * 7) % len(normal)]  # exact copy of an earlier kept document
+            elif kind == 5 and normal:
+                base = normal[(i * 3) % len(normal)].split()
+                text = " ".join(base[:4] + [f"n{i}y{j}" for j in range(6)])  # first 4 words shared
+            elif kind == 6:
+                text = f"{_words(i, 6)} write to u{i}@example.com today"
+                kept.append(f"{_words(i, 6)} write to <EMAIL> today")
+                normal.append(text)
+            else:
+                text = f"  {_words(i, 5 + i % 7)}  "
+                kept.append(text.strip())
+                normal.append(text.strip())
+            lines.append(json.dumps({"text": text, "n": i}))
+        (root / f"{chr(ord('a') + f)}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return kept

@@ -13,59 +13,16 @@ import pytest
 
 from parallax.data import cache
 from parallax.data.errors import DataError
-from parallax.data.prep import pipeline, stages
 from parallax.data.prep.config import PrepConfig
 from parallax.data.prep.pipeline import run_prep
 from tests.data.prep import prep_fakes
-
-FILES = 5
-DOCS_PER_FILE = 24
+from tests.data.prep.prep_fakes import DOCS_PER_FILE, FILES, write_corpus
 
 
 @pytest.fixture
 def fakes(monkeypatch: pytest.MonkeyPatch):
-    for name, table in prep_fakes.REGISTRY.items():
-        monkeypatch.setattr(stages, name, table)
-    monkeypatch.setattr(pipeline, "_readers", lambda: prep_fakes)
-    monkeypatch.setattr(pipeline, "_dedup", lambda: prep_fakes)
+    prep_fakes.install(monkeypatch)
     return prep_fakes
-
-
-def _words(i: int, n: int) -> str:
-    return " ".join(f"w{i}x{j}" for j in range(n))
-
-
-def write_corpus(root: Path) -> list[str]:
-    """FILES JSONL files with planted junk; returns the texts the fake stages keep, in order (e-mail
-    addresses already replaced)."""
-    root.mkdir(parents=True, exist_ok=True)
-    kept: list[str] = []
-    normal: list[str] = []
-    for f in range(FILES):
-        lines = []
-        for k in range(DOCS_PER_FILE):
-            i = f * DOCS_PER_FILE + k
-            kind = i % 8
-            if kind == 1:
-                text = "  \n "  # normalize removes it
-            elif kind == 2:
-                text = f"tiny {i}"  # 2 words < 3: gopher_quality removes it
-            elif kind == 3 and normal:
-                text = normal[(i * 7) % len(normal)]  # exact copy of an earlier kept document
-            elif kind == 5 and normal:
-                base = normal[(i * 3) % len(normal)].split()
-                text = " ".join(base[:4] + [f"n{i}y{j}" for j in range(6)])  # first 4 words shared
-            elif kind == 6:
-                text = f"{_words(i, 6)} write to u{i}@example.com today"
-                kept.append(f"{_words(i, 6)} write to <EMAIL> today")
-                normal.append(text)
-            else:
-                text = f"  {_words(i, 5 + i % 7)}  "
-                kept.append(text.strip())
-                normal.append(text.strip())
-            lines.append(json.dumps({"text": text, "n": i}))
-        (root / f"{chr(ord('a') + f)}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return kept
 
 
 def _config(corpus: Path, out: Path, **kw) -> PrepConfig:
