@@ -335,8 +335,14 @@ def _junk(rng: random.Random, kind: str) -> str:
     if kind == "repeated":
         line = _sentences_from_pool(rng, 1)[0]
         return "\n".join([line] * rng.randint(20, 40))
-    if kind == "short":
-        return " ".join(_sentences_from_pool(rng, rng.randint(1, 2)))
+    if kind == "short":  # under Gopher's 50 words
+        picked: list[str] = []
+        for sentence in _sentences_from_pool(rng, 20):
+            if sum(len(p.split()) for p in picked) + len(sentence.split()) < 50:
+                picked.append(sentence)
+            if len(picked) == 2:
+                break
+        return " ".join(picked)
     raise ValueError(f"unknown junk kind {kind!r}; expected one of {', '.join(JUNK_KINDS)}")
 
 
@@ -443,15 +449,15 @@ def noisy_corpus(n_docs: int, *, seed: int = 0) -> list[dict[str, Any]]:
     return list(islice(iter_noisy_corpus(seed=seed), n_docs))
 
 
-def _open_compressed(path: Path, compress: str | None):
-    raw = open(path, "wb")
+def _compressor(raw: io.BufferedWriter, compress: str | None):
+    """A binary sink writing into ``raw`` (compressed as asked) whose ``close`` leaves ``raw`` open."""
     if compress == "gzip":
-        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0), raw  # mtime 0: same bytes every run
+        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)  # mtime 0: same bytes every run
     if compress == "zstd":
         import zstandard
 
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw), raw
-    return raw, raw
+        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+    return None
 
 
 def write_noisy_corpus(directory: str | os.PathLike[str], *, n_docs: int | None = None,
@@ -484,23 +490,23 @@ def write_noisy_corpus(directory: str | os.PathLike[str], *, n_docs: int | None 
         path = out / f"part-{k:05d}.jsonl{_COMPRESSIONS[compress]}"
         fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a corpus is for others to read too
         tmp = Path(tmp_name)
         try:
-            stream, raw = _open_compressed(tmp, compress)
-            with raw:
-                with stream:
-                    text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n", write_through=True)
-                    if n_docs is not None:
-                        for row in islice(rows, n_docs // files + (k < n_docs % files)):
-                            text.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    else:
-                        budget, written = size_bytes / files, 0
-                        while written < budget:
-                            line = json.dumps(next(rows), ensure_ascii=False) + "\n"
-                            text.write(line)
-                            written += len(line.encode("utf-8"))
-                    text.flush()
-                    text.detach()
+            with open(tmp, "wb") as raw:
+                sink = _compressor(raw, compress)
+                write = (sink if sink is not None else raw).write
+                if n_docs is not None:
+                    for row in islice(rows, n_docs // files + (k < n_docs % files)):
+                        write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+                else:
+                    budget, written = size_bytes / files, 0
+                    while written < budget:
+                        line = (json.dumps(next(rows), ensure_ascii=False) + "\n").encode("utf-8")
+                        write(line)
+                        written += len(line)
+                if sink is not None:
+                    sink.close()
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, path)
