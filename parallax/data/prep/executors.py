@@ -110,7 +110,7 @@ class RayExecutor:
             return ray.get(refs)  # in submission order
         except BaseException:
             for ref in refs:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)  # not forced: killing a worker would make the next map start a new one
             raise
 
     def close(self) -> None:
