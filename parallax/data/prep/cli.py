@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = ["prep_main", "build_parser"]
 
 DEMO_OUT = "prep-demo"
-DEMO_DOCS = 2000
+DEMO_DOCS = 1000  # ~2.4 MB of text: a few seconds on one worker
 DEMO_FILES = 4
 
 

@@ -171,14 +171,20 @@ def _scan_shard(task: _ScanTask) -> None:
     batch: list[str] = []
     docs_read = bytes_read = kept = 0
 
+    key_seconds = {"exact_dedup": 0.0, "minhash_dedup": 0.0}
+
     def flush() -> None:
+        t0 = time.perf_counter()
         if task.exact is not None:
             exact_keys.append(np.asarray(task.exact.keys(batch), dtype=np.uint64))
+        t1 = time.perf_counter()
         if verify:  # the Jaccard check in phase 2 needs the signatures themselves
             signatures.append(task.minhash.signatures(batch))
             band_keys.append(task.minhash.band_keys(signatures[-1]))
         elif task.minhash is not None:
             band_keys.append(np.asarray(task.minhash.band_keys(batch), dtype=np.uint64))
+        key_seconds["exact_dedup"] += t1 - t0
+        key_seconds["minhash_dedup"] += time.perf_counter() - t1
         batch.clear()
 
     perf = time.perf_counter
@@ -224,7 +230,7 @@ def _scan_shard(task: _ScanTask) -> None:
                                     else np.zeros((0, task.minhash.num_perm), np.uint64))
         np.savez(f, **arrays)
     _write_json(marker, {"path": task.path, "docs_read": docs_read, "bytes_read": bytes_read, "kept": kept,
-                         "stages": {name: tally.to_dict() for name, _, tally in tallies},
+                         "stages": {name: tally.to_dict() for name, _, tally in tallies}, "key_seconds": key_seconds,
                          "read_errors": [{"path": e.path, "line": e.line, "message": e.message} for e in errors]})
 
 
@@ -243,8 +249,10 @@ def _find_duplicates(work: Path, n_shards: int, exact: Any | None, minhash: Any 
     sizes = [json.loads(_scan_paths(work, i)[2].read_text(encoding="utf-8"))["kept"] for i in range(n_shards)]
     drop_exact = [np.zeros(n, dtype=bool) for n in sizes]
     drop_near = [np.zeros(n, dtype=bool) for n in sizes]
+    t0 = time.perf_counter()
     if exact is not None and sum(sizes):
         drop_exact = [np.asarray(m, dtype=bool) for m in _dedup().exact_duplicates([k["exact"] for k in keys])]
+    t1 = time.perf_counter()
     if minhash is not None and sum(sizes):
         survivors = [k["bands"][~d] for k, d in zip(keys, drop_exact)]
         if "signatures" in keys[0]:
@@ -254,8 +262,9 @@ def _find_duplicates(work: Path, n_shards: int, exact: Any | None, minhash: Any 
             near = minhash.near_duplicates(survivors, map_fn=map_fn)
         for d, n, m in zip(drop_exact, drop_near, near):
             n[~d] = np.asarray(m, dtype=bool)
+    seconds = np.array([t1 - t0, time.perf_counter() - t1])  # the exact and MinHash parts of this phase
     with _atomic(target, binary=True) as f:
-        np.savez(f, **{f"exact_{i:05d}": m for i, m in enumerate(drop_exact)},
+        np.savez(f, seconds=seconds, **{f"exact_{i:05d}": m for i, m in enumerate(drop_exact)},
                  **{f"near_{i:05d}": m for i, m in enumerate(drop_near)})
 
 
@@ -419,6 +428,7 @@ def run_prep(config: PrepConfig) -> Report:
                       stages=plan.doc_stages, exact=plan.exact, minhash=plan.minhash) for i in todo])
         _find_duplicates(plan.work, len(plan.shards), plan.exact, plan.minhash, executor.map)
         with np.load(plan.work / "dedup.npz") as masks:
+            dedup_seconds = masks["seconds"].tolist()
             todo = [i for i in range(len(plan.shards)) if not _shard_paths(plan.work, i)[2].exists()]
             log.info("prep: writing %d of %d shard(s)", len(todo), len(plan.shards))
             tasks = [_WriteTask(index=i, work=str(plan.work), drop_exact=masks[f"exact_{i:05d}"],
@@ -428,8 +438,7 @@ def run_prep(config: PrepConfig) -> Report:
         executor.map(_write_shard, tasks)
     finally:
         executor.close()
-    report = _finish(config, plan, time.perf_counter() - t0)
-    return report
+    return _finish(config, plan, dedup_seconds, time.perf_counter() - t0)
 
 
 def _fingerprint(config: PrepConfig, root: Path, shards: list[Path], tokenizer_desc: dict[str, Any] | None) -> str:
@@ -523,7 +532,7 @@ def _merge_tallies(name: str, parts: list[dict[str, Any]], samples: int) -> tupl
     return stage, examples
 
 
-def _finish(config: PrepConfig, plan: _Plan, elapsed: float) -> Report:
+def _finish(config: PrepConfig, plan: _Plan, dedup_seconds: list[float], elapsed: float) -> Report:
     """Phase 4: report, samples and merged tokens into .work/final, then swap them into the output."""
     work, out, final = plan.work, plan.out, plan.work / "final"
     n = len(plan.shards)
@@ -542,6 +551,8 @@ def _finish(config: PrepConfig, plan: _Plan, elapsed: float) -> Report:
     for name, built in (("exact_dedup", plan.exact), ("minhash_dedup", plan.minhash), ("pii", plan.pii)):
         if built is not None:
             stage, examples = _merge_tallies(name, [w["stages"][name] for w in writes], config.samples)
+            if name != "pii":  # key hashing in the scan + the cross-shard pass
+                stage.seconds += sum(s["key_seconds"][name] for s in scans) + dedup_seconds[name == "minhash_dedup"]
             report.stages.append(stage)
             removed.extend([name, *e[1:]] for e in examples)
     kept = sorted(e for w in writes for e in w["kept"])[:config.samples]
