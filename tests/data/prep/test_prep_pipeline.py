@@ -269,3 +269,26 @@ def test_real_stages_same_output_with_four_workers(tmp_path: Path) -> None:
     four = run_prep(PrepConfig(input=str(corpus), out=str(tmp_path / "four"), format=("tokens", "jsonl"), workers=4))
     assert _counts(one) == _counts(four)
     assert _files(tmp_path / "one") == _files(tmp_path / "four")
+
+
+# ---- the local executor
+
+
+def test_local_executor_ordered_errors_and_ctrl_c() -> None:
+    import multiprocessing
+    import time
+
+    from parallax.data.prep.executors import LocalExecutor
+
+    items = [7, 1, 5, 0, 3, 2]
+    assert LocalExecutor(1).map(prep_fakes.square_or_fail, items) == LocalExecutor(3).map(
+        prep_fakes.square_or_fail, items) == [49, 1, 25, 0, 9, 4]
+    with pytest.raises(DataError, match="negative item -2"):
+        LocalExecutor(2).map(prep_fakes.square_or_fail, [1, -2, 3])
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        LocalExecutor(2).map(prep_fakes.interrupt_parent, [0, 1])
+    assert time.perf_counter() - t0 < 10  # did not wait for the 30 s tasks
+    assert multiprocessing.active_children() == []  # the workers were terminated
+    with pytest.raises(ValueError, match="workers must be an integer >= 1; got 0"):
+        LocalExecutor(0)
