@@ -441,12 +441,17 @@ def run_prep(config: PrepConfig) -> Report:
     return _finish(config, plan, dedup_seconds, time.perf_counter() - t0)
 
 
-def _fingerprint(config: PrepConfig, root: Path, shards: list[Path], tokenizer_desc: dict[str, Any] | None) -> str:
+def _fingerprint(config: PrepConfig, root: Path, shards: list[Path], tokenizer_desc: dict[str, Any] | None,
+                 stages: dict[str, str]) -> str:
+    """What decides the output: the config's output options, every stage with all its thresholds (its
+    repr, defaults included, so a changed default is a different run), the tokenizer and the input
+    files (path, size, modification time: cheap at any corpus size, unlike hashing the content)."""
     listing = []
     for path in shards:
         st = path.stat()
         listing.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
-    ident = {"format": FORMAT, "config": config.fingerprint_fields(), "tokenizer": tokenizer_desc, "input": listing}
+    ident = {"format": FORMAT, "config": config.fingerprint_fields(), "stages": stages, "tokenizer": tokenizer_desc,
+             "input": listing}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -468,6 +473,8 @@ def _plan(config: PrepConfig) -> _Plan | None:
     out = Path(config.out).resolve()
     if out == root or root in out.parents:
         raise DataError(f"out {config.out} is inside the input directory {root}; its output would become input")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"out {config.out} is a file; expected a directory (new or from an earlier prep run)")
     doc_stages = [(name, stage) for name in registry.DOCUMENT_STAGES
                   if (stage := registry.build_stage(name, config.stages.get(name))) is not None]
     exact = registry.build_stage("exact_dedup", config.stages.get("exact_dedup"))
@@ -481,7 +488,9 @@ def _plan(config: PrepConfig) -> _Plan | None:
                                  "set eos_token in its tokenizer_config.json")
         tokenizer_desc = tokenizer.describe()
         dtype = cache.token_dtype(tokenizer.vocab_size)
-    fingerprint = _fingerprint(config, root, [Path(p).resolve() for p in shards], tokenizer_desc)
+    built = [*doc_stages, ("exact_dedup", exact), ("minhash_dedup", minhash), ("pii", pii)]
+    fingerprint = _fingerprint(config, root, [Path(p).resolve() for p in shards], tokenizer_desc,
+                               {name: repr(stage) for name, stage in built})
     work = out / ".work"
     plan = _Plan(out=out, work=work, root=root, shards=[Path(p).resolve() for p in shards], fingerprint=fingerprint,
                  doc_stages=doc_stages, exact=exact, minhash=minhash, pii=pii, tokenizer_desc=tokenizer_desc,

@@ -292,3 +292,15 @@ def test_local_executor_ordered_errors_and_ctrl_c() -> None:
     assert multiprocessing.active_children() == []  # the workers were terminated
     with pytest.raises(ValueError, match="workers must be an integer >= 1; got 0"):
         LocalExecutor(0)
+
+
+def test_nothing_kept_and_out_is_a_file(tmp_path: Path, fakes) -> None:
+    write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    report = run_prep(_config(tmp_path / "corpus", out, stages={"gopher_quality": {"min_words": 1000}}))
+    assert report.docs_kept == report.tokens == 0 and report.stage("gopher_quality").docs_out == 0
+    assert not (out / "tokens.bin").exists() and json.loads((out / "prep.json").read_text())["complete"] is True
+    assert [p.read_text() for p in sorted((out / "documents").iterdir())] == [""] * FILES
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file; expected a directory"):
+        run_prep(_config(tmp_path / "corpus", tmp_path / "file"))
