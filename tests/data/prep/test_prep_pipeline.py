@@ -304,3 +304,23 @@ def test_nothing_kept_and_out_is_a_file(tmp_path: Path, fakes) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is a file; expected a directory"):
         run_prep(_config(tmp_path / "corpus", tmp_path / "file"))
+
+
+def test_crash_mid_swap_resumes(tmp_path: Path, fakes, monkeypatch) -> None:
+    write_corpus(tmp_path / "corpus")
+    run_prep(_config(tmp_path / "corpus", tmp_path / "ref"))
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out / "report.json":  # tokens.* and samples/ are already in place by then
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        run_prep(_config(tmp_path / "corpus", out))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "tokens.bin").exists() and json.loads((out / "prep.json").read_text())["complete"] is False
+    run_prep(_config(tmp_path / "corpus", out))
+    assert _files(out) == _files(tmp_path / "ref") and not (out / ".work").exists()
