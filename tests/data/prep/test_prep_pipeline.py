@@ -252,8 +252,15 @@ def test_real_stages_remove_what_was_planted(tmp_path: Path) -> None:
                         if stage in ("exact_dedup", "minhash_dedup")}
     assert planted_by_stage == {("exact_dedup", "exact_dup"), ("minhash_dedup", "near_dup")}
     assert report.stage("exact_dedup").docs_removed == labels["exact_dup"]
-    # tokens decode to the kept documents, in order
+    # tokens decode to the kept documents, in order, and feed a TokenDataset straight from the memmap
     assert _decode(out) == [doc["text"] for doc in kept]
+    from parallax.data.dataset import TokenDataset
+    from parallax.data.tokenizer import load_tokenizer
+
+    tokens, meta = cache.read_entry(out, "tokens")
+    data = TokenDataset(tokens, tokenizer=load_tokenizer(None), source=str(out), content_hash=meta["content_hash"],
+                        cache_path=str(out / "tokens.bin"))
+    assert isinstance(data.tokens, np.memmap) and data.num_tokens() == report.tokens
 
 
 def _row_of(rows: dict, corpus: Path, doc_id: str) -> dict:
