@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 FORMAT = "parallax.prep/1"
 # What a prep run owns in its output directory; --overwrite replaces these and nothing else.
 OWN_NAMES = ("prep.json", "tokens.bin", "tokens.json", "documents", "samples", "report.json", "report.html", ".work")
+MAX_READ_ERRORS = 100  # read errors listed per shard, and in the report (all are counted)
 _OUTPUTS = ("tokens.bin", "tokens.json", "samples", "report.json", "report.html", "documents")
 _KEY_BATCH = 1024  # documents per dedup-key batch (bounds memory per shard; keys are vectorised per batch)
 _TOKEN_BATCH = 256  # documents per tokenizer call
@@ -138,6 +139,20 @@ def _keep_smallest(heap: list[tuple], limit: int, item: tuple) -> None:
 # ---------------------------------------------------------------- phase 1: scan
 
 
+class _CappedErrors(list):
+    """The reader's error list: keeps the first ``MAX_READ_ERRORS`` and counts the rest (a file of
+    millions of bad lines must not fill the memory or the report)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def append(self, error: Any) -> None:
+        self.total += 1
+        if len(self) < MAX_READ_ERRORS:
+            super().append(error)
+
+
 @dataclass
 class _ScanTask:
     index: int
@@ -163,7 +178,7 @@ def _scan_shard(task: _ScanTask) -> None:
     readers = _readers()
     docs_path, keys_path, marker = _scan_paths(Path(task.work), task.index)
     tallies = [(name, stage, _Tally(task.samples)) for name, stage in task.stages]
-    errors: list[Any] = []
+    errors = _CappedErrors()
     exact_keys: list[np.ndarray] = []
     band_keys: list[np.ndarray] = []
     signatures: list[np.ndarray] = []
@@ -231,7 +246,8 @@ def _scan_shard(task: _ScanTask) -> None:
         np.savez(f, **arrays)
     _write_json(marker, {"path": task.path, "docs_read": docs_read, "bytes_read": bytes_read, "kept": kept,
                          "stages": {name: tally.to_dict() for name, _, tally in tallies}, "key_seconds": key_seconds,
-                         "read_errors": [{"path": e.path, "line": e.line, "message": e.message} for e in errors]})
+                         "read_errors": [{"path": e.path, "line": e.line, "message": e.message} for e in errors],
+                         "read_errors_total": errors.total})
 
 
 # ---------------------------------------------------------------- phase 2: dedup
@@ -550,7 +566,8 @@ def _finish(config: PrepConfig, plan: _Plan, dedup_seconds: list[float], elapsed
     report = Report(input=config.input, out=config.out, shards=n, executor=config.executor, workers=config.workers,
                     docs_read=sum(s["docs_read"] for s in scans), bytes_read=sum(s["bytes_read"] for s in scans),
                     docs_kept=sum(w["docs_kept"] for w in writes), bytes_kept=sum(w["bytes_kept"] for w in writes),
-                    read_errors=[e for s in scans for e in s["read_errors"]])
+                    read_errors=[e for s in scans for e in s["read_errors"]][:MAX_READ_ERRORS],
+                    read_errors_total=sum(s["read_errors_total"] for s in scans))
     removed = []
     names = [name for name, _ in plan.doc_stages]
     for name in names:
