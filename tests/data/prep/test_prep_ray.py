@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 
 import pytest
+import ray
 
 from parallax.data.errors import DataError
 from parallax.data.prep.config import PrepConfig
 from parallax.data.prep.executors import RayExecutor
 from parallax.data.prep.pipeline import run_prep
 
-ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[3]
 
 
