@@ -101,3 +101,22 @@ def test_finetune_reads_prepared_documents_as_text_rows(tmp_path):
         load_sft_examples(root, tok, max_length=512, loss="completion")
     with pytest.raises(DataError, match="--format tokens,jsonl"):
         load_sft_examples(_prepare(tmp_path / "tokens-only", DOCS, jsonl=False), tok, max_length=512)
+
+
+def test_a_real_prep_run_feeds_load_dataset(tmp_path):
+    """`run_prep` output read by load_dataset: the memory-mapped tokens are exactly the kept documents
+    (from documents/*.jsonl) joined by end-of-text, and another tokenizer re-tokenizes those documents."""
+    from parallax.data.prep import PrepConfig, run_prep, write_noisy_corpus
+    from tests.data.tokenizer_dirs import write_style
+
+    write_noisy_corpus(tmp_path / "raw", n_docs=60, files=2, seed=3)
+    out = tmp_path / "prepared"
+    run_prep(PrepConfig(input=str(tmp_path / "raw"), out=str(out), format=("tokens", "jsonl")))
+    kept = [json.loads(line)["text"] for f in sorted((out / "documents").glob("*.jsonl"))
+            for line in f.read_text(encoding="utf-8").splitlines()]
+    assert 0 < len(kept) < 60
+    ds = load_dataset(out, val_fraction=0.1)
+    assert isinstance(ds.tokens, np.memmap)
+    np.testing.assert_array_equal(np.asarray(ds.tokens), _joined(kept, load_tokenizer("byte")))
+    bpe = load_tokenizer(write_style(tmp_path / "bpe", "qwen2"))
+    np.testing.assert_array_equal(np.asarray(load_dataset(out, tokenizer=bpe).tokens), _joined(kept, bpe))
