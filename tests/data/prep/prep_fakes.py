@@ -30,12 +30,14 @@ REGISTRY = {
 
 def install(monkeypatch) -> None:
     """Make run_prep use these readers, stages and dedup functions for the rest of the test."""
-    from parallax.data.prep import pipeline, stages
+    from parallax.data.prep import pipeline, scan, stages
 
     for name, table in REGISTRY.items():
         monkeypatch.setattr(stages, name, table)
-    monkeypatch.setattr(pipeline, "_readers", lambda: sys.modules[__name__])
-    monkeypatch.setattr(pipeline, "_dedup", lambda: sys.modules[__name__])
+    fakes = sys.modules[__name__]
+    for module, names in ((pipeline, ("list_inputs", "input_root", "exact_duplicates")), (scan, ("read_documents",))):
+        for name in names:
+            monkeypatch.setattr(module, name, getattr(fakes, name))
 
 
 # ---- readers: JSONL only

@@ -14,7 +14,7 @@ import pytest
 
 from parallax.data import cache
 from parallax.data.errors import DataError
-from parallax.data.prep import pipeline
+from parallax.data.prep import scan
 from parallax.data.prep.config import PrepConfig
 from parallax.data.prep.pipeline import run_prep
 from tests.data.prep import prep_fakes
@@ -337,8 +337,8 @@ def test_crash_mid_swap_resumes(tmp_path: Path, fakes, monkeypatch) -> None:
 def test_read_errors_capped_but_counted(tmp_path: Path, fakes) -> None:
     write_corpus(tmp_path / "corpus")
     with open(tmp_path / "corpus" / "a.jsonl", "a") as f:
-        f.write("{bad\n" * (pipeline.MAX_READ_ERRORS + 5))
+        f.write("{bad\n" * (scan.MAX_READ_ERRORS + 5))
     report = run_prep(_config(tmp_path / "corpus", tmp_path / "out"))
-    assert report.read_errors_total == pipeline.MAX_READ_ERRORS + 5
-    assert len(report.read_errors) == pipeline.MAX_READ_ERRORS
-    assert report.read_errors[-1]["line"] == DOCS_PER_FILE + pipeline.MAX_READ_ERRORS
+    assert report.read_errors_total == scan.MAX_READ_ERRORS + 5
+    assert len(report.read_errors) == scan.MAX_READ_ERRORS
+    assert report.read_errors[-1]["line"] == DOCS_PER_FILE + scan.MAX_READ_ERRORS
