@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 FORMAT = "parallax.prep/1"
 # What a prep run owns in its output directory; --overwrite replaces these and nothing else.
 OWN_NAMES = ("prep.json", "tokens.bin", "tokens.json", "documents", "samples", "report.json", "report.html", ".work")
+_MERGE_CHUNK = 1 << 24  # tokens copied at a time when merging the shards' tokens
 _OUTPUTS = ("tokens.bin", "tokens.json", "samples", "report.json", "report.html", "documents")
 
 
@@ -310,6 +311,7 @@ def _merged_tokens(work: Path, n_shards: int, total: int, dtype: np.dtype) -> It
         path = shard_paths(work, i)[1]
         if left <= 0 or not path.exists() or path.stat().st_size == 0:
             continue
-        tokens = np.memmap(path, dtype=dtype, mode="r")  # a shard is one input file: never read it whole
-        yield tokens[:left]
-        left -= min(left, tokens.size)
+        tokens = np.memmap(path, dtype=dtype, mode="r")[:left]  # a shard is a whole input file: stream it
+        for start in range(0, tokens.size, _MERGE_CHUNK):
+            yield tokens[start:start + _MERGE_CHUNK]
+        left -= tokens.size
