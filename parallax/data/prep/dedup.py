@@ -6,13 +6,21 @@ then document order) is kept.
 Near duplicates: MinHash signatures over word n-gram shingles, locality-sensitive hashing in bands, and
 connected components over the documents that share a band, keeping the lowest global index of each
 component. The signatures equal ``datasketch.MinHash(num_perm, seed, scheme=...)`` updated with the same
-shingles element-wise, the default (b, r) is datasketch's ``_optimal_param`` and two documents are
-candidates exactly when datasketch's ``MinHashLSH`` with the same parameters would return one for the
-other (any identical band). By default every candidate pair is a duplicate (datasketch's answer): the
-banding S-curve 1 - (1 - s^r)^b decides, so at threshold 0.8 with 128 permutations (b=9, r=13) a pair at
-Jaccard 0.9 is found with probability 0.93, one at 0.8 with 0.40 and one at 0.7 with 0.08. ``verify``
-adds a check of each candidate against its bucket's anchor with the signatures' Jaccard estimate, which
-removes most of that tail below the threshold (precision 1.0 instead of 0.96 at J >= 0.75 in the tests).
+shingles element-wise, (b, r) is datasketch's ``_optimal_param`` for the ``weights`` given, and two
+documents are candidates exactly when datasketch's ``MinHashLSH`` with the same parameters would return one
+for the other (any identical band). The banding S-curve 1 - (1 - s^r)^b decides which pairs become
+candidates; ``verify`` decides which candidates are duplicates:
+
+- "jaccard" (default): the exact Jaccard similarity of the two shingle sets is at least ``threshold``
+  (the pipeline reads the candidates' texts back). The default weights (0.05, 0.95) favour recall: at
+  threshold 0.8 with 128 permutations, b=16, r=8, so a pair at Jaccard 0.8 is a candidate with probability
+  0.947, one at 0.85 with 0.994; every reported pair is then above the threshold (precision 1).
+- "signature": the signatures' Jaccard estimate is at least ``threshold`` (no text needed; the estimate's
+  standard deviation at 0.8 is 0.035 with 128 permutations, so pairs near the threshold go either way).
+- "none": every candidate is a duplicate: datasketch's ``MinHashLSH`` answer.
+
+With datasketch's own default weights (0.5, 0.5) (b=9, r=13) a pair at Jaccard 0.8 is a candidate with
+probability 0.40, one at 0.9 with 0.93: that trades recall for fewer candidates.
 
 Shingles: the text is lower-cased and split on Unicode whitespace (``str.split()``); shingle i is the
 words i..i+ngram-1 joined by single spaces and encoded UTF-8. A document with fewer than ``ngram`` words
@@ -45,12 +53,14 @@ __all__ = [
     "default_map",
     "shingles",
     "connected_components",
+    "VERIFY_MODES",
 ]
 
 _MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 _MAX_HASH32 = np.uint64((1 << 32) - 1)
 _SCHEMES = ("affine32", "legacy")
 _SHINGLE_HASHES = ("sha1", "words")
+VERIFY_MODES = ("jaccard", "signature", "none")
 # "words" mode: each process caches word -> 64-bit hash (natural text repeats its words: most lookups hit);
 # the cache is cleared past this many entries (~100 MB).
 _WORD_CACHE_SIZE = 1 << 20
@@ -199,7 +209,8 @@ class MinHashDedup:
     """Near-duplicate removal with MinHash + LSH (see the module docstring for the exact definitions).
 
     ``bands``/``rows`` default to datasketch's optimal (b, r) for ``threshold`` and ``num_perm`` with
-    weights (0.5, 0.5); give both to override. ``scheme`` is datasketch's permutation scheme:
+    ``weights`` (false-positive, false-negative; (0.05, 0.95) favours recall, datasketch's default is
+    (0.5, 0.5)); give both to override. ``verify``: see the module docstring. ``scheme`` is datasketch's permutation scheme:
     "affine32" (its default since 2.0: murmur pre-mix, then a * h + b mod 2^32) or "legacy"
     ((a * h + b) mod (2^61 - 1), masked to 32 bits, with datasketch's uint64 wrap-around before the mod).
     """
@@ -214,7 +225,8 @@ class MinHashDedup:
     seed: int = 1  # datasketch's default seed
     scheme: str = "affine32"
     shingle_hash: str = "sha1"  # "sha1": datasketch's hash; "words": faster, not datasketch-equal
-    verify: bool = False  # False: any shared band is a duplicate (datasketch's MinHashLSH answer)
+    weights: tuple[float, float] = (0.05, 0.95)  # recall first: "jaccard" verification restores precision
+    verify: str = "jaccard"
 
     def __post_init__(self) -> None:
         for field in ("num_perm", "ngram", "seed"):
@@ -225,8 +237,14 @@ class MinHashDedup:
             raise ValueError(f"[minhash_dedup] num_perm must be >= 2, got {self.num_perm}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"[minhash_dedup] threshold must be a number in (0, 1], got {self.threshold!r}")
-        if not isinstance(self.verify, bool):
-            raise ValueError(f"[minhash_dedup] verify must be true or false, got {self.verify!r}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"[minhash_dedup] verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
+        weights = tuple(self.weights) if isinstance(self.weights, (list, tuple)) else ()
+        if (len(weights) != 2 or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights)
+                or abs(sum(weights) - 1.0) > 1e-9):
+            raise ValueError(f"[minhash_dedup] weights must be two non-negative numbers summing to 1 (false positive, "
+                             f"false negative), got {self.weights!r}")
+        self.weights = (float(weights[0]), float(weights[1]))
         if self.shingle_hash not in _SHINGLE_HASHES:
             raise ValueError(
                 f"[minhash_dedup] shingle_hash must be one of {', '.join(_SHINGLE_HASHES)}, got {self.shingle_hash!r}"
@@ -236,7 +254,7 @@ class MinHashDedup:
         if (self.bands is None) != (self.rows is None):
             raise ValueError("[minhash_dedup] bands and rows must be given together (or neither, for the optimum)")
         if self.bands is None:
-            self.bands, self.rows = optimal_bands(float(self.threshold), self.num_perm)
+            self.bands, self.rows = optimal_bands(float(self.threshold), self.num_perm, self.weights)
         for field in ("bands", "rows"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -345,22 +363,24 @@ class MinHashDedup:
         band_keys: Sequence[np.ndarray],
         map_fn: Callable[[Callable[[Any], Any], Iterable[Any]], Any] = default_map,
         signatures: Sequence[np.ndarray] | None = None,
+        texts: Callable[[np.ndarray], Sequence[str]] | None = None,
     ) -> list[np.ndarray]:
         """Per shard, a [n_i] bool mask, True = drop.
 
         ``band_keys``: one [n_i, bands] uint64 array per shard (``band_keys`` of its texts). Documents that
-        share a key in any band are duplicates; the connected components of that relation keep only their
-        lowest global index (shard order, then document order). ``map_fn(fn, items)`` runs the per-band
-        work, one item per band holding that band's keys of ALL shards (an executor's map: processes or
-        Ray tasks); the components are then found here from the returned edges.
+        share a key in any band are candidates; each joins its bucket's lowest-index document (the bucket's
+        anchor, as NeMo Curator's false-positive check) when ``verify`` accepts the pair, and the connected
+        components of those pairs keep only their lowest global index (shard order, then document order).
+        ``map_fn(fn, items)`` runs the per-band work, one item per band holding that band's keys of ALL
+        shards (an executor's map: processes or Ray tasks); the components are then found here.
 
-        With ``verify`` set, ``signatures`` (one [n_i, num_perm] array per shard) are required and a
-        document joins its bucket's lowest-index document (the bucket's anchor, as NeMo Curator's
-        false-positive check) only when their estimated Jaccard (the share of equal signature values) is
-        at least ``threshold``: this cuts the S-curve's tail below the threshold (see the tests).
+        ``verify = "signature"`` needs ``signatures`` (one [n_i, num_perm] array per shard); ``"jaccard"``
+        needs ``texts``: given sorted unique global indices [k], the texts of those documents.
         """
-        if self.verify and signatures is None:
-            raise ValueError("[minhash_dedup] verify = true needs the signatures of every shard")
+        if self.verify == "signature" and signatures is None:
+            raise ValueError("[minhash_dedup] verify = 'signature' needs the signatures of every shard")
+        if self.verify == "jaccard" and texts is None:
+            raise ValueError("[minhash_dedup] verify = 'jaccard' needs texts (the candidates' texts by global index)")
         if isinstance(band_keys, np.ndarray):
             raise ValueError("band_keys must be a sequence of per-shard [n_i, bands] arrays, got one array")
         for i, k in enumerate(band_keys):
@@ -377,15 +397,30 @@ class MinHashDedup:
         if len(edges) != self.bands:
             raise ValueError(f"map_fn returned {len(edges)} results for {self.bands} bands")
         edges = np.unique(np.concatenate(edges, axis=1), axis=1)  # a pair sharing several bands counts once
-        if self.verify:
+        if self.verify == "signature" and edges.size:
             sig = np.concatenate(signatures, axis=0) if len(signatures) else np.zeros((0, self.num_perm))
             if sig.shape != (total, self.num_perm):
                 raise ValueError(f"signatures must stack to [{total}, {self.num_perm}], got {sig.shape}")
-            if edges.size:
-                estimate = (sig[edges[0]] == sig[edges[1]]).mean(axis=1)
-                edges = edges[:, estimate >= self.threshold]
+            estimate = (sig[edges[0]] == sig[edges[1]]).mean(axis=1)
+            edges = edges[:, estimate >= self.threshold]
+        elif self.verify == "jaccard" and edges.size:
+            edges = edges[:, self._jaccard(edges, texts) >= self.threshold]
         root = connected_components(total, edges)
         return _split(root != np.arange(total), sizes)
+
+    def _jaccard(self, edges: np.ndarray, texts: Callable[[np.ndarray], Sequence[str]]) -> np.ndarray:
+        """[E] exact Jaccard similarity of each edge's two shingle sets (candidates only: few documents)."""
+        nodes = np.unique(edges)
+        found = texts(nodes)
+        if len(found) != len(nodes):
+            raise ValueError(f"texts returned {len(found)} texts for {len(nodes)} documents")
+        sets = {int(i): set(shingles(t, self.ngram)) for i, t in zip(nodes, found)}
+        out = np.empty(edges.shape[1])
+        for e, (a, b) in enumerate(edges.T.tolist()):
+            sa, sb = sets[a], sets[b]
+            union = len(sa | sb)
+            out[e] = len(sa & sb) / union if union else 1.0  # two empty documents are equal
+        return out
 
 
 def _band_edges(keys: np.ndarray) -> np.ndarray:

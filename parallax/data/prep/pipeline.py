@@ -79,17 +79,37 @@ def find_duplicates(work: Path, n_shards: int, exact: Any | None, minhash: Any |
     t1 = time.perf_counter()
     if minhash is not None and sum(sizes):
         survivors = [k["bands"][~d] for k, d in zip(keys, drop_exact)]
-        if "signatures" in keys[0]:
-            near = minhash.near_duplicates(survivors, map_fn=map_fn,
-                                           signatures=[k["signatures"][~d] for k, d in zip(keys, drop_exact)])
-        else:
-            near = minhash.near_duplicates(survivors, map_fn=map_fn)
+        signatures = [k["signatures"][~d] for k, d in zip(keys, drop_exact)] if "signatures" in keys[0] else None
+        near = minhash.near_duplicates(survivors, map_fn=map_fn, signatures=signatures,
+                                       texts=_ScanTexts(work, drop_exact))
         for d, n, m in zip(drop_exact, drop_near, near):
             n[~d] = np.asarray(m, dtype=bool)
     seconds = np.array([t1 - t0, time.perf_counter() - t1])  # the exact and MinHash parts of this phase
     with atomic_file(target, binary=True) as f:
         np.savez(f, seconds=seconds, **{f"exact_{i:05d}": m for i, m in enumerate(drop_exact)},
                  **{f"near_{i:05d}": m for i, m in enumerate(drop_near)})
+
+
+class _ScanTexts:
+    """The texts of documents given by their index among all shards' exact-dedup survivors, read back
+    from the scan files (only the lines asked for are parsed: the MinHash candidates, a small share)."""
+
+    def __init__(self, work: Path, drop_exact: list[np.ndarray]):
+        self.work = work
+        self.lines = [np.flatnonzero(~d) for d in drop_exact]  # survivor -> its line in the shard's scan file
+        self.offsets = np.cumsum([0] + [len(x) for x in self.lines])
+
+    def __call__(self, indices: np.ndarray) -> list[str]:
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        texts: dict[int, str] = {}
+        for shard in np.unique(shard_of).tolist():
+            wanted = indices[shard_of == shard]
+            by_line = dict(zip(self.lines[shard][wanted - self.offsets[shard]].tolist(), wanted.tolist()))
+            with open(scan_paths(self.work, shard)[0], encoding="utf-8") as f:
+                for number, line in enumerate(f):
+                    if number in by_line:
+                        texts[by_line[number]] = json.loads(line)[1]
+        return [texts[i] for i in indices.tolist()]
 
 
 @dataclass

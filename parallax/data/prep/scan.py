@@ -64,7 +64,7 @@ def scan_shard(task: ScanTask) -> None:
     exact_keys: list[np.ndarray] = []
     band_keys: list[np.ndarray] = []
     signatures: list[np.ndarray] = []
-    verify = task.minhash is not None and getattr(task.minhash, "verify", False)
+    verify = task.minhash is not None and task.minhash.verify == "signature"
     batch: list[str] = []
     docs_read = bytes_read = kept = 0
 
@@ -75,7 +75,7 @@ def scan_shard(task: ScanTask) -> None:
         if task.exact is not None:
             exact_keys.append(np.asarray(task.exact.keys(batch), dtype=np.uint64))
         t1 = time.perf_counter()
-        if verify:  # the Jaccard check in phase 2 needs the signatures themselves
+        if verify:  # the estimate check in phase 2 needs the signatures themselves
             signatures.append(task.minhash.signatures(batch))
             band_keys.append(task.minhash.band_keys(signatures[-1]))
         elif task.minhash is not None:

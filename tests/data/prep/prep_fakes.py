@@ -168,12 +168,13 @@ class FirstWords:
     """'Near duplicates': documents sharing their first 4 words (band 0) or their last 4 (band 1)."""
     name: ClassVar[str] = "minhash_dedup"
     bands: ClassVar[int] = 2
+    verify: ClassVar[str] = "none"
 
     def band_keys(self, texts) -> np.ndarray:
         return np.array([[_hash(" ".join(t.split()[:4])), _hash(" ".join(t.split()[-4:]))] for t in texts],
                         dtype=np.uint64).reshape(-1, 2)
 
-    def near_duplicates(self, band_keys, map_fn=None) -> list[np.ndarray]:
+    def near_duplicates(self, band_keys, map_fn=None, signatures=None, texts=None) -> list[np.ndarray]:
         every = np.concatenate(band_keys)
         drops = map_fn(_band_drops, [every[:, j] for j in range(every.shape[1])])
         drop = np.logical_or.reduce(drops)

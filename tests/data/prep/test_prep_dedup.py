@@ -156,8 +156,12 @@ def test_optimal_bands_equal_datasketch(num_perm):
 
 
 def test_default_bands_and_validation():
-    d = MinHashDedup()
+    # Recall first by default: datasketch's optimum for weights (0.05, 0.95); (9, 13) with its own default weights.
+    assert (MinHashDedup().bands, MinHashDedup().rows) == (16, 8) == _optimal_param(0.8, 128, 0.05, 0.95)
+    d = MinHashDedup(weights=(0.5, 0.5), verify="none")
     assert (d.bands, d.rows) == (9, 13) == (datasketch.MinHashLSH(0.8, 128).b, datasketch.MinHashLSH(0.8, 128).r)
+    with pytest.raises(ValueError, match="weights"):
+        MinHashDedup(weights=(0.5, 0.6))
     assert (MinHashDedup(bands=16, rows=8).bands, MinHashDedup(bands=16, rows=8).rows) == (16, 8)
     with pytest.raises(ValueError, match="bands and rows"):
         MinHashDedup(bands=4)
@@ -178,7 +182,11 @@ def test_default_bands_and_validation():
     # A string array is texts, not signatures.
     np.testing.assert_array_equal(d.band_keys(np.array(["a b c", "d e"])), d.band_keys(["a b c", "d e"]))
     with pytest.raises(ValueError, match="verify"):
-        MinHashDedup(verify=True).near_duplicates([np.zeros((1, 9), dtype=np.uint64)])
+        MinHashDedup(verify="yes")
+    with pytest.raises(ValueError, match="signature.*signatures"):
+        MinHashDedup(verify="signature").near_duplicates([np.zeros((1, 16), dtype=np.uint64)])
+    with pytest.raises(ValueError, match="jaccard.*texts"):
+        MinHashDedup().near_duplicates([np.zeros((1, 16), dtype=np.uint64)])
 
 
 # --------------------------------------------------------------------- (3) LSH candidates vs datasketch
@@ -188,7 +196,7 @@ def test_default_bands_and_validation():
 def test_lsh_candidates_equal_datasketch(threshold, params):
     docs, _ = _near_dup_corpus(np.random.default_rng(11), 80, 40, lo=0.5)
     kw = {} if params is None else {"bands": params[0], "rows": params[1]}
-    d = MinHashDedup(threshold=threshold, **kw)
+    d = MinHashDedup(threshold=threshold, weights=(0.5, 0.5), verify="none", **kw)
     lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=128, params=params)
     assert (lsh.b, lsh.r) == (d.bands, d.rows)
     minhashes = [_datasketch_minhash(t, 128, 1, "affine32") for t in docs]
@@ -217,7 +225,7 @@ def test_planted_near_duplicates_recall_precision():
     values = np.array(list(truth.values()))
     assert values.min() < 0.6 and values.max() > 0.97 and ((values > 0.75) & (values < 0.85)).sum() > 20
 
-    d = MinHashDedup()  # threshold 0.8, b=9, r=13
+    d = MinHashDedup(weights=(0.5, 0.5), verify="none")  # threshold 0.8, b=9, r=13: datasketch's answer
     sig = d.signatures(docs)
     keys = d.band_keys(sig)
     reported = _pairs_from_band_keys(keys)
@@ -247,7 +255,7 @@ def test_planted_near_duplicates_recall_precision():
     # Precision with anchor verification: a reported pair is true when its exact Jaccard is at least
     # t - 0.05; 0.05 is 1.4 standard deviations of the 128-permutation estimate at s = 0.8
     # (sqrt(0.8 * 0.2 / 128) = 0.035): pairs just below t pass the estimate that often by chance.
-    verified = MinHashDedup(verify=True)
+    verified = MinHashDedup(weights=(0.5, 0.5), verify="signature")
     drops = np.concatenate(verified.near_duplicates([keys[:400], keys[400:]], signatures=[sig[:400], sig[400:]]))
     dropped_pairs = [p for p in planted if drops[p[1]]]
     assert not drops[[p[0] for p in planted]].any()  # the lower index of each pair is kept
@@ -262,11 +270,37 @@ def test_planted_near_duplicates_recall_precision():
     assert low_verified <= low_lsh
 
 
+def test_default_recall_and_precision_against_exact_jaccard():
+    """The default (recall-first bands, exact Jaccard check of candidates): on planted pairs spread over
+    Jaccard 0.5-1.0, at least 95% of the pairs at or above the threshold are found (0.947 is the S-curve
+    at exactly 0.8, 0.994 at 0.85) and every dropped document is a planted copy at or above it."""
+    rng = np.random.default_rng(2025)
+    docs, planted = _near_dup_corpus(rng, 300, 150)
+    shingle_sets = [_ref_shingles(t, 5) for t in docs]
+    truth = {p: _jaccard(shingle_sets[p[0]], shingle_sets[p[1]]) for p in planted}
+    d = MinHashDedup()
+    keys = d.band_keys(docs)
+    asked = []
+
+    def texts(indices):
+        asked.append(len(indices))
+        return [docs[i] for i in indices.tolist()]
+
+    drops = np.concatenate(d.near_duplicates([keys[:333], keys[333:]], texts=texts))
+    above = [p for p in planted if truth[p] >= d.threshold]
+    recall = np.mean([drops[p[1]] for p in above])
+    dropped = [p for p in planted if drops[p[1]]]
+    assert drops.sum() == len(dropped) and not drops[[p[0] for p in planted]].any()  # only planted copies
+    precision = np.mean([truth[p] >= d.threshold for p in dropped])
+    assert len(above) > 100 and recall >= 0.95 and precision >= 0.99, (len(above), recall, precision)
+    assert sum(asked) < len(docs)  # only candidates' texts are read
+
+
 # ------------------------------------------------------------------ (5) components across shards
 
 
 def test_components_across_shards_keep_lowest_global_index():
-    d = MinHashDedup()
+    d = MinHashDedup(verify="none")
     rng = np.random.default_rng(7)
     base = [" ".join(rng.choice(VOCAB, size=120)) for _ in range(4)]
     # Cluster A: copies chained by one-word edits (a chain: every link similar); cluster B: exact copies.
@@ -317,7 +351,7 @@ def test_exact_dedup_keeps_first_occurrence_across_shards():
 
 def test_near_duplicates_process_pool_equals_builtin_map():
     docs, _ = _near_dup_corpus(np.random.default_rng(3), 80, 40)
-    d = MinHashDedup()
+    d = MinHashDedup(verify="none")
     keys = [d.band_keys(docs[i : i + 50]) for i in range(0, len(docs), 50)]
     builtin = d.near_duplicates(keys)
     with ProcessPoolExecutor(2) as pool:
@@ -381,7 +415,7 @@ def test_registry_and_pickle():
     from parallax.data.prep.stages import build_stage
 
     stage = build_stage("minhash_dedup", {"threshold": 0.7, "num_perm": 64})
-    assert (stage.bands, stage.rows) == _optimal_param(0.7, 64, 0.5, 0.5)
+    assert (stage.bands, stage.rows) == _optimal_param(0.7, 64, 0.05, 0.95)
     assert build_stage("exact_dedup", {"enabled": False}) is None
     assert isinstance(build_stage("exact_dedup", {}), ExactDedup)
     docs = ["the quick brown fox jumps over the lazy dog", "ab cd"]
