@@ -270,9 +270,22 @@ def _read_jsonl(path: Path, suffix: str, rel: str, field: str, report: _Reporter
             except json.JSONDecodeError as e:
                 report(n, f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
+            if b"\\u" in raw and _has_lone_surrogate(record):
+                # JSON may escape half of a surrogate pair: such a string is not Unicode text and could not
+                # be written back as UTF-8.
+                report(n, "a lone surrogate escape (\\ud800-\\udfff without its pair): not valid Unicode text")
+                continue
             doc = _document(record, field, f"{rel}:{n}", n, report)
             if doc is not None:
                 yield doc
+
+
+def _has_lone_surrogate(record: Any) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _document(record: Any, field: str, doc_id: str, n: int, report: _Reporter) -> Document | None:

@@ -131,7 +131,8 @@ BAD_LINES = [
     (b'{"text": null}\n', "field 'text' is NoneType, expected a string"),
     (b'{"text": "bad \xff utf8"}\n', "invalid UTF-8"),
     (b"\n", None),  # blank lines are skipped silently: they hold no record
-    (b'{"text": "ok 9"}\n', None),
+    (b'{"text": "half a pair \\ud800 here"}\n', "lone surrogate"),  # valid JSON, not writable as UTF-8
+    (b'{"text": "ok 10 \\ud83d\\ude00"}\n', None),  # a whole escaped pair is fine
 ]
 
 
@@ -140,7 +141,7 @@ def test_bad_lines_skip_reports_path_and_line(tmp_path: Path, caplog: pytest.Log
     errors: list[ReadError] = []
     with caplog.at_level(logging.WARNING):
         docs = read_all(path, tmp_path, on_error="skip", errors=errors)
-    assert [d.id for d in docs] == ["bad.jsonl:1", "bad.jsonl:9"]
+    assert [d.id for d in docs] == ["bad.jsonl:1", "bad.jsonl:10"]
     expected = [(n, msg) for n, (_, msg) in enumerate(BAD_LINES, 1) if msg]
     assert [e.line for e in errors] == [n for n, _ in expected]
     for err, (_, msg) in zip(errors, expected):
