@@ -1,7 +1,7 @@
 """The ``parallax`` command: ``train`` (the main job), ``finetune`` (SFT with LoRA, prefix tuning
 or all parameters), ``align`` (preference tuning: DPO and its family), ``plan`` (the memory planner), ``generate`` (sampling from a checkpoint),
 ``distill`` (knowledge distillation), ``eval`` (task files, lm-eval's definitions), ``compress`` (quantization, pruning, low rank),
-``tokenizer`` (training a BPE tokenizer) and ``bench``."""
+``tokenizer`` (training a BPE tokenizer), ``prep`` (cleaning a corpus into token shards) and ``bench``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,12 @@ def _tokenizer(rest: list[str]) -> int:
     return tokenizer_main(rest, prog="parallax tokenizer")
 
 
+def _prep(rest: list[str]) -> int:
+    from parallax.data.prep.cli import prep_main
+
+    return prep_main(rest, prog="parallax prep")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="parallax", description=__doc__)
@@ -161,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "directory (`parallax compress quantize --help`)", add_help=False)
     commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text (`parallax tokenizer "
                                           "train --help`)", add_help=False)
+    commands.add_parser("prep", help="clean a corpus (quality, language, toxic filters, exact and MinHash dedup, "
+                                     "PII scrubbing) into token shards for --data (`parallax prep --demo`)",
+                        add_help=False)
     commands.add_parser("bench", help="run a microbenchmark (`parallax bench` lists them)", add_help=False)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(argv[1:])
     if argv[:1] == ["compress"]:
         return _compress(argv[1:])
+    if argv[:1] == ["prep"]:
+        return _prep(argv[1:])
     args = parser.parse_args(argv)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING, format="%(message)s")

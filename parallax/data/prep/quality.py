@@ -1,0 +1,316 @@
+"""Heuristic quality filters: Gopher quality, Gopher repetition (Rae et al. 2021, appendix A, table A1)
+and C4 (Raffel et al. 2020, section 2.2), with the thresholds and rule order of datatrove's
+``GopherQualityFilter``, ``GopherRepetitionFilter`` and ``C4QualityFilter`` as defaults.
+
+Words come from :func:`parallax.data.prep.words.split_words`, a regex approximation of the spaCy English
+tokenizer datatrove uses (see that module for the known differences); everything else (lines, paragraphs,
+character counts, n-gram definitions) is computed as datatrove computes it. Each document's words are split
+once per stage, and only when a rule that needs them is reached.
+
+Throughput on the built-in corpus x3 (1.4 MB, 2-core machine, one process), datatrove 0.10.1 with spaCy
+3.8 vs this module: GopherQuality 0.50 vs 4.9 MB/s, GopherRepetition 0.39 vs 3.3 MB/s, C4 2.14 vs 10.5 MB/s
+(measured with tests/data/prep/test_prep_quality.py::test_throughput_vs_datatrove's setup).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from parallax.data.prep.document import Removed
+from parallax.data.prep.words import PUNCTUATION_CHARS, split_words
+
+__all__ = ["GopherQuality", "GopherRepetition", "C4Quality", "STOP_WORDS", "POLICY_SUBSTRINGS"]
+
+# Gopher's stop words (Rae et al. 2021, A.1.1; datatrove's STOP_WORDS); matched case-sensitively, as there.
+STOP_WORDS: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")
+# Lines C4's reference code drops (tensorflow_datasets c4_utils; datatrove's POLICY_SUBSTRINGS).
+POLICY_SUBSTRINGS: tuple[str, ...] = (
+    "terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies",
+)
+
+_PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
+_LINE_SPLIT = re.compile(r"\n+")
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+_END_PUNCTUATION = (".", "?", "!", '"', "'")
+# A sentence boundary as spaCy's sentencizer finds one: a terminal mark token followed, after any closing
+# quotes/brackets and whitespace, by more text. Dotted abbreviations and the common titles are matched first
+# (empty group) so their dot does not count, as spaCy's tokenizer exceptions keep "e.g." and "Mr." whole.
+_SENTENCE_END = re.compile(
+    r"\b(?:[^\W\d_]\.){2,}|\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs)\.|([.!?]+)[\"'”’)\]]*\s+(?=\S)"
+)
+
+
+def _check_ratio(owner: str, name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{owner}.{name} must be a number in [0, 1] or None, got {value!r}")
+
+
+def _check_count(owner: str, name: str, value: int | float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"{owner}.{name} must be a non-negative number or None, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class GopherQuality:
+    """Gopher's quality rules (Rae et al. 2021, A.1.1). A threshold set to None disables its rule.
+
+    Words are non-symbol tokens (at least one character outside datatrove's punctuation set); the
+    symbol and alphabetic ratios divide by all tokens, punctuation included, as datatrove does.
+    """
+
+    name: ClassVar[str] = "gopher_quality"
+    min_doc_words: int | None = 50  # Gopher: 50 <= words <= 100,000
+    max_doc_words: int | None = 100_000
+    min_avg_word_length: float | None = 3  # Gopher: mean word length in [3, 10] characters
+    max_avg_word_length: float | None = 10
+    max_symbol_word_ratio: float | None = 0.1  # Gopher: "#" and ellipsis to word ratio <= 0.1 each
+    max_bullet_lines_ratio: float | None = 0.9  # Gopher: <= 90% of lines start with a bullet
+    max_ellipsis_lines_ratio: float | None = 0.3  # Gopher: <= 30% of lines end with an ellipsis
+    min_alpha_words_ratio: float | None = 0.8  # Gopher: >= 80% of words have an alphabetic character
+    # (datatrove calls it max_non_alpha_words_ratio, with the same meaning)
+    min_stop_words: int | None = 2  # Gopher: at least 2 of the stop words
+    stop_words: tuple[str, ...] = STOP_WORDS
+
+    def __post_init__(self) -> None:
+        for f in ("min_doc_words", "max_doc_words", "min_avg_word_length", "max_avg_word_length", "min_stop_words"):
+            _check_count("gopher_quality", f, getattr(self, f))
+        for f in ("max_symbol_word_ratio", "max_bullet_lines_ratio", "max_ellipsis_lines_ratio",
+                  "min_alpha_words_ratio"):
+            _check_ratio("gopher_quality", f, getattr(self, f))
+        if isinstance(self.stop_words, str) or not all(isinstance(w, str) for w in self.stop_words):
+            raise ValueError(f"gopher_quality.stop_words must be a list of strings, got {self.stop_words!r}")
+        self.stop_words = tuple(self.stop_words)
+        self._stop_set = frozenset(self.stop_words)
+
+    def apply(self, text: str, stats: Counter[str]) -> str | Removed:
+        words = split_words(text)
+        n_words = len(words)
+        non_symbol = [w for w in words if w.strip(PUNCTUATION_CHARS)]
+        n = len(non_symbol)
+        if self.min_doc_words is not None and n < self.min_doc_words:
+            return Removed(f"word count {n} < {self.min_doc_words}")
+        if self.max_doc_words is not None and n > self.max_doc_words:
+            return Removed(f"word count {n} > {self.max_doc_words}")
+        if n_words == 0:
+            return Removed("no words")
+        if n:
+            mean = sum(map(len, non_symbol)) / n
+            if self.min_avg_word_length is not None and mean < self.min_avg_word_length:
+                return Removed(f"mean word length {mean:.2f} < {self.min_avg_word_length}")
+            if self.max_avg_word_length is not None and mean > self.max_avg_word_length:
+                return Removed(f"mean word length {mean:.2f} > {self.max_avg_word_length}")
+        if self.max_symbol_word_ratio is not None:
+            ratio = text.count("#") / n_words
+            if ratio > self.max_symbol_word_ratio:
+                return Removed(f"hash to word ratio {ratio:.3f} > {self.max_symbol_word_ratio}")
+            ratio = (text.count("...") + text.count("…")) / n_words
+            if ratio > self.max_symbol_word_ratio:
+                return Removed(f"ellipsis to word ratio {ratio:.3f} > {self.max_symbol_word_ratio}")
+        if self.max_bullet_lines_ratio is not None or self.max_ellipsis_lines_ratio is not None:
+            lines = text.splitlines()
+            if self.max_bullet_lines_ratio is not None:
+                ratio = sum(s.lstrip().startswith(("•", "-")) for s in lines) / len(lines)
+                if ratio > self.max_bullet_lines_ratio:
+                    return Removed(f"bullet lines ratio {ratio:.3f} > {self.max_bullet_lines_ratio}")
+            if self.max_ellipsis_lines_ratio is not None:
+                ratio = sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines)
+                if ratio > self.max_ellipsis_lines_ratio:
+                    return Removed(f"ellipsis lines ratio {ratio:.3f} > {self.max_ellipsis_lines_ratio}")
+        if self.min_alpha_words_ratio is not None:
+            # isalpha() settles the common all-letter token in C; only the rest need a per-character scan
+            alpha = sum(1 for w in words if w.isalpha() or any(c.isalpha() for c in w))
+            ratio = alpha / n_words
+            if ratio < self.min_alpha_words_ratio:
+                return Removed(f"alphabetic words ratio {ratio:.3f} < {self.min_alpha_words_ratio}")
+        if self.min_stop_words is not None:
+            found = len(self._stop_set.intersection(words))
+            if found < self.min_stop_words:
+                return Removed(f"stop words {found} < {self.min_stop_words}")
+        return text
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of repeated items, their total characters): every occurrence after the first counts."""
+    seen: set[str] = set()
+    dup = dup_chars = 0
+    for x in items:
+        if x in seen:
+            dup += 1
+            dup_chars += len(x)
+        else:
+            seen.add(x)
+    return dup, dup_chars
+
+
+def _top_ngram_chars(words: list[str], n: int) -> int:
+    """Characters covered by the most frequent word n-gram: len(" ".join(gram)) * count (datatrove's
+    find_top_duplicate; tuples count the same as the joined strings because words hold no spaces, and
+    Counter keeps first-seen order, so ties resolve to the same n-gram)."""
+    gram, count = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
+    return (sum(map(len, gram)) + n - 1) * count
+
+
+def _duplicate_ngram_chars(words: list[str], n: int) -> int:
+    """Characters in repeated word n-grams, non-overlapping: scanning left to right, an n-gram seen before
+    adds len("".join(gram)) and skips n words (datatrove's find_all_duplicate, same "".join key)."""
+    seen: set[str] = set()
+    chars = idx = 0
+    end = len(words) - n + 1
+    while idx < end:
+        gram = "".join(words[idx : idx + n])
+        if gram in seen:
+            chars += len(gram)
+            idx += n
+        else:
+            seen.add(gram)
+            idx += 1
+    return chars
+
+
+def _ngram_thresholds(owner: str, name: str, value: object) -> tuple[tuple[int, float], ...]:
+    try:
+        pairs = tuple((int(n), float(frac)) for n, frac in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}.{name} must be a list of [n, fraction] pairs, got {value!r}") from None
+    for n, frac in pairs:
+        if n < 1 or not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{owner}.{name}: n must be >= 1 and fraction in [0, 1], got [{n}, {frac}]")
+    return pairs
+
+
+@dataclass(kw_only=True)
+class GopherRepetition:
+    """Gopher's repetition rules (Rae et al. 2021, table A1). Fractions of duplicated lines/paragraphs
+    count elements; character fractions divide by ``len(text)``. None disables a rule; an empty list
+    disables the n-gram rules."""
+
+    name: ClassVar[str] = "gopher_repetition"
+    dup_line_frac: float | None = 0.3  # table A1: duplicate line fraction
+    dup_para_frac: float | None = 0.3  # duplicate paragraph fraction
+    dup_line_char_frac: float | None = 0.2  # duplicate line character fraction
+    dup_para_char_frac: float | None = 0.2  # duplicate paragraph character fraction
+    top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))  # top n-gram char fraction
+    dup_n_grams: tuple[tuple[int, float], ...] = (  # duplicate n-gram character fraction
+        (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10),
+    )
+
+    def __post_init__(self) -> None:
+        for f in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
+            _check_ratio("gopher_repetition", f, getattr(self, f))
+        self.top_n_grams = _ngram_thresholds("gopher_repetition", "top_n_grams", self.top_n_grams)
+        self.dup_n_grams = _ngram_thresholds("gopher_repetition", "dup_n_grams", self.dup_n_grams)
+
+    def apply(self, text: str, stats: Counter[str]) -> str | Removed:
+        if not text:
+            return Removed("empty")
+        size = len(text)
+        paragraphs = _PARAGRAPH_SPLIT.split(text.strip())
+        dup, dup_chars = _duplicates(paragraphs)
+        if self.dup_para_frac is not None and dup / len(paragraphs) > self.dup_para_frac:
+            return Removed(f"duplicate paragraph fraction {dup / len(paragraphs):.3f} > {self.dup_para_frac}")
+        if self.dup_para_char_frac is not None and dup_chars / size > self.dup_para_char_frac:
+            return Removed(f"duplicate paragraph char fraction {dup_chars / size:.3f} > {self.dup_para_char_frac}")
+        lines = _LINE_SPLIT.split(text)
+        dup, dup_chars = _duplicates(lines)
+        if self.dup_line_frac is not None and dup / len(lines) > self.dup_line_frac:
+            return Removed(f"duplicate line fraction {dup / len(lines):.3f} > {self.dup_line_frac}")
+        if self.dup_line_char_frac is not None and dup_chars / size > self.dup_line_char_frac:
+            return Removed(f"duplicate line char fraction {dup_chars / size:.3f} > {self.dup_line_char_frac}")
+        if not self.top_n_grams and not self.dup_n_grams:
+            return text
+        words = split_words(text)
+        for n, frac in self.top_n_grams:
+            if len(words) < n:
+                continue
+            value = _top_ngram_chars(words, n) / size
+            if value > frac:
+                return Removed(f"top {n}-gram char fraction {value:.3f} > {frac}")
+        for n, frac in self.dup_n_grams:
+            value = _duplicate_ngram_chars(words, n) / size
+            if value > frac:
+                return Removed(f"duplicate {n}-gram char fraction {value:.3f} > {frac}")
+        return text
+
+
+@dataclass(kw_only=True)
+class C4Quality:
+    """C4's line and page rules (Raffel et al. 2020, 2.2; tensorflow_datasets c4_utils), in datatrove's
+    order: per line (stripped) drop it if a word is longer than ``max_word_length``, remove citation
+    marks, drop it without terminal punctuation (or ending in "..."), with fewer than
+    ``min_words_per_line`` words, mentioning "javascript", or holding a policy phrase; remove the page if
+    a checked line holds "lorem ipsum" or "{"; remove it with fewer than ``min_num_sentences`` sentences
+    in the kept lines. Kept lines are joined with "\\n". Counts dropped lines in ``stats["c4_lines_removed"]``.
+
+    Deviation: datatrove counts sentences with spaCy's sentencizer; here a terminal mark followed by more
+    text ends a sentence (dotted abbreviations and common titles excepted), which agrees on prose.
+    datatrove's ``split_paragraph=False`` mode (rules per sentence) is not offered.
+    """
+
+    name: ClassVar[str] = "c4"
+    filter_no_terminal_punct: bool = True  # C4: keep lines ending in . ? ! " (datatrove adds ')
+    min_words_per_line: int = 3  # C4: lines with at least 3 words
+    min_num_sentences: int = 5  # C4: pages with at least 5 sentences (0 disables)
+    max_word_length: int | None = 1000  # C4 code: drop lines with a word over 1000 characters
+    filter_javascript: bool = True  # C4: drop lines with the word "javascript"
+    filter_policy: bool = True  # C4 code: drop lines with terms-of-use / cookie phrases
+    policy_substrings: tuple[str, ...] = POLICY_SUBSTRINGS
+    filter_lorem_ipsum: bool = True  # C4: drop pages with "lorem ipsum"
+    filter_curly_bracket: bool = True  # C4: drop pages with a curly bracket
+    remove_citations: bool = True  # datatrove: strip "[1]", "[edit]", "[citation needed]"
+    _policy: tuple[str, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        for f in ("filter_no_terminal_punct", "filter_javascript", "filter_policy", "filter_lorem_ipsum",
+                  "filter_curly_bracket", "remove_citations"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"c4.{f} must be true or false, got {getattr(self, f)!r}")
+        for f in ("min_words_per_line", "min_num_sentences", "max_word_length"):
+            _check_count("c4", f, getattr(self, f))
+        if isinstance(self.policy_substrings, str) or not all(isinstance(p, str) for p in self.policy_substrings):
+            raise ValueError(f"c4.policy_substrings must be a list of strings, got {self.policy_substrings!r}")
+        self.policy_substrings = tuple(self.policy_substrings)
+        self._policy = tuple(p.lower() for p in self.policy_substrings)
+
+    def apply(self, text: str, stats: Counter[str]) -> str | Removed:
+        kept: list[str] = []
+        sentences = 0
+        dropped = 0
+        max_len = self.max_word_length
+        count_sentences = self.min_num_sentences > 0
+        for line in text.splitlines():
+            line = line.strip()
+            words = line.split()
+            if max_len is not None and len(line) > max_len and any(len(w) > max_len for w in words):
+                dropped += 1
+                continue
+            if self.remove_citations and "[" in line:
+                line = _CITATION.sub("", line)
+            if self.filter_no_terminal_punct and (not line.endswith(_END_PUNCTUATION) or line.endswith("...")):
+                dropped += 1
+                continue
+            if len(words) < self.min_words_per_line:
+                dropped += 1
+                continue
+            lower = line.lower()
+            if self.filter_lorem_ipsum and "lorem ipsum" in lower:
+                stats["c4_lines_removed"] += dropped
+                return Removed('contains "lorem ipsum"')
+            if self.filter_javascript and "javascript" in lower:
+                dropped += 1
+                continue
+            if self.filter_curly_bracket and "{" in line:
+                stats["c4_lines_removed"] += dropped
+                return Removed('contains a curly bracket "{"')
+            if self.filter_policy and any(p in lower for p in self._policy):
+                dropped += 1
+                continue
+            if count_sentences:
+                sentences += 1 + sum(1 for mark in _SENTENCE_END.findall(line) if mark)
+            kept.append(line)
+        stats["c4_lines_removed"] += dropped
+        if sentences < self.min_num_sentences:
+            return Removed(f"sentences {sentences} < {self.min_num_sentences}")
+        return "\n".join(kept).strip()

@@ -1,0 +1,78 @@
+"""``parallax prep`` argument handling: exit 2 with a clear message on bad config or input,
+--on-error skip vs fail, --config with flag overrides, --overwrite; registered in ``parallax``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parallax.data.prep.cli import prep_main
+from tests.data.prep import prep_fakes
+from tests.data.prep.prep_fakes import DOCS_PER_FILE, write_corpus
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    prep_fakes.install(monkeypatch)
+    write_corpus(tmp_path / "corpus")
+    with open(tmp_path / "corpus" / "c.jsonl", "a") as f:
+        f.write("{not json\n")
+    return tmp_path / "corpus"
+
+
+def test_on_error_skip_reports_and_fail_exits_2(corpus: Path, tmp_path: Path, capsys) -> None:
+    assert prep_main(["--input", str(corpus), "--out", str(tmp_path / "skip"), "--format", "tokens,jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert f"1 read error(s) skipped, e.g. {corpus / 'c.jsonl'}, line {DOCS_PER_FILE + 1}" in out
+    assert "gopher_quality" in out and (tmp_path / "skip" / "documents").is_dir()
+    assert prep_main(["--input", str(corpus), "--out", str(tmp_path / "fail"), "--on-error", "fail"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("parallax prep: error: ") and f"c.jsonl, line {DOCS_PER_FILE + 1}" in err
+    assert not (tmp_path / "fail" / "prep.json").exists()
+
+
+def test_config_file_flags_override_and_overwrite(corpus: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "prep.toml"
+    config.write_text(f'input = "{corpus}"\nsamples = 3\n[gopher_quality]\nmin_words = 5\n')
+    out = tmp_path / "out"
+    assert prep_main(["--config", str(config), "--out", str(out), "--samples", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["stages"][1]["removed"]) == 2  # --samples beat the file's 3
+    config.write_text(f'input = "{corpus}"\n[gopher_quality]\nmin_words = 6\n')
+    capsys.readouterr()
+    assert prep_main(["--config", str(config), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert prep_main(["--config", str(config), "--out", str(out), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "o"], "--input is required"),
+    (["--input", "x"], "--out is required"),
+    (["--input", "x", "--out", "o", "--workers", "0"], "workers must be an integer >= 1; got 0"),
+    (["--input", "x", "--out", "o", "--format", "tokens,csv"], "format must be"),
+    (["--input", "x", "--out", "o", "--config", "missing.toml"], "config missing.toml: cannot read"),
+])
+def test_bad_arguments_exit_2(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert prep_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_input_exits_2(corpus: Path, tmp_path: Path, capsys) -> None:
+    assert prep_main(["--input", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "parallax prep: error:" in capsys.readouterr().err
+
+
+def test_registered_in_parallax_command() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "parallax", "prep", "--help"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: parallax prep" in done.stdout and "--executor {local,ray}" in done.stdout
