@@ -30,9 +30,13 @@ the run of the summed RSS of the process tree (the subprocess and every worker i
 every 20 ms with psutil; pages shared after fork count once per process, so an upper bound). ``MB/s
 per core`` = corpus MB / median seconds / workers. ``vs datatrove`` = parallax's throughput over
 datatrove's (goal >= 2). ``kept J`` is the Jaccard similarity of the two systems' kept document
-ids; ``kept J (clusters)`` maps each duplicate to the document it copies first, so that keeping a
-different member of a duplicate cluster does not count as a disagreement. ``clean kept``,
-``junk removed`` and ``dups removed`` score each system against the corpus labels.
+ids; ``kept J (clusters)`` maps each duplicate to the document it copies first and compares the
+multisets, so that keeping a different member of a duplicate cluster does not count as a
+disagreement but keeping two members where the other system keeps one does. ``clean kept``,
+``junk removed`` and ``dups removed`` score each system against the corpus labels. Records also
+hold ``removed`` (documents per stage), ``stage_s`` (seconds per stage summed over workers:
+parallax's report, datatrove's step time stats) and ``phase_s`` (wall seconds of each datatrove
+executor run), to see which stage dominates.
 ``--profile DIR`` runs each system once under cProfile (use ``--workers 1``) and writes
 ``DIR/<system>.prof`` and the top functions to ``DIR/<system>.txt``.
 """
@@ -50,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,7 +186,9 @@ def run_parallax(corpus_dir: Path, work: Path, workers: int) -> dict[str, Any]:
     report_dict = json.loads((out / "report.json").read_text(encoding="utf-8")) if (out / "report.json").exists() \
         else {}
     return {"seconds": seconds, "kept_ids": _ids_in(sorted((out / "documents").glob("*.jsonl"))),
-            "removed": parallax_removed(report_dict)}
+            "removed": parallax_removed(report_dict),
+            "stage_s": {s["name"]: s.get("seconds", 0.0) for s in report_dict.get("stages", [])},
+            "phase_s": {}}
 
 
 def parallax_removed(report: dict[str, Any]) -> dict[str, int]:
@@ -224,10 +231,15 @@ def run_datatrove(corpus_dir: Path, work: Path, workers: int) -> dict[str, Any]:
     def writer(folder: str) -> JsonlWriter:
         return JsonlWriter(folder, output_filename="${rank}.jsonl", compression=None)
 
+    phase_s: dict[str, float] = {}
+
     def execute(name: str, pipeline: list, n_tasks: int) -> Any:
         executor = LocalPipelineExecutor(pipeline=pipeline, tasks=n_tasks, workers=min(workers, n_tasks),
                                          logging_dir=f"{w['logs']}/{name}", skip_completed=False)
-        return executor.run()
+        t = time.perf_counter()
+        stats = executor.run()
+        phase_s[name] = time.perf_counter() - t
+        return stats
 
     t0 = time.perf_counter()
     stats = [execute("1-filter", [JsonlReader(str(corpus_dir), glob_pattern="*.jsonl"), GopherRepetitionFilter(),
@@ -247,14 +259,20 @@ def run_datatrove(corpus_dir: Path, work: Path, workers: int) -> dict[str, Any]:
                                                   PIIFormatter(), writer(w["out"])], tasks))
     seconds = time.perf_counter() - t0
     removed: dict[str, int] = {}
+    stage_s: dict[str, float] = {}
     for run_stats in stats:
         for step in json.loads(run_stats.to_json()):
-            stage = next((v for k, v in _DATATROVE_STEPS.items() if k in step.get("name", "")), None)
+            name = step.get("name", "")
+            stage = next((v for k, v in _DATATROVE_STEPS.items() if k in name), None)
             if stage is not None:
                 removed[stage] = removed.get(stage, 0) + _stat(step, "dropped")
+            # per-step time summed over tasks (CPU seconds, like parallax's report); emoji dropped from names
+            key = stage or " ".join(name.encode("ascii", "ignore").decode().split())
+            stage_s[key] = stage_s.get(key, 0.0) + float(step.get("time_stats", {}).get("total", 0.0))
     if "exact_dedup" not in removed or "minhash_dedup" not in removed:  # the dedup filters count no "dropped"
         removed.update(_dedup_removed_from_files(w))
-    return {"seconds": seconds, "kept_ids": _ids_in(sorted(Path(w["out"]).glob("*.jsonl"))), "removed": removed}
+    return {"seconds": seconds, "kept_ids": _ids_in(sorted(Path(w["out"]).glob("*.jsonl"))), "removed": removed,
+            "stage_s": stage_s, "phase_s": phase_s}
 
 
 def _stat(step: dict[str, Any], key: str) -> int:
@@ -411,9 +429,14 @@ def label_scores(kept_ids: list[str], labels: dict[str, tuple[str, str]]) -> dic
     }
 
 
-def canonical(ids: list[str], labels: dict[str, tuple[str, str]]) -> set[str]:
-    """Kept ids with each duplicate replaced by the id of the document it copies."""
-    return {labels[i][1] if i in labels else i for i in ids}
+def cluster_jaccard(a: list[str], b: list[str], labels: dict[str, tuple[str, str]]) -> float:
+    """Jaccard similarity of two kept sets with each duplicate replaced by the id of the document it
+    copies, as multisets (sum of minimum over sum of maximum counts): keeping a different member of a
+    duplicate cluster agrees, keeping two members where the other keeps one does not."""
+    ca = Counter(labels[i][1] if i in labels else i for i in a)
+    cb = Counter(labels[i][1] if i in labels else i for i in b)
+    union = sum((ca | cb).values())
+    return sum((ca & cb).values()) / union if union else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,13 +510,15 @@ def run(ctx) -> Iterator[dict[str, Any]]:
             "mb_s": throughput, "mb_s_per_core": throughput / workers,
             "peak_rss_mb": statistics.median(r["peak_rss"] for r in rs) / 1e6,
             "removed": rs[-1]["removed"],
+            "stage_s": {k: statistics.median(r["stage_s"].get(k, 0.0) for r in rs) for k in rs[-1]["stage_s"]},
+            "phase_s": {k: statistics.median(r["phase_s"].get(k, 0.0) for r in rs) for k in rs[-1]["phase_s"]},
             **label_scores(kept[system], labels),
         }
         if "datatrove" in medians and system != "datatrove":
             row["vs_datatrove"] = medians["datatrove"] / medians[system]
         if other is not None:
             row["kept_jaccard"] = jaccard(set(kept[system]), set(kept[other]))
-            row["kept_jaccard_clusters"] = jaccard(canonical(kept[system], labels), canonical(kept[other], labels))
+            row["kept_jaccard_clusters"] = cluster_jaccard(kept[system], kept[other], labels)
         yield row
     if "parallax" in medians and "datatrove" in medians:
         ratio = medians["datatrove"] / medians["parallax"]
