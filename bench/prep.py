@@ -27,7 +27,9 @@ language filter needs a fastText model download, and it has no word-list toxicit
 Each run is a fresh subprocess (``--repeats`` per system, systems alternating so drift hits both); its
 time is the pipeline's wall time inside the subprocess (imports excluded), its memory the peak over
 the run of the summed RSS of the process tree (the subprocess and every worker it starts, sampled
-every 20 ms with psutil; pages shared after fork count once per process, so an upper bound). ``MB/s
+every 20 ms with psutil; pages shared after fork count once per process, so an upper bound) and of
+the summed PSS (shared pages split between their processes: the tree's footprint; 100 ms samples).
+Both include what the subprocess imports (``import parallax`` loads torch: ~240 MB RSS). ``MB/s
 per core`` = corpus MB / median seconds / workers. ``vs datatrove`` = parallax's throughput over
 datatrove's (goal >= 2). ``kept J`` is the Jaccard similarity of the two systems' kept document
 ids; ``kept J (clusters)`` maps each duplicate to the document it copies first and compares the
@@ -75,6 +77,7 @@ COLUMNS = [
     Column("median_s", "median [s]", ".2f"),
     Column("mb_s_per_core", "MB/s/core", ".2f"),
     Column("peak_rss_mb", "peak RSS [MB]", ".0f"),
+    Column("peak_pss_mb", "peak PSS [MB]", ".0f"),
     Column("docs_kept", "kept", "d"),
     Column("vs_datatrove", "vs datatrove [x]", ".2f"),
     Column("kept_jaccard", "kept J", ".4f"),
@@ -325,15 +328,22 @@ def _child_main(argv: list[str] | None = None) -> None:
 # measuring a subprocess
 
 
-class TreeRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled every ``interval`` s."""
+class TreeMemory:
+    """Peaks of the summed RSS and the summed PSS of a process and all its descendants.
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
+    RSS is sampled every ``interval`` seconds; PSS (proportional set size: a page shared by k
+    processes counts 1/k in each, so the sum is the tree's real footprint) every ``pss_every``-th
+    sample, because reading it costs ~0.5 ms per process (/proc/PID/smaps_rollup). Forked workers
+    share their parent's pages (imported modules), which the RSS sum counts once per process.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.02, pss_every: int = 5) -> None:
         import psutil
 
         self._process = psutil.Process(pid)
         self._interval = interval
-        self.peak = 0
+        self._pss_every = pss_every
+        self.peak_rss = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -341,30 +351,40 @@ class TreeRSS:
     def _sample(self) -> None:
         import psutil
 
+        tick = 0
         while True:
-            total = 0
             try:
                 procs = [self._process, *self._process.children(recursive=True)]
             except psutil.Error:
                 procs = []
+            with_pss = tick % self._pss_every == 0
+            rss = pss = 0
             for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:  # exited between listing and sampling
+                try:  # a process may exit between listing and sampling
+                    if with_pss:
+                        info = p.memory_full_info()
+                        pss += getattr(info, "pss", info.rss)  # no PSS outside Linux: RSS
+                    else:
+                        info = p.memory_info()
+                    rss += info.rss
+                except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss)
+            tick += 1
             if self._stop.wait(self._interval):
                 return
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
+        """(peak RSS sum, peak PSS sum) in bytes."""
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peak_rss, self.peak_pss
 
 
 def run_system(system: str, corpus_dir: Path, workers: int, scratch: Path, profile: Path | None = None
                ) -> dict[str, Any]:
-    """One run of ``system`` in a fresh subprocess: its result dict plus ``peak_rss`` (bytes) and
+    """One run of ``system`` in a fresh subprocess: its result dict plus ``peak_rss``, ``peak_pss`` (bytes) and
     ``wall_s`` (the subprocess's whole life, imports included)."""
     work = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{system}-"))
     result_path = work / "result.json"
@@ -379,9 +399,9 @@ def run_system(system: str, corpus_dir: Path, workers: int, scratch: Path, profi
             child = subprocess.Popen([sys.executable, "-c", "import sys; from bench.prep import _child_main; "
                                       "_child_main(sys.argv)", json.dumps(spec)],
                                      cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-            sampler = TreeRSS(child.pid)
+            sampler = TreeMemory(child.pid)
             code = child.wait()
-            peak = sampler.stop()
+            peak_rss, peak_pss = sampler.stop()
             wall = time.perf_counter() - t0
         if code != 0:
             tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
@@ -389,7 +409,7 @@ def run_system(system: str, corpus_dir: Path, workers: int, scratch: Path, profi
         result = json.loads(result_path.read_text(encoding="utf-8"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {**result, "peak_rss": peak, "wall_s": wall}
+    return {**result, "peak_rss": peak_rss, "peak_pss": peak_pss, "wall_s": wall}
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +499,8 @@ def run(ctx) -> Iterator[dict[str, Any]]:
     labels = corpus_labels(corpus_dir)
     ctx.note("pipeline", "gopher_repetition, gopher_quality, c4, exact dedup, MinHash dedup (5-grams, 9 x 13 bands), "
                          "PII; language and toxic off in both (datatrove's language filter downloads a fastText model)")
-    ctx.note("memory", "peak of the summed RSS of the run's process tree (psutil, 20 ms samples)")
+    ctx.note("memory", "peaks of the summed RSS (20 ms samples) and summed PSS (100 ms samples) of the run's "
+                       "process tree (psutil); RSS counts pages shared by forked workers once per process")
 
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="bench-prep-") as scratch:
@@ -488,7 +509,7 @@ def run(ctx) -> Iterator[dict[str, Any]]:
             for system in order:
                 r = run_system(system, corpus_dir, workers, Path(scratch))
                 ctx.log(f"{system} run {rep + 1}/{repeats}: {r['seconds']:.2f} s, peak RSS "
-                        f"{r['peak_rss'] / 1e6:.0f} MB, {len(r['kept_ids'])} kept")
+                        f"{r['peak_rss'] / 1e6:.0f} MB, PSS {r['peak_pss'] / 1e6:.0f} MB, {len(r['kept_ids'])} kept")
                 results[system].append(r)
         if ctx.args.profile:
             prof_dir = Path(ctx.args.profile)
@@ -509,6 +530,7 @@ def run(ctx) -> Iterator[dict[str, Any]]:
             "wall_s": [r["wall_s"] for r in rs],
             "mb_s": throughput, "mb_s_per_core": throughput / workers,
             "peak_rss_mb": statistics.median(r["peak_rss"] for r in rs) / 1e6,
+            "peak_pss_mb": statistics.median(r["peak_pss"] for r in rs) / 1e6,
             "removed": rs[-1]["removed"],
             "stage_s": {k: statistics.median(r["stage_s"].get(k, 0.0) for r in rs) for k in rs[-1]["stage_s"]},
             "phase_s": {k: statistics.median(r["phase_s"].get(k, 0.0) for r in rs) for k in rs[-1]["phase_s"]},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import records
-from bench.prep import TreeRSS, cluster_jaccard, corpus, corpus_labels, jaccard, label_scores, parallax_removed
+from bench.prep import TreeMemory, cluster_jaccard, corpus, corpus_labels, jaccard, label_scores, parallax_removed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,16 +49,17 @@ def test_parallax_removed_reads_the_report():
     assert parallax_removed({}) == {}
 
 
-def test_tree_rss_counts_grandchildren():
-    """The sampler sums the RSS of every process under the one it watches: a grandchild holding
-    150 MB (touched) must show in the peak."""
+def test_tree_memory_counts_grandchildren():
+    """The sampler sums the RSS and PSS of every process under the one it watches: a grandchild holding
+    150 MB (touched, private) must show in both peaks."""
     pytest.importorskip("psutil")
     grandchild = "b = bytearray(150_000_000); import time; time.sleep(1.0)"
     child = subprocess.Popen([sys.executable, "-c",
                               f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"])
-    sampler = TreeRSS(child.pid, interval=0.01)
+    sampler = TreeMemory(child.pid, interval=0.01, pss_every=2)
     assert child.wait(timeout=30) == 0
-    assert sampler.stop() > 150e6
+    peak_rss, peak_pss = sampler.stop()
+    assert peak_rss > 150e6 and peak_pss > 150e6
 
 
 def test_corpus_is_generated_once(tmp_path):
@@ -90,7 +91,7 @@ def test_quick_end_to_end(tmp_path):
     for r in rows.values():
         assert r["workers"] == 1 and r["docs_in"] > 50 and 0 < r["docs_kept"] < r["docs_in"]
         assert r["median_s"] > 0 and r["mb_s_per_core"] == pytest.approx(r["size_mb"] / r["median_s"])
-        assert r["peak_rss_mb"] > 20
+        assert r["peak_rss_mb"] >= r["peak_pss_mb"] > 20
         # both systems keep every clean and PII document and remove every junk document of the corpus
         assert r["clean_kept"] == 1.0 and r["junk_removed"] == 1.0, r["system"]
         assert r["dups_removed"] > 0.5
