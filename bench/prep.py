@@ -37,8 +37,9 @@ multisets, so that keeping a different member of a duplicate cluster does not co
 disagreement but keeping two members where the other system keeps one does. ``clean kept``,
 ``junk removed`` and ``dups removed`` score each system against the corpus labels. Records also
 hold ``removed`` (documents per stage), ``stage_s`` (seconds per stage summed over workers:
-parallax's report, datatrove's step time stats) and ``phase_s`` (wall seconds of each datatrove
-executor run), to see which stage dominates.
+parallax's report, datatrove's step time stats, where a step that times its whole loop, such as
+ExactDedupFilter, includes the downstream steps its documents flow through) and ``phase_s`` (wall
+seconds of each datatrove executor run), to see which stage dominates.
 ``--profile DIR`` runs each system once under cProfile (use ``--workers 1``) and writes
 ``DIR/<system>.prof`` and the top functions to ``DIR/<system>.txt``.
 """
