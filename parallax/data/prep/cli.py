@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = ["prep_main", "build_parser"]
 
 DEMO_OUT = "prep-demo"
-DEMO_DOCS = 2000
+DEMO_DOCS = 1000  # ~2.4 MB of text: a few seconds on one worker
 DEMO_FILES = 4
 
 
@@ -28,7 +28,9 @@ def build_parser(prog: str = "parallax prep") -> argparse.ArgumentParser:
                                          "([gopher_quality] min_doc_words = 50, [toxic] enabled = false, ...); "
                                          "flags override it")
     parser.add_argument("--tokenizer", help="'byte' (default) or a tokenizer directory")
-    parser.add_argument("--executor", choices=("local", "ray"), help="local processes (default) or Ray tasks")
+    parser.add_argument("--executor", choices=("local", "ray"),
+                        help="local processes (default) or Ray tasks (on a multi-node cluster, --out must be on a "
+                             "filesystem every node mounts at the same path)")
     parser.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
     parser.add_argument("--workers", type=int, help="worker processes / Ray CPUs (default 1)")
     parser.add_argument("--format", help="comma-separated: tokens (tokens.bin, default), jsonl (documents/)")

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 FORMAT = "parallax.prep/1"
 # What a prep run owns in its output directory; --overwrite replaces these and nothing else.
 OWN_NAMES = ("prep.json", "tokens.bin", "tokens.json", "documents", "samples", "report.json", "report.html", ".work")
+MAX_READ_ERRORS = 100  # read errors listed per shard, and in the report (all are counted)
 _OUTPUTS = ("tokens.bin", "tokens.json", "samples", "report.json", "report.html", "documents")
 _KEY_BATCH = 1024  # documents per dedup-key batch (bounds memory per shard; keys are vectorised per batch)
 _TOKEN_BATCH = 256  # documents per tokenizer call
@@ -138,6 +139,20 @@ def _keep_smallest(heap: list[tuple], limit: int, item: tuple) -> None:
 # ---------------------------------------------------------------- phase 1: scan
 
 
+class _CappedErrors(list):
+    """The reader's error list: keeps the first ``MAX_READ_ERRORS`` and counts the rest (a file of
+    millions of bad lines must not fill the memory or the report)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def append(self, error: Any) -> None:
+        self.total += 1
+        if len(self) < MAX_READ_ERRORS:
+            super().append(error)
+
+
 @dataclass
 class _ScanTask:
     index: int
@@ -163,7 +178,7 @@ def _scan_shard(task: _ScanTask) -> None:
     readers = _readers()
     docs_path, keys_path, marker = _scan_paths(Path(task.work), task.index)
     tallies = [(name, stage, _Tally(task.samples)) for name, stage in task.stages]
-    errors: list[Any] = []
+    errors = _CappedErrors()
     exact_keys: list[np.ndarray] = []
     band_keys: list[np.ndarray] = []
     signatures: list[np.ndarray] = []
@@ -171,14 +186,20 @@ def _scan_shard(task: _ScanTask) -> None:
     batch: list[str] = []
     docs_read = bytes_read = kept = 0
 
+    key_seconds = {"exact_dedup": 0.0, "minhash_dedup": 0.0}
+
     def flush() -> None:
+        t0 = time.perf_counter()
         if task.exact is not None:
             exact_keys.append(np.asarray(task.exact.keys(batch), dtype=np.uint64))
+        t1 = time.perf_counter()
         if verify:  # the Jaccard check in phase 2 needs the signatures themselves
             signatures.append(task.minhash.signatures(batch))
             band_keys.append(task.minhash.band_keys(signatures[-1]))
         elif task.minhash is not None:
             band_keys.append(np.asarray(task.minhash.band_keys(batch), dtype=np.uint64))
+        key_seconds["exact_dedup"] += t1 - t0
+        key_seconds["minhash_dedup"] += time.perf_counter() - t1
         batch.clear()
 
     perf = time.perf_counter
@@ -224,8 +245,9 @@ def _scan_shard(task: _ScanTask) -> None:
                                     else np.zeros((0, task.minhash.num_perm), np.uint64))
         np.savez(f, **arrays)
     _write_json(marker, {"path": task.path, "docs_read": docs_read, "bytes_read": bytes_read, "kept": kept,
-                         "stages": {name: tally.to_dict() for name, _, tally in tallies},
-                         "read_errors": [{"path": e.path, "line": e.line, "message": e.message} for e in errors]})
+                         "stages": {name: tally.to_dict() for name, _, tally in tallies}, "key_seconds": key_seconds,
+                         "read_errors": [{"path": e.path, "line": e.line, "message": e.message} for e in errors],
+                         "read_errors_total": errors.total})
 
 
 # ---------------------------------------------------------------- phase 2: dedup
@@ -243,8 +265,10 @@ def _find_duplicates(work: Path, n_shards: int, exact: Any | None, minhash: Any 
     sizes = [json.loads(_scan_paths(work, i)[2].read_text(encoding="utf-8"))["kept"] for i in range(n_shards)]
     drop_exact = [np.zeros(n, dtype=bool) for n in sizes]
     drop_near = [np.zeros(n, dtype=bool) for n in sizes]
+    t0 = time.perf_counter()
     if exact is not None and sum(sizes):
         drop_exact = [np.asarray(m, dtype=bool) for m in _dedup().exact_duplicates([k["exact"] for k in keys])]
+    t1 = time.perf_counter()
     if minhash is not None and sum(sizes):
         survivors = [k["bands"][~d] for k, d in zip(keys, drop_exact)]
         if "signatures" in keys[0]:
@@ -254,8 +278,9 @@ def _find_duplicates(work: Path, n_shards: int, exact: Any | None, minhash: Any 
             near = minhash.near_duplicates(survivors, map_fn=map_fn)
         for d, n, m in zip(drop_exact, drop_near, near):
             n[~d] = np.asarray(m, dtype=bool)
+    seconds = np.array([t1 - t0, time.perf_counter() - t1])  # the exact and MinHash parts of this phase
     with _atomic(target, binary=True) as f:
-        np.savez(f, **{f"exact_{i:05d}": m for i, m in enumerate(drop_exact)},
+        np.savez(f, seconds=seconds, **{f"exact_{i:05d}": m for i, m in enumerate(drop_exact)},
                  **{f"near_{i:05d}": m for i, m in enumerate(drop_near)})
 
 
@@ -419,6 +444,7 @@ def run_prep(config: PrepConfig) -> Report:
                       stages=plan.doc_stages, exact=plan.exact, minhash=plan.minhash) for i in todo])
         _find_duplicates(plan.work, len(plan.shards), plan.exact, plan.minhash, executor.map)
         with np.load(plan.work / "dedup.npz") as masks:
+            dedup_seconds = masks["seconds"].tolist()
             todo = [i for i in range(len(plan.shards)) if not _shard_paths(plan.work, i)[2].exists()]
             log.info("prep: writing %d of %d shard(s)", len(todo), len(plan.shards))
             tasks = [_WriteTask(index=i, work=str(plan.work), drop_exact=masks[f"exact_{i:05d}"],
@@ -428,16 +454,20 @@ def run_prep(config: PrepConfig) -> Report:
         executor.map(_write_shard, tasks)
     finally:
         executor.close()
-    report = _finish(config, plan, time.perf_counter() - t0)
-    return report
+    return _finish(config, plan, dedup_seconds, time.perf_counter() - t0)
 
 
-def _fingerprint(config: PrepConfig, root: Path, shards: list[Path], tokenizer_desc: dict[str, Any] | None) -> str:
+def _fingerprint(config: PrepConfig, root: Path, shards: list[Path], tokenizer_desc: dict[str, Any] | None,
+                 stages: dict[str, str]) -> str:
+    """What decides the output: the config's output options, every stage with all its thresholds (its
+    repr, defaults included, so a changed default is a different run), the tokenizer and the input
+    files (path, size, modification time: cheap at any corpus size, unlike hashing the content)."""
     listing = []
     for path in shards:
         st = path.stat()
         listing.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
-    ident = {"format": FORMAT, "config": config.fingerprint_fields(), "tokenizer": tokenizer_desc, "input": listing}
+    ident = {"format": FORMAT, "config": config.fingerprint_fields(), "stages": stages, "tokenizer": tokenizer_desc,
+             "input": listing}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -459,6 +489,8 @@ def _plan(config: PrepConfig) -> _Plan | None:
     out = Path(config.out).resolve()
     if out == root or root in out.parents:
         raise DataError(f"out {config.out} is inside the input directory {root}; its output would become input")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"out {config.out} is a file; expected a directory (new or from an earlier prep run)")
     doc_stages = [(name, stage) for name in registry.DOCUMENT_STAGES
                   if (stage := registry.build_stage(name, config.stages.get(name))) is not None]
     exact = registry.build_stage("exact_dedup", config.stages.get("exact_dedup"))
@@ -472,7 +504,9 @@ def _plan(config: PrepConfig) -> _Plan | None:
                                  "set eos_token in its tokenizer_config.json")
         tokenizer_desc = tokenizer.describe()
         dtype = cache.token_dtype(tokenizer.vocab_size)
-    fingerprint = _fingerprint(config, root, [Path(p).resolve() for p in shards], tokenizer_desc)
+    built = [*doc_stages, ("exact_dedup", exact), ("minhash_dedup", minhash), ("pii", pii)]
+    fingerprint = _fingerprint(config, root, [Path(p).resolve() for p in shards], tokenizer_desc,
+                               {name: repr(stage) for name, stage in built})
     work = out / ".work"
     plan = _Plan(out=out, work=work, root=root, shards=[Path(p).resolve() for p in shards], fingerprint=fingerprint,
                  doc_stages=doc_stages, exact=exact, minhash=minhash, pii=pii, tokenizer_desc=tokenizer_desc,
@@ -523,7 +557,7 @@ def _merge_tallies(name: str, parts: list[dict[str, Any]], samples: int) -> tupl
     return stage, examples
 
 
-def _finish(config: PrepConfig, plan: _Plan, elapsed: float) -> Report:
+def _finish(config: PrepConfig, plan: _Plan, dedup_seconds: list[float], elapsed: float) -> Report:
     """Phase 4: report, samples and merged tokens into .work/final, then swap them into the output."""
     work, out, final = plan.work, plan.out, plan.work / "final"
     n = len(plan.shards)
@@ -532,7 +566,8 @@ def _finish(config: PrepConfig, plan: _Plan, elapsed: float) -> Report:
     report = Report(input=config.input, out=config.out, shards=n, executor=config.executor, workers=config.workers,
                     docs_read=sum(s["docs_read"] for s in scans), bytes_read=sum(s["bytes_read"] for s in scans),
                     docs_kept=sum(w["docs_kept"] for w in writes), bytes_kept=sum(w["bytes_kept"] for w in writes),
-                    read_errors=[e for s in scans for e in s["read_errors"]])
+                    read_errors=[e for s in scans for e in s["read_errors"]][:MAX_READ_ERRORS],
+                    read_errors_total=sum(s["read_errors_total"] for s in scans))
     removed = []
     names = [name for name, _ in plan.doc_stages]
     for name in names:
@@ -542,6 +577,8 @@ def _finish(config: PrepConfig, plan: _Plan, elapsed: float) -> Report:
     for name, built in (("exact_dedup", plan.exact), ("minhash_dedup", plan.minhash), ("pii", plan.pii)):
         if built is not None:
             stage, examples = _merge_tallies(name, [w["stages"][name] for w in writes], config.samples)
+            if name != "pii":  # key hashing in the scan + the cross-shard pass
+                stage.seconds += sum(s["key_seconds"][name] for s in scans) + dedup_seconds[name == "minhash_dedup"]
             report.stages.append(stage)
             removed.extend([name, *e[1:]] for e in examples)
     kept = sorted(e for w in writes for e in w["kept"])[:config.samples]

@@ -44,7 +44,7 @@ class StageReport:
 @dataclass
 class Report:
     """The whole run. ``read_errors``: {"path", "line", "message"} for input skipped with
-    ``on_error="skip"``. ``elapsed_s``: wall time of the run (of the last run when it resumed)."""
+    ``on_error="skip"`` (the first 100; ``read_errors_total`` counts them all). ``elapsed_s``: wall time of the run (of the last run when it resumed)."""
 
     input: str
     out: str
@@ -56,6 +56,7 @@ class Report:
     tokens: int = 0
     stages: list[StageReport] = field(default_factory=list)
     read_errors: list[dict[str, Any]] = field(default_factory=list)
+    read_errors_total: int = 0
     elapsed_s: float = 0.0
     executor: str = "local"
     workers: int = 1
@@ -112,7 +113,7 @@ class Report:
                      f"{self.bytes_read / 1e6:.2f} MB), {self.tokens:,} tokens; {self.shards} shard(s) in "
                      f"{self.elapsed_s:.1f}s{speed} ({self.executor}, {self.workers} worker(s))")
         if self.read_errors:
-            lines.append(f"{len(self.read_errors)} read error(s) skipped, e.g. {_where(self.read_errors[0])}: "
+            lines.append(f"{self.read_errors_total} read error(s) skipped, e.g. {_where(self.read_errors[0])}: "
                          f"{self.read_errors[0]['message']}")
         return "\n".join(lines)
 
@@ -145,7 +146,7 @@ class Report:
                 parts.append(f"<p><b>{esc(example['id'])}</b>: {esc(example['reason'])}</p>"
                              f"<pre>{esc(example['text'])}</pre>")
         if self.read_errors:
-            parts.append(f"<h2>Read errors ({len(self.read_errors)})</h2><ul>")
+            parts.append(f"<h2>Read errors ({self.read_errors_total}; the first {len(self.read_errors)})</h2><ul>")
             parts.extend(f"<li>{esc(_where(e))}: {esc(e['message'])}</li>" for e in self.read_errors)
             parts.append("</ul>")
         parts.append("</body></html>")

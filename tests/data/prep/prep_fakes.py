@@ -219,3 +219,24 @@ def write_corpus(root: Path) -> list[str]:
             lines.append(json.dumps({"text": text, "n": i}))
         (root / f"{chr(ord('a') + f)}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return kept
+
+
+# ---- executor probes (module level: picklable by reference)
+
+
+def square_or_fail(x: int) -> int:
+    if x < 0:
+        raise DataError(f"negative item {x}")
+    return x * x
+
+
+def interrupt_parent(x: int) -> int:
+    """Ctrl-C as a terminal sends it: SIGINT to the driver while the workers are busy."""
+    import os
+    import signal
+    import time
+
+    if x == 0:
+        os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(30)
+    return x

@@ -76,3 +76,33 @@ def test_registered_in_parallax_command() -> None:
                           env=env, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: parallax prep" in done.stdout and "--executor {local,ray}" in done.stdout
+
+
+def test_real_readers_on_error_skip_vs_fail(tmp_path: Path, capsys) -> None:
+    from parallax.data.prep.noisy import write_noisy_corpus
+
+    corpus = tmp_path / "corpus"
+    write_noisy_corpus(corpus, n_docs=60, files=2, seed=0)
+    (corpus / "broken.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    assert prep_main(["--input", str(corpus), "--out", str(tmp_path / "skip")]) == 0
+    report = json.loads((tmp_path / "skip" / "report.json").read_text())
+    assert len(report["read_errors"]) == 1 and report["read_errors"][0]["path"].endswith("broken.jsonl.gz")
+    assert "1 read error(s) skipped" in capsys.readouterr().out
+    assert prep_main(["--input", str(corpus), "--out", str(tmp_path / "fail"), "--on-error", "fail"]) == 2
+    assert "broken.jsonl.gz" in capsys.readouterr().err
+
+
+def test_demo(tmp_path: Path, monkeypatch, capsys) -> None:
+    from parallax.data.prep import cli
+
+    monkeypatch.setattr(cli, "DEMO_DOCS", 120)
+    monkeypatch.chdir(tmp_path)
+    assert prep_main(["--demo"]) == 0
+    out = capsys.readouterr().out
+    assert "minhash_dedup" in out and "parallax train --data prep-demo" in out
+    assert json.loads((tmp_path / "prep-demo" / "prep.json").read_text())["complete"] is True
+    assert prep_main(["--demo"]) == 0  # again: a new temporary input, the earlier demo output is replaced
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("x")
+    assert prep_main(["--demo", "--out", "elsewhere"]) == 2  # other files: --overwrite still needed
+    assert "--overwrite" in capsys.readouterr().err

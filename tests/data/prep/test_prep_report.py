@@ -21,7 +21,7 @@ def _report() -> Report:
                                   bytes_out=2_000_000),
                       StageReport(name="pii", docs_in=600, docs_out=600, bytes_in=2_000_000, bytes_out=2_000_000,
                                   counts={"email": 7, "ip": 2})],
-                  read_errors=[{"path": "b.jsonl", "line": 9, "message": "invalid JSON"}])
+                  read_errors=[{"path": "b.jsonl", "line": 9, "message": "invalid JSON"}], read_errors_total=1)
 
 
 def test_json_round_trip_and_throughput() -> None:
