@@ -16,9 +16,9 @@ the next line (a corrupt compressed stream ends its file: nothing after the dama
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
-import io
 import itertools
 import json
 import logging
@@ -26,7 +26,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from parallax.data.errors import DataError
 from parallax.data.prep.document import Document, ReadError
@@ -42,6 +42,7 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (
     ".parquet",
 )
 ON_ERROR = ("skip", "fail")
+_COMPRESSED = (".gz", ".zst", ".zstd")
 _GLOB_CHARS = frozenset("*?[")
 # Parquet rows per record batch: ~1 MB of text at typical web-document sizes, so memory stays bounded
 # while the per-batch overhead of pyarrow's conversion is amortised.
@@ -118,21 +119,52 @@ def list_inputs(path: str | os.PathLike[str]) -> list[Path]:
     return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
-def _open_binary(path: Path, suffix: str) -> IO[bytes]:
-    """The file's decompressed byte stream (buffered, iterable by line)."""
-    if suffix.endswith(".gz"):
-        return gzip.open(path, "rb")
+def _lines(path: Path, suffix: str) -> Iterator[bytes]:
+    """The file's decompressed lines (with their b"\\n"), read in bounded memory."""
     if suffix.endswith((".zst", ".zstd")):
-        import zstandard
+        yield from _split_lines(_zstd_chunks(path))
+        return
+    with gzip.open(path, "rb") if suffix.endswith(".gz") else open(path, "rb") as f:
+        yield from f
 
-        raw = open(path, "rb")
-        try:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        except BaseException:
-            raw.close()
-            raise
-        return io.BufferedReader(reader)
-    return open(path, "rb")
+
+_CHUNK = 1 << 20
+
+
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
+    """Decompressed chunks of a zstd file of one or more frames.
+
+    zstandard's stream_reader ends quietly at a truncated frame (a damaged file would lose its tail
+    without a word), so the frames are decoded here and an incomplete last frame raises ZstdError.
+    """
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    with open(path, "rb") as raw:
+        dobj, pending = dctx.decompressobj(), False
+        while chunk := raw.read(_CHUNK):
+            while chunk:
+                out = dobj.decompress(chunk)
+                pending = True
+                if out:
+                    yield out
+                if dobj.eof:
+                    chunk, dobj, pending = dobj.unused_data, dctx.decompressobj(), False
+                else:
+                    chunk = b""
+        if pending:
+            raise zstandard.ZstdError("truncated stream: the last frame is incomplete")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    tail = b""
+    for chunk in chunks:
+        parts = (tail + chunk).split(b"\n")
+        tail = parts.pop()
+        for part in parts:
+            yield part + b"\n"
+    if tail:
+        yield tail
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
@@ -197,8 +229,7 @@ def read_documents(path: Path, *, root: Path, text_field: str = "text", on_error
 
 def _read_text(path: Path, suffix: str, rel: str, report: _Reporter) -> Iterator[Document]:
     try:
-        with _open_binary(path, suffix) as f:
-            data = f.read()
+        data = b"".join(_lines(path, suffix))
     except _stream_errors() as e:
         report(None, f"cannot read ({type(e).__name__}: {e})")
         return
@@ -213,14 +244,9 @@ def _read_text(path: Path, suffix: str, rel: str, report: _Reporter) -> Iterator
 def _read_jsonl(path: Path, suffix: str, rel: str, field: str, report: _Reporter) -> Iterator[Document]:
     stream_errors = _stream_errors()
     loads = json.loads
-    try:
-        f = _open_binary(path, suffix)
-    except stream_errors as e:
-        report(None, f"cannot open ({type(e).__name__}: {e})")
-        return
-    with f:
-        n = 0
-        lines = iter(f)
+    lines = _lines(path, suffix)
+    n = 0
+    with contextlib.closing(lines):
         while True:
             try:
                 raw = next(lines)
@@ -228,7 +254,8 @@ def _read_jsonl(path: Path, suffix: str, rel: str, field: str, report: _Reporter
                 return
             except stream_errors as e:
                 # A damaged stream cannot be resynchronised: report where it broke and end the file.
-                report(n + 1, f"corrupt {suffix.rsplit('.', 1)[-1]} stream ({type(e).__name__}: {e})")
+                what = f"corrupt {suffix.rsplit('.', 1)[-1]} stream" if suffix.endswith(_COMPRESSED) else "cannot read"
+                report(n + 1, f"{what} ({type(e).__name__}: {e})")
                 return
             n += 1
             try:
@@ -295,7 +322,7 @@ def _read_parquet(path: Path, rel: str, field: str, report: _Reporter) -> Iterat
                 report(row + 1, f"cannot read Parquet ({type(e).__name__}: {e})")
                 return
             texts = batch.column(field).to_pylist()
-            meta_cols = [batch.column(c).to_pylist() for c in others]
+            meta_cols = [_json_column(batch.column(c), pa).to_pylist() for c in others]
             for i, text in enumerate(texts):
                 row += 1
                 if text is None:
@@ -303,3 +330,12 @@ def _read_parquet(path: Path, rel: str, field: str, report: _Reporter) -> Iterat
                     continue
                 meta = {c: col[i] for c, col in zip(others, meta_cols)} if others else None
                 yield Document(id=f"{rel}:{row}", text=text, meta=meta)
+
+
+def _json_column(column: Any, pa: Any) -> Any:
+    """``column`` with timestamps, dates, times, durations and decimals cast to strings, so that
+    ``Document.meta`` stays JSON-serialisable like a JSON-lines record (the output writes it back)."""
+    kind = column.type
+    if pa.types.is_temporal(kind) or pa.types.is_decimal(kind):
+        return column.cast(pa.string())
+    return column
