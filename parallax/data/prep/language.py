@@ -127,8 +127,8 @@ class LanguageFilter:
         if share < self.min_script_share:
             other, count = max(((s, len(p.findall(sample))) for s, p in _SCRIPTS.items() if s != self._script),
                                key=lambda sc: sc[1])
-            return Removed(f"language: {other} script ({count / letters:.2f} of letters), "
-                           f"{self._script} {share:.2f} < {self.min_script_share}")
+            return Removed(f"language: {other} script ({count / letters:.3f} of letters), "
+                           f"{self._script} {share:.3f} < {self.min_script_share}")
         if self.language == "en":
             bits = english_bits_per_char(sample)
             if bits > self.max_bits_per_char:
