@@ -68,7 +68,7 @@ SYSTEMS = ("parallax", "datatrove")
 STAGES = ("gopher_repetition", "gopher_quality", "c4", "exact_dedup", "minhash_dedup")
 BANDS, ROWS = 9, 13  # datasketch's optimal (b, r) for threshold 0.8, 128 permutations, weights (0.5, 0.5)
 DEFAULT = dict(size_mb=200.0, repeats=3)
-QUICK = dict(size_mb=0.3, repeats=1)
+QUICK = dict(size_mb=0.2, repeats=1)
 ROOT = Path(__file__).resolve().parent.parent
 
 COLUMNS = [
