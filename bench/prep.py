@@ -128,7 +128,9 @@ def corpus(size_mb: float, files: int, seed: int, cache_dir: str | os.PathLike[s
     from parallax.data.prep import noisy
 
     source = Path(noisy.__file__).read_bytes()
-    key = f"noisy-{size_mb:g}mb-{files}f-seed{seed}-{hashlib.sha256(source).hexdigest()[:12]}"
+    # the built-in text is this Python's documentation: another version makes another corpus
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    key = f"noisy-{size_mb:g}mb-{files}f-seed{seed}-{py}-{hashlib.sha256(source).hexdigest()[:12]}"
     root = cache_root(cache_dir)
     final = root / key
     if final.is_dir():
@@ -484,6 +486,9 @@ def run(ctx) -> Iterator[dict[str, Any]]:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if size_mb <= 0:
         raise ValueError(f"--size-mb must be > 0, got {size_mb}")
+    if files < workers:
+        ctx.log(f"WARNING: {files} shards for {workers} workers: both systems parallelise over shards, "
+                f"so at most {files} workers are busy")
 
     for system in list(systems):
         reason = _unavailable(system)

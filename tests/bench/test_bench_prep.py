@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import records
-from bench.prep import TreeMemory, cluster_jaccard, corpus, corpus_labels, jaccard, label_scores, parallax_removed
+from bench.prep import (TreeMemory, _expect_shards, cluster_jaccard, corpus, corpus_labels, jaccard, label_scores,
+                        parallax_removed)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +48,14 @@ def test_parallax_removed_reads_the_report():
                          {"name": "minhash_dedup", "docs_in": 7, "docs_out": 6}]}
     assert parallax_removed(report) == {"gopher_quality": 3, "minhash_dedup": 1}
     assert parallax_removed({}) == {}
+
+
+def test_datatrove_shard_guard(tmp_path):
+    # datatrove's dedup filters find a task's documents by position in its own shard: a lost shard is fatal
+    (tmp_path / "00000.jsonl").write_text("{}\n")
+    _expect_shards(str(tmp_path), 1)
+    with pytest.raises(RuntimeError, match="holds 1 shards for 2 tasks"):
+        _expect_shards(str(tmp_path), 2)
 
 
 def test_tree_memory_counts_grandchildren():
