@@ -46,8 +46,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLANTED", "JUNK_KINDS", "noisy_corpus", "iter_noisy_corpus", "write_noisy_corpus", "shingles",
-           "jaccard"]
+__all__ = ["PLANTED", "JUNK_KINDS", "PII_KINDS", "NEAR_DUP_JACCARD", "noisy_corpus", "iter_noisy_corpus",
+           "write_noisy_corpus", "shingles", "jaccard"]
 
 JUNK_KINDS: tuple[str, ...] = ("lorem", "javascript", "cookie", "symbols", "bullets", "repeated", "short")
 # One block of 50 labels, shuffled per block: every label appears in any 50 consecutive documents.
@@ -66,7 +66,7 @@ _BANNED = ("{", "}", "javascript", "lorem ipsum", "terms of use", "privacy polic
            "uses cookies", "use of cookies", "use cookies", "...", "…", "#")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“*(])")
 # Punctuation per word of a sentence, at most: datatrove's Gopher rule counts punctuation tokens as words and
-# wants >= 80% of them alphabetic; code-heavy sentences (quotes, parentheses) would fail it. 0.2 keeps 528
+# wants >= 80% of them alphabetic; code-heavy sentences (quotes, parentheses) would fail it. 0.2 keeps 529
 # of the 1,242 prose sentences of Python 3.11's documentation, and every clean document passes.
 _MAX_PUNCTUATION = 0.2
 _PUNCTUATION = frozenset(string.punctuation + "“”‘’–—")
