@@ -169,7 +169,7 @@ _BODIES: dict[str, str] = {
     "phone": (
         r"(?<![\w+.-].)(?:"
         # international: +CC, optional (0) or (area), groups of 1-5 digits
-        r"(?<=\+)\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){2,6}"
+        r"(?<=\+)[1-9]\d{0,2}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){2,6}"
         # North America: [1 ](NXX) XXX-XXXX, [1-]NXX-XXX-XXXX with one kind of separator (the exchange
         # may start with 0/1: "555-123-4567" is how examples and fiction write numbers)
         r"|(?<=\()[2-9]\d\d\) ?\d{3}[ .-]\d{4}"
@@ -288,8 +288,11 @@ def _ipv4_end(text: str, start: int, end: int) -> int | None:
 
 
 def _phone_end(text: str, start: int, end: int) -> int | None:
-    digits = sum(c.isdigit() for c in text[start:end])
-    if text[start] == "+":
+    raw = text[start:end]
+    digits = sum(c.isdigit() for c in raw)
+    if raw.count(".") == 1 and raw.lstrip("+").replace(".", "").isdigit():
+        return None  # a signed or plain decimal such as "+35236450.6"
+    if raw[0] == "+":
         return end if 8 <= digits <= 15 else None
     return end if 9 <= digits <= 12 else None
 
