@@ -7,11 +7,11 @@ tokenizer datatrove uses (see that module for the known differences); everything
 character counts, n-gram definitions) is computed as datatrove computes it. Words are split only when a
 rule that needs them is reached, and the repetition and quality stages share one split per document.
 
-Throughput (tests/data/prep/quality_corpus.py's 300 documents, 0.76 MB; one process on a shared, loaded
-2-core machine, so the ratios matter more than the absolute figures; two runs), this module vs datatrove
-0.10.1 with spaCy 3.8: GopherQuality 2.9-3.5 vs 0.28-0.40 MB/s (9-10x), GopherRepetition 1.5-1.6 vs
-0.22-0.27 MB/s (6-7x), C4 17-26 vs 0.7 MB/s (24-37x); the three chained as the pipeline runs them
-(repetition, quality, C4; a removed document stops) 1.4-1.6 vs 0.27-0.29 MB/s (5-5.6x).
+Throughput (tests/data/prep/quality_corpus.py's 300 documents, 0.76 MB; one process on a shared 2-core
+machine at load ~1.7), this module vs datatrove 0.10.1 with spaCy 3.8: GopherQuality 5.1 vs 0.51 MB/s
+(9.9x), GopherRepetition 3.1 vs 0.46 MB/s (6.6x), C4 26 vs 1.3 MB/s (20x); the three chained as the
+pipeline runs them (repetition, quality, C4; a removed document stops) 2.6 vs 0.40 MB/s (6.4x). Runs at
+higher load gave 5-10x for each and 5x chained. The word split is about half of the Gopher time.
 Verdicts: the same on 299, 300 and 299 of those 300 documents, and on 918, 921 and 920 of 921 more
 (``varied_documents(1000, seed=7)`` less the built-in ones); the differences are documents within 0.01 of
 the alphabetic-ratio cut or one sentence short of C4's 5.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -156,20 +156,12 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return dup, dup_chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent word n-gram: len(" ".join(gram)) * count (datatrove's
-    find_top_duplicate; tuples count the same as the joined strings because words hold no spaces, and
-    Counter keeps first-seen order, so ties resolve to the same n-gram)."""
-    gram, count = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
-    return (sum(map(len, gram)) + n - 1) * count
-
-
 _BASE = 0x100000001B3  # polynomial hash base (the FNV prime): odd, so invertible modulo 2**64
 _BASE_INV = pow(_BASE, -1, 1 << 64)
 
 
 class _ConcatHashes:
-    """Hashes of "".join(words[i:j]) for any i < j, from one O(chars) numpy pass over the document.
+    """Hashes of sep.join(words[i:j]) for any i < j, from one O(chars) numpy pass over the document.
 
     A substring [a, b) of the concatenation hashes to sum c_s * B^(b-1-s) = B^(b-1) * (S_b - S_a) with
     S_t = sum_{s<t} c_s * B^-s (mod 2**64), so every n-gram key costs a few vectorised operations instead of
@@ -177,11 +169,13 @@ class _ConcatHashes:
     different strings has probability ~2**-64 per pair.
     """
 
-    def __init__(self, words: list[str]) -> None:
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        self.offsets = np.zeros(len(words) + 1, dtype=np.int64)  # [n_words + 1] char offset of each word
+    def __init__(self, words: list[str], sep: str = "") -> None:
+        self.sep = len(sep)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words)) + self.sep
+        self.offsets = np.zeros(len(words) + 1, dtype=np.int64)  # [n_words + 1] start of each word (+ sep)
         np.cumsum(lengths, out=self.offsets[1:])
-        codes = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        text = sep.join(words)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
         t = len(codes)
         self.pow_b = np.empty(t, dtype=np.uint64)  # [chars] B^k
         self.pow_b[:1] = 1
@@ -195,12 +189,23 @@ class _ConcatHashes:
         np.cumsum(codes * pow_inv, out=self.prefix[1:])
 
     def ngram_keys(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """([n_words - n + 1] uint64 keys of "".join(words[i:i+n]), [same] int64 their lengths)."""
+        """([n_words - n + 1] uint64 keys of sep.join(words[i:i+n]), [same] int64 their lengths)."""
         a = self.offsets[: len(self.offsets) - n]
-        b = self.offsets[n:]
+        b = self.offsets[n:] - self.sep
         size = b - a
         keys = self.pow_b[b - 1] * (self.prefix[b] - self.prefix[a])
         return keys ^ (size.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)), size
+
+
+def _top_ngram_chars(words: list[str], n: int, hashes: _ConcatHashes | None = None) -> int:
+    """Characters covered by the most frequent word n-gram: len(" ".join(gram)) * count, the first-seen
+    n-gram among equally frequent ones (datatrove's find_top_duplicate: Counter.most_common keeps
+    first-seen order). ``hashes`` must be built with sep=" "; keys are " ".join(gram), as there."""
+    hashes = hashes or _ConcatHashes(words, " ")
+    keys, size = hashes.ngram_keys(n)
+    _, first_idx, counts = np.unique(keys, return_index=True, return_counts=True)
+    top = counts.max()
+    return int(size[first_idx[counts == top].min()]) * int(top)
 
 
 def _duplicate_ngram_chars(words: list[str], n: int, hashes: _ConcatHashes | None = None) -> int:
@@ -295,10 +300,11 @@ class GopherRepetition:
         if not self.top_n_grams and not self.dup_n_grams:
             return text
         words = split_words(text)
+        spaced = _ConcatHashes(words, " ") if self.top_n_grams and words else None
         for n, frac in self.top_n_grams:
             if len(words) < n:
                 continue
-            value = _top_ngram_chars(words, n) / size
+            value = _top_ngram_chars(words, n, spaced) / size
             if value > frac:
                 return Removed(f"top {n}-gram char fraction {value:.3f} > {frac}")
         hashes = _ConcatHashes(words) if self.dup_n_grams and words else None
@@ -316,7 +322,7 @@ class C4Quality:
     marks, drop it without terminal punctuation (or ending in "..."), with fewer than
     ``min_words_per_line`` words, mentioning "javascript", or holding a policy phrase; remove the page if
     a checked line holds "lorem ipsum" or "{"; remove it with fewer than ``min_num_sentences`` sentences
-    in the kept lines. Kept lines are joined with "\\n". Counts dropped lines in ``stats["c4_lines_removed"]``.
+    in the kept lines. Kept lines are joined with "\\n". Counts dropped lines in ``stats["lines_removed"]``.
 
     Deviation: datatrove counts sentences with spaCy's sentencizer; here a terminal mark followed by more
     text ends a sentence (dotted abbreviations and common titles excepted), which agrees on prose.
@@ -334,7 +340,6 @@ class C4Quality:
     filter_lorem_ipsum: bool = True  # C4: drop pages with "lorem ipsum"
     filter_curly_bracket: bool = True  # C4: drop pages with a curly bracket
     remove_citations: bool = True  # datatrove: strip "[1]", "[edit]", "[citation needed]"
-    _policy: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
         for f in ("filter_no_terminal_punct", "filter_javascript", "filter_policy", "filter_lorem_ipsum",
@@ -370,13 +375,13 @@ class C4Quality:
                 continue
             lower = line.lower()
             if self.filter_lorem_ipsum and "lorem ipsum" in lower:
-                stats["c4_lines_removed"] += dropped
+                stats["lines_removed"] += dropped
                 return Removed('contains "lorem ipsum"')
             if self.filter_javascript and "javascript" in lower:
                 dropped += 1
                 continue
             if self.filter_curly_bracket and "{" in line:
-                stats["c4_lines_removed"] += dropped
+                stats["lines_removed"] += dropped
                 return Removed('contains a curly bracket "{"')
             if self.filter_policy and any(p in lower for p in self._policy):
                 dropped += 1
@@ -384,7 +389,7 @@ class C4Quality:
             if count_sentences:
                 sentences += 1 + sum(1 for mark in _SENTENCE_END.findall(line) if mark)
             kept.append(line)
-        stats["c4_lines_removed"] += dropped
+        stats["lines_removed"] += dropped
         if sentences < self.min_num_sentences:
             return Removed(f"sentences {sentences} < {self.min_num_sentences}")
         return "\n".join(kept).strip()

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -98,9 +98,6 @@ class ToxicFilter:
     max_flagged_ratio: float = 0.01
     classifier: str | None = None
     classifier_threshold: float = 0.5
-    _singles: frozenset[str] = field(init=False, repr=False, default=frozenset())
-    _phrases: dict[str, tuple[tuple[str, ...], ...]] = field(init=False, repr=False, default_factory=dict)
-    _classify: Callable[[str], float] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if isinstance(self.languages, str) or not self.languages:
@@ -121,8 +118,10 @@ class ToxicFilter:
             singles |= s
             for head, items in p.items():
                 phrases.setdefault(head, []).extend(items)
+        # derived state: plain attributes, not dataclass fields, so they are not options
         self._singles = frozenset(singles)
         self._phrases = {k: tuple(v) for k, v in phrases.items()}
+        self._classify: Callable[[str], float] | None = None
         if self.classifier is not None:
             if not isinstance(self.classifier, str):
                 raise ValueError(f"toxic.classifier must be 'module:function' or None, got {self.classifier!r}")

@@ -225,6 +225,21 @@ def test_duplicate_ngram_chars_matches_the_scan(seed):
         assert _duplicate_ngram_chars(words, n) == _reference_duplicate_ngram_chars(words, n), (words, n)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_top_ngram_chars_matches_counter(seed):
+    """The published definition: Counter of " ".join(gram), most_common(1) (ties: first seen)."""
+    import random
+
+    from parallax.data.prep.quality import _top_ngram_chars
+
+    rng = random.Random(seed)
+    vocab = ["a", "bb", "ab", "ccc", "d"][: rng.randint(1, 5)]
+    words = rng.choices(vocab, k=rng.randint(4, 80))
+    for n in (1, 2, 3, 4):
+        gram, count = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+        assert _top_ngram_chars(words, n) == len(gram) * count, (words, n)
+
+
 def test_top_ngram_chars_hand_computed():
     from parallax.data.prep.quality import _top_ngram_chars
 
@@ -313,7 +328,7 @@ def test_c4_citations_and_stats():
     trailing = "The cat sat on the mat. [edit]"  # stripped before the citation goes: ends in a space, dropped
     text = "\n".join([cited] * 5 + [trailing, "no punctuation", "Two words."])
     assert C4Quality().apply(text, stats) == "\n".join([_S] * 5)
-    assert stats["c4_lines_removed"] == 3
+    assert stats["lines_removed"] == 3
     _c4_check(C4Quality(), text, "\n".join([_S] * 5))
 
 
@@ -402,3 +417,15 @@ def test_agreement_and_throughput_vs_datatrove(ours, theirs):
     assert not text_diff
     assert 20 < sum(verdicts) < 280  # the corpus exercises both outcomes
     assert t_dt / t_ours >= 2.0, f"{ours.__name__}: {t_dt / t_ours:.1f}x datatrove"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "\n\n\n", "\r\n".join(["The cat sat on the mat."] * 6), "lone \ud800 surrogate " * 30,
+     " ".join(f"word{i}" for i in range(200)) + " lone \ud800 surrogate.",  # reaches the n-gram hashes
+     "a" * 100_000, "x " * 50_000, "\x00\x01 control " * 20, "😀 emoji " * 60],
+)
+@pytest.mark.parametrize("cls", [GopherQuality, GopherRepetition, C4Quality])
+def test_odd_inputs_give_a_verdict(cls, text):
+    result = cls().apply(text, Counter())
+    assert isinstance(result, (str, Removed))

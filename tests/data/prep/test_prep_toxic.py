@@ -123,3 +123,14 @@ def test_bad_options(kwargs, match):
 def test_registered_and_picklable():
     stage = pickle.loads(pickle.dumps(build_stage("toxic", {"max_flagged_ratio": 0.0})))
     assert isinstance(stage.apply(f"one {WORD}", Counter()), Removed)
+
+
+def test_derived_state_is_not_an_option():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) _singles; it has classifier, classifier_threshold, "
+                                         r"languages, max_flagged_ratio"):
+        build_stage("toxic", {"_singles": []})
+
+
+@pytest.mark.parametrize("text", ["", " \n ", "lone \ud800 surrogate", "a" * 100_000, "😀 " * 50, "--- /// ..."])
+def test_odd_inputs_give_a_verdict(text):
+    assert isinstance(ToxicFilter().apply(text, Counter()), (str, Removed))
