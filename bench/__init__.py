@@ -89,6 +89,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "training step throughput: the parallax train loop vs a plain PyTorch loop on the same model and data "
         "(runtime overhead)",
     ),
+    "prep": (
+        ".prep",
+        "data preparation (Gopher + C4 filters, exact + MinHash dedup, PII) on a generated noisy corpus: parallax "
+        "run_prep vs datatrove's LocalPipelineExecutor, same workers; MB/s per core, peak memory, kept-set agreement",
+    ),
     "scaling": (
         ".scaling",
         "the planner's step-time model vs published clusters: Megatron-LM 2019 weak scaling (V100, 1-512 GPUs) and "

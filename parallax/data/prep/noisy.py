@@ -22,8 +22,8 @@ Every row is ``{"text", "id", "planted"}``; ``planted`` says what was planted:
   (hashtags and symbol soup), ``bullets`` (bullet lists), ``repeated`` (one line many times),
   ``short`` (under 50 words);
 * ``foreign``: text in generated Cyrillic, Greek or CJK words (letters drawn from their Unicode blocks);
-* ``toxic``: a clean document with ~15% of its words taken from better_profanity's shipped word
-  list (read from the installed package at run time; no such word is written in this repository).
+* ``toxic``: a clean document with ~15% of its words taken from glin-profanity's English word
+  list (the toxic stage's; read from the installed package at run time, no such word is written in this repository).
 
 Duplicates always copy an *earlier* document, and ``write_noisy_corpus`` fills its files in order
 (file 0 first), so the original of every duplicate comes first in (file, line) order: a
@@ -46,8 +46,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLANTED", "JUNK_KINDS", "noisy_corpus", "iter_noisy_corpus", "write_noisy_corpus", "shingles",
-           "jaccard"]
+__all__ = ["PLANTED", "JUNK_KINDS", "PII_KINDS", "NEAR_DUP_JACCARD", "noisy_corpus", "iter_noisy_corpus",
+           "write_noisy_corpus", "shingles", "jaccard"]
 
 JUNK_KINDS: tuple[str, ...] = ("lorem", "javascript", "cookie", "symbols", "bullets", "repeated", "short")
 # One block of 50 labels, shuffled per block: every label appears in any 50 consecutive documents.
@@ -66,7 +66,7 @@ _BANNED = ("{", "}", "javascript", "lorem ipsum", "terms of use", "privacy polic
            "uses cookies", "use of cookies", "use cookies", "...", "…", "#")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“*(])")
 # Punctuation per word of a sentence, at most: datatrove's Gopher rule counts punctuation tokens as words and
-# wants >= 80% of them alphabetic; code-heavy sentences (quotes, parentheses) would fail it. 0.2 keeps 528
+# wants >= 80% of them alphabetic; code-heavy sentences (quotes, parentheses) would fail it. 0.2 keeps 529
 # of the 1,242 prose sentences of Python 3.11's documentation, and every clean document passes.
 _MAX_PUNCTUATION = 0.2
 _PUNCTUATION = frozenset(string.punctuation + "“”‘’–—")
@@ -107,16 +107,12 @@ def _vocabulary() -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def _profanity_words() -> tuple[str, ...]:
-    """Alphabetic single words of better_profanity's shipped list, read from the installed package."""
-    from importlib.resources import files
+    """Alphabetic single words of the toxic stage's English list (glin-profanity's, read from the installed
+    package), so the planted toxic documents are what the stage looks for."""
+    from parallax.data.prep.toxic import load_wordlist
 
-    try:
-        text = files("better_profanity").joinpath("profanity_wordlist.txt").read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
-        raise ModuleNotFoundError(
-            "the noisy corpus's toxic documents use better_profanity's word list: pip install better-profanity"
-        ) from exc
-    return tuple(sorted({w.strip().lower() for w in text.splitlines() if w.strip().isalpha()}))
+    singles, _ = load_wordlist("en")
+    return tuple(sorted(w for w in singles if w.isalpha()))
 
 
 # --------------------------------------------------------------------------------------------
