@@ -224,7 +224,9 @@ def _pii_value(rng: random.Random, kind: str) -> str:
         first = rng.choice([n for n in range(11, 224) if n not in (127, 172, 192)])  # public addresses
         return ".".join(str(x) for x in (first, rng.randint(0, 255), rng.randint(0, 255), rng.randint(1, 254)))
     if kind == "credit_card":
-        number = _luhn_complete(rng.choice("45") + "".join(str(rng.randint(0, 9)) for _ in range(14)))
+        # Issued ranges only (Visa 4, Mastercard 51-55): a 16-digit number outside them is no card number.
+        prefix = rng.choice(["4" + str(rng.randint(0, 9)), "5" + str(rng.randint(1, 5))])
+        number = _luhn_complete(prefix + "".join(str(rng.randint(0, 9)) for _ in range(13)))
         sep = rng.choice(("", " ", "-"))
         return sep.join(number[i:i + 4] for i in range(0, 16, 4))
     if kind == "iban":
