@@ -8,9 +8,10 @@ the key holds the size, shard count, seed and a hash of the generator's source).
 
 The pipeline, in both systems: Gopher repetition, Gopher quality and C4 rules with their published
 thresholds (datatrove's defaults, which parallax's stages follow), exact dedup of the survivors, MinHash
-dedup of the exact survivors (word 5-grams, b x r = 9 x 13 bands: datasketch's optimum for
-threshold 0.8 and 128 permutations, which parallax's MinHashDedup uses by default; datatrove gets
-``MinhashConfig(n_grams=5, num_buckets=9, hashes_per_bucket=13)``), then PII scrubbing of the kept
+dedup of the exact survivors (word 5-grams, b x r = 16 x 8 bands: parallax's default, datasketch's
+optimum for threshold 0.8, 128 permutations and recall-first weights (0.05, 0.95); datatrove gets
+``MinhashConfig(n_grams=5, num_buckets=16, hashes_per_bucket=8)``; parallax also checks each candidate
+pair's exact Jaccard, its default, which only costs it time), then PII scrubbing of the kept
 documents, written as JSONL. Language identification and the toxic filter are off in both: datatrove's
 language filter needs a fastText model download, and it has no word-list toxicity filter.
 
@@ -62,11 +63,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from parallax.data.prep.dedup import MinHashDedup
+
 from .table import Column
 
 SYSTEMS = ("parallax", "datatrove")
 STAGES = ("gopher_repetition", "gopher_quality", "c4", "exact_dedup", "minhash_dedup")
-BANDS, ROWS = 9, 13  # datasketch's optimal (b, r) for threshold 0.8, 128 permutations, weights (0.5, 0.5)
+# parallax's default bands x rows (16 x 8: datasketch's optimum for threshold 0.8, 128 permutations, weights
+# (0.05, 0.95)), given to datatrove too.
+BANDS, ROWS = MinHashDedup().bands, MinHashDedup().rows
 DEFAULT = dict(size_mb=200.0, repeats=3)
 QUICK = dict(size_mb=0.2, repeats=1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,10 +225,22 @@ _DATATROVE_STEPS = {
 def run_datatrove(corpus_dir: Path, work: Path, workers: int) -> dict[str, Any]:
     """datatrove's equivalent pipeline on ``corpus_dir`` (six executor runs, see the module docstring)."""
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups,
-                                          MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                          MinhashDedupFilter, MinhashDedupSignature)
-    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
     from datatrove.pipeline.formatters import PIIFormatter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
@@ -503,7 +520,7 @@ def run(ctx) -> Iterator[dict[str, Any]]:
     ctx.log(f"corpus ready in {time.perf_counter() - t0:.1f} s: {corpus_dir}")
     corpus_bytes = sum(p.stat().st_size for p in corpus_dir.glob("*.jsonl"))
     labels = corpus_labels(corpus_dir)
-    ctx.note("pipeline", "gopher_repetition, gopher_quality, c4, exact dedup, MinHash dedup (5-grams, 9 x 13 bands), "
+    ctx.note("pipeline", "gopher_repetition, gopher_quality, c4, exact dedup, MinHash dedup (5-grams, 16 x 8 bands; parallax also verifies candidates by exact Jaccard), "
                          "PII; language and toxic off in both (datatrove's language filter downloads a fastText model)")
     ctx.note("memory", "peaks of the summed RSS (20 ms samples) and summed PSS (100 ms samples) of the run's "
                        "process tree (psutil); RSS counts pages shared by forked workers once per process")
