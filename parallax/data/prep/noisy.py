@@ -39,12 +39,13 @@ import os
 import random
 import re
 import string
-import tempfile
 from collections.abc import Iterator
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+from parallax.data.prep.files import atomic_file
 
 __all__ = ["PLANTED", "JUNK_KINDS", "PII_KINDS", "NEAR_DUP_JACCARD", "noisy_corpus", "iter_noisy_corpus",
            "write_noisy_corpus", "shingles", "jaccard"]
@@ -486,30 +487,19 @@ def write_noisy_corpus(directory: str | os.PathLike[str], *, n_docs: int | None 
     paths = []
     for k in range(files):
         path = out / f"part-{k:05d}.jsonl{_COMPRESSIONS[compress]}"
-        fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a corpus is for others to read too
-        tmp = Path(tmp_name)
-        try:
-            with open(tmp, "wb") as raw:
-                sink = _compressor(raw, compress)
-                write = (sink if sink is not None else raw).write
-                if n_docs is not None:
-                    for row in islice(rows, n_docs // files + (k < n_docs % files)):
-                        write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-                else:
-                    budget, written = size_bytes / files, 0
-                    while written < budget:
-                        line = (json.dumps(next(rows), ensure_ascii=False) + "\n").encode("utf-8")
-                        write(line)
-                        written += len(line)
-                if sink is not None:
-                    sink.close()
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(path, binary=True) as raw:
+            sink = _compressor(raw, compress)
+            write = (sink if sink is not None else raw).write
+            if n_docs is not None:
+                for row in islice(rows, n_docs // files + (k < n_docs % files)):
+                    write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            else:
+                budget, written = size_bytes / files, 0
+                while written < budget:
+                    line = (json.dumps(next(rows), ensure_ascii=False) + "\n").encode("utf-8")
+                    write(line)
+                    written += len(line)
+            if sink is not None:
+                sink.close()
         paths.append(path)
     return paths
