@@ -279,6 +279,7 @@ def test_real_stages_same_output_with_four_workers(tmp_path: Path) -> None:
 
 def test_local_executor_ordered_errors_and_ctrl_c() -> None:
     import multiprocessing
+    import signal
     import time
 
     from parallax.data.prep.executors import LocalExecutor
@@ -288,9 +289,15 @@ def test_local_executor_ordered_errors_and_ctrl_c() -> None:
         prep_fakes.square_or_fail, items) == [49, 1, 25, 0, 9, 4]
     with pytest.raises(DataError, match="negative item -2"):
         LocalExecutor(2).map(prep_fakes.square_or_fail, [1, -2, 3])
+    # Python's own Ctrl-C handler, as in `parallax prep`: a library imported earlier in this pytest session
+    # may have installed another one, and then SIGINT would not raise KeyboardInterrupt here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        LocalExecutor(2).map(prep_fakes.interrupt_parent, [0, 1])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LocalExecutor(2).map(prep_fakes.interrupt_parent, [0, 1])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - t0 < 10  # did not wait for the 30 s tasks
     assert multiprocessing.active_children() == []  # the workers were terminated
     with pytest.raises(ValueError, match="workers must be an integer >= 1; got 0"):
