@@ -89,5 +89,6 @@ def prep_main(argv: list[str], prog: str = "parallax prep") -> int:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     print(report.table())
-    print(f"\noutput in {config.out}/ (report.html, samples/); train on it with: parallax train --data {config.out}")
+    hint = f"; train on it with: parallax train --data {config.out}" if report.docs_kept else "; no document was kept"
+    print(f"\noutput in {config.out}/ (report.html, samples/){hint}")
     return 0

@@ -32,6 +32,7 @@ def test_on_error_skip_reports_and_fail_exits_2(corpus: Path, tmp_path: Path, ca
     out = capsys.readouterr().out
     assert f"1 read error(s) skipped, e.g. {corpus / 'c.jsonl'}, line {DOCS_PER_FILE + 1}" in out
     assert "gopher_quality" in out and (tmp_path / "skip" / "documents").is_dir()
+    assert f"train on it with: parallax train --data {tmp_path / 'skip'}" in out
     assert prep_main(["--input", str(corpus), "--out", str(tmp_path / "fail"), "--on-error", "fail"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("parallax prep: error: ") and f"c.jsonl, line {DOCS_PER_FILE + 1}" in err
@@ -63,6 +64,14 @@ def test_bad_arguments_exit_2(argv: list[str], message: str, capsys, tmp_path: P
     monkeypatch.chdir(tmp_path)
     assert prep_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_nothing_kept_says_so_instead_of_suggesting_training(corpus: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "strict.toml"
+    config.write_text("[gopher_quality]\nmin_words = 100000\n")
+    assert prep_main(["--input", str(corpus), "--out", str(tmp_path / "none"), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "no document was kept" in out and "train on it" not in out
 
 
 def test_missing_input_exits_2(corpus: Path, tmp_path: Path, capsys) -> None:
