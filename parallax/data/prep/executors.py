@@ -108,9 +108,11 @@ class RayExecutor:
         refs = [self._remote.remote(fn_ref, item) for item in items]
         try:
             return ray.get(refs)  # in submission order
-        except BaseException:
-            for ref in refs:
-                ray.cancel(ref)  # not forced: killing a worker would make the next map start a new one
+        except Exception:
+            # Wait for the other tasks rather than ray.cancel them: cancelling a task that completes at the
+            # same moment aborts the driver process in Ray 2.60 ("Tried to complete task that was not
+            # pending", seen in a CI run), and once map returns no task of it is still writing files.
+            ray.wait(refs, num_returns=len(refs))
             raise
 
     def close(self) -> None:
