@@ -21,14 +21,16 @@ import torch
 import transformers
 
 import parallax as px
-from parallax.inference import LLM, SamplingParams
+from parallax.inference import LLM, BlockManager, SamplingParams
+from parallax.inference.block_manager import prefix_root
 from parallax.inference.lora import LoraRegistry, use_routing
 from parallax.models import GPT, GPTConfig, Llama, LlamaConfig, from_hf
 
 CONTEXT = 64
 VOCAB = 97
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
-PROMPTS = [[(7 * i + 3 * j) % VOCAB for j in range(5 + 4 * i)] for i in range(6)]  # 5 .. 25 tokens
+# lengths out of order: the engine batches decodes by context length, not in request order
+PROMPTS = [[(7 * i + 3 * j) % VOCAB for j in range(n)] for i, n in enumerate([17, 5, 25, 9, 13, 21])]
 # name -> LoraConfig fields, per family: different ranks, targets and scalings
 ADAPTERS = {
     "gpt2": {"a": dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
@@ -236,3 +238,20 @@ def test_bad_names_and_directories_are_refused(family, tmp_path):
     with pytest.raises(ValueError, match="another base model"):
         engine.add_lora("x", other)
     assert engine.lora_names == ["a", "b", "c.v1"] and not engine.has_unfinished_requests()
+
+
+def test_block_keys_chain_from_the_adapters_root():
+    """BlockManager: a block cached for one adapter is found for that adapter only, also when a
+    fork (n > 1) filled it after forking, and the base's blocks are not found for an adapter."""
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(9))
+    a, b = prefix_root("a"), prefix_root("b")
+    assert blocks.allocate(0, 0, 2, root=a)  # 2 tokens: no full block before the fork
+    blocks.fork(0, 1)
+    assert blocks.allocate(1, 2, 7)  # the child fills two blocks (copy-on-write of the first)
+    blocks.cache_full_blocks(1, tokens, 9)
+    assert len(blocks.lookup(tokens, a)) == 2
+    assert blocks.lookup(tokens, b) == [] and blocks.lookup(tokens) == []
+    assert blocks.allocate(2, 0, 9, root=prefix_root(None))
+    blocks.cache_full_blocks(2, tokens, 9)
+    assert len(blocks.lookup(tokens)) == 2 and blocks.lookup(tokens, b) == []
