@@ -255,3 +255,23 @@ def test_block_keys_chain_from_the_adapters_root():
     assert blocks.allocate(2, 0, 9, root=prefix_root(None))
     blocks.cache_full_blocks(2, tokens, 9)
     assert len(blocks.lookup(tokens)) == 2 and blocks.lookup(tokens, b) == []
+
+
+def test_half_precision_base_routes_like_an_active_adapter(family):
+    """A bfloat16 base keeps its adapters in float32 (as PEFT): routed rows equal the model with
+    that adapter active (the unbatched LoraLinear path)."""
+    base, dirs, _ = family
+    half = copy.deepcopy(base).to(torch.bfloat16)
+    llm = LLM(copy.deepcopy(half), block_size=8, num_blocks=64)
+    for name, path in dirs.items():
+        llm.add_lora(name, path)
+    registry, model = llm.engine.loras, llm.engine.model
+    idx = torch.tensor([p[:5] for p in PROMPTS[:3]])  # (3, 5)
+    with torch.no_grad(), use_routing(registry.routing(torch.arange(3).repeat_interleave(5), idx.device)):
+        got = model.logits(model.hidden_states(idx))
+    assert got.dtype == torch.bfloat16
+    for row, name in enumerate(registry.names):
+        ref = px.peft.load_adapter(copy.deepcopy(half), dirs[name])
+        with torch.no_grad():
+            want = ref.logits(ref.hidden_states(idx[row:row + 1]))[0]
+        torch.testing.assert_close(got[row], want)  # the same operations: equal here
