@@ -116,7 +116,7 @@ class LoraRegistry:
         None when every token is the base model's (nothing to add)."""
         slots = torch.as_tensor(token_slots, dtype=torch.int64)
         if slots.numel() and (slots.min() < BASE_SLOT or slots.max() >= len(self)):
-            raise ValueError(f"token_slots must lie in [{BASE_SLOT}, {len(self)}); got {slots.min()}..{slots.max()}")
+            raise ValueError(f"token_slots must lie in [{BASE_SLOT}, {len(self)}); got {int(slots.min())}..{int(slots.max())}")
         if not bool((slots >= 0).any()):
             return None
         if self._stacks is None:

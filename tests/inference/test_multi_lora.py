@@ -291,3 +291,21 @@ def test_half_precision_base_routes_like_an_active_adapter(family):
         with torch.no_grad():
             want = ref.logits(ref.hidden_states(idx[row:row + 1]))[0]
         torch.testing.assert_close(got[row], want)  # the same operations: equal here
+
+
+def test_an_adapter_added_between_steps_joins_the_running_batch(family):
+    """add_lora while requests run (the server's load endpoint): they go on unchanged, and the
+    new adapter's requests join the same batch with the right tokens."""
+    base, dirs, reference = family
+    engine = LLM(copy.deepcopy(base), block_size=8, num_blocks=64).engine
+    engine.add_lora("a", dirs["a"])
+    first = [engine.add_request(p, GREEDY, lora=n) for p, n in zip(PROMPTS[:2], ["a", None])]
+    for _ in range(3):
+        engine.step()
+    engine.add_lora("c.v1", dirs["c.v1"])
+    late = engine.add_request(PROMPTS[2], GREEDY, lora="c.v1")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    want = tokens(reference.generate(PROMPTS[:3], GREEDY, lora=["a", None, "c.v1"]))
+    assert [done[i] for i in [*first, late]] == want
