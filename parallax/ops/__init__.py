@@ -37,8 +37,8 @@ __all__ = ["adamw_", "adamw_ref", "flash_attention", "flash_attention_ref", "fla
            "linear_cross_entropy", "linear_cross_entropy_ref", "lora_linear",
            "lora_linear_ref", "paged_attention", "paged_attention_ref", "paged_attention_varlen",
            "paged_attention_varlen_ref", "reshape_and_cache", "reshape_and_cache_ref", "rms_norm", "rms_norm_ref",
-           "rotary_embedding", "rotary_embedding_ref", "sgmv", "sgmv_ref", "stream_triad_", "stream_triad_ref", "swiglu", "swiglu_ref",
-           "unscale_", "unscale_ref", "backend"]
+           "rotary_embedding", "rotary_embedding_ref", "sgmv", "sgmv_ref", "stream_triad_", "stream_triad_ref",
+           "swiglu", "swiglu_ref", "unscale_", "unscale_ref", "backend"]
 
 _BACKENDS = {"adamw": _adamw.backend, "flash_attention": _flash_attention.backend,
              "int4_linear": _quant_linear.backend, "int8_linear": _quant_linear.backend,

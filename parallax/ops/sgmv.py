@@ -175,7 +175,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _sgmv_triton(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: Tensor, plan: SgmvPlan) -> Tensor:
     kernels = _triton.kernels("sgmv", "sgmv", x.device)
-    (t, k), (s, r, _), n = x.shape, lora_a.shape, lora_b.shape[1]
+    (t, k), r, n = x.shape, lora_a.shape[1], lora_b.shape[1]
     out = torch.zeros((t, n), dtype=lora_a.dtype, device=x.device)  # rows without an adapter stay 0
     grid = plan.tile_slot.shape[0]
     if out.numel() == 0 or grid == 0:
