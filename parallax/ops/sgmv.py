@@ -93,7 +93,7 @@ def _check_range(indices: Tensor, num_slots: int) -> None:
     """Every index in [-1, num_slots) (one read-back to the host)."""
     if indices.numel() == 0:
         return
-    low, high = (int(v) for v in torch.aminmax(indices))
+    low, high = torch.stack(torch.aminmax(indices)).tolist()
     if low < -1 or high >= num_slots:
         raise ValueError(f"sgmv: indices must lie in [-1, {num_slots}) (-1: no adapter; else a slot of the "
                          f"{num_slots} in lora_a), got values in [{low}, {high}]")

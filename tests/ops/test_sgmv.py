@@ -52,7 +52,7 @@ def _inputs(t, k, n, r, s, dtype, *, seed, indices=None, adapter_dtype=None, dev
     gen = torch.Generator().manual_seed(seed)
     adapter_dtype = adapter_dtype or dtype
     x = torch.randn(t, k, generator=gen).to(device, dtype)
-    lora_a = (torch.randn(s, r, k, generator=gen) * k ** -0.5).to(device, adapter_dtype)
+    lora_a = (torch.randn(s, r, k, generator=gen) * max(k, 1) ** -0.5).to(device, adapter_dtype)
     lora_b = (torch.randn(s, n, r, generator=gen) * r ** -0.5).to(device, adapter_dtype)
     if indices is None:
         indices = torch.randint(-1, s, (t,), generator=gen)
@@ -139,6 +139,14 @@ def test_no_adapter_gives_zeros(t):
     got = sgmv(*inputs)
     assert got.shape == (t, 24) and got.dtype == torch.float32
     assert torch.equal(got, torch.zeros_like(got))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(0, 12), (12, 0)], ids=["K=0", "N=0"])
+def test_empty_inner_or_output_dim(k, n):
+    inputs = _inputs(9, k, n, 3, 2, torch.float32, seed=k + n)
+    got = sgmv(*inputs)
+    assert got.shape == (9, n) and torch.equal(got, torch.zeros_like(got))
 
 
 @needs_kernel
