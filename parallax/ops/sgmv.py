@@ -143,7 +143,7 @@ def _plan(indices: Tensor, num_slots: int) -> SgmvPlan:
         empty = torch.empty(0, dtype=torch.int32, device=device)
         return SgmvPlan(t, num_slots, 16, torch.arange(t, device=device), empty, empty, empty)
     # rows per tile: 16 (tl.dot's least) for the few tokens per adapter of decode batches, up to 64
-    # when the average segment is long (prefill)
+    # when T / S (a lower bound of the mean segment length) says segments are long (prefill)
     block_m = _pow2(-(-t // max(num_slots, 1)), 16, 64)
     idx = indices.long()
     order = torch.argsort(idx, stable=True)
