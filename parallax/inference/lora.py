@@ -115,9 +115,10 @@ class LoraRegistry:
     def routing(self, token_slots: list[int] | torch.Tensor, device: torch.device) -> TokenRouting | None:
         """The routing of a batch whose token t goes through slot ``token_slots[t]`` (T,);
         None when every token is the base model's (nothing to add)."""
-        slots = torch.as_tensor(token_slots, dtype=torch.int64)
+        slots = torch.as_tensor(token_slots, dtype=torch.int64)  # on the host: checks cost no sync
         if slots.numel() and (slots.min() < BASE_SLOT or slots.max() >= len(self)):
-            raise ValueError(f"token_slots must lie in [{BASE_SLOT}, {len(self)}); got {int(slots.min())}..{int(slots.max())}")
+            raise ValueError(f"token_slots must lie in [{BASE_SLOT}, {len(self)}); "
+                             f"got {int(slots.min())}..{int(slots.max())}")
         if not bool((slots >= 0).any()):
             return None
         if self._stacks is None:
@@ -154,11 +155,15 @@ class LoraRegistry:
 
 
 class TokenRouting:
-    """One step's adapters per token, read by every ``LoraLinear`` (``parallax.peft.lora.LoraRouting``)."""
+    """One step's adapters per token, read by every ``LoraLinear`` (``parallax.peft.lora.LoraRouting``).
+    The tokens are sorted by slot once per step (``sgmv_plan``), for all the layers."""
 
     def __init__(self, registry: LoraRegistry, token_slots: torch.Tensor) -> None:
+        from parallax.ops.sgmv import sgmv_plan  # lazy: ops load the compiled extension
+
         self.registry = registry
         self.token_slots = token_slots  # (T,) int64
+        self.plan = sgmv_plan(token_slots, len(registry))
 
     def delta(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """x (..., K) whose leading dims flatten to the step's T tokens -> (..., N) in the adapters'
@@ -170,9 +175,13 @@ class TokenRouting:
         if flat.shape[0] != self.token_slots.shape[0]:
             raise RuntimeError(f"LoRA routing: a LoraLinear got {flat.shape[0]} tokens in a step of "
                                f"{self.token_slots.shape[0]}; per-token adapters need every token in order")
-        from parallax.ops.sgmv import sgmv  # lazy: ops load the compiled extension
+        from parallax.ops.sgmv import sgmv
 
-        out = sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling)
+        # the Triton kernel on CUDA; on CPU PyTorch's path even under TRITON_INTERPRET=1 (the test
+        # suite's setting), whose interpreter made a 15-test engine file take 146 s instead of 10
+        backend = None if flat.is_cuda else "reference"
+        out = sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling, backend=backend,
+                   plan=self.plan)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 

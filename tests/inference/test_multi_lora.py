@@ -15,7 +15,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 import transformers
@@ -208,6 +207,8 @@ def hf_dir(request, tmp_path_factory) -> tuple[str, Path]:
 def test_a_peft_library_adapter_serves_as_transformers_and_peft_generate(hf_dir, tmp_path):
     """(5) adapters saved by the peft library on a transformers model, served on its parallax
     import (``from_hf``) next to the base, give transformers + peft's greedy tokens."""
+    import peft  # here: it imports triton, which must come after the kernel tests set TRITON_INTERPRET
+
     family, path = hf_dir
     cls, _, _, targets = HF_FAMILIES[family]
     common = dict(lora_alpha=8, init_lora_weights=False, fan_in_fan_out=family == "gpt2")
