@@ -172,28 +172,28 @@ def test_prefix_cache_keeps_adapters_apart(family):
     assert tokens(outs) == [long[n] for n in names]
 
 
-# per transformers family: the classes, (module, factor) weight scalings, two adapters' targets
+# per transformers family: model class and config (names: transformers' model classes import
+# triton, which must come after the kernel tests set TRITON_INTERPRET), weight scalings, two adapters' targets
 HF_FAMILIES = {
-    "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=CONTEXT),
         lambda layer: [(layer.self_attn.q_proj, 8), (layer.self_attn.k_proj, 8), (layer.self_attn.o_proj, 30),
                        (layer.mlp.down_proj, 30)],
         (["q_proj", "v_proj"], ["gate_proj", "down_proj"])),
-    "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=CONTEXT, n_embd=64, n_layer=2, n_head=4),
-        lambda layer: [(layer.attn.c_attn, 8), (layer.attn.c_proj, 30), (layer.mlp.c_proj, 30)],
-        (["c_attn"], ["c_fc", "c_proj"])),  # Conv1D layers: PEFT records fan_in_fan_out
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=64, n_layer=2, n_head=4),
+             lambda layer: [(layer.attn.c_attn, 8), (layer.attn.c_proj, 30), (layer.mlp.c_proj, 30)],
+             (["c_attn"], ["c_fc", "c_proj"])),  # Conv1D layers: PEFT records fan_in_fan_out
 }
 
 
 @pytest.fixture(scope="module", params=list(HF_FAMILIES))
 def hf_dir(request, tmp_path_factory) -> tuple[str, Path]:
     """A tiny transformers model saved by save_pretrained (weights scaled like ``build``'s)."""
-    cls, config, boosts, _ = HF_FAMILIES[request.param]
+    cls, config, fields, boosts, _ = HF_FAMILIES[request.param]
     path = tmp_path_factory.mktemp("hf") / request.param
     torch.manual_seed(0)
-    hf = cls(config)
+    hf = getattr(transformers, cls)(getattr(transformers, config)(**fields))
     body = hf.model if request.param == "llama" else hf.transformer
     with torch.no_grad():
         for layer in body.layers if request.param == "llama" else body.h:
@@ -207,10 +207,11 @@ def hf_dir(request, tmp_path_factory) -> tuple[str, Path]:
 def test_a_peft_library_adapter_serves_as_transformers_and_peft_generate(hf_dir, tmp_path):
     """(5) adapters saved by the peft library on a transformers model, served on its parallax
     import (``from_hf``) next to the base, give transformers + peft's greedy tokens."""
-    import peft  # here: it imports triton, which must come after the kernel tests set TRITON_INTERPRET
+    import peft  # here: it imports triton (see HF_FAMILIES)
 
     family, path = hf_dir
-    cls, _, _, targets = HF_FAMILIES[family]
+    cls, _, _, _, targets = HF_FAMILIES[family]
+    cls = getattr(transformers, cls)
     common = dict(lora_alpha=8, init_lora_weights=False, fan_in_fan_out=family == "gpt2")
     configs = {"first": peft.LoraConfig(r=4, target_modules=targets[0], **common),
                "second": peft.LoraConfig(r=2, target_modules=targets[1], **common)}
