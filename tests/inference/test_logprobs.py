@@ -28,7 +28,13 @@ def model() -> GPT:
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
     with torch.no_grad():
-        model.transformer.ln_f.weight.mul_(10)  # spread the logits: well-separated top-k
+        # sharper attention and stronger residual branches make the next token depend on the context
+        # (a fresh tiny GPT repeats one token); a larger final LayerNorm gain avoids near-ties
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(8)
+            block.attn.c_proj.weight.mul_(30)
+            block.mlp.c_proj.weight.mul_(30)
+        model.transformer.ln_f.weight.mul_(20)
     return model.eval()
 
 
