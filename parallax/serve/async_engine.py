@@ -136,7 +136,7 @@ class AsyncEngine:
 
     @property
     def lora_names(self) -> list[str]:
-        return list(getattr(self.engine, "lora_names", []))
+        return list(self.engine.lora_names)
 
     def snapshot(self) -> dict[str, float]:
         """The engine state after its last step: running, waiting (including queued requests),
@@ -274,10 +274,9 @@ class AsyncEngine:
         kind = command[0]
         if kind == "add":
             stream: _Stream = command[1]
-            kwargs = {} if stream.lora is None else {"lora": stream.lora}
             try:
                 self.engine.add_request(stream.prompt, stream.params, stream.request_id,
-                                        prompt_token_ids=stream.prompt_token_ids, **kwargs)
+                                        prompt_token_ids=stream.prompt_token_ids, lora=stream.lora)
             except ValueError as e:
                 self._outbox.append((stream, e))
                 return

@@ -9,6 +9,7 @@ documented way; the engine thread sleeps when idle and never blocks the event lo
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import logging
 import random
@@ -19,6 +20,7 @@ import pytest
 import torch
 from parallax.models import GPT, GPTConfig
 
+import parallax as px
 from parallax.inference import LLM, EngineConfig, LLMEngine, SamplingParams
 from parallax.serve.async_engine import STEP_ERROR, AsyncEngine, EngineStoppedError, QueueFullError
 
@@ -283,11 +285,11 @@ def test_a_failing_step_ends_the_requests_in_flight_and_the_loop_goes_on(model, 
         llm_engine = make_engine(model)
         real, calls = llm_engine.runner.forward, [0]
 
-        def forward(inputs):  # the third model call fails (after blocks were allocated)
+        def forward(*args):  # the third model call fails (after blocks were allocated)
             calls[0] += 1
             if calls[0] == 3:
                 raise RuntimeError("boom in the model")
-            return real(inputs)
+            return real(*args)
         llm_engine.runner.forward = forward
         gate = gate_steps(llm_engine)
         engine = AsyncEngine(llm_engine)
@@ -392,3 +394,38 @@ def test_a_broken_loop_stops_the_engine_instead_of_hanging_clients(model, caplog
     with caplog.at_level(logging.ERROR, logger="parallax.serve.async_engine"):
         asyncio.run(main())
     assert any("loop stopped" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_adapters_added_while_serving_route_per_request(model, tmp_path):
+    """A LoRA adapter loaded through the loop while a base request runs; then requests for it and
+    for the base in one batch give what ``LLM.generate`` gives; an unknown name is refused."""
+    torch.manual_seed(1)
+    adapted = px.peft.get_peft_model(copy.deepcopy(model), px.peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    adapted.save_adapter(tmp_path / "a")
+    prompts = prompts_for(4, 6)
+    loras = ["a", None] * 3
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    llm = LLM(copy.deepcopy(model), block_size=8, num_blocks=48)
+    llm.add_lora("a", tmp_path / "a")
+    expected = llm.generate(prompts, greedy, lora=loras)
+    assert [o.token_ids for o in expected[0::2]] != [o.token_ids for o in LLM(model, block_size=8, num_blocks=48)
+                                                      .generate(prompts[0::2], greedy)], "the adapter changes nothing"
+
+    async def main():
+        engine = AsyncEngine(make_engine(copy.deepcopy(model)))
+        base = asyncio.create_task(collect(engine.generate([1, 2], SamplingParams(max_tokens=30, temperature=0),
+                                                           request_id="base")))
+        await wait_until(lambda: engine.snapshot()["num_steps"] > 2, "a running request")
+        await engine.add_lora("a", str(tmp_path / "a"))
+        assert engine.lora_names == ["a"]
+        with pytest.raises(ValueError, match="lora"):
+            await engine.generate([1], greedy, request_id="x", lora="nope").__anext__()
+        outs = await asyncio.gather(*[collect(engine.generate(p, greedy, request_id=str(i), lora=name))
+                                      for i, (p, name) in enumerate(zip(prompts, loras))])
+        await base
+        await engine.shutdown(TIMEOUT)
+        return [o[-1] for o in outs]
+    got = asyncio.run(main())
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.lora for o in got] == loras
