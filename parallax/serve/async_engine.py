@@ -4,8 +4,10 @@ through asyncio, so the event loop stays responsive while the model runs.
 The engine thread owns the ``LLMEngine`` (it is not thread-safe). The asyncio side talks to it
 through a thread-safe command queue (add a request, abort one, add a LoRA adapter, abort all,
 stop), applied between steps, so a request added while others run joins the next batch. Outputs
-go back to a per-request ``asyncio.Queue`` through ``loop.call_soon_threadsafe``. With nothing
-to run, the thread sleeps on the command queue (no polling).
+go back to the request's consumer through ``loop.call_soon_threadsafe``. They are cumulative, so
+each request keeps only its latest one: a consumer slower than the engine (a slow client) skips
+intermediate outputs instead of piling them up (memory stays one output per request). With
+nothing to run, the thread sleeps on the command queue (no polling).
 
     engine = AsyncEngine(LLMEngine(model, tokenizer), max_waiting=256)
     async for out in engine.generate(ids, SamplingParams(max_tokens=32), request_id="r1"):
@@ -67,7 +69,6 @@ class _Stream:
 
     request_id: str
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -75,13 +76,28 @@ class _Stream:
     arrival: float = field(default_factory=time.perf_counter)
     num_tokens: int = 0  # engine thread: tokens seen so far (all samples)
     last_token_time: float = 0.0
+    latest: RequestOutput | BaseException | None = None  # consumer's loop: not taken yet
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Hand an output (or the exception that refused the request) to the consumer's loop."""
+        """Engine thread: hand an output (or the exception that ends the request) to the consumer."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._set, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
             pass
+
+    def _set(self, item: RequestOutput | BaseException) -> None:
+        latest = self.latest
+        if latest is None or not (isinstance(latest, BaseException) or latest.finished):  # an end stays
+            self.latest = item
+        self.ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        """The latest output (cumulative: the ones it replaced are contained in it)."""
+        await self.ready.wait()
+        self.ready.clear()
+        item, self.latest = self.latest, None
+        return item
 
 
 class AsyncEngine:
@@ -148,8 +164,8 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str,
                        lora: str | None = None, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Run one request; yields its cumulative ``RequestOutput`` each step it changes, the last
-        with ``finished`` set.
+        """Run one request; yields its cumulative ``RequestOutput`` each step it changes (the
+        latest one only, when the consumer is slower than the engine), the last with ``finished`` set.
 
         Raises at the first ``__anext__``, before yielding: ValueError for bad input (naming the
         argument), ``QueueFullError``, ``EngineStoppedError``. Stopping early (``aclose()``, the
@@ -162,7 +178,7 @@ class AsyncEngine:
         if isinstance(prompt_token_ids, str):
             raise ValueError("prompt_token_ids must be a list of token ids; got a string (encode it first)")
         ids = self.engine.encode(prompt_token_ids, "prompt_token_ids")  # pure: checks ids against the vocabulary
-        stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), prompt, ids, params, lora)
+        stream = _Stream(request_id, asyncio.get_running_loop(), prompt, ids, params, lora)
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
@@ -179,7 +195,7 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):  # add_request refused it, or the loop died
                     finished = True
                     raise item
