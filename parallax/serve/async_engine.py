@@ -2,8 +2,7 @@
 through asyncio, so the event loop stays responsive while the model runs.
 
 The engine thread owns the ``LLMEngine`` (it is not thread-safe). The asyncio side talks to it
-through a thread-safe command queue (add a request, abort one, add a LoRA adapter, abort all,
-stop), applied between steps, so a request added while others run joins the next batch. Outputs
+through a thread-safe command queue (add a request, abort one, add a LoRA adapter, stop), applied between steps, so a request added while others run joins the next batch. Outputs
 go back to the request's consumer through ``loop.call_soon_threadsafe``. They are cumulative, so
 each request keeps only its latest one: a consumer slower than the engine (a slow client) skips
 intermediate outputs instead of piling them up (memory stays one output per request). With
@@ -228,8 +227,7 @@ class AsyncEngine:
             return
         if not await asyncio.to_thread(self._idle.wait, timeout):
             log.warning("serve: shutdown: aborting the requests still running after %.1f s", timeout)
-            self._commands.put(("abort_all",))
-        self._commands.put(("stop",))
+        self._commands.put(("stop",))  # aborts what is left
         await asyncio.to_thread(thread.join)
 
     def _retry_after(self, waiting: int) -> float:
@@ -255,6 +253,14 @@ class AsyncEngine:
                 streams = list(self._streams.values())
             for stream in streams:
                 stream.put(EngineStoppedError("the engine loop stopped"))
+            while True:  # adapters waiting to load
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command[0] == "lora":
+                    command[3].get_loop().call_soon_threadsafe(_settle, command[3],
+                                                               EngineStoppedError("the engine loop stopped"))
             self._idle.set()
 
     def _loop(self) -> None:
@@ -271,6 +277,7 @@ class AsyncEngine:
             for command in commands:
                 if command[0] == "stop":
                     stop = True
+                    self._abort_all()  # nothing is left hanging, whatever came before
                     break
                 added += command[0] == "add"
                 try:
@@ -293,8 +300,12 @@ class AsyncEngine:
             try:
                 self.engine.add_request(stream.prompt, stream.params, stream.request_id,
                                         prompt_token_ids=stream.prompt_token_ids, lora=stream.lora)
-            except ValueError as e:
+            except ValueError as e:  # bad input: the consumer's error
                 self._outbox.append((stream, e))
+                return
+            except Exception:  # a bug: logged here, a generic error for the consumer
+                log.exception("serve: adding request %r failed", stream.request_id)
+                self._outbox.append((stream, RuntimeError(STEP_ERROR)))
                 return
             self._active[stream.request_id] = stream
         elif kind == "abort":
@@ -302,13 +313,6 @@ class AsyncEngine:
             out = self.engine.abort(command[1])
             if stream is not None and out is not None:
                 self._record(stream, out, time.perf_counter())
-        elif kind == "abort_all":
-            now = time.perf_counter()
-            for request_id, stream in list(self._active.items()):
-                out = self.engine.abort(request_id)
-                if out is not None:
-                    self._deliver(stream, out, now)
-            self._active.clear()
         elif kind == "lora":
             _, name, path, future = command
             try:
@@ -333,17 +337,30 @@ class AsyncEngine:
             if stream is not None:
                 self._deliver(stream, out, now)
 
+    def _abort_all(self) -> None:
+        """End every request in the engine with its final output, finish reason 'abort'."""
+        now = time.perf_counter()
+        for request_id, stream in list(self._active.items()):
+            # None: a request refused by the engine whose error output was not reported yet
+            out = self.engine.abort(request_id) or self._empty_output(stream, "abort", None, now)
+            self._deliver(stream, out, now)
+
     def _fail_all(self) -> None:
         """End every request in the engine with an error output (their blocks freed)."""
         now = time.perf_counter()
         for request_id, stream in list(self._active.items()):
             self.engine.abort(request_id)
-            want = stream.params.logprobs is not None
-            text = None if self.engine.tokenizer is None else ""
-            out = RequestOutput(request_id, stream.prompt, list(stream.prompt_token_ids),
-                                [CompletionOutput(0, [], text, "error", [] if want else None)], finished=True,
-                                error=STEP_ERROR, arrival_time=stream.arrival, finished_time=now, lora=stream.lora)
-            self._deliver(stream, out, now)
+            self._deliver(stream, self._empty_output(stream, "error", STEP_ERROR, now), now)
+
+    def _empty_output(self, stream: _Stream, reason: str, error: str | None, now: float) -> RequestOutput:
+        """A final output with no tokens (an engine error, or aborted before the engine reported it)."""
+        want = stream.params.logprobs is not None
+        text = None if self.engine.tokenizer is None else ""
+        n = 1 if error is not None else stream.params.n  # a failed request has one output, as the engine's
+        return RequestOutput(stream.request_id, stream.prompt, list(stream.prompt_token_ids),
+                             [CompletionOutput(i, [], text, reason, [] if want else None) for i in range(n)],
+                             finished=True, error=error, arrival_time=stream.arrival, finished_time=now,
+                             lora=stream.lora)
 
     def _deliver(self, stream: _Stream, out: RequestOutput, now: float) -> None:
         self._record(stream, out, now)

@@ -447,3 +447,25 @@ def test_a_slow_consumer_gets_the_latest_output_only(model):
     expected = LLM(model, block_size=8, num_blocks=48).generate([[4, 2]], SamplingParams(max_tokens=20, temperature=0))
     assert len(first.token_ids) >= 1 and len(rest) == 1 and rest[0].finished
     assert rest[0].token_ids == expected[0].token_ids
+
+
+def test_a_failing_add_request_is_reported_and_the_loop_goes_on(model, caplog):
+    async def main():
+        llm_engine = make_engine(model)
+        real = llm_engine.add_request
+
+        def add_request(prompt, params, request_id, **kwargs):
+            if request_id == "bug":
+                raise KeyError("secret internals")
+            return real(prompt, params, request_id, **kwargs)
+        llm_engine.add_request = add_request
+        engine = AsyncEngine(llm_engine)
+        with pytest.raises(RuntimeError) as info:
+            await engine.generate([1], SamplingParams(), request_id="bug").__anext__()
+        ok = await collect(engine.generate([1], SamplingParams(max_tokens=2), request_id="ok"))
+        await engine.shutdown(TIMEOUT)
+        return info.value, ok
+    with caplog.at_level(logging.ERROR, logger="parallax.serve.async_engine"):
+        error, ok = asyncio.run(main())
+    assert str(error) == STEP_ERROR and len(ok[-1].token_ids) == 2
+    assert any("secret internals" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
