@@ -154,3 +154,20 @@ def test_registries_are_separate():
     a.on_tokens(4)
     assert value(samples(a.render()), "generation_tokens_total") == 4
     assert value(samples(b.render()), "generation_tokens_total") == 0
+
+
+def test_running_and_waiting_count_requests_not_sequences(model):
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=32, max_num_seqs=3))
+    engine.add_request([1, 2], SamplingParams(max_tokens=5, n=2, seed=0), request_id="pair")
+    engine.add_request([3], SamplingParams(max_tokens=5), request_id="one")
+    engine.add_request([4], SamplingParams(max_tokens=5), request_id="later")
+    assert (engine.num_running, engine.num_waiting) == (0, 3)
+    engine.step()  # "pair" forks into 2 sequences and takes 2 of the 3 seats; "one" the third
+    assert len(engine.scheduler.running) == 3
+    assert (engine.num_running, engine.num_waiting) == (2, 1)
+    engine.abort("pair")
+    engine.step()
+    assert (engine.num_running, engine.num_waiting) == (2, 0)
+    async_engine = AsyncEngine(engine)
+    snap = async_engine.snapshot()
+    assert (snap["running"], snap["waiting"], snap["kv_blocks_used"]) == (2, 0, engine.stats().used)
