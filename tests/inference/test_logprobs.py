@@ -68,14 +68,16 @@ def random_prompts(seed: int, count: int) -> list[list[int]]:
     return [[rng.randrange(VOCAB) for _ in range(rng.choice([1, 3, 9, 20, 33]))] for _ in range(count)]
 
 
-def test_greedy_logprobs_equal_teacher_forcing(model):
+@pytest.mark.parametrize("k", [0, 5])
+def test_greedy_logprobs_equal_teacher_forcing(model, k):
     prompts = random_prompts(0, 6)
     llm = LLM(model, block_size=8, num_blocks=64, attention="torch")
-    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, logprobs=5))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, logprobs=k))
     for prompt, out in zip(prompts, outs):
-        check_sample(model, prompt, out.token_ids, out.outputs[0].logprobs, 5)
+        check_sample(model, prompt, out.token_ids, out.outputs[0].logprobs, k)
+        ref = reference_logprobs(model, prompt, out.token_ids)
         # greedy: the chosen token is the most likely one
-        assert all(lp.top[0][0] == lp.token_id for lp in out.outputs[0].logprobs)
+        assert out.token_ids == ref.argmax(dim=-1).tolist()
 
 
 def test_sampled_logprobs_are_the_raw_distribution_at_the_sampled_token(model):
