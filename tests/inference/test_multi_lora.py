@@ -25,6 +25,7 @@ from parallax.inference import LLM, BlockManager, SamplingParams
 from parallax.inference.block_manager import prefix_root
 from parallax.inference.lora import LoraRegistry, use_routing
 from parallax.models import GPT, GPTConfig, Llama, LlamaConfig, from_hf
+from parallax.peft.lora import lora_layers
 
 CONTEXT = 64
 VOCAB = 97
@@ -134,6 +135,10 @@ def test_routed_logits_equal_each_merged_model(family):
         for row, ref in zip(range(4), references):
             want = ref.logits(ref.hidden_states(idx[row:row + 1]))[0]
             torch.testing.assert_close(got[row], want, atol=2e-4, rtol=1e-4)
+        for _, layer in lora_layers(model):  # the layers' adapter weights are views into the stacks: stored once
+            stacks = registry.stacks(layer)
+            assert {w.untyped_storage().data_ptr() for w in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]} \
+                == {stacks.lora_a.untyped_storage().data_ptr(), stacks.lora_b.untyped_storage().data_ptr()}
         # outside a routing the model is the base (the engine's adapters are inactive)
         torch.testing.assert_close(model.logits(model.hidden_states(idx)), base.logits(base.hidden_states(idx)))
 
@@ -168,46 +173,62 @@ def test_prefix_cache_keeps_adapters_apart(family):
     assert tokens(outs) == [long[n] for n in names]
 
 
-@pytest.fixture(scope="module")
-def hf_llama_dir(tmp_path_factory) -> Path:
-    """A tiny LlamaForCausalLM saved by transformers (weights scaled like ``build``'s)."""
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+# per transformers family: the classes, (module, factor) weight scalings, two adapters' targets
+HF_FAMILIES = {
+    "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=CONTEXT))
+        num_key_value_heads=2, max_position_embeddings=CONTEXT),
+        lambda layer: [(layer.self_attn.q_proj, 8), (layer.self_attn.k_proj, 8), (layer.self_attn.o_proj, 30),
+                       (layer.mlp.down_proj, 30)],
+        (["q_proj", "v_proj"], ["gate_proj", "down_proj"])),
+    "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=CONTEXT, n_embd=64, n_layer=2, n_head=4),
+        lambda layer: [(layer.attn.c_attn, 8), (layer.attn.c_proj, 30), (layer.mlp.c_proj, 30)],
+        (["c_attn"], ["c_fc", "c_proj"])),  # Conv1D layers: PEFT records fan_in_fan_out
+}
+
+
+@pytest.fixture(scope="module", params=list(HF_FAMILIES))
+def hf_dir(request, tmp_path_factory) -> tuple[str, Path]:
+    """A tiny transformers model saved by save_pretrained (weights scaled like ``build``'s)."""
+    cls, config, boosts, _ = HF_FAMILIES[request.param]
+    path = tmp_path_factory.mktemp("hf") / request.param
+    torch.manual_seed(0)
+    hf = cls(config)
+    body = hf.model if request.param == "llama" else hf.transformer
     with torch.no_grad():
-        for layer in hf.model.layers:
-            for module, factor in ((layer.self_attn.q_proj, 8), (layer.self_attn.k_proj, 8),
-                                   (layer.self_attn.o_proj, 30), (layer.mlp.down_proj, 30)):
+        for layer in body.layers if request.param == "llama" else body.h:
+            for module, factor in boosts(layer):
                 module.weight.mul_(factor)
-        hf.model.norm.weight.mul_(20)
+        (body.norm if request.param == "llama" else body.ln_f).weight.mul_(20)
     hf.save_pretrained(path)
-    return path
+    return request.param, path
 
 
-def test_a_peft_library_adapter_serves_as_transformers_and_peft_generate(hf_llama_dir, tmp_path):
-    """(5) adapters saved by peft on the transformers model, served on its parallax import next
-    to the base, give transformers + peft's greedy tokens."""
-    configs = {"qv": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-               "mlp": peft.LoraConfig(r=2, lora_alpha=8, target_modules=["gate_proj", "down_proj"],
-                                      init_lora_weights=False)}
+def test_a_peft_library_adapter_serves_as_transformers_and_peft_generate(hf_dir, tmp_path):
+    """(5) adapters saved by the peft library on a transformers model, served on its parallax
+    import (``from_hf``) next to the base, give transformers + peft's greedy tokens."""
+    family, path = hf_dir
+    cls, _, _, targets = HF_FAMILIES[family]
+    common = dict(lora_alpha=8, init_lora_weights=False, fan_in_fan_out=family == "gpt2")
+    configs = {"first": peft.LoraConfig(r=4, target_modules=targets[0], **common),
+               "second": peft.LoraConfig(r=2, target_modules=targets[1], **common)}
     expected = {}
     prompts = PROMPTS[1:4]
     for k, (name, config) in enumerate(configs.items()):
         torch.manual_seed(10 + k)
-        hf = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(hf_llama_dir), config).eval()
+        hf = peft.get_peft_model(cls.from_pretrained(path), config).eval()
         hf.save_pretrained(tmp_path / name)
         expected[name] = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                       max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                           for p in prompts]
-    llm = LLM(from_hf(hf_llama_dir), block_size=8, num_blocks=64)
+    llm = LLM(from_hf(path), block_size=8, num_blocks=64)
     for name in configs:
         llm.add_lora(name, tmp_path / name)
-    base = tokens(LLM(from_hf(hf_llama_dir), block_size=8, num_blocks=64).generate(prompts, GREEDY))
-    outs = llm.generate(prompts * 3, GREEDY, lora=["qv"] * 3 + [None] * 3 + ["mlp"] * 3)
-    assert tokens(outs) == expected["qv"] + base + expected["mlp"]
-    assert expected["qv"] != base and expected["mlp"] != base
+    base = tokens(LLM(from_hf(path), block_size=8, num_blocks=64).generate(prompts, GREEDY))
+    outs = llm.generate(prompts * 3, GREEDY, lora=["first"] * 3 + [None] * 3 + ["second"] * 3)
+    assert tokens(outs) == expected["first"] + base + expected["second"]
+    assert expected["first"] != base and expected["second"] != base
 
 
 def test_bad_names_and_directories_are_refused(family, tmp_path):
@@ -275,3 +296,21 @@ def test_half_precision_base_routes_like_an_active_adapter(family):
         with torch.no_grad():
             want = ref.logits(ref.hidden_states(idx[row:row + 1]))[0]
         torch.testing.assert_close(got[row], want)  # the same operations: equal here
+
+
+def test_an_adapter_added_between_steps_joins_the_running_batch(family):
+    """add_lora while requests run (the server's load endpoint): they go on unchanged, and the
+    new adapter's requests join the same batch with the right tokens."""
+    base, dirs, reference = family
+    engine = LLM(copy.deepcopy(base), block_size=8, num_blocks=64).engine
+    engine.add_lora("a", dirs["a"])
+    first = [engine.add_request(p, GREEDY, lora=n) for p, n in zip(PROMPTS[:2], ["a", None])]
+    for _ in range(3):
+        engine.step()
+    engine.add_lora("c.v1", dirs["c.v1"])
+    late = engine.add_request(PROMPTS[2], GREEDY, lora="c.v1")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    want = tokens(reference.generate(PROMPTS[:3], GREEDY, lora=["a", None, "c.v1"]))
+    assert [done[i] for i in [*first, late]] == want
