@@ -220,6 +220,8 @@ class AsyncEngine:
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, let the engine finish what it holds for up to ``timeout`` seconds,
         abort the rest (their streams end with finish reason 'abort'), and stop the thread."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0; got {timeout!r}")
         with self._lock:
             self._stopping = True
             thread = self._thread

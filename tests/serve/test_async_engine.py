@@ -67,12 +67,14 @@ async def wait_until(predicate, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-def record_steps(engine: LLMEngine) -> list[set[str]]:
-    """Wrap ``engine.step``: the ids of the requests each step returned outputs for, in order."""
+def record_steps(engine: LLMEngine, delay: float = 0.0) -> list[set[str]]:
+    """Wrap ``engine.step``: the ids of the requests each step returned outputs for, in order.
+    ``delay``: seconds each step sleeps first (GIL released, as in a bigger model's step)."""
     log: list[set[str]] = []
     real = engine.step
 
     def step():
+        time.sleep(delay)
         outputs = real()
         log.append({o.request_id for o in outputs})
         return outputs
@@ -111,7 +113,7 @@ def test_request_added_while_others_run_is_admitted_at_once(model):
     alongside the long one, instead of waiting for it."""
     async def main():
         llm_engine = make_engine(model)
-        steps = record_steps(llm_engine)
+        steps = record_steps(llm_engine, delay=0.002)  # the long request lasts >= 80 ms, even on a busy machine
         real_add, added_at = llm_engine.add_request, []
 
         def add_request(*args, **kwargs):  # runs in the engine thread, between steps
