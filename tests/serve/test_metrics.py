@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -81,7 +82,9 @@ def test_workload_counts_are_exact(model):
         gate.set()
         outs = await asyncio.gather(*[_last(engine.generate(p, sp, request_id=rid))
                                       for rid, (p, sp) in requests.items()])
-        while engine.snapshot()["running"] or engine.engine.has_unfinished_requests():
+        deadline = time.monotonic() + TIMEOUT
+        while engine.snapshot()["running"] or engine.snapshot()["waiting"]:
+            assert time.monotonic() < deadline, "the engine never went idle"
             await asyncio.sleep(0.005)
         text = engine.metrics.render()
         await engine.shutdown(TIMEOUT)
