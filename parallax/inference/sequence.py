@@ -10,12 +10,27 @@ import torch
 
 from parallax.inference.sampling import SamplingParams
 
-__all__ = ["SequenceStatus", "Sequence", "Request", "CompletionOutput", "RequestOutput"]
+__all__ = ["SequenceStatus", "Sequence", "Request", "TokenLogprob", "CompletionOutput", "RequestOutput"]
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted (its KV dropped, to be recomputed)
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the ``k`` most likely tokens at its position.
+
+    ``top`` holds (token id, logprob) pairs, most likely first, k of them (``SamplingParams.logprobs``);
+    it may or may not contain ``token_id``. Log-probabilities are those of the raw logits (before
+    temperature / top-k / top-p).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(eq=False)
@@ -39,6 +54,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_text: str | None = None  # the text cut before a stop string, once one was generated
     num_preemptions: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,12 +98,14 @@ class Request:
 class CompletionOutput:
     """One sample: generated ``token_ids``, their ``text`` (None without a tokenizer), and why it
     ended: 'stop' (a stop token or string), 'length' (max_tokens or the model's context),
-    'error' (see ``RequestOutput.error``), 'abort', or None while it runs."""
+    'error' (see ``RequestOutput.error``), 'abort', or None while it runs. ``logprobs``: one
+    ``TokenLogprob`` per generated token when the request asked (``SamplingParams.logprobs``), else None."""
 
     index: int
     token_ids: list[int]
     text: str | None
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
