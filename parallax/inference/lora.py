@@ -43,13 +43,23 @@ log = logging.getLogger(__name__)
 BASE_SLOT = -1  # the slot of a request without an adapter
 
 
+# On CPU a step of at most this many tokens routes every token through all slots with one mask
+# (three ops per layer) instead of sgmv's gather/matmul/scatter per adapter present (4 ops per slot).
+# 4-layer 256-wide GPT, 8 rank-8 adapters, one layer's c_attn (K 256, N 768), one thread: 32 tokens
+# 0.41 ms grouped vs 0.28 ms masked with the mask built per call (lower with it built once per step);
+# 512 tokens 0.71 vs 2.1 ms: the masked path's S-fold FLOPs win only on decode-sized steps.
+CPU_DENSE_MAX_TOKENS = 128
+
+
 @dataclass(frozen=True)
 class LayerStacks:
-    """One layer's adapters by slot: lora_a (S, R, K), lora_b (S, N, R), scaling (S,) float32."""
+    """One layer's adapters by slot: lora_a (S, R, K), lora_b (S, N, R), scaling (S,) float32;
+    on CPU also ``dense_b`` (N, S * R): lora_b with each slot's scaling folded in, for the masked path."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scaling: torch.Tensor
+    dense_b: torch.Tensor | None = None
 
 
 class LoraRegistry:
@@ -150,7 +160,10 @@ class LoraRegistry:
                 scaling[s] = layer.scaling[n]
                 layer.lora_A[n].weight.data = a[s, :r]
                 layer.lora_B[n].weight.data = b[s, :, :r]
-            stacks[layer] = LayerStacks(a, b, scaling)
+            dense_b = None
+            if first.device.type == "cpu":
+                dense_b = (b * scaling.to(b.dtype)[:, None, None]).permute(1, 0, 2).reshape(layer.out_features, -1)
+            stacks[layer] = LayerStacks(a, b, scaling, dense_b)
         return stacks
 
 
@@ -163,7 +176,12 @@ class TokenRouting:
 
         self.registry = registry
         self.token_slots = token_slots  # (T,) int64
-        self.plan = sgmv_plan(token_slots, len(registry))
+        self.own: torch.Tensor | None = None  # (T, S) 1.0 where the token's slot is s: the CPU masked path
+        self.plan = None
+        if token_slots.device.type == "cpu" and token_slots.shape[0] <= CPU_DENSE_MAX_TOKENS:
+            self.own = (token_slots[:, None] == torch.arange(len(registry))[None, :]).float()
+        else:
+            self.plan = sgmv_plan(token_slots, len(registry))
 
     def delta(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """x (..., K) whose leading dims flatten to the step's T tokens -> (..., N) in the adapters'
@@ -175,6 +193,8 @@ class TokenRouting:
         if flat.shape[0] != self.token_slots.shape[0]:
             raise RuntimeError(f"LoRA routing: a LoraLinear got {flat.shape[0]} tokens in a step of "
                                f"{self.token_slots.shape[0]}; per-token adapters need every token in order")
+        if self.own is not None:
+            return self._masked(stacks, flat).view(*x.shape[:-1], -1)
         from parallax.ops.sgmv import sgmv
 
         # the Triton kernel on CUDA; on CPU PyTorch's path even under TRITON_INTERPRET=1 (the test
@@ -183,6 +203,14 @@ class TokenRouting:
         out = sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling, backend=backend,
                    plan=self.plan)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _masked(self, stacks: LayerStacks, x: torch.Tensor) -> torch.Tensor:
+        """sgmv's result as three dense ops: x (T, K) through every slot's A, each token's own slot
+        kept by the mask, then every slot's scaled B: (T, K) -> (T, S*R) -> (T, N)."""
+        s, r, k = stacks.lora_a.shape
+        u = x.to(stacks.lora_a.dtype) @ stacks.lora_a.view(s * r, k).T
+        u = (u.view(-1, s, r) * self.own.to(u.dtype)[:, :, None]).view(-1, s * r)
+        return u @ stacks.dense_b.T
 
 
 @contextmanager
