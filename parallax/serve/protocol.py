@@ -45,7 +45,7 @@ class _SamplingRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension: -1, 0 or None keep every token
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Any = None
+    stop: Any = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None

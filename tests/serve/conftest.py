@@ -18,7 +18,7 @@ import torch
 
 from tests.data.tokenizer_dirs import write_style
 
-CONTEXT = 128  # the tiny model's max_position_embeddings
+CONTEXT = 512  # the tiny model's max_position_embeddings: room for streams long enough to cut
 
 
 def write_hf_llama(path: Path, seed: int = 0) -> Path:
@@ -114,3 +114,13 @@ def serve(hf_dir: Path, *, api_key: str | None = None, max_waiting: int = 256, m
 def served(hf_dir) -> Iterator[Served]:
     with serve(hf_dir) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir):
+    """``px.inference.LLM`` on its own copy of the served model: the outputs the server must give."""
+    from parallax.inference import LLM
+    from parallax.train.model_source import load_trained
+
+    model, tokenizer, _ = load_trained(hf=str(hf_dir))
+    return LLM(model, tokenizer=tokenizer, num_blocks=256)
