@@ -263,7 +263,7 @@ class _Server:
         params = body.sampling_params(min(body.max_tokens or room, room))
         texts = [p if isinstance(p, str) else None for p in body.prompt]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        firsts, gens = await self._start(prompts, texts, params, request_id, lora, "prompt")
+        firsts, gens = await self._start(request, prompts, texts, params, request_id, lora, "prompt")
         reply = _CompletionReply(request_id, lora or self.model_name, body, echoes, self.token_text, prompts)
         if body.stream:
             return _event_stream(reply.events(merge_outputs(firsts, gens)))
@@ -285,7 +285,7 @@ class _Server:
         requested = body.requested_max_tokens
         params = body.sampling_params(min(requested or room, room))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        firsts, gens = await self._start([ids], [text], params, request_id, lora, "messages")
+        firsts, gens = await self._start(request, [ids], [text], params, request_id, lora, "messages")
         reply = _ChatReply(request_id, lora or self.model_name, body, self.token_text)
         if body.stream:
             return _event_stream(reply.events(merge_outputs(firsts, gens)))
@@ -325,13 +325,14 @@ class _Server:
             raise invalid_request(f"this model's context is {context} tokens, but {what} has {len(ids)} tokens; "
                                   f"shorten it", param)
 
-    async def _start(self, prompts: list[list[int]], texts: list[str | None], params: Any, request_id: str,
-                     lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
+    async def _start(self, request: Request, prompts: list[list[int]], texts: list[str | None], params: Any,
+                     request_id: str, lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
         """Queue every prompt and take each one's first output (errors come there: full queue, bad
-        input, shutting down); on any error the others are aborted."""
+        input, shutting down); on any error, or the client leaving while they wait, all are aborted."""
         gens = [self.engine.generate(ids, params, request_id=f"{request_id}-{i}", lora=lora, prompt=text)
                 for i, (ids, text) in enumerate(zip(prompts, texts))]
-        results = await asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True)
+        # a client gone while they wait: the cancelled gather ends each stream, which aborts its request
+        results = await _unless_gone(request, asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True))
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is None:
             return list(results), gens
@@ -348,19 +349,26 @@ class _Server:
                 finals[i] = out
             return finals
 
-        work = asyncio.ensure_future(drain())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                raise _ClientGone
-            outputs = work.result()
-        finally:
-            gone.cancel()
-            work.cancel()
+        outputs = await _unless_gone(request, drain())
         for out in outputs:
             _raise_if_failed(out)
         return outputs
+
+
+async def _unless_gone(request: Request, awaitable: Any) -> Any:
+    """The result of ``awaitable``, unless the client closes the connection first: then it is cancelled
+    (closing the engine streams it iterates, which aborts their requests) and ``_ClientGone`` raised."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled() or not work.done():
+        raise _ClientGone
+    return work.result()
 
 
 async def _first(gen: Any) -> Any:
