@@ -326,12 +326,14 @@ class _Server:
                 for i, (ids, text) in enumerate(zip(prompts, texts))]
         # a client gone while they wait: the cancelled gather ends each stream, which aborts its request
         results = await _unless_gone(request, asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True))
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        failed = next((r for r in results if isinstance(r, BaseException) or r.error is not None), None)
         if failed is None:
             return list(results), gens
         for gen in gens:
             await gen.aclose()
-        raise _engine_error(failed, param)
+        if isinstance(failed, BaseException):
+            raise _engine_error(failed, param)
+        raise_if_failed(failed)  # a 500 before the answer starts, streamed or not
 
     async def _collect(self, request: Request, firsts: list[Any], gens: list[Any]) -> list[Any]:
         """Every request's final output; aborts them all if the client disconnects meanwhile."""

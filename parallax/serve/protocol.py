@@ -23,10 +23,13 @@ from parallax.inference import SamplingParams
 from parallax.serve.errors import APIError, invalid_request, pydantic_param
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "parse_request",
-           "usage", "completion_logprobs", "chat_logprobs", "check_model", "MAX_N", "MAX_STOP"]
+           "usage", "completion_logprobs", "chat_logprobs", "check_model", "MAX_N", "MAX_STOP", "MAX_STOP_CHARS"]
 
 MAX_N = 128  # samples per prompt; the engine also bounds n by its max_num_seqs
 MAX_STOP = 4  # OpenAI's limit on stop strings
+# Longest stop string: a stream checks each tail of the text against each stop string's prefixes
+# (parallax.serve.streaming.sendable_text), quadratic in this length.
+MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
 
 
@@ -65,6 +68,8 @@ class _SamplingRequest(BaseModel):
             raise ValueError("must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP:
             raise ValueError(f"holds {len(stops)} strings; at most {MAX_STOP} are allowed")
+        if max(len(s) for s in stops) > MAX_STOP_CHARS:
+            raise ValueError(f"strings may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("presence_penalty", "frequency_penalty")

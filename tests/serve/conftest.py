@@ -44,11 +44,10 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @dataclass
 class Served:
-    """A running server: its address, the engine behind it and the model it serves."""
+    """A running server: its address, the engine behind it and its tokenizer."""
 
     base_url: str
     engine: Any  # AsyncEngine
-    model: Any
     tokenizer: Any
     name: str
     api_key: str | None
@@ -108,7 +107,7 @@ def serve(hf_dir: Path, *, api_key: str | None = None, max_waiting: int = 256, m
     app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=max_body_bytes))
     try:
         with running(app) as url:
-            yield Served(url, engine, model, tokenizer, name, api_key)
+            yield Served(url, engine, tokenizer, name, api_key)
     finally:
         asyncio.run(engine.shutdown(timeout=1))
 
