@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,11 @@ class GracefulServer:
 @contextlib.contextmanager
 def _signals_end_quietly() -> Iterator[None]:
     """uvicorn re-raises the signal that stopped it once it is done, to the handler that was there
-    before: make that handler a no-op so a graceful stop exits with status 0."""
+    before: make that handler a no-op so a graceful stop exits with status 0. (Outside the main thread
+    uvicorn handles no signals, and neither does this.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
     try:
