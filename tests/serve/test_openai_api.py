@@ -181,15 +181,21 @@ def test_logprobs(served):
 
 
 def test_max_tokens_is_fitted_to_the_context(served):
-    """max_tokens beyond the context ends with 'length' where the context ends; chat without
-    max_tokens runs to the context too."""
+    """max_tokens beyond the context ends each prompt's sample with 'length' where the context ends;
+    chat without max_tokens runs to the context too."""
     from tests.serve.conftest import CONTEXT
 
     client = served.client()
-    reply = client.completions.create(model=served.name, prompt=PROMPTS[0], max_tokens=100_000, temperature=0,
-                                      extra_body={"ignore_eos": True})
-    assert reply.choices[0].finish_reason == "length"
-    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == CONTEXT + 1
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    reply = client.completions.create(model=served.name, prompt=prompts, max_tokens=100_000, temperature=0,
+                                      logprobs=0, extra_body={"ignore_eos": True})
+    for prompt, choice in zip(prompts, reply.choices):
+        assert choice.finish_reason == "length"
+        assert len(served.tokenizer.encode(prompt)) + len(choice.logprobs.tokens) == CONTEXT + 1
+    chat = client.chat.completions.create(model=served.name, messages=[{"role": "user", "content": "hi"}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == CONTEXT + 1
 
 
 def test_models_and_health(served):
