@@ -40,6 +40,7 @@ def test_help_lists_the_flags(capsys):
     (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+    (["--api-key", ""], "--api-key is empty"),
     (["--lora", "nameonly"], "expected NAME=DIR"),
     (["--lora", "a=/no/such/dir"], "/no/such/dir is not a directory"),
 ])
