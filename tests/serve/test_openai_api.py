@@ -270,3 +270,23 @@ def test_lora_adapters_by_model_name(hf_dir, adapter_dirs, reference):
         chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=5, temperature=0)
         assert chat.model == "beta"
+
+
+def test_logprobs_json_has_no_infinities():
+    """-inf (a token the model rules out) and NaN become -9999 (JSON has no infinities), as in vLLM;
+    the sampled token joins the completions top dict."""
+    import json
+
+    from parallax.inference.sequence import TokenLogprob
+    from parallax.serve.protocol import MIN_LOGPROB, chat_logprobs, completion_logprobs
+
+    entries = [TokenLogprob(5, float("-inf"), [(3, -0.1), (4, float("nan"))]), TokenLogprob(3, -0.5, [(3, -0.5)])]
+    text = {3: "a", 4: "b", 5: "c"}.__getitem__
+    legacy = completion_logprobs(entries, text, offset=2)
+    assert legacy == {"tokens": ["c", "a"], "token_logprobs": [MIN_LOGPROB, -0.5],
+                      "top_logprobs": [{"a": -0.1, "b": MIN_LOGPROB, "c": MIN_LOGPROB}, {"a": -0.5}],
+                      "text_offset": [2, 3]}
+    chat = chat_logprobs(entries, text)["content"]
+    assert [e["logprob"] for e in chat] == [MIN_LOGPROB, -0.5]
+    assert [t["logprob"] for t in chat[0]["top_logprobs"]] == [-0.1, MIN_LOGPROB]
+    json.dumps([legacy, chat], allow_nan=False)
