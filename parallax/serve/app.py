@@ -250,7 +250,7 @@ class _Server:
         self._check_n(body.n)
         prompts = [p if isinstance(p, list) else await self._encode(p, "prompt") for p in body.prompt]
         for i, ids in enumerate(prompts):
-            self._check_length(ids, "prompt", f"prompt {i}" if len(prompts) > 1 else "the prompt")
+            self._check_length(ids, "prompt", f"prompt {i} has" if len(prompts) > 1 else "the prompt has")
         echoes = [self._echo(p, ids) for p, ids in zip(body.prompt, prompts)] if body.echo else None
         params = [body.sampling_params(self._max_tokens(body.max_tokens, ids)) for ids in prompts]
         texts = [p if isinstance(p, str) else None for p in body.prompt]
@@ -272,7 +272,7 @@ class _Server:
         self._check_n(body.n)
         text = self._chat_text(body)
         ids = await self._encode(text, "messages")
-        self._check_length(ids, "messages", "the messages")
+        self._check_length(ids, "messages", "the messages through the chat template have")
         params = body.sampling_params(self._max_tokens(body.requested_max_tokens, ids))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         firsts, gens = await self._start(request, [ids], [text], [params], request_id, lora, "messages")
@@ -318,8 +318,8 @@ class _Server:
     def _check_length(self, ids: list[int], param: str, what: str) -> None:
         context = self.engine.max_model_len
         if len(ids) > context:
-            raise invalid_request(f"this model's context is {context} tokens, but {what} has {len(ids)} tokens; "
-                                  f"shorten it", param)
+            raise invalid_request(f"this model's context is {context} tokens, but {what} {len(ids)} tokens; "
+                                  "send fewer", param)
 
     async def _start(self, request: Request, prompts: list[list[int]], texts: list[str | None], params: list[Any],
                      request_id: str, lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
