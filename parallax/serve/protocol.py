@@ -224,13 +224,16 @@ class _FieldError(ValueError):
         self.message = message
 
 
-Request = TypeVar("Request", bound=BaseModel)
+RequestT = TypeVar("RequestT", bound=BaseModel)
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
-def parse_request(model: type[Request], body: Any) -> Request:
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
     """``model`` validated from a parsed JSON body; a 400 ``APIError`` naming the first bad field otherwise."""
     if not isinstance(body, dict):
-        raise invalid_request(f"the request body must be a JSON object; got {type(body).__name__}", None)
+        got = _JSON_TYPES.get(type(body), "another value")
+        raise invalid_request(f"the request body must be a JSON object; got {got}", None)
     try:
         return model.model_validate(body)
     except ValidationError as exc:

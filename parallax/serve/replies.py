@@ -135,9 +135,9 @@ class ChatReply:
         return _guarded(self._events(outputs), self.id)
 
     def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None) -> str:
-        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model,
-                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [choice]})
 
     async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
         stops = self.body.stop

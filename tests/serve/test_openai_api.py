@@ -242,7 +242,8 @@ def test_lora_adapters_by_model_name(hf_dir, adapter_dirs, reference):
         for name, path in adapter_dirs.items():
             reference.add_lora(name, path)
     greedy = SamplingParams(max_tokens=10, temperature=0)
-    expected = {lora: [o.text for o in reference.generate(PROMPTS, greedy, lora=lora)] for lora in (None, "alpha", "beta")}
+    expected = {lora: [o.text for o in reference.generate(PROMPTS, greedy, lora=lora)]
+                for lora in (None, "alpha", "beta")}
     assert expected["alpha"] != expected[None] and expected["beta"] != expected[None]
     with serve(hf_dir, loras={"alpha": adapter_dirs["alpha"]}) as s:
         client = s.client()
