@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +57,28 @@ def test_a_missing_model_directory_exits_2(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+def _ready_line(process: subprocess.Popen, timeout: float) -> str:
+    """The server's "ready on http://..." log line (its stderr read in a thread, so a server that hangs
+    fails the test after ``timeout`` seconds instead of blocking it)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for text in process.stderr:
+            lines.put(text)
+            if "ready on http://" in text:
+                return
+        lines.put(None)  # the server exited first
+
+    threading.Thread(target=read, daemon=True).start()
+    seen = []
+    while True:
+        line = lines.get(timeout=timeout)
+        assert line is not None, "the server exited before it was ready:\n" + "".join(seen[-20:])
+        if "ready on http://" in line:
+            return line
+        seen.append(line)
+
+
 def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adapter_dirs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PARALLAX_API_KEY": "k3y"}
     process = subprocess.Popen([sys.executable, "-m", "parallax", "serve", "--hf", str(hf_dir), "--port", "0",
@@ -62,13 +86,8 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adap
                                 "--lora", f"alpha={adapter_dirs['alpha']}"],
                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
-        url = None
-        for line in process.stderr:
-            match = re.search(r"ready on (http://\S+)", line)
-            if match:
-                url = match.group(1)
-                break
-        assert url is not None, "the server exited before it was ready"
+        line = _ready_line(process, timeout=60)
+        url = re.search(r"ready on (http://\S+)", line).group(1)
         assert "API key required" in line
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 401
@@ -104,8 +123,6 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adap
 def test_a_graceful_stop_lets_running_requests_finish(hf_dir):
     """Within --shutdown-timeout a running stream finishes normally (uvicorn's exit flag, as SIGTERM
     sets it, on a server in a thread), then the server stops and new connections are refused."""
-    import threading
-
     from parallax.serve.app import build_app
     from parallax.serve.cli import GracefulServer
     from tests.serve.conftest import make_engine
