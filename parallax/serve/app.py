@@ -16,13 +16,14 @@ closes the request's engine stream, which aborts it and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,18 +58,20 @@ def build_app(engine: Any, *, model_name: str, api_key: str | None = None,
               limits: ServeLimits | None = None) -> FastAPI:
     """The FastAPI application serving ``engine`` (a ``parallax.serve.async_engine.AsyncEngine``) as
     ``model_name``, its LoRA adapters by their names. The engine is started with the application."""
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a non-empty string; got {model_name!r}")
     limits = limits or ServeLimits()
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
 
-    app = FastAPI(title="parallax", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_as_context(lifespan))
+    app = FastAPI(title="parallax", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     _add_error_handlers(app)
-    server = _Server(engine, model_name, limits)
+    server = _Server(engine, model_name)
 
     @app.get("/health")
     async def health() -> Response:
@@ -99,12 +102,6 @@ def build_app(engine: Any, *, model_name: str, api_key: str | None = None,
         return await server.chat(request, body)
 
     return app
-
-
-def _as_context(lifespan: Callable[[FastAPI], AsyncIterator[None]]):
-    import contextlib
-
-    return contextlib.asynccontextmanager(lifespan)
 
 
 # -- reading and checking requests ------------------------------------------------------------------------
@@ -198,10 +195,9 @@ class _ClientGone(Exception):
 class _Server:
     """What the routes do, on one engine."""
 
-    def __init__(self, engine: Any, model_name: str, limits: ServeLimits) -> None:
+    def __init__(self, engine: Any, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
-        self.limits = limits
         self.created = int(time.time())
         tokenizer = engine.tokenizer
 
