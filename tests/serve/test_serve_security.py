@@ -4,6 +4,7 @@ Retry-After), and errors that never show a traceback (500)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -197,7 +198,8 @@ def test_internal_errors_never_show_a_traceback(guarded, monkeypatch):
 
 
 def test_a_full_queue_answers_429_with_retry_after(hf_dir):
-    """One request runs (max_num_seqs=1), one waits (max_waiting=1): the next one gets 429."""
+    """One request runs (max_num_seqs=1), one waits (max_waiting=1): the next one gets 429. Once the
+    engine shuts down, requests get 503."""
     with serve(hf_dir, max_waiting=1, max_num_seqs=1) as s:
         url = f"{s.base_url}/v1/completions"
         body = {"prompt": "The history of", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -219,3 +221,5 @@ def test_a_full_queue_answers_429_with_retry_after(hf_dir):
             assert not second.is_alive()
         s.wait_idle()
         assert httpx.post(url, json={"prompt": "x", "max_tokens": 2}).status_code == 200
+        asyncio.run(s.engine.shutdown(timeout=0))  # as at SIGTERM, before the listening socket closes
+        _assert_error(httpx.post(url, json={"prompt": "x"}), 503, code="service_unavailable")
