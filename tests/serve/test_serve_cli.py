@@ -1,0 +1,161 @@
+"""``parallax serve`` as a command: its help, bad flags (exit 2 with one line naming the flag), and a
+real process: ready line, requests with the API key from the environment, then SIGTERM while a
+stream runs: the stream ends (finish reason "abort", then [DONE]) and the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from parallax.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--hf", "--checkpoint", "--api-key", "--lora", "--max-num-seqs", "--max-waiting", "--max-body-bytes",
+                 "--shutdown-timeout", "--served-model-name", "--port", "--host"):
+        assert flag in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--no-such-flag"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+    (["--api-key", ""], "--api-key is empty"),
+    (["--lora", "nameonly"], "expected NAME=DIR"),
+    (["--lora", "a=/no/such/dir"], "/no/such/dir is not a directory"),
+])
+def test_bad_flags_exit_2_naming_the_flag(hf_dir, flags, message, capsys):
+    assert main(["serve", "--hf", str(hf_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("parallax serve: error:") and message in err
+
+
+def test_a_missing_model_directory_exits_2(tmp_path, capsys):
+    assert main(["serve", "--hf", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def _ready_line(process: subprocess.Popen, timeout: float) -> str:
+    """The server's "ready on http://..." log line (its stderr read in a thread, so a server that hangs
+    fails the test after ``timeout`` seconds instead of blocking it)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for text in process.stderr:
+            lines.put(text)
+            if "ready on http://" in text:
+                return
+        lines.put(None)  # the server exited first
+
+    threading.Thread(target=read, daemon=True).start()
+    seen = []
+    while True:
+        line = lines.get(timeout=timeout)
+        assert line is not None, "the server exited before it was ready:\n" + "".join(seen[-20:])
+        if "ready on http://" in line:
+            return line
+        seen.append(line)
+
+
+def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adapter_dirs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PARALLAX_API_KEY": "k3y"}
+    process = subprocess.Popen([sys.executable, "-m", "parallax", "serve", "--hf", str(hf_dir), "--port", "0",
+                                "--served-model-name", "tiny", "--shutdown-timeout", "0",
+                                "--lora", f"alpha={adapter_dirs['alpha']}"],
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = _ready_line(process, timeout=60)
+        url = re.search(r"ready on (http://\S+)", line).group(1)
+        assert "API key required" in line
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
+        reply = client.completions.create(model="tiny", prompt="A list is", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1 and reply.model == "tiny"
+        assert [m.id for m in client.models.list().data] == ["tiny", "alpha"]
+        assert client.completions.create(model="alpha", prompt="A list is", max_tokens=4).model == "alpha"
+
+        # a stream still running at SIGTERM, with no time allowed to finish: aborted
+        stream = client.completions.create(model="tiny", prompt="The history of", max_tokens=480, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                process.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+        # the openai client stops at [DONE]; a connection cut before it would raise instead
+        assert chunks[-1].choices[0].finish_reason == "abort"
+        assert 3 < sum(len(c.choices[0].text) > 0 for c in chunks) < 480
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - sent < 20
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+
+def test_a_graceful_stop_lets_running_requests_finish(hf_dir):
+    """Within --shutdown-timeout a running stream finishes normally (uvicorn's exit flag, as SIGTERM
+    sets it, on a server in a thread), then the server stops and new connections are refused."""
+    from parallax.serve.app import build_app
+    from parallax.serve.cli import GracefulServer
+    from tests.serve.conftest import make_engine
+
+    engine = make_engine(hf_dir)
+    graceful = GracefulServer(build_app(engine, model_name="tiny"), engine, host="127.0.0.1", port=0, timeout=10.0,
+                              access_log=False, banner="test")
+    thread = threading.Thread(target=graceful.run, daemon=True)
+    thread.start()
+    while not graceful.server.started:
+        assert thread.is_alive()
+        time.sleep(0.01)
+    url = "http://127.0.0.1:%d" % graceful.server.servers[0].sockets[0].getsockname()[1]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    stream = client.completions.create(model="tiny", prompt="The history of", max_tokens=100, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            graceful.server.should_exit = True
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert sum(len(c.choices[0].text) > 0 for c in chunks) > 50
+    thread.join(20)
+    assert not thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
+
+    from parallax.inference import SamplingParams
+    from parallax.serve.async_engine import EngineStoppedError
+
+    async def one_more():
+        return await engine.generate([1, 2], SamplingParams(), request_id="late").__anext__()
+
+    with pytest.raises(EngineStoppedError):  # the server's shutdown stopped the engine
+        asyncio.run(one_more())
