@@ -13,7 +13,7 @@ from parallax.inference.engine import LLM, EngineConfig, LLMEngine
 from parallax.inference.model_runner import ModelRunner
 from parallax.inference.sampling import SamplingParams
 from parallax.inference.scheduler import Scheduler
-from parallax.inference.sequence import CompletionOutput, RequestOutput
+from parallax.inference.sequence import CompletionOutput, RequestOutput, TokenLogprob
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "TokenLogprob",
            "BlockManager", "KVCacheStats", "Scheduler", "ModelRunner"]

@@ -26,13 +26,14 @@ import torch.nn as nn
 
 from parallax.inference.block_manager import BlockManager, KVCacheStats
 from parallax.inference.model_runner import ATTENTION_IMPLS, ModelRunner, SeqInput, attention_layers
-from parallax.inference.sampling import SamplingParams, sample, sample_generator
+from parallax.inference.sampling import SamplingParams, sample, sample_generator, token_logprobs
 from parallax.inference.scheduler import Scheduler
 from parallax.inference.sequence import (
     CompletionOutput,
     Request,
     RequestOutput,
     Sequence,
+    TokenLogprob,
 )
 from parallax.progress import progress_bar
 from parallax.validate import is_int, positive_int
@@ -193,16 +194,22 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; its sequences release their blocks."""
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request; its sequences release their blocks. Returns its final output (finished,
+        finish reason 'abort' for the samples still running), None for an unknown or done request."""
         request = self._requests.pop(request_id, None)
         if request is None:
-            return
+            return None
         for seq in request.seqs:
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
         request.finished_time = time.perf_counter()
+        out = self._output(request)
+        out.finished = True
+        for sample_out in out.outputs:  # samples of an n > 1 request not forked yet
+            sample_out.finish_reason = sample_out.finish_reason or "abort"
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests or self._failed)
@@ -214,6 +221,16 @@ class LLMEngine:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+    @property
+    def num_running(self) -> int:
+        """Requests with a sequence in the running batch."""
+        return len({seq.request.request_id for seq in self.scheduler.running})
+
+    @property
+    def num_waiting(self) -> int:
+        """Unfinished requests with no running sequence (not admitted yet, or preempted)."""
+        return len(self._requests) - self.num_running
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -242,9 +259,10 @@ class LLMEngine:
             flat = [s for group in groups for s in group]
             if flat:
                 tokens = sample(logits[rows], [s.request.params for s in flat], [s.generator for s in flat])
+                logprobs = self._logprobs(logits, rows, flat, tokens)
                 now = time.perf_counter()
-                for seq, token in zip(flat, tokens.tolist()):
-                    self._append(seq, token, now)
+                for seq, token, logprob in zip(flat, tokens.tolist(), logprobs):
+                    self._append(seq, token, now, logprob)
                     changed[seq.request.request_id] = seq.request
         outputs = []
         for request in changed.values():
@@ -271,9 +289,28 @@ class LLMEngine:
         parent.fork_n = 1
         return children
 
-    def _append(self, seq: Sequence, token: int, now: float) -> None:
-        """Add a sampled token and retire the sequence if it is done."""
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, rows: list[int], flat: list[Sequence],
+                  tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        """Per sampled sequence, its token's ``TokenLogprob`` when its request asked, else None.
+        Nothing is computed when no request asks. logits (rows sampled, V) raw float32."""
+        want = [j for j, seq in enumerate(flat) if seq.request.params.logprobs is not None]
+        result: list[TokenLogprob | None] = [None] * len(flat)
+        if not want:
+            return result
+        k = max(flat[j].request.params.logprobs for j in want)
+        chosen, top_values, top_ids = token_logprobs(logits[[rows[j] for j in want]], tokens[want], k)
+        chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+        for i, j in enumerate(want):
+            kj = flat[j].request.params.logprobs
+            result[j] = TokenLogprob(int(tokens[j]), chosen[i], list(zip(top_ids[i][:kj], top_values[i][:kj])))
+        return result
+
+    def _append(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
+        """Add a sampled token (and its logprob, when asked) and retire the sequence if it is done."""
         seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         request, params = seq.request, seq.request.params
         if request.first_token_time is None:
             request.first_token_time = now
@@ -299,8 +336,10 @@ class LLMEngine:
         return self.tokenizer.decode(ids)
 
     def _output(self, request: Request) -> RequestOutput:
+        want_logprobs = request.params.logprobs is not None
         if request.error is not None:
-            outputs = [CompletionOutput(0, [], None if self.tokenizer is None else "", "error")]
+            outputs = [CompletionOutput(0, [], None if self.tokenizer is None else "", "error",
+                                        [] if want_logprobs else None)]
         else:
             outputs = []
             for i in range(request.params.n):
@@ -310,10 +349,13 @@ class LLMEngine:
                 if self.tokenizer is not None:
                     text = seq.stop_text if seq is not None and seq.stop_text is not None else \
                         self._decode(ids, request.params)
-                outputs.append(CompletionOutput(i, ids, text, seq.finish_reason if seq is not None else None))
+                logprobs = (list(seq.logprobs) if seq is not None else []) if want_logprobs else None
+                outputs.append(CompletionOutput(i, ids, text, seq.finish_reason if seq is not None else None,
+                                                logprobs))
         return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), outputs,
                              finished=request.finished, error=request.error, arrival_time=request.arrival_time,
-                             first_token_time=request.first_token_time, finished_time=request.finished_time)
+                             first_token_time=request.first_token_time, finished_time=request.finished_time,
+                             lora=request.lora)
 
 
 class LLM:

@@ -12,7 +12,9 @@ import torch
 
 from parallax.validate import is_int, is_real
 
-__all__ = ["SamplingParams", "top_k_top_p_mask", "sample", "sample_generator"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "top_k_top_p_mask", "sample", "sample_generator", "token_logprobs"]
+
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
 
 
 @dataclass(kw_only=True)
@@ -33,6 +35,10 @@ class SamplingParams:
     ignore_eos: do not stop at the tokenizer's end-of-sequence tokens (benchmarks).
     skip_special_tokens: leave special tokens (end of sequence, chat markers) out of the text, as
         vLLM does by default; ``token_ids`` keeps them.
+    logprobs: None returns no log-probabilities; k in [0, MAX_LOGPROBS] returns, for each generated
+        token, its log-probability and the k most likely tokens with theirs (``TokenLogprob``):
+        ``log_softmax`` of the model's raw float32 logits, before temperature, top-k and top-p
+        (vLLM's default), so they do not depend on how the token was chosen.
     """
 
     max_tokens: int = 16
@@ -45,6 +51,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -72,6 +79,9 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be True or False; got {getattr(self, name)!r}")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"SamplingParams.logprobs must be None or an integer in [0, {MAX_LOGPROBS}]; "
+                             f"got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -135,3 +145,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     tokens[rows] = (probs / noise).argmax(dim=-1)
     return tokens
 
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and of each row's k most likely ones.
+
+    logits (N, V), raw (before temperature); tokens int64 (N,). Returns float32 ``chosen`` (N,),
+    ``top_values`` (N, k) sorted most likely first and int64 ``top_ids`` (N, k).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    top_values, top_ids = logprobs.topk(k, dim=-1)  # k = 0 gives (N, 0)
+    return chosen, top_values, top_ids

@@ -10,12 +10,27 @@ import torch
 
 from parallax.inference.sampling import SamplingParams
 
-__all__ = ["SequenceStatus", "Sequence", "Request", "CompletionOutput", "RequestOutput"]
+__all__ = ["SequenceStatus", "Sequence", "Request", "TokenLogprob", "CompletionOutput", "RequestOutput"]
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted (its KV dropped, to be recomputed)
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the ``k`` most likely tokens at its position.
+
+    ``top`` holds (token id, logprob) pairs, most likely first, k of them (``SamplingParams.logprobs``);
+    it may or may not contain ``token_id``. Log-probabilities are those of the raw logits (before
+    temperature / top-k / top-p).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(eq=False)
@@ -39,6 +54,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_text: str | None = None  # the text cut before a stop string, once one was generated
     num_preemptions: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -71,6 +87,7 @@ class Request:
     finished_time: float | None = None
     error: str | None = None
     seed: int = 0  # of the samples' generators (SamplingParams.seed, or drawn when it is None)
+    lora: str | None = None  # the adapter serving it (None: the base model)
 
     @property
     def finished(self) -> bool:
@@ -81,12 +98,14 @@ class Request:
 class CompletionOutput:
     """One sample: generated ``token_ids``, their ``text`` (None without a tokenizer), and why it
     ended: 'stop' (a stop token or string), 'length' (max_tokens or the model's context),
-    'error' (see ``RequestOutput.error``), 'abort', or None while it runs."""
+    'error' (see ``RequestOutput.error``), 'abort', or None while it runs. ``logprobs``: one
+    ``TokenLogprob`` per generated token when the request asked (``SamplingParams.logprobs``), else None."""
 
     index: int
     token_ids: list[int]
     text: str | None
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -95,7 +114,7 @@ class RequestOutput:
 
     ``token_ids``, ``text`` and ``finish_reason`` are those of the first sample. ``error`` says
     why a request failed (it then has finish reason 'error' and no tokens). Times are
-    ``time.perf_counter()`` values.
+    ``time.perf_counter()`` values. ``lora``: the adapter that served it (None: the base model).
     """
 
     request_id: str
@@ -107,6 +126,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    lora: str | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,0 +1,523 @@
+"""The OpenAI-compatible HTTP application: ``build_app(engine, model_name=..., api_key=..., limits=...)``.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events ending with
+``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, ``POST /v1/load_lora_adapter`` (vLLM's
+``{"lora_name", "lora_path"}``), ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus text).
+
+Every error answer is an OpenAI error object (``parallax.serve.errors``): 400 naming the field, 401 without
+the API key, 404 for an unknown model, 413 for a body over ``limits.max_body_bytes`` (counted while it is
+read), 429 with ``Retry-After`` when the engine's queue is full, 503 while shutting down, 500 with a generic
+message for anything unexpected (its traceback goes to the server's log, never to the client).
+
+A client that goes away (a closed stream, or a closed connection while a non-streamed answer is computed)
+closes the request's engine stream, which aborts it and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from parallax.serve.errors import APIError, error_body, invalid_request
+from parallax.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    check_model,
+    completion_logprobs,
+    parse_request,
+    usage,
+)
+from parallax.serve.streaming import SSE_DONE, ChoiceStream, merge_outputs, sse
+
+__all__ = ["build_app", "ServeLimits"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """max_body_bytes: the largest request body read (larger ones get 413 before any parsing)."""
+
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive integer; got {self.max_body_bytes!r}")
+
+
+def build_app(engine: Any, *, model_name: str, api_key: str | None = None,
+              limits: ServeLimits | None = None) -> FastAPI:
+    """The FastAPI application serving ``engine`` (a ``parallax.serve.async_engine.AsyncEngine``) as
+    ``model_name``, its LoRA adapters by their names. The engine is started with the application."""
+    limits = limits or ServeLimits()
+
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+
+    app = FastAPI(title="parallax", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=_as_context(lifespan))
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    _add_error_handlers(app)
+    server = _Server(engine, model_name, limits)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return server.models()
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        return await server.load_lora(await read_json(request, limits.max_body_bytes))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse_request(CompletionRequest, await read_json(request, limits.max_body_bytes))
+        return await server.complete(request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = parse_request(ChatCompletionRequest, await read_json(request, limits.max_body_bytes))
+        return await server.chat(request, body)
+
+    return app
+
+
+def _as_context(lifespan: Callable[[FastAPI], AsyncIterator[None]]):
+    import contextlib
+
+    return contextlib.asynccontextmanager(lifespan)
+
+
+# -- reading and checking requests ------------------------------------------------------------------------
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The parsed JSON body, read chunk by chunk: 413 as soon as it passes ``max_bytes`` (or when
+    Content-Length announces more), 400 when it is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise invalid_request(f"the request body is not valid JSON: {_short(exc)}", None) from None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:200]
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {max_bytes} bytes",
+                    code="request_too_large")
+
+
+class APIKeyMiddleware:
+    """401 (with ``WWW-Authenticate: Bearer``) for every request but ``GET /health`` that does not carry
+    ``Authorization: Bearer <key>``; the key is compared in constant time."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest on every request, even with a wrong scheme: the time does not tell which part failed
+        if hmac.compare_digest(token.strip(), self.key) and scheme.lower() == b"bearer":
+            await self.app(scope, receive, send)
+            return
+        message = "a valid API key is required: send the header 'Authorization: Bearer <key>'"
+        response = JSONResponse(error_body(message, "invalid_request_error", None, "invalid_api_key"),
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("serve: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal server error; the server's log has the details", "server_error"),
+                            status_code=500)
+
+
+# -- the routes' work ---------------------------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its non-streamed answer was ready."""
+
+
+class _Server:
+    """What the routes do, on one engine."""
+
+    def __init__(self, engine: Any, model_name: str, limits: ServeLimits) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.limits = limits
+        self.created = int(time.time())
+        tokenizer = engine.tokenizer
+
+        @lru_cache(maxsize=65536)
+        def token_text(token_id: int) -> str:
+            return tokenizer.decode([token_id])
+
+        self.token_text = token_text
+
+    # models and adapters
+
+    def models(self) -> dict[str, Any]:
+        def card(name: str, parent: str | None) -> dict[str, Any]:
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "parallax",
+                    "root": name, "parent": parent, "max_model_len": self.engine.max_model_len}
+
+        return {"object": "list", "data": [card(self.model_name, None)]
+                + [card(name, self.model_name) for name in self.engine.lora_names]}
+
+    async def load_lora(self, body: Any) -> Response:
+        if not isinstance(body, dict):
+            raise invalid_request("the request body must be a JSON object", None)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        for field, value in (("lora_name", name), ("lora_path", path)):
+            if not isinstance(value, str) or not value:
+                raise invalid_request(f"'{field}' must be a non-empty string", field)
+        if name == self.model_name or name in self.engine.lora_names:
+            raise invalid_request(f"'lora_name': {name!r} is already in use", "lora_name")
+        try:
+            await self.engine.add_lora(name, path)
+        except (ValueError, OSError) as exc:
+            raise invalid_request(f"'lora_path': {exc}", "lora_path") from None
+        log.info("serve: LoRA adapter %r loaded from %s", name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    def _lora(self, model: str | None) -> str | None:
+        check_model(model, [self.model_name, *self.engine.lora_names])
+        return None if model in (None, self.model_name) else model
+
+    # completions
+
+    async def complete(self, request: Request, body: CompletionRequest) -> Response:
+        lora = self._lora(body.model)
+        prompts = [p if isinstance(p, list) else await self._encode(p, "prompt") for p in body.prompt]
+        for i, ids in enumerate(prompts):
+            self._check_length(ids, "prompt", f"prompt {i}" if len(prompts) > 1 else "the prompt")
+        echoes = [self._echo(p, ids) for p, ids in zip(body.prompt, prompts)] if body.echo else None
+        room = min(self.engine.max_model_len + 1 - len(ids) for ids in prompts)
+        params = body.sampling_params(min(body.max_tokens or room, room))
+        texts = [p if isinstance(p, str) else None for p in body.prompt]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        firsts, gens = await self._start(prompts, texts, params, request_id, lora, "prompt")
+        reply = _CompletionReply(request_id, lora or self.model_name, body, echoes, self.token_text, prompts)
+        if body.stream:
+            return _event_stream(reply.events(merge_outputs(firsts, gens)))
+        finals = await self._collect(request, firsts, gens)
+        return JSONResponse(reply.whole(finals))
+
+    def _echo(self, prompt: str | list[int], ids: list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
+
+    # chat
+
+    async def chat(self, request: Request, body: ChatCompletionRequest) -> Response:
+        lora = self._lora(body.model)
+        text = self._chat_text(body)
+        ids = await self._encode(text, "messages")
+        self._check_length(ids, "messages", "the messages")
+        room = self.engine.max_model_len + 1 - len(ids)
+        requested = body.requested_max_tokens
+        params = body.sampling_params(min(requested or room, room))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        firsts, gens = await self._start([ids], [text], params, request_id, lora, "messages")
+        reply = _ChatReply(request_id, lora or self.model_name, body, self.token_text)
+        if body.stream:
+            return _event_stream(reply.events(merge_outputs(firsts, gens)))
+        finals = await self._collect(request, firsts, gens)
+        return JSONResponse(reply.whole(finals[0]))
+
+    def _chat_text(self, body: ChatCompletionRequest) -> str:
+        tokenizer = self.engine.tokenizer
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise invalid_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
+        from parallax.data.errors import TokenizerError
+
+        messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
+                                                 tokenize=False)
+        except TokenizerError as exc:  # e.g. a template that raises for roles out of order
+            raise invalid_request(f"'messages': the chat template refused them: {exc}", "messages") from None
+
+    # shared
+
+    async def _encode(self, text: str, param: str) -> list[int]:
+        """Token ids of a prompt text, encoded off the event loop (a 1 MB prompt takes a while)."""
+        ids = await asyncio.to_thread(self.engine.tokenizer.encode, text)
+        if not ids:
+            raise invalid_request(f"'{param}' is empty: a prompt needs at least one token", param)
+        return list(ids)
+
+    def _check_length(self, ids: list[int], param: str, what: str) -> None:
+        context = self.engine.max_model_len
+        if len(ids) > context:
+            raise invalid_request(f"this model's context is {context} tokens, but {what} has {len(ids)} tokens; "
+                                  f"shorten it", param)
+
+    async def _start(self, prompts: list[list[int]], texts: list[str | None], params: Any, request_id: str,
+                     lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
+        """Queue every prompt and take each one's first output (errors come there: full queue, bad
+        input, shutting down); on any error the others are aborted."""
+        gens = [self.engine.generate(ids, params, request_id=f"{request_id}-{i}", lora=lora, prompt=text)
+                for i, (ids, text) in enumerate(zip(prompts, texts))]
+        results = await asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is None:
+            return list(results), gens
+        for gen in gens:
+            await gen.aclose()
+        raise _engine_error(failed, param)
+
+    async def _collect(self, request: Request, firsts: list[Any], gens: list[Any]) -> list[Any]:
+        """Every request's final output; aborts them all if the client disconnects meanwhile."""
+        finals = list(firsts)
+
+        async def drain() -> list[Any]:
+            async for i, out in merge_outputs(firsts, gens):
+                finals[i] = out
+            return finals
+
+        work = asyncio.ensure_future(drain())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise _ClientGone
+            outputs = work.result()
+        finally:
+            gone.cancel()
+            work.cancel()
+        for out in outputs:
+            _raise_if_failed(out)
+        return outputs
+
+
+async def _first(gen: Any) -> Any:
+    return await gen.__anext__()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _engine_error(exc: BaseException, param: str) -> BaseException:
+    """The HTTP error of an exception the engine raised when a request was queued."""
+    from parallax.serve.async_engine import EngineStoppedError, QueueFullError
+
+    if isinstance(exc, QueueFullError):
+        seconds = max(1, math.ceil(exc.retry_after))
+        return APIError(429, f"the server's queue is full; retry in {seconds} s", type="rate_limit_error",
+                        code="rate_limit_exceeded", headers={"Retry-After": str(seconds)})
+    if isinstance(exc, EngineStoppedError):
+        return APIError(503, "the server is shutting down", type="server_error", code="service_unavailable")
+    if isinstance(exc, ValueError):
+        field = "n" if "SamplingParams.n" in str(exc) else param
+        return invalid_request(f"'{field}': {exc}", field)
+    return exc
+
+
+def _raise_if_failed(out: Any) -> None:
+    """500 for a request the engine failed (its reason goes to the log, not to the client)."""
+    if out.error is not None:
+        log.error("serve: request %s failed in the engine: %s", out.request_id, out.error)
+        raise APIError(500, "the engine failed on this request; the server's log has the details",
+                       type="server_error")
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _guarded(events: AsyncIterator[str], request_id: str) -> AsyncIterator[str]:
+    """The events, then ``[DONE]``; an error after the answer started becomes an error event (the
+    status line is gone by then), its details logged."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception:
+        log.exception("serve: stream %s failed", request_id)
+        yield sse(error_body("internal server error; the server's log has the details", "server_error"))
+    yield SSE_DONE
+
+
+class _CompletionReply:
+    """The answers of one ``/v1/completions`` request: choice ``i * n + j`` is sample j of prompt i."""
+
+    def __init__(self, request_id: str, model: str, body: CompletionRequest, echoes: list[str] | None,
+                 token_text: Callable[[int], str], prompts: list[list[int]]) -> None:
+        self.id = request_id
+        self.model = model
+        self.body = body
+        self.echoes = echoes
+        self.token_text = token_text
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        self.created = int(time.time())
+
+    def _logprobs(self, entries: Any, offset: int) -> dict[str, Any] | None:
+        if self.body.logprobs is None:
+            return None
+        return completion_logprobs(entries or [], self.token_text, offset)
+
+    def whole(self, finals: list[Any]) -> dict[str, Any]:
+        choices, generated = [], 0
+        for i, out in enumerate(finals):
+            echo = self.echoes[i] if self.echoes else ""
+            for sample in out.outputs:
+                generated += len(sample.token_ids)
+                choices.append({"index": i * self.body.n + sample.index, "text": echo + (sample.text or ""),
+                                "logprobs": self._logprobs(getattr(sample, "logprobs", None), len(echo)),
+                                "finish_reason": sample.finish_reason})
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(self.prompt_tokens, generated)}
+
+    def events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
+        return _guarded(self._events(outputs), self.id)
+
+    async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
+        n, stops = self.body.n, self.body.stop
+        states: dict[int, ChoiceStream] = {}
+        finals: dict[int, Any] = {}
+        async for i, out in outputs:
+            _raise_if_failed(out)
+            finals[i] = out
+            for sample in out.outputs:
+                index = i * n + sample.index
+                state = states.setdefault(index, ChoiceStream())
+                if state.done:
+                    continue
+                finished = sample.finish_reason is not None
+                text = state.advance(sample.text or "", stops, finished)
+                entries = state.new_logprobs(getattr(sample, "logprobs", None))
+                echo = self.echoes[i] if self.echoes and not state.started else ""
+                if not (text or entries or finished or echo):
+                    continue
+                offset = state.sent_chars - len(text) + (len(self.echoes[i]) if self.echoes else 0)
+                state.started, state.done = True, finished
+                yield sse({"id": self.id, "object": "text_completion", "created": self.created,
+                           "model": self.model, "choices": [{
+                               "index": index, "text": echo + text, "logprobs": self._logprobs(entries, offset),
+                               "finish_reason": sample.finish_reason}]})
+        if self.body.include_usage:
+            generated = sum(len(s.token_ids) for out in finals.values() for s in out.outputs)
+            yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                       "choices": [], "usage": usage(self.prompt_tokens, generated)})
+
+
+class _ChatReply:
+    """The answers of one ``/v1/chat/completions`` request."""
+
+    def __init__(self, request_id: str, model: str, body: ChatCompletionRequest,
+                 token_text: Callable[[int], str]) -> None:
+        self.id = request_id
+        self.model = model
+        self.body = body
+        self.token_text = token_text
+        self.created = int(time.time())
+
+    def _logprobs(self, entries: Any) -> dict[str, Any] | None:
+        return chat_logprobs(entries or [], self.token_text) if self.body.logprobs else None
+
+    def whole(self, out: Any) -> dict[str, Any]:
+        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text or ""},
+                    "logprobs": self._logprobs(getattr(s, "logprobs", None)),
+                    "finish_reason": s.finish_reason} for s in out.outputs]
+        generated = sum(len(s.token_ids) for s in out.outputs)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(len(out.prompt_token_ids), generated)}
+
+    def events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
+        return _guarded(self._events(outputs), self.id)
+
+    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None) -> str:
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                                           "finish_reason": finish_reason}]})
+
+    async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
+        stops = self.body.stop
+        states: dict[int, ChoiceStream] = {}
+        final = None
+        async for _, out in outputs:
+            _raise_if_failed(out)
+            final = out
+            for sample in out.outputs:
+                state = states.setdefault(sample.index, ChoiceStream())
+                if state.done:
+                    continue
+                if not state.started:
+                    state.started = True
+                    yield self._chunk(sample.index, {"role": "assistant", "content": ""}, None, None)
+                finished = sample.finish_reason is not None
+                text = state.advance(sample.text or "", stops, finished)
+                entries = state.new_logprobs(getattr(sample, "logprobs", None))
+                if text or entries or finished:
+                    state.done = finished
+                    yield self._chunk(sample.index, {"content": text} if text else {},
+                                      self._logprobs(entries) if entries or self.body.logprobs else None,
+                                      sample.finish_reason)
+        if self.body.include_usage and final is not None:
+            generated = sum(len(s.token_ids) for s in final.outputs)
+            yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                       "model": self.model, "choices": [],
+                       "usage": usage(len(final.prompt_token_ids), generated)})

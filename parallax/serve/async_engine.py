@@ -1,0 +1,361 @@
+"""The engine loop of the server: ``LLMEngine`` steps in one thread, requests in and results out
+through asyncio, so the event loop stays responsive while the model runs.
+
+The engine thread owns the ``LLMEngine`` (it is not thread-safe). The asyncio side talks to it
+through a thread-safe command queue (add a request, abort one, add a LoRA adapter, abort all,
+stop), applied between steps, so a request added while others run joins the next batch. Outputs
+go back to a per-request ``asyncio.Queue`` through ``loop.call_soon_threadsafe``. With nothing
+to run, the thread sleeps on the command queue (no polling).
+
+    engine = AsyncEngine(LLMEngine(model, tokenizer), max_waiting=256)
+    async for out in engine.generate(ids, SamplingParams(max_tokens=32), request_id="r1"):
+        ...   # cumulative RequestOutput; the last one has finished=True
+    await engine.shutdown(timeout=30)
+
+A consumer that stops iterating (``aclose()``, its task cancelled when the client went away)
+aborts its request: the abort is queued at once and applied before the engine's next step, which
+frees the request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from parallax.inference import LLMEngine, SamplingParams
+from parallax.inference.sequence import CompletionOutput, RequestOutput
+from parallax.serve.metrics import ServeMetrics
+
+__all__ = ["AsyncEngine", "QueueFullError", "EngineStoppedError", "STEP_ERROR"]
+
+log = logging.getLogger(__name__)
+
+# What a request in flight when a step fails is told (the traceback stays in the server's log).
+STEP_ERROR = "internal error while running the model"
+RATE_WINDOW = 10.0  # seconds of finished requests behind the Retry-After estimate
+MAX_RETRY_AFTER = 60.0
+
+
+class QueueFullError(Exception):
+    """More than ``max_waiting`` requests wait; ``retry_after``: seconds to wait before retrying."""
+
+    def __init__(self, retry_after: float, waiting: int, max_waiting: int) -> None:
+        super().__init__(f"the server is busy: {waiting} requests wait (max_waiting={max_waiting}); "
+                         f"retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class EngineStoppedError(Exception):
+    """The engine is shutting down (or stopped) and takes no new work."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request: what it was asked with, where its outputs go, and its metrics state."""
+
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    lora: str | None
+    arrival: float = field(default_factory=time.perf_counter)
+    num_tokens: int = 0  # engine thread: tokens seen so far (all samples)
+    last_token_time: float = 0.0
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Hand an output (or the exception that refused the request) to the consumer's loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
+            pass
+
+
+class AsyncEngine:
+    """An ``LLMEngine`` run by a daemon thread, driven from asyncio.
+
+    engine: the engine (only the thread uses it once started). max_waiting: most requests that
+    may wait (queued, not admitted, or preempted); one more raises ``QueueFullError``.
+    """
+
+    def __init__(self, engine: LLMEngine, *, max_waiting: int = 256) -> None:
+        if not isinstance(engine, LLMEngine):
+            raise ValueError(f"engine must be an LLMEngine; got {type(engine).__name__}")
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
+            raise ValueError(f"max_waiting must be a positive integer; got {max_waiting!r}")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = ServeMetrics(snapshot=self.snapshot)
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        # guards the fields shared with the engine thread below
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}  # requests whose consumer is still iterating
+        self._queued = 0  # add commands not applied yet
+        self._stopping = False
+        self._idle = threading.Event()  # no queued adds and nothing left in the engine
+        self._idle.set()
+        self._snapshot = self._engine_state()
+        self._finish_times: deque[float] = deque()  # when requests ended, for Retry-After
+        self._thread: threading.Thread | None = None
+        # engine thread only: the requests the engine holds, and what to hand out after publishing
+        # the state (a consumer that sees its request end then sees its blocks freed in snapshot())
+        self._active: dict[str, _Stream] = {}
+        self._outbox: list[tuple[_Stream, RequestOutput | BaseException]] = []
+
+    # -- asyncio side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread (a daemon); does nothing if it runs already."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="parallax-engine", daemon=True)
+                self._thread.start()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def lora_names(self) -> list[str]:
+        return list(getattr(self.engine, "lora_names", []))
+
+    def snapshot(self) -> dict[str, float]:
+        """The engine state after its last step: running, waiting (including queued requests),
+        kv_blocks_used, kv_blocks_total, kv_usage, prefix_hit_rate, num_steps, num_preemptions."""
+        with self._lock:
+            state = dict(self._snapshot)
+            state["waiting"] += self._queued
+        return state
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str,
+                       lora: str | None = None, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Run one request; yields its cumulative ``RequestOutput`` each step it changes, the last
+        with ``finished`` set.
+
+        Raises at the first ``__anext__``, before yielding: ValueError for bad input (naming the
+        argument), ``QueueFullError``, ``EngineStoppedError``. Stopping early (``aclose()``, the
+        task cancelled) aborts the request before the engine's next step.
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string; got {request_id!r}")
+        ids = self.engine.encode(prompt_token_ids, "prompt_token_ids")  # pure: checks ids against the vocabulary
+        stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), prompt, ids, params, lora)
+        with self._lock:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            waiting = self._snapshot["waiting"] + self._queued
+            if waiting >= self.max_waiting:
+                raise QueueFullError(self._retry_after(waiting), waiting, self.max_waiting)
+            self._streams[request_id] = stream
+            self._queued += 1
+            self._idle.clear()
+            self._commands.put(("add", stream))
+        self.start()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):  # add_request refused it
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away: free the request's blocks before the next step
+                self._commands.put(("abort", request_id))
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (``LLMEngine.add_lora``) in the engine thread, between steps;
+        raises what it raises (ValueError for a bad name or directory)."""
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            self._commands.put(("lora", name, path, future))
+        self.start()
+        await future
+
+    async def shutdown(self, timeout: float) -> None:
+        """Refuse new requests, let the engine finish what it holds for up to ``timeout`` seconds,
+        abort the rest (their streams end with finish reason 'abort'), and stop the thread."""
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+        if thread is None:
+            return
+        if not await asyncio.to_thread(self._idle.wait, timeout):
+            log.warning("serve: shutdown: aborting the requests still running after %.1f s", timeout)
+            self._commands.put(("abort_all",))
+        self._commands.put(("stop",))
+        await asyncio.to_thread(thread.join)
+
+    def _retry_after(self, waiting: int) -> float:
+        """Seconds until the excess of waiting requests should have drained at the recent finish
+        rate (requests finished over the last ``RATE_WINDOW`` s), between 1 and ``MAX_RETRY_AFTER``.
+        Called with the lock held."""
+        now = time.perf_counter()
+        recent = sum(1 for t in self._finish_times if t >= now - RATE_WINDOW)
+        if recent == 0:
+            return RATE_WINDOW
+        excess = waiting - self.max_waiting + 1
+        return float(min(MAX_RETRY_AFTER, max(1, math.ceil(excess * RATE_WINDOW / recent))))
+
+    # -- engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            commands = [] if busy else [self._commands.get()]  # idle: sleep until a command comes
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            added = 0
+            stop = False
+            for command in commands:
+                if command[0] == "stop":
+                    stop = True
+                    break
+                added += command[0] == "add"
+                try:
+                    self._apply(command)
+                except Exception:  # a bug here must not kill the loop
+                    log.exception("serve: engine command %r failed", command[0])
+            if not stop and self.engine.has_unfinished_requests():
+                self._step()
+            self._publish(added)
+            for stream, item in self._outbox:
+                stream.put(item)
+            self._outbox.clear()
+            if stop:
+                return
+
+    def _apply(self, command: tuple[Any, ...]) -> None:
+        kind = command[0]
+        if kind == "add":
+            stream: _Stream = command[1]
+            kwargs = {} if stream.lora is None else {"lora": stream.lora}
+            try:
+                self.engine.add_request(stream.prompt, stream.params, stream.request_id,
+                                        prompt_token_ids=stream.prompt_token_ids, **kwargs)
+            except ValueError as e:
+                self._outbox.append((stream, e))
+                return
+            self._active[stream.request_id] = stream
+        elif kind == "abort":
+            stream = self._active.pop(command[1], None)
+            out = self.engine.abort(command[1])
+            if stream is not None and out is not None:
+                self._record(stream, out, time.perf_counter())
+        elif kind == "abort_all":
+            now = time.perf_counter()
+            for request_id, stream in list(self._active.items()):
+                out = self.engine.abort(request_id)
+                if out is not None:
+                    self._deliver(stream, out, now)
+            self._active.clear()
+        elif kind == "lora":
+            _, name, path, future = command
+            try:
+                self.engine.add_lora(name, path)
+            except Exception as e:
+                future.get_loop().call_soon_threadsafe(_settle, future, e)
+            else:
+                future.get_loop().call_soon_threadsafe(_settle, future, None)
+        else:
+            raise ValueError(f"unknown engine command {kind!r}")
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            log.exception("serve: an engine step failed; failing the %d requests in flight", len(self._active))
+            self._fail_all()
+            return
+        now = time.perf_counter()
+        for out in outputs:
+            stream = self._active.get(out.request_id)
+            if stream is not None:
+                self._deliver(stream, out, now)
+
+    def _fail_all(self) -> None:
+        """End every request in the engine with an error output (their blocks freed)."""
+        now = time.perf_counter()
+        for request_id, stream in list(self._active.items()):
+            self.engine.abort(request_id)
+            want = stream.params.logprobs is not None
+            text = None if self.engine.tokenizer is None else ""
+            out = RequestOutput(request_id, stream.prompt, list(stream.prompt_token_ids),
+                                [CompletionOutput(0, [], text, "error", [] if want else None)], finished=True,
+                                error=STEP_ERROR, arrival_time=stream.arrival, finished_time=now, lora=stream.lora)
+            self._deliver(stream, out, now)
+
+    def _deliver(self, stream: _Stream, out: RequestOutput, now: float) -> None:
+        self._record(stream, out, now)
+        if out.finished:
+            self._active.pop(stream.request_id, None)
+        self._outbox.append((stream, out))
+
+    def _record(self, stream: _Stream, out: RequestOutput, now: float) -> None:
+        """Metrics of one output: first token, later tokens, the end."""
+        total = sum(len(o.token_ids) for o in out.outputs)
+        new = total - stream.num_tokens
+        if new > 0:
+            if stream.num_tokens == 0:
+                self.metrics.on_first_token(now - stream.arrival, len(stream.prompt_token_ids))
+                self.metrics.on_tokens(new)
+            else:
+                self.metrics.on_tokens(new, now - stream.last_token_time)
+            stream.num_tokens, stream.last_token_time = total, now
+        if out.finished:
+            self.metrics.on_finished(out.finish_reason or "abort", now - stream.arrival)
+            with self._lock:  # _retry_after reads it
+                self._finish_times.append(now)
+                while self._finish_times and self._finish_times[0] < now - RATE_WINDOW:
+                    self._finish_times.popleft()
+
+    def _publish(self, added: int) -> None:
+        """Share the engine state with the asyncio side (applied adds leave the queued count at
+        the same time as they enter the engine's)."""
+        state = self._engine_state()
+        with self._lock:
+            self._queued -= added
+            self._snapshot = state
+            if self._queued == 0 and not self.engine.has_unfinished_requests():
+                self._idle.set()
+
+    def _engine_state(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
+                "kv_blocks_used": stats.used, "kv_blocks_total": stats.num_blocks,
+                "kv_usage": stats.used / stats.num_blocks, "prefix_hit_rate": stats.hit_rate,
+                "num_steps": self.engine.num_steps, "num_preemptions": self.engine.num_preemptions}
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,126 @@
+"""Fixtures of the HTTP server tests: a tiny Hugging Face Llama directory (Llama 3 tokenizer and chat
+template, random weights), and ``parallax serve``'s application running in a background thread with
+uvicorn on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.data.tokenizer_dirs import write_style
+
+CONTEXT = 512  # the tiny model's max_position_embeddings: room for streams long enough to cut
+
+
+def write_hf_llama(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama written by transformers' save_pretrained, with a Llama 3 style tokenizer."""
+    import transformers
+
+    from parallax.data import load_tokenizer
+
+    write_style(path, "llama3")
+    vocab = load_tokenizer(path).vocab_size
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=CONTEXT, tie_word_embeddings=True))
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="package")
+def hf_dir(tmp_path_factory) -> Path:
+    return write_hf_llama(tmp_path_factory.mktemp("serve") / "llama")
+
+
+@dataclass
+class Served:
+    """A running server: its address, the engine behind it and the model it serves."""
+
+    base_url: str
+    engine: Any  # AsyncEngine
+    model: Any
+    tokenizer: Any
+    name: str
+    api_key: str | None
+
+    def client(self, **kwargs: Any):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key or "unused", max_retries=0,
+                             **kwargs)
+
+    def wait_idle(self, timeout: float = 10.0) -> dict[str, float]:
+        """The engine's snapshot once nothing runs, waits or holds KV blocks (fails after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.engine.snapshot()
+            if state["running"] == 0 and state["waiting"] == 0 and state["kv_blocks_used"] == 0:
+                return state
+            assert time.monotonic() < deadline, f"the engine is not idle after {timeout} s: {state}"
+            time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a background thread on a free port; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def serve(hf_dir: Path, *, api_key: str | None = None, max_waiting: int = 256, max_num_seqs: int = 64,
+          max_body_bytes: int = 1 << 20, num_blocks: int | None = 256, name: str = "tiny-llama") -> Iterator[Served]:
+    """The application of ``parallax serve --hf hf_dir`` running on a free port."""
+    from parallax.inference import EngineConfig, LLMEngine
+    from parallax.serve.app import ServeLimits, build_app
+    from parallax.serve.async_engine import AsyncEngine
+    from parallax.train.model_source import load_trained
+
+    model, tokenizer, _ = load_trained(hf=str(hf_dir))
+    engine = AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks)),
+                         max_waiting=max_waiting)
+    app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=max_body_bytes))
+    try:
+        with running(app) as url:
+            yield Served(url, engine, model, tokenizer, name, api_key)
+    finally:
+        asyncio.run(engine.shutdown(timeout=1))
+
+
+@pytest.fixture(scope="module")
+def served(hf_dir) -> Iterator[Served]:
+    with serve(hf_dir) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir):
+    """``px.inference.LLM`` on its own copy of the served model: the outputs the server must give."""
+    from parallax.inference import LLM
+    from parallax.train.model_source import load_trained
+
+    model, tokenizer, _ = load_trained(hf=str(hf_dir))
+    return LLM(model, tokenizer=tokenizer, num_blocks=256)
