@@ -112,6 +112,7 @@ class HttpSetup:
     adapters: int
     lora_rank: int
     repeats: int  # burst runs per provider (median)
+    transformers_cb: bool  # transformers serve --continuous-batching (its start-up takes ~10 s longer)
     start_timeout_s: float
     workload: Workload
 
@@ -119,7 +120,7 @@ class HttpSetup:
 # CPU: bench serve's CPU sizes (4 x 256, context 1024, its workload), a 2048-token BPE.
 CPU = HttpSetup(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, intermediate=688, context=1024, vocab=2048,
                 batch=32, rates=(0.5, 1, 2, 4, 8, 16), duration_s=20, max_requests=160, burst=64, adapters=8,
-                lora_rank=8, repeats=3, start_timeout_s=300,
+                lora_rank=8, repeats=3, transformers_cb=True, start_timeout_s=300,
                 workload=Workload(num_requests=160, prompt_median=64, prompt_sigma=1.0, prompt_range=(4, 512),
                                   output_median=96, output_sigma=1.0, output_range=(4, 384)))
 CUDA = replace(CPU, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, intermediate=2048, batch=64,
@@ -127,7 +128,7 @@ CUDA = replace(CPU, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, intermediat
                workload=Workload(num_requests=512, prompt_median=100, prompt_sigma=1.0, prompt_range=(4, 768),
                                  output_median=200, output_sigma=1.0, output_range=(4, 512)))
 QUICK = HttpSetup(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate=128, context=256, vocab=512, batch=8,
-                  rates=(4,), duration_s=1.5, max_requests=8, burst=8, adapters=8, lora_rank=4, repeats=1,
+                  rates=(4,), duration_s=1.5, max_requests=8, burst=8, adapters=8, lora_rank=4, repeats=1, transformers_cb=False,
                   start_timeout_s=120,
                   workload=Workload(num_requests=8, prompt_median=12, prompt_sigma=0.8, prompt_range=(2, 48),
                                     output_median=8, output_sigma=0.8, output_range=(2, 24)))
@@ -332,10 +333,11 @@ def _parallax_cmd(model_dir: Path, port: int | str, batch: int, device: str, lor
     return cmd
 
 
-def _transformers_cmd(model_dir: Path, port: int | str, device: str) -> list[str]:
+def _transformers_cmd(model_dir: Path, port: int | str, device: str, continuous_batching: bool) -> list[str]:
     # --continuous-batching: without it transformers serve runs one generate() at a time
     return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--continuous-batching", "--device", device, "--log-level", "warning"]
+            "--port", str(port), "--continuous-batching" if continuous_batching else "--no-continuous-batching",
+            "--device", device, "--log-level", "warning"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -424,31 +426,32 @@ def run(ctx: Any) -> Iterator[dict]:
 
 def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:
     model_dir = tmp / "model"
-    tok, allowed = write_model_dir(model_dir, setup)
-    loras = write_adapters(model_dir, tmp / "adapters", setup.adapters, setup.lora_rank) if setup.adapters else {}
-    requests = build_requests(tok, allowed, replace(setup.workload, num_requests=max(setup.max_requests, setup.burst)),
-                              setup.context)
-    ctx.note("model", f"Llama arch {setup.n_layer}L x {setup.n_embd} ({setup.n_head} heads, {setup.n_kv_head} KV "
-                      f"heads), vocab {tok.get_vocab_size()}, context {setup.context}, fp32, random weights (the "
-                      "same files for every server)")
-    ctx.note("workload", _describe_workload(setup, requests))
     threads, device = torch.get_num_threads(), ctx.device.type
     env = _server_env(threads)
     servers: dict[str, ServerProcess] = {}
-    bench = _Bench(ctx, setup, requests)
-    engine = None
+    bench = engine = None
     try:
-        # every server starts now: their start-ups (imports, weights, warm-up) overlap each other and the engine's
-        servers["parallax serve"] = _start("parallax serve", _parallax_cmd(model_dir, "{port}", setup.batch, device, {}),
-                                           tmp, env)
-        if loras:
-            servers["parallax adapters"] = _start(
-                "parallax adapters", _parallax_cmd(model_dir, "{port}", setup.batch, device, loras), tmp, env)
+        tok, allowed = write_model_dir(model_dir, setup)
+        # each server starts as soon as its files exist: their start-ups (imports, weights, warm-up; transformers
+        # serve's is the longest) overlap each other and the rest of the preparation
         if ctx.args.no_hf:
             ctx.skip("transformers serve", "--no-hf")
         else:
-            servers["transformers serve"] = _start("transformers serve", _transformers_cmd(model_dir, "{port}", device),
-                                                   tmp, env)
+            servers["transformers serve"] = _start(
+                "transformers serve", _transformers_cmd(model_dir, "{port}", device, setup.transformers_cb), tmp, env)
+        servers["parallax serve"] = _start("parallax serve", _parallax_cmd(model_dir, "{port}", setup.batch, device, {}),
+                                           tmp, env)
+        loras = write_adapters(model_dir, tmp / "adapters", setup.adapters, setup.lora_rank) if setup.adapters else {}
+        if loras:
+            servers["parallax adapters"] = _start(
+                "parallax adapters", _parallax_cmd(model_dir, "{port}", setup.batch, device, loras), tmp, env)
+        requests = build_requests(tok, allowed, replace(setup.workload, num_requests=max(setup.max_requests,
+                                                                                          setup.burst)), setup.context)
+        ctx.note("model", f"Llama arch {setup.n_layer}L x {setup.n_embd} ({setup.n_head} heads, {setup.n_kv_head} KV "
+                          f"heads), vocab {tok.get_vocab_size()}, context {setup.context}, fp32, random weights (the "
+                          "same files for every server)")
+        ctx.note("workload", _describe_workload(setup, requests))
+        bench = _Bench(ctx, setup, requests)
         engine = _in_process_engine(model_dir, setup.batch, ctx.device)
         bench.run(_call(engine.start))
         bench.senders["in-process"] = engine_sender(engine)
@@ -490,9 +493,10 @@ def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:
     finally:
         for server in servers.values():
             server.stop()
-        if engine is not None:
-            bench.run(engine.shutdown(1.0))
-        bench.close()
+        if bench is not None:
+            if engine is not None:
+                bench.run(engine.shutdown(1.0))
+            bench.close()
 
 
 async def _call(fn: Any) -> Any:
@@ -634,6 +638,8 @@ def _describe_workload(setup: HttpSetup, requests: list[LoadRequest]) -> str:
 
 
 def _describe_servers(setup: HttpSetup, threads: int) -> str:
+    tf = ("--continuous-batching (default cache sizes)" if setup.transformers_cb else
+          "without --continuous-batching (one generate() at a time: a quick run spares the ~10 s longer start-up)")
     return (f"parallax serve --max-num-seqs {setup.batch} (and the in-process engine alike); transformers serve "
-            f"--continuous-batching (default cache sizes); {threads} torch threads each (OMP_NUM_THREADS); "
+            f"{tf}; {threads} torch threads each (OMP_NUM_THREADS); "
             f"adapters: {setup.adapters} x rank {setup.lora_rank} on every linear layer")
