@@ -1,6 +1,6 @@
 """The ``parallax`` command: ``train`` (the main job), ``finetune`` (SFT with LoRA, prefix tuning
 or all parameters), ``align`` (preference tuning: DPO and its family), ``plan`` (the memory planner), ``generate`` (sampling from a checkpoint),
-``distill`` (knowledge distillation), ``eval`` (task files, lm-eval's definitions), ``compress`` (quantization, pruning, low rank),
+``serve`` (an OpenAI-compatible HTTP server), ``distill`` (knowledge distillation), ``eval`` (task files, lm-eval's definitions), ``compress`` (quantization, pruning, low rank),
 ``tokenizer`` (training a BPE tokenizer), ``prep`` (cleaning a corpus into token shards) and ``bench``."""
 
 from __future__ import annotations
@@ -104,6 +104,12 @@ def _generate(rest: list[str]) -> int:
     return generate_main(rest, prog="parallax generate")
 
 
+def _serve(rest: list[str]) -> int:
+    from parallax.serve.cli import serve_main
+
+    return serve_main(rest, prog="parallax serve")
+
+
 def _eval(rest: list[str]) -> int:
     from parallax.eval.cli import eval_main
 
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "checkpointing and pick the fastest that fits", add_help=False)
     commands.add_parser("generate", help="generate text from a parallax train checkpoint (paged-KV engine)",
                         add_help=False)
+    commands.add_parser("serve", help="serve a checkpoint or a Hugging Face directory over HTTP with the OpenAI "
+                                      "API (completions, chat, streaming, LoRA adapters, API key, /metrics)",
+                        add_help=False)
     commands.add_parser("eval", help="score a checkpoint or a Hugging Face directory on task files "
                                      "(lm-evaluation-harness's YAML vocabulary and metrics)", add_help=False)
     commands.add_parser("compress", help="quantize (int8, int4 RTN/GPTQ), prune (magnitude, Wanda, 2:4, "
@@ -177,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(argv[1:])
     if argv[:1] == ["generate"]:
         return _generate(argv[1:])
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
     if argv[:1] == ["tokenizer"]:
         return _tokenizer(argv[1:])
     if argv[:1] == ["eval"]:

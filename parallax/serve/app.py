@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -176,6 +177,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -184,7 +189,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("serve: %s %s failed", request.method, request.url.path, exc_info=exc)
+        # one line here; the server (uvicorn) logs the traceback, which Starlette re-raises to it
+        log.error("serve: %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
         return JSONResponse(error_body("internal server error; the server's log has the details", "server_error"),
                             status_code=500)
 
@@ -231,6 +237,8 @@ class _Server:
                 raise invalid_request(f"'{field}' must be a non-empty string", field)
         if name == self.model_name or name in self.engine.lora_names:
             raise invalid_request(f"'lora_name': {name!r} is already in use", "lora_name")
+        if not Path(path).is_dir():
+            raise invalid_request(f"'lora_path': {path} is not a directory on the server", "lora_path")
         try:
             await self.engine.add_lora(name, path)
         except (ValueError, OSError) as exc:
@@ -246,6 +254,7 @@ class _Server:
 
     async def complete(self, request: Request, body: CompletionRequest) -> Response:
         lora = self._lora(body.model)
+        self._check_n(body.n)
         prompts = [p if isinstance(p, list) else await self._encode(p, "prompt") for p in body.prompt]
         for i, ids in enumerate(prompts):
             self._check_length(ids, "prompt", f"prompt {i}" if len(prompts) > 1 else "the prompt")
@@ -268,6 +277,7 @@ class _Server:
 
     async def chat(self, request: Request, body: ChatCompletionRequest) -> Response:
         lora = self._lora(body.model)
+        self._check_n(body.n)
         text = self._chat_text(body)
         ids = await self._encode(text, "messages")
         self._check_length(ids, "messages", "the messages")
@@ -303,6 +313,11 @@ class _Server:
         if not ids:
             raise invalid_request(f"'{param}' is empty: a prompt needs at least one token", param)
         return list(ids)
+
+    def _check_n(self, n: int) -> None:
+        most = self.engine.engine.config.max_num_seqs  # the samples of a request run in one batch
+        if n > most:
+            raise invalid_request(f"'n': {n} samples is more than this server runs at once ({most})", "n")
 
     def _check_length(self, ids: list[int], param: str, what: str) -> None:
         context = self.engine.max_model_len
@@ -368,9 +383,8 @@ def _engine_error(exc: BaseException, param: str) -> BaseException:
                         code="rate_limit_exceeded", headers={"Retry-After": str(seconds)})
     if isinstance(exc, EngineStoppedError):
         return APIError(503, "the server is shutting down", type="server_error", code="service_unavailable")
-    if isinstance(exc, ValueError):
-        field = "n" if "SamplingParams.n" in str(exc) else param
-        return invalid_request(f"'{field}': {exc}", field)
+    if isinstance(exc, ValueError):  # the engine's checks of the prompt (token ids outside the vocabulary)
+        return invalid_request(f"'{param}': {exc}", param)
     return exc
 
 

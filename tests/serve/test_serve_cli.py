@@ -1,0 +1,96 @@
+"""``parallax serve`` as a command: its help, bad flags (exit 2 with one line naming the flag), and a
+real process: ready line, requests with the API key from the environment, then SIGTERM while a
+stream runs: the stream ends (finish reason "abort", then [DONE]) and the process exits 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from parallax.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--hf", "--checkpoint", "--api-key", "--lora", "--max-num-seqs", "--max-waiting", "--max-body-bytes",
+                 "--shutdown-timeout", "--served-model-name", "--port", "--host"):
+        assert flag in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--no-such-flag"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+    (["--lora", "nameonly"], "expected NAME=DIR"),
+    (["--lora", "a=/no/such/dir"], "/no/such/dir is not a directory"),
+])
+def test_bad_flags_exit_2_naming_the_flag(hf_dir, flags, message, capsys):
+    assert main(["serve", "--hf", str(hf_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("parallax serve: error:") and message in err
+
+
+def test_a_missing_model_directory_exits_2(tmp_path, capsys):
+    assert main(["serve", "--hf", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PARALLAX_API_KEY": "k3y"}
+    process = subprocess.Popen([sys.executable, "-m", "parallax", "serve", "--hf", str(hf_dir), "--port", "0",
+                                "--served-model-name", "tiny", "--shutdown-timeout", "0.5"],
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        url = None
+        for line in process.stderr:
+            match = re.search(r"ready on (http://\S+)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url is not None, "the server exited before it was ready"
+        assert "API key required" in line
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
+        reply = client.completions.create(model="tiny", prompt="A list is", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1 and reply.model == "tiny"
+
+        # a stream that would run ~0.5 s more than the shutdown timeout allows
+        stream = client.completions.create(model="tiny", prompt="The history of", max_tokens=480, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                process.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+        # the openai client stops at [DONE]; a connection cut before it would raise instead
+        assert chunks[-1].choices[0].finish_reason == "abort"
+        assert 3 < sum(len(c.choices[0].text) > 0 for c in chunks) < 480
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - sent < 20
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
