@@ -119,12 +119,12 @@ class HttpSetup:
 
 # CPU: bench serve's CPU sizes (4 x 256, context 1024, its workload), a 2048-token BPE.
 CPU = HttpSetup(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, intermediate=688, context=1024, vocab=2048,
-                batch=32, rates=(0.5, 1, 2, 4, 8, 16), duration_s=20, max_requests=160, burst=64, adapters=8,
+                batch=32, rates=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), duration_s=15, max_requests=160, burst=64, adapters=8,
                 lora_rank=8, repeats=3, transformers_cb=True, start_timeout_s=300,
                 workload=Workload(num_requests=160, prompt_median=64, prompt_sigma=1.0, prompt_range=(4, 512),
                                   output_median=96, output_sigma=1.0, output_range=(4, 384)))
 CUDA = replace(CPU, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, intermediate=2048, batch=64,
-               rates=(1, 2, 4, 8, 16, 32, 64), max_requests=512, burst=128,
+               rates=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64), max_requests=512, burst=128,
                workload=Workload(num_requests=512, prompt_median=100, prompt_sigma=1.0, prompt_range=(4, 768),
                                  output_median=200, output_sigma=1.0, output_range=(4, 512)))
 QUICK = HttpSetup(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate=128, context=256, vocab=512, batch=8,
@@ -137,9 +137,9 @@ QUICK = HttpSetup(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate=128,
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
     """The options of ``bench serve --http`` (``--batch`` and ``--no-hf`` are ``bench serve``'s)."""
     parser.add_argument("--rates", type=_rates, default=None,
-                        help="--http: request rates (req/s, comma-separated; default 0.5,1,2,4,8,16 on CPU)")
+                        help="--http: request rates (req/s, comma-separated; default 0.5,1,2,3,4,6,8,12,16 on CPU)")
     parser.add_argument("--duration", type=float, default=None,
-                        help="--http: seconds of Poisson arrivals per rate (default 20; --quick 1.5)")
+                        help="--http: seconds of Poisson arrivals per rate (default 15; --quick 1.5)")
     parser.add_argument("--max-requests", type=int, default=None, help="--http: most requests per rate")
     parser.add_argument("--burst", type=int, default=None,
                         help="--http: requests sent at once for the capacity rows (overhead, adapters)")
