@@ -71,6 +71,7 @@ class StepMetadata:
     decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor]]
     # "torch" prefill: (first row, last row + 1, start position, block ids (W,) int64) per sequence
     prefill_spans: list[tuple[int, int, int, torch.Tensor]]
+    order: list[int]  # rows hold seqs[order[0]]'s tokens, then seqs[order[1]]'s, ...
 
 
 def build_metadata(seqs: list[SeqInput], block_size: int, implementation: str,
@@ -119,6 +120,7 @@ def build_metadata(seqs: list[SeqInput], block_size: int, implementation: str,
         logits_rows=tensor(logits_rows), num_decode=len(decode), max_context=max(ends),
         block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_q,
         max_query=max(len(s.token_ids) for s in seqs), decode_groups=groups, prefill_spans=spans,
+        order=order,
     )
 
 

@@ -14,7 +14,9 @@ Every block is in exactly one of three states:
 
 Blocks are shared in two ways. A full block is found again by its content: its key hashes
 (parent block's key, its tokens), so equal keys mean equal whole prefixes; full blocks are never
-written again, so sharing them needs no copy. ``fork`` shares every block of a sequence with a
+written again, so sharing them needs no copy. A sequence served through a LoRA adapter chains its
+keys from that adapter's root key (``prefix_root``): its KV differs from the base model's, so
+requests for different adapters never share blocks, and requests for the same one still do. ``fork`` shares every block of a sequence with a
 new one (parallel sampling), including a partly filled last block: whichever sequence writes
 into a shared block first gets a private copy (copy-on-write), queued for the model runner by
 ``take_copies``.
@@ -28,9 +30,17 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BlockManager", "KVCacheStats", "block_keys"]
+__all__ = ["BlockManager", "KVCacheStats", "block_keys", "prefix_root"]
 
-_ROOT_KEY = b""  # the parent key of a sequence's first block
+_ROOT_KEY = b""  # the parent key of a sequence's first block (the base model's)
+
+
+def prefix_root(lora: str | None) -> bytes:
+    """The parent key of the first block of a sequence served through adapter ``lora`` (None:
+    the base model). An engine never reuses an adapter name, so the name identifies the weights."""
+    if lora is None:
+        return _ROOT_KEY
+    return hashlib.sha256(b"lora\0" + lora.encode()).digest()
 
 
 def block_keys(token_ids: Sequence[int], block_size: int, num_blocks: int, parent: bytes = _ROOT_KEY) -> list[bytes]:
@@ -86,6 +96,7 @@ class BlockManager:
         self._block_of: dict[bytes, int] = {}  # key -> block
         self._tables: dict[int, list[int]] = {}
         self._keys: dict[int, list[bytes]] = {}  # seq -> keys of its full, computed blocks
+        self._roots: dict[int, bytes] = {}  # seq -> parent key of its first block, when not _ROOT_KEY
         self._copies: list[tuple[int, int]] = []
         self._hit_tokens = 0
         self._queried_tokens = 0
@@ -131,8 +142,9 @@ class BlockManager:
 
     # -- prefix cache ----------------------------------------------------------------------------
 
-    def lookup(self, token_ids: Sequence[int]) -> list[int]:
-        """Cached blocks holding the longest prefix of ``token_ids`` made of full blocks.
+    def lookup(self, token_ids: Sequence[int], root: bytes = _ROOT_KEY) -> list[int]:
+        """Cached blocks holding the longest prefix of ``token_ids`` made of full blocks, for a
+        sequence whose keys chain from ``root`` (``prefix_root`` of its adapter).
 
         At most ``len(token_ids) - 1`` tokens are matched: the last token is always computed
         again, since its logits are needed. Nothing is taken: pass the result to ``allocate``.
@@ -140,7 +152,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for key in block_keys(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size):
+        for key in block_keys(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size, root):
             block = self._block_of.get(key)
             if block is None:
                 break
@@ -156,7 +168,7 @@ class BlockManager:
         full = num_computed // self.block_size
         if full <= len(keys):
             return
-        parent = keys[-1] if keys else _ROOT_KEY
+        parent = keys[-1] if keys else self._roots.get(seq_id, _ROOT_KEY)
         new = block_keys(token_ids[len(keys) * self.block_size:], self.block_size, full - len(keys), parent)
         for i, key in enumerate(new, start=len(keys)):
             block = table[i]
@@ -168,14 +180,15 @@ class BlockManager:
     # -- allocation ------------------------------------------------------------------------------
 
     def allocate(self, seq_id: int, num_computed: int, num_new: int, cached: Sequence[int] = (),
-                 num_looked_up: int | None = None) -> bool:
+                 num_looked_up: int | None = None, root: bytes = _ROOT_KEY) -> bool:
         """Give ``seq_id`` the slots of tokens ``[num_computed, num_computed + num_new)``.
 
         A new sequence starts from the ``cached`` blocks of a ``lookup`` (then ``num_computed``
         must be ``len(cached) * block_size``) over ``num_looked_up`` tokens (for the hit rate;
         default ``num_computed + num_new``). If the first slot to write is in a block shared
         with another sequence, the sequence gets its own copy first (copy-on-write; see
-        ``take_copies``). Returns False, changing nothing, when there are not enough blocks.
+        ``take_copies``). ``root``: the new sequence's first parent key, as given to ``lookup``.
+        Returns False, changing nothing, when there are not enough blocks.
         """
         new_seq = seq_id not in self._tables
         table = [] if new_seq else self._tables[seq_id]
@@ -203,6 +216,8 @@ class BlockManager:
             table = list(cached)
             self._tables[seq_id] = table
             self._keys[seq_id] = [self._key_of[b] for b in cached]
+            if root != _ROOT_KEY:
+                self._roots[seq_id] = root
             self._hit_tokens += len(cached) * self.block_size
             self._queried_tokens += total if num_looked_up is None else num_looked_up
         if cow:
@@ -231,11 +246,14 @@ class BlockManager:
             self._refcount[b] += 1
         self._tables[child_id] = list(table)
         self._keys[child_id] = list(self._keys[parent_id])
+        if parent_id in self._roots:
+            self._roots[child_id] = self._roots[parent_id]
 
     def free(self, seq_id: int) -> None:
         """Drop ``seq_id``'s references; blocks nobody holds become cached (if findable) or free."""
         table = self._tables.pop(seq_id, None)
         self._keys.pop(seq_id, None)
+        self._roots.pop(seq_id, None)
         if table is None:
             return
         # Last blocks first: a prefix is reused from its start, so its tail is evicted first.

@@ -7,6 +7,11 @@ n > 1 requests at their first sample (sharing blocks), samples, and retires fini
     llm = px.inference.LLM(model, tokenizer=ByteTokenizer())
     for out in llm.generate(["Once upon", "The "], px.inference.SamplingParams(max_tokens=32, temperature=0)):
         print(out.text, out.finish_reason)
+
+Many LoRA adapters over the one base model, mixed in every batch (``parallax.inference.lora``):
+
+    llm.add_lora("sql", "runs/sql/adapter")            # a PEFT-format adapter directory
+    llm.generate(["SELECT", "Once upon"], params, lora=["sql", None])   # None: the base model
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from parallax.inference.block_manager import BlockManager, KVCacheStats
+from parallax.inference.lora import LoraRegistry
 from parallax.inference.model_runner import ATTENTION_IMPLS, ModelRunner, SeqInput, attention_layers
 from parallax.inference.sampling import SamplingParams, sample, sample_generator, token_logprobs
 from parallax.inference.scheduler import Scheduler
@@ -130,7 +136,8 @@ class LLMEngine:
                              f"max_model_len")
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, bs, config.attention)
+        self.loras = LoraRegistry(model)  # adapters served per request (add_lora)
+        self.runner = ModelRunner(model, num_blocks, bs, config.attention, loras=self.loras)
         log.info("inference: KV pool of %d blocks x %d tokens (%.1f MiB), attention %s", num_blocks, bs,
                  num_blocks * ModelRunner.bytes_per_block(model, bs) / 2**20, self.runner.attention)
         self._requests: dict[str, Request] = {}
@@ -160,11 +167,24 @@ class LLMEngine:
             raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
         return ids
 
+    def add_lora(self, name: str, path: str | os.PathLike) -> None:
+        """Serve the PEFT-format LoRA adapter directory ``path`` to requests that name it (``lora=``).
+        ValueError for a name in use, a bad directory or an adapter of another base model. Call it
+        between steps (not thread-safe)."""
+        self.loras.add(name, path)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The adapters added with ``add_lora``, in order."""
+        return self.loras.names
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    *, prompt_token_ids: list[int] | None = None) -> str:
+                    *, prompt_token_ids: list[int] | None = None, lora: str | None = None) -> str:
         """Queue a prompt; returns its request id. A prompt longer than max_model_len does not
         raise: its request fails alone (finish reason 'error', reason in ``error``).
-        ``prompt_token_ids`` skips encoding (already checked by ``encode``)."""
+        ``prompt_token_ids`` skips encoding (already checked by ``encode``). ``lora``: the name
+        of an adapter added with ``add_lora`` to serve it through (None: the base model)."""
+        self.loras.slot(lora)  # ValueError naming lora for an unknown adapter
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
@@ -177,7 +197,7 @@ class LLMEngine:
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, lora=lora)
         if len(ids) > self.max_model_len:
             request.error = (f"the prompt has {len(ids)} tokens, more than the model's context of "
                              f"{self.max_model_len} tokens")
@@ -248,7 +268,8 @@ class LLMEngine:
             inputs = [SeqInput(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed,
                                self.blocks.block_table(seq.seq_id), seq.num_computed + n == len(seq.token_ids))
                       for seq, n in plan.scheduled]
-            logits = self.runner.forward(inputs)  # (sampling sequences, V)
+            lora_slots = [self.loras.slot(seq.request.lora) for seq, _ in plan.scheduled] if len(self.loras) else None
+            logits = self.runner.forward(inputs, lora_slots)  # (sampling sequences, V)
             groups = []  # per logits row: the sequences sampling from it (n > 1 forks share a row)
             for (seq, n), inp in zip(plan.scheduled, inputs):
                 seq.num_computed += n
@@ -375,18 +396,23 @@ class LLM:
             block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, **config))
 
+    def add_lora(self, name: str, path: str | os.PathLike) -> None:
+        """Serve a PEFT-format LoRA adapter directory to prompts that name it (``LLMEngine.add_lora``)."""
+        self.engine.add_lora(name, path)
+
     def generate(self, prompts: Prompt | abc.Sequence[Prompt],
                  params: SamplingParams | abc.Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 lora: str | None | abc.Sequence[str | None] = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion; one ``RequestOutput`` per prompt, in order.
 
         prompts: a string, a list of token ids, or a list of those. params: one SamplingParams
-        for all, or one per prompt (default: SamplingParams()). use_tqdm: a progress bar over
-        finished requests (vLLM's flag).
+        for all, or one per prompt (default: SamplingParams()). lora: the adapter (``add_lora``)
+        serving all prompts, or one per prompt; None is the base model. use_tqdm: a progress bar
+        over finished requests (vLLM's flag).
         """
         final: dict[str, RequestOutput] = {}
         ids: list[str] = []
-        outputs = self._run(prompts, params, ids)
+        outputs = self._run(prompts, params, ids, lora)
         bar = progress_bar(len(ids), "generate", "request", enabled=use_tqdm)
         for out in outputs:
             if out.finished:
@@ -398,26 +424,30 @@ class LLM:
         return [final[i] for i in ids]
 
     def stream(self, prompts: Prompt | abc.Sequence[Prompt],
-               params: SamplingParams | abc.Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+               params: SamplingParams | abc.Sequence[SamplingParams] | None = None, *,
+               lora: str | None | abc.Sequence[str | None] = None) -> Iterator[RequestOutput]:
         """Like ``generate``, but yields a request's ``RequestOutput`` (everything so far) each
         step it gets tokens; the last one of each request has ``finished`` set. Closing the
         iterator early aborts the requests still running."""
-        return self._run(prompts, params, [])
+        return self._run(prompts, params, [], lora)
 
     def stats(self) -> KVCacheStats:
         """The KV pool: blocks used / free / cached, prefix-cache hit rate, waste."""
         return self.engine.stats()
 
-    def _run(self, prompts, params, ids: list[str]) -> Iterator[RequestOutput]:
+    def _run(self, prompts, params, ids: list[str], lora=None) -> Iterator[RequestOutput]:
         prompts = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         elif len(params) != len(prompts):
             raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts; pass one "
                              "SamplingParams or one per prompt")
+        loras = _as_lora_list(lora, len(prompts))
+        for name in loras:
+            self.engine.loras.slot(name)  # ValueError naming lora for an unknown adapter
         encoded = [self.engine.encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]  # all checked first
-        for prompt, tokens, p in zip(prompts, encoded, params):
-            ids.append(self.engine.add_request(prompt, p, prompt_token_ids=tokens))
+        for prompt, tokens, p, name in zip(prompts, encoded, params, loras):
+            ids.append(self.engine.add_request(prompt, p, prompt_token_ids=tokens, lora=name))
         return self._loop(set(ids))
 
     def _loop(self, pending: set[str]) -> Iterator[RequestOutput]:
@@ -441,6 +471,15 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
     if not isinstance(prompts, abc.Sequence) or not prompts:
         raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; got {prompts!r}")
     return list(prompts)
+
+
+def _as_lora_list(lora: Any, n: int) -> list[str | None]:
+    """One adapter name (or None) per prompt from ``lora``: a name or None for all, or a list of n."""
+    if lora is None or isinstance(lora, str):
+        return [lora] * n
+    if not isinstance(lora, abc.Sequence) or len(lora) != n:
+        raise ValueError(f"lora must be an adapter name, None, or a list of one per prompt ({n}); got {lora!r}")
+    return list(lora)
 
 
 def _eos_ids(tokenizer: Tokenizer | None) -> frozenset[int]:

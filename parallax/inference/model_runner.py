@@ -7,6 +7,9 @@ norms, projections, rotary positions and MLPs exactly as in training, and each o
 ``Attention`` layers hands q, k, v to the context, which writes K/V into the cache and attends
 over the paged context. Then ``model.logits`` runs on each sampling sequence's last token only.
 
+With LoRA adapters (``loras``), ``forward`` takes each sequence's adapter slot and routes every
+token through its own adapter (``parallax.inference.lora``).
+
 Attention implementations (``attention=``): ``"paged"`` (the CUDA kernels), ``"torch"`` (SDPA;
 the CPU path), ``"auto"``: ``"paged"`` on CUDA when the kernels take this head size and block
 size, else ``"torch"``; a prefix-tuned model always ``"torch"``. See ``attention_metadata`` for
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from parallax.inference.attention_metadata import PagedAttentionContext, SeqInput, build_metadata
+from parallax.inference.attention_metadata import PagedAttentionContext, SeqInput, StepMetadata, build_metadata
+from parallax.inference.lora import LoraRegistry, TokenRouting, use_routing
 from parallax.models.attention import attention_layers, forward_context
 from parallax.ops.flash_attention import SUPPORTED_HEAD_DIMS as FLASH_HEAD_DIMS
 from parallax.ops.paged_attention import BLOCK_SIZES as PAGED_BLOCK_SIZES
@@ -64,9 +69,11 @@ def _prefix_attention(requested: str, resolved: str) -> str:
 class ModelRunner:
     """Runs the model over engine steps; owns the KV cache tensor (2, L, N, B, Hkv, D)."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, attention: str = "auto") -> None:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, attention: str = "auto",
+                 loras: LoraRegistry | None = None) -> None:
         param = next(model.parameters())
         self.model = model
+        self.loras = loras
         self.device = param.device
         self.dtype = param.dtype
         self.block_size = block_size
@@ -95,10 +102,20 @@ class ModelRunner:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
-    def forward(self, seqs: list[SeqInput]) -> torch.Tensor:
-        """Logits (S_sample, V), float32, for the sequences with ``sample`` set, in input order."""
+    def forward(self, seqs: list[SeqInput], lora_slots: list[int] | None = None) -> torch.Tensor:
+        """Logits (S_sample, V), float32, for the sequences with ``sample`` set, in input order.
+        ``lora_slots``: each sequence's adapter slot in ``loras`` (-1: the base model); None: all base."""
         meta = build_metadata(seqs, self.block_size, self.attention, self.device)
         context = PagedAttentionContext(self.kv_cache, self.layers, self.attention, meta)
-        with forward_context(context):
+        with forward_context(context), use_routing(self._routing(seqs, meta, lora_slots)):
             h = self.model.hidden_states(meta.input_ids[None], meta.positions[None])  # (1, T, C)
         return self.model.logits(h[0, meta.logits_rows]).float()  # only the rows that sample: (S_sample, V)
+
+    def _routing(self, seqs: list[SeqInput], meta: StepMetadata, lora_slots: list[int] | None) -> TokenRouting | None:
+        """The adapter slot of every token row (T,), in the metadata's row order."""
+        if lora_slots is None or self.loras is None or max(lora_slots, default=-1) < 0:
+            return None
+        if len(lora_slots) != len(seqs):
+            raise ValueError(f"lora_slots has {len(lora_slots)} entries for {len(seqs)} sequences")
+        token_slots = np.repeat([lora_slots[i] for i in meta.order], [len(seqs[i].token_ids) for i in meta.order])
+        return self.loras.routing(token_slots, self.device)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from parallax.inference.block_manager import BlockManager
+from parallax.inference.block_manager import BlockManager, prefix_root
 from parallax.inference.sequence import Sequence, SequenceStatus
 
 __all__ = ["Scheduler", "SchedulerOutput"]
@@ -90,11 +90,12 @@ class Scheduler:
             seq = self.waiting[0]
             if seats + seq.fork_n > self.max_num_seqs:
                 break
-            cached = self.blocks.lookup(seq.token_ids)
+            root = prefix_root(seq.request.lora)  # an adapter's KV is its own
+            cached = self.blocks.lookup(seq.token_ids, root)
             num_computed = len(cached) * self.blocks.block_size
             num_new = min(len(seq.token_ids) - num_computed, budget)
             if not self.blocks.allocate(seq.seq_id, num_computed, num_new, cached,
-                                        num_looked_up=len(seq.token_ids)):
+                                        num_looked_up=len(seq.token_ids), root=root):
                 break
             self.waiting.popleft()
             seq.num_computed = num_computed

@@ -12,11 +12,17 @@ unmerged one by that rounding; for an exact merge into dense layers call
 
 ``LoraLinear`` keeps PEFT's module layout, so parameter names are PEFT's:
 ``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight`` (r, in), ``<path>.lora_B.<adapter>.weight`` (out, r).
+
+Many adapters in one batch (the inference engine, ``parallax.inference.lora``): while
+``LORA_ROUTING`` holds a routing, each ``LoraLinear`` also adds that routing's ``delta`` (every
+token through its own adapter, ``px.ops.sgmv``) to its output. Outside the engine it is None.
 """
 
 import math
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -28,12 +34,26 @@ _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
 _LORA_CHILDREN = frozenset({"base_layer", "lora_A", "lora_B", "lora_dropout"})
 
 
+class LoraRouting(Protocol):
+    """Per-token adapters of one batch (``parallax.inference.lora.TokenRouting`` is one)."""
+
+    def delta(self, layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor | None:
+        """The routed adapters' update of ``layer`` for input x (..., in_features) ->
+        (..., out_features), or None when no routed adapter targets ``layer``."""
+        ...
+
+
+# A context variable, not a global: each thread (the serving engine's own, a user's) sees its own.
+LORA_ROUTING: ContextVar[LoraRouting | None] = ContextVar("parallax_lora_routing", default=None)
+
+
 class LoraLinear(nn.Module):
     """y = base_layer(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x))).
 
     x (..., in_features) -> (..., out_features). Merged adapters live inside base_layer.weight
     and are skipped in forward; with ``disable_adapters`` set, only the base layer runs (merged
-    adapters are unmerged first, as PEFT does).
+    adapters are unmerged first, as PEFT does). While ``LORA_ROUTING`` is set (an inference engine
+    step), the routing's per-token update is added to that result.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -67,6 +87,17 @@ class LoraLinear(nn.Module):
         return bool(self.merged_adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self._forward_active(x)
+        routing = LORA_ROUTING.get()
+        if routing is not None:
+            delta = routing.delta(self, x)
+            if delta is not None:
+                # in the adapters' dtype (float32 over a half-precision base), as the loop below
+                result = (result + delta).to(result.dtype)
+        return result
+
+    def _forward_active(self, x: torch.Tensor) -> torch.Tensor:
+        """base_layer(x) plus the active adapters (the model as trained or loaded)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

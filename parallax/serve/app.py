@@ -33,16 +33,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parallax.serve.errors import APIError, error_body, invalid_request
-from parallax.serve.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_logprobs,
-    check_model,
-    completion_logprobs,
-    parse_request,
-    usage,
-)
-from parallax.serve.streaming import SSE_DONE, ChoiceStream, merge_outputs, sse
+from parallax.serve.protocol import ChatCompletionRequest, CompletionRequest, check_model, parse_request
+from parallax.serve.replies import ChatReply, CompletionReply, raise_if_failed
+from parallax.serve.streaming import merge_outputs
 
 __all__ = ["build_app", "ServeLimits"]
 
@@ -263,8 +256,8 @@ class _Server:
         params = body.sampling_params(min(body.max_tokens or room, room))
         texts = [p if isinstance(p, str) else None for p in body.prompt]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        firsts, gens = await self._start(prompts, texts, params, request_id, lora, "prompt")
-        reply = _CompletionReply(request_id, lora or self.model_name, body, echoes, self.token_text, prompts)
+        firsts, gens = await self._start(request, prompts, texts, params, request_id, lora, "prompt")
+        reply = CompletionReply(request_id, lora or self.model_name, body, echoes, self.token_text, prompts)
         if body.stream:
             return _event_stream(reply.events(merge_outputs(firsts, gens)))
         finals = await self._collect(request, firsts, gens)
@@ -285,8 +278,8 @@ class _Server:
         requested = body.requested_max_tokens
         params = body.sampling_params(min(requested or room, room))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        firsts, gens = await self._start([ids], [text], params, request_id, lora, "messages")
-        reply = _ChatReply(request_id, lora or self.model_name, body, self.token_text)
+        firsts, gens = await self._start(request, [ids], [text], params, request_id, lora, "messages")
+        reply = ChatReply(request_id, lora or self.model_name, body, self.token_text)
         if body.stream:
             return _event_stream(reply.events(merge_outputs(firsts, gens)))
         finals = await self._collect(request, firsts, gens)
@@ -325,13 +318,14 @@ class _Server:
             raise invalid_request(f"this model's context is {context} tokens, but {what} has {len(ids)} tokens; "
                                   f"shorten it", param)
 
-    async def _start(self, prompts: list[list[int]], texts: list[str | None], params: Any, request_id: str,
-                     lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
+    async def _start(self, request: Request, prompts: list[list[int]], texts: list[str | None], params: Any,
+                     request_id: str, lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
         """Queue every prompt and take each one's first output (errors come there: full queue, bad
-        input, shutting down); on any error the others are aborted."""
+        input, shutting down); on any error, or the client leaving while they wait, all are aborted."""
         gens = [self.engine.generate(ids, params, request_id=f"{request_id}-{i}", lora=lora, prompt=text)
                 for i, (ids, text) in enumerate(zip(prompts, texts))]
-        results = await asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True)
+        # a client gone while they wait: the cancelled gather ends each stream, which aborts its request
+        results = await _unless_gone(request, asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True))
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is None:
             return list(results), gens
@@ -348,19 +342,26 @@ class _Server:
                 finals[i] = out
             return finals
 
-        work = asyncio.ensure_future(drain())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                raise _ClientGone
-            outputs = work.result()
-        finally:
-            gone.cancel()
-            work.cancel()
+        outputs = await _unless_gone(request, drain())
         for out in outputs:
-            _raise_if_failed(out)
+            raise_if_failed(out)
         return outputs
+
+
+async def _unless_gone(request: Request, awaitable: Any) -> Any:
+    """The result of ``awaitable``, unless the client closes the connection first: then it is cancelled
+    (closing the engine streams it iterates, which aborts their requests) and ``_ClientGone`` raised."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled() or not work.done():
+        raise _ClientGone
+    return work.result()
 
 
 async def _first(gen: Any) -> Any:
@@ -388,150 +389,6 @@ def _engine_error(exc: BaseException, param: str) -> BaseException:
     return exc
 
 
-def _raise_if_failed(out: Any) -> None:
-    """500 for a request the engine failed (its reason goes to the log, not to the client)."""
-    if out.error is not None:
-        log.error("serve: request %s failed in the engine: %s", out.request_id, out.error)
-        raise APIError(500, "the engine failed on this request; the server's log has the details",
-                       type="server_error")
-
-
 def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _guarded(events: AsyncIterator[str], request_id: str) -> AsyncIterator[str]:
-    """The events, then ``[DONE]``; an error after the answer started becomes an error event (the
-    status line is gone by then), its details logged."""
-    try:
-        async for event in events:
-            yield event
-    except APIError as exc:
-        yield sse(exc.body())
-    except Exception:
-        log.exception("serve: stream %s failed", request_id)
-        yield sse(error_body("internal server error; the server's log has the details", "server_error"))
-    yield SSE_DONE
-
-
-class _CompletionReply:
-    """The answers of one ``/v1/completions`` request: choice ``i * n + j`` is sample j of prompt i."""
-
-    def __init__(self, request_id: str, model: str, body: CompletionRequest, echoes: list[str] | None,
-                 token_text: Callable[[int], str], prompts: list[list[int]]) -> None:
-        self.id = request_id
-        self.model = model
-        self.body = body
-        self.echoes = echoes
-        self.token_text = token_text
-        self.prompt_tokens = sum(len(ids) for ids in prompts)
-        self.created = int(time.time())
-
-    def _logprobs(self, entries: Any, offset: int) -> dict[str, Any] | None:
-        if self.body.logprobs is None:
-            return None
-        return completion_logprobs(entries or [], self.token_text, offset)
-
-    def whole(self, finals: list[Any]) -> dict[str, Any]:
-        choices, generated = [], 0
-        for i, out in enumerate(finals):
-            echo = self.echoes[i] if self.echoes else ""
-            for sample in out.outputs:
-                generated += len(sample.token_ids)
-                choices.append({"index": i * self.body.n + sample.index, "text": echo + (sample.text or ""),
-                                "logprobs": self._logprobs(getattr(sample, "logprobs", None), len(echo)),
-                                "finish_reason": sample.finish_reason})
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(self.prompt_tokens, generated)}
-
-    def events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
-        return _guarded(self._events(outputs), self.id)
-
-    async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
-        n, stops = self.body.n, self.body.stop
-        states: dict[int, ChoiceStream] = {}
-        finals: dict[int, Any] = {}
-        async for i, out in outputs:
-            _raise_if_failed(out)
-            finals[i] = out
-            for sample in out.outputs:
-                index = i * n + sample.index
-                state = states.setdefault(index, ChoiceStream())
-                if state.done:
-                    continue
-                finished = sample.finish_reason is not None
-                text = state.advance(sample.text or "", stops, finished)
-                entries = state.new_logprobs(getattr(sample, "logprobs", None))
-                echo = self.echoes[i] if self.echoes and not state.started else ""
-                if not (text or entries or finished or echo):
-                    continue
-                offset = state.sent_chars - len(text) + (len(self.echoes[i]) if self.echoes else 0)
-                state.started, state.done = True, finished
-                yield sse({"id": self.id, "object": "text_completion", "created": self.created,
-                           "model": self.model, "choices": [{
-                               "index": index, "text": echo + text, "logprobs": self._logprobs(entries, offset),
-                               "finish_reason": sample.finish_reason}]})
-        if self.body.include_usage:
-            generated = sum(len(s.token_ids) for out in finals.values() for s in out.outputs)
-            yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                       "choices": [], "usage": usage(self.prompt_tokens, generated)})
-
-
-class _ChatReply:
-    """The answers of one ``/v1/chat/completions`` request."""
-
-    def __init__(self, request_id: str, model: str, body: ChatCompletionRequest,
-                 token_text: Callable[[int], str]) -> None:
-        self.id = request_id
-        self.model = model
-        self.body = body
-        self.token_text = token_text
-        self.created = int(time.time())
-
-    def _logprobs(self, entries: Any) -> dict[str, Any] | None:
-        return chat_logprobs(entries or [], self.token_text) if self.body.logprobs else None
-
-    def whole(self, out: Any) -> dict[str, Any]:
-        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text or ""},
-                    "logprobs": self._logprobs(getattr(s, "logprobs", None)),
-                    "finish_reason": s.finish_reason} for s in out.outputs]
-        generated = sum(len(s.token_ids) for s in out.outputs)
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(len(out.prompt_token_ids), generated)}
-
-    def events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
-        return _guarded(self._events(outputs), self.id)
-
-    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None) -> str:
-        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                           "finish_reason": finish_reason}]})
-
-    async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
-        stops = self.body.stop
-        states: dict[int, ChoiceStream] = {}
-        final = None
-        async for _, out in outputs:
-            _raise_if_failed(out)
-            final = out
-            for sample in out.outputs:
-                state = states.setdefault(sample.index, ChoiceStream())
-                if state.done:
-                    continue
-                if not state.started:
-                    state.started = True
-                    yield self._chunk(sample.index, {"role": "assistant", "content": ""}, None, None)
-                finished = sample.finish_reason is not None
-                text = state.advance(sample.text or "", stops, finished)
-                entries = state.new_logprobs(getattr(sample, "logprobs", None))
-                if text or entries or finished:
-                    state.done = finished
-                    yield self._chunk(sample.index, {"content": text} if text else {},
-                                      self._logprobs(entries) if entries or self.body.logprobs else None,
-                                      sample.finish_reason)
-        if self.body.include_usage and final is not None:
-            generated = sum(len(s.token_ids) for s in final.outputs)
-            yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                       "model": self.model, "choices": [],
-                       "usage": usage(len(final.prompt_token_ids), generated)})

@@ -92,22 +92,44 @@ def running(app: Any) -> Iterator[str]:
 
 @contextlib.contextmanager
 def serve(hf_dir: Path, *, api_key: str | None = None, max_waiting: int = 256, max_num_seqs: int = 64,
-          max_body_bytes: int = 1 << 20, num_blocks: int | None = 256, name: str = "tiny-llama") -> Iterator[Served]:
-    """The application of ``parallax serve --hf hf_dir`` running on a free port."""
+          max_body_bytes: int = 1 << 20, num_blocks: int | None = 256, name: str = "tiny-llama",
+          loras: dict[str, Path] | None = None) -> Iterator[Served]:
+    """The application of ``parallax serve --hf hf_dir [--lora NAME=DIR ...]`` running on a free port."""
     from parallax.inference import EngineConfig, LLMEngine
     from parallax.serve.app import ServeLimits, build_app
     from parallax.serve.async_engine import AsyncEngine
     from parallax.train.model_source import load_trained
 
     model, tokenizer, _ = load_trained(hf=str(hf_dir))
-    engine = AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks)),
-                         max_waiting=max_waiting)
+    llm_engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks))
+    for lora, path in (loras or {}).items():
+        llm_engine.add_lora(lora, path)
+    engine = AsyncEngine(llm_engine, max_waiting=max_waiting)
     app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=max_body_bytes))
     try:
         with running(app) as url:
             yield Served(url, engine, model, tokenizer, name, api_key)
     finally:
         asyncio.run(engine.shutdown(timeout=1))
+
+
+@pytest.fixture(scope="package")
+def adapter_dirs(hf_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters of the tiny model in PEFT's format (random nonzero A and B, so that each
+    changes the greedy tokens), of different ranks and target modules."""
+    import parallax as px
+    from parallax.train.model_source import load_trained
+
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for k, (name, fields) in enumerate({"alpha": dict(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
+                                        "beta": dict(r=8, lora_alpha=64, target_modules="all-linear")}.items()):
+        model, _, _ = load_trained(hf=str(hf_dir))
+        torch.manual_seed(100 + k)
+        model = px.peft.get_peft_model(model, px.peft.LoraConfig(init_lora_weights=False, **fields))
+        dirs[name] = root / name
+        model.save_adapter(dirs[name])
+    return dirs
 
 
 @pytest.fixture(scope="module")

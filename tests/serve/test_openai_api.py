@@ -222,3 +222,45 @@ def test_the_client_sees_openai_errors(served):
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="gpt-9", prompt="x")
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
+
+
+def test_lora_adapters_by_model_name(hf_dir, adapter_dirs, reference):
+    """Adapters given at start and loaded through /v1/load_lora_adapter are listed as models of the
+    base, and concurrent requests for the base and each adapter (one mixed batch) get what
+    LLM.generate gives with that adapter."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.serve.conftest import serve
+
+    if "alpha" not in reference.engine.lora_names:
+        for name, path in adapter_dirs.items():
+            reference.add_lora(name, path)
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    expected = {lora: [o.text for o in reference.generate(PROMPTS, greedy, lora=lora)] for lora in (None, "alpha", "beta")}
+    assert expected["alpha"] != expected[None] and expected["beta"] != expected[None]
+    with serve(hf_dir, loras={"alpha": adapter_dirs["alpha"]}) as s:
+        client = s.client()
+        response = httpx.post(f"{s.base_url}/v1/load_lora_adapter",
+                              json={"lora_name": "beta", "lora_path": str(adapter_dirs["beta"])})
+        assert response.status_code == 200, response.text
+        duplicate = httpx.post(f"{s.base_url}/v1/load_lora_adapter",
+                               json={"lora_name": "beta", "lora_path": str(adapter_dirs["beta"])})
+        assert duplicate.status_code == 400 and duplicate.json()["error"]["param"] == "lora_name"
+        models = {m.id: m for m in client.models.list().data}
+        assert list(models) == [s.name, "alpha", "beta"]
+        assert models["alpha"].parent == s.name and models["beta"].parent == s.name
+
+        jobs = [(lora, i) for lora in (None, "alpha", "beta") for i in range(len(PROMPTS))]
+
+        def ask(job):
+            lora, i = job
+            reply = client.completions.create(model=lora or s.name, prompt=PROMPTS[i], max_tokens=10, temperature=0)
+            assert reply.model == (lora or s.name)
+            return reply.choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            texts = list(pool.map(ask, jobs))
+        assert texts == [expected[lora][i] for lora, i in jobs]
+        chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=5, temperature=0)
+        assert chat.model == "beta"

@@ -53,10 +53,11 @@ def test_a_missing_model_directory_exits_2(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir):
+def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adapter_dirs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PARALLAX_API_KEY": "k3y"}
     process = subprocess.Popen([sys.executable, "-m", "parallax", "serve", "--hf", str(hf_dir), "--port", "0",
-                                "--served-model-name", "tiny", "--shutdown-timeout", "0.5"],
+                                "--served-model-name", "tiny", "--shutdown-timeout", "0.5",
+                                "--lora", f"alpha={adapter_dirs['alpha']}"],
                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         url = None
@@ -72,6 +73,8 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
         reply = client.completions.create(model="tiny", prompt="A list is", max_tokens=4, temperature=0)
         assert reply.usage.completion_tokens >= 1 and reply.model == "tiny"
+        assert [m.id for m in client.models.list().data] == ["tiny", "alpha"]
+        assert client.completions.create(model="alpha", prompt="A list is", max_tokens=4).model == "alpha"
 
         # a stream that would run ~0.5 s more than the shutdown timeout allows
         stream = client.completions.create(model="tiny", prompt="The history of", max_tokens=480, temperature=0,

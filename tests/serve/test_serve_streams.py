@@ -108,3 +108,57 @@ def test_64_concurrent_streaming_clients(served, reference):
     assert [r[1] for r in results] == [e.finish_reason for e in expected]
     assert most_running >= 16
     served.wait_idle()
+
+
+@pytest.mark.parametrize("text, stops, finished, sendable", [
+    ("Hello wor", [], False, "Hello wor"),
+    ("caf\ufffd", [], False, "caf"),  # the rest of the character comes with the next token
+    ("caf\ufffd", [], True, "caf\ufffd"),  # finished: an invalid byte stays in the text
+    ("a\ufffdb", [], False, "a\ufffdb"),  # not at the end: it never completes
+    ("Hello wo", ["world"], False, "Hello "),  # "wo" may start "world"
+    ("Hello w", ["xyz", "wor", "llo wx"], False, "He"),  # the longest tail that starts a stop string
+    ("Hello w", ["world"], True, "Hello w"),
+    ("Hello", ["Hello!"], False, ""),
+    ("Hello", ["o"], False, "Hello"),  # a one-character stop string would have cut the text already
+    ("ab\ufffd", ["b\ufffd"], False, "a"),
+])
+def test_sendable_text_holds_back_what_can_change(text, stops, finished, sendable):
+    from parallax.serve.streaming import sendable_text
+
+    assert sendable_text(text, stops, finished) == sendable
+
+
+def test_choice_stream_sends_each_character_once():
+    """Token by token, the deltas add up to the final text (stop strings cut it)."""
+    from parallax.serve.streaming import ChoiceStream
+
+    state, sent = ChoiceStream(), []
+    for text, finished in [("It ", False), ("It is", False), ("It is \ufffd", False), ("It is é", False),
+                           ("It is é E", False), ("It is é EN", False), ("It is é ", True)]:  # cut at "END"
+        sent.append(state.advance(text, ["END"], finished))
+    assert sent == ["It ", "is", " ", "é", " ", "", ""] and "".join(sent) == "It is é "
+
+
+def test_a_client_leaving_while_queued_never_runs(hf_dir):
+    """With one sequence at a time, a second stream waits; its client leaves before its first token:
+    the request leaves the queue while the first still runs."""
+    from tests.serve.conftest import serve
+
+    with serve(hf_dir, max_num_seqs=1) as s:
+        body = {"model": s.name, "prompt": "The history of", **LONG, "stream": True}
+        first = _send(s.base_url, "/v1/completions", body)
+        _wait_running(s)
+        second = _send(s.base_url, "/v1/completions", body)
+        deadline = time.monotonic() + 10
+        while s.engine.snapshot()["waiting"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        before = _aborted(s)
+        second.close()
+        while s.engine.snapshot()["waiting"] == 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert s.engine.snapshot()["running"] == 1 and _aborted(s) == before + 1
+        first.close()
+        s.wait_idle()
+        assert _aborted(s) == before + 2

@@ -1,0 +1,210 @@
+"""Many LoRA adapters over one base model in one batch (S-LoRA / Punica style), without merging.
+
+``LoraRegistry`` loads PEFT-format adapter directories (what ``parallax finetune`` and the peft
+library save) into the engine's model as extra, *inactive* adapters of its ``LoraLinear`` layers
+(``px.peft.load_adapter``), each under a slot number; the model itself keeps computing as given
+(its own active adapters, if any, are the "base"). Each ``LoraLinear`` gets stacks of every slot's
+weights, zero-padded to the largest rank among them, in one slot order shared by all layers:
+
+    lora_a (S, R, K), lora_b (S, N, R), scaling (S,)      S slots, R max rank, K in, N out features
+
+A slot whose adapter does not target a layer has zeros there (and scaling 0), so it adds nothing.
+The stacks are rebuilt, lazily, at the first step after an adapter was added.
+
+Each engine step the runner routes the batch: ``routing(token_slots)`` (T,) (one slot per token,
+-1 for the base model) inside ``use_routing``; every ``LoraLinear`` then adds
+``px.ops.sgmv(x, lora_a, lora_b, token_slots, scaling)`` to its output (``parallax.peft.lora``).
+
+The prefix cache keeps adapters apart by chaining block keys from ``prefix_root(name)``
+(``parallax.inference.block_manager``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from parallax.peft.lora import LORA_ROUTING, LoraLinear, lora_layers
+from parallax.peft.model import CONFIG_NAME, WEIGHTS_NAME, PeftModelMixin, load_adapter
+
+__all__ = ["LoraRegistry", "LayerStacks", "TokenRouting", "use_routing"]
+
+log = logging.getLogger(__name__)
+
+BASE_SLOT = -1  # the slot of a request without an adapter
+
+
+@dataclass(frozen=True)
+class LayerStacks:
+    """One layer's adapters by slot: lora_a (S, R, K), lora_b (S, N, R), scaling (S,) float32."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: torch.Tensor
+
+
+class LoraRegistry:
+    """The adapters an engine serves: name -> slot, the per-layer stacks, the routing of a step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._slot_of: dict[str, int] = {}
+        self._internal: list[str] = []  # slot -> the adapter's name inside the model's LoraLinear layers
+        self._stacks: dict[LoraLinear, LayerStacks] | None = {}  # None: rebuild before the next step
+
+    @property
+    def names(self) -> list[str]:
+        """The adapters' names, in slot order."""
+        return list(self._slot_of)
+
+    def __len__(self) -> int:
+        return len(self._internal)
+
+    def slot(self, name: str | None) -> int:
+        """The slot of adapter ``name`` (``BASE_SLOT`` for None); ValueError naming ``lora`` and the
+        known names for an unknown one."""
+        if name is None:
+            return BASE_SLOT
+        slot = self._slot_of.get(name) if isinstance(name, str) else None
+        if slot is None:
+            raise ValueError(f"lora must be None (the base model) or one of the loaded adapters {self.names}; "
+                             f"got {name!r}")
+        return slot
+
+    def add(self, name: str, path: str | os.PathLike) -> None:
+        """Load the PEFT-format LoRA adapter directory ``path`` under ``name``. ValueError for a
+        name already in use, a directory that is missing or holds no LoRA adapter, or an adapter
+        saved for another base model (the model is then unchanged)."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"add_lora: name must be a non-empty string; got {name!r}")
+        if name in self._slot_of:
+            raise ValueError(f"add_lora: name {name!r} is already in use; loaded adapters: {self.names}")
+        directory = Path(path)
+        _check_lora_dir(directory)
+        internal = _free_internal_name(self.model, len(self._internal))
+        try:
+            load_adapter(self.model, directory, adapter_name=internal)
+        except FileNotFoundError as e:  # raced with a deletion after the check
+            raise ValueError(f"add_lora: {e}") from e
+        self._slot_of[name] = len(self._internal)
+        self._internal.append(internal)
+        # Served only where routed: the model's own computation (the base) stays as it was. Every
+        # served adapter, not just this one: loading into a model with adapters re-activates its
+        # active one (PEFT's add_adapter), which is the first one served when the model had none.
+        served = set(self._internal)
+        for _, layer in lora_layers(self.model):
+            layer.active_adapters = [n for n in layer.active_adapters if n not in served]
+        self._stacks = None
+        log.info("inference: LoRA adapter %r from %s in slot %d", name, directory, self._slot_of[name])
+
+    def stacks(self, layer: LoraLinear) -> LayerStacks | None:
+        """``layer``'s stacks, or None when no adapter targets it."""
+        if self._stacks is None:
+            self._stacks = self._build()
+        return self._stacks.get(layer)
+
+    def routing(self, token_slots: list[int] | torch.Tensor, device: torch.device) -> TokenRouting | None:
+        """The routing of a batch whose token t goes through slot ``token_slots[t]`` (T,);
+        None when every token is the base model's (nothing to add)."""
+        slots = torch.as_tensor(token_slots, dtype=torch.int64)
+        if slots.numel() and (slots.min() < BASE_SLOT or slots.max() >= len(self)):
+            raise ValueError(f"token_slots must lie in [{BASE_SLOT}, {len(self)}); got {int(slots.min())}..{int(slots.max())}")
+        if not bool((slots >= 0).any()):
+            return None
+        if self._stacks is None:
+            self._stacks = self._build()
+        return TokenRouting(self, slots.to(device))
+
+    @torch.no_grad()
+    def _build(self) -> dict[LoraLinear, LayerStacks]:
+        """Stacks for every LoraLinear that some adapter targets, zero-padded to its largest rank."""
+        stacks = {}
+        for _, layer in lora_layers(self.model):
+            present = [(s, n) for s, n in enumerate(self._internal) if n in layer.lora_A]
+            if not present:
+                continue
+            rank = max(layer.r[n] for _, n in present)
+            first = layer.lora_A[present[0][1]].weight
+            a = torch.zeros(len(self), rank, layer.in_features, dtype=first.dtype, device=first.device)
+            b = torch.zeros(len(self), layer.out_features, rank, dtype=first.dtype, device=first.device)
+            scaling = torch.zeros(len(self), dtype=torch.float32, device=first.device)
+            for s, n in present:
+                r = layer.r[n]
+                a[s, :r] = layer.lora_A[n].weight
+                b[s, :, :r] = layer.lora_B[n].weight
+                scaling[s] = layer.scaling[n]
+            stacks[layer] = LayerStacks(a, b, scaling)
+        return stacks
+
+
+class TokenRouting:
+    """One step's adapters per token, read by every ``LoraLinear`` (``parallax.peft.lora.LoraRouting``)."""
+
+    def __init__(self, registry: LoraRegistry, token_slots: torch.Tensor) -> None:
+        self.registry = registry
+        self.token_slots = token_slots  # (T,) int64
+
+    def delta(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """x (..., K) whose leading dims flatten to the step's T tokens -> (..., N) in the adapters'
+        dtype; None when no adapter targets ``layer``."""
+        stacks = self.registry.stacks(layer)
+        if stacks is None:
+            return None
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != self.token_slots.shape[0]:
+            raise RuntimeError(f"LoRA routing: a LoraLinear got {flat.shape[0]} tokens in a step of "
+                               f"{self.token_slots.shape[0]}; per-token adapters need every token in order")
+        from parallax.ops.sgmv import sgmv  # lazy: ops load the compiled extension
+
+        out = sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@contextmanager
+def use_routing(routing: TokenRouting | None) -> Iterator[None]:
+    """Within the block every ``LoraLinear`` (of this thread) adds ``routing``'s update; None: nothing."""
+    if routing is None:
+        yield
+        return
+    token = LORA_ROUTING.set(routing)
+    try:
+        yield
+    finally:
+        LORA_ROUTING.reset(token)
+
+
+def _check_lora_dir(directory: Path) -> None:
+    """ValueError naming ``directory`` unless it holds a PEFT LoRA adapter."""
+    if not directory.is_dir():
+        raise ValueError(f"add_lora: path {str(directory)!r} is not a directory (a LoRA adapter directory holds "
+                         f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    for file in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / file).is_file():
+            raise ValueError(f"add_lora: path {str(directory)!r} has no {file} (a LoRA adapter directory holds "
+                             f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        fields = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"add_lora: {directory / CONFIG_NAME} is not valid JSON: {e}") from e
+    kind = fields.get("peft_type", "LORA") if isinstance(fields, dict) else None
+    if kind != "LORA":
+        raise ValueError(f"add_lora: path {str(directory)!r} holds a {kind} adapter; only LoRA adapters can be "
+                         "served side by side (load a prefix-tuning adapter into the model before the engine)")
+
+
+def _free_internal_name(model: nn.Module, slot: int) -> str:
+    """A name for the adapter inside the model (external names may hold dots, which modules cannot)."""
+    taken = set(model.peft_config) if isinstance(model, PeftModelMixin) else set()
+    name, k = f"serve_lora_{slot}", 0
+    while name in taken:
+        k += 1
+        name = f"serve_lora_{slot}_{k}"
+    return name
