@@ -18,15 +18,17 @@ rows send ``--burst`` requests at once (capacity).
 
 Providers (subprocesses on free 127.0.0.1 ports, started at once while the in-process engine loads):
 
-* ``parallax serve``: ``python -m parallax serve --hf DIR`` (``--max-num-seqs`` = ``--batch``).
+* ``parallax serve``: ``python -m parallax serve --hf DIR --lora a1=DIR ... a8=DIR`` (``--max-num-seqs`` =
+  ``--batch``; the adapters are random rank-8 LoRA on every linear layer, written with ``px.peft``). The
+  sweep's requests name the base: a batch of base tokens skips the adapter kernel, leaving each
+  LoraLinear's Python call as the adapters' cost.
 * ``in-process``: ``parallax.serve.async_engine.AsyncEngine`` over an ``LLMEngine`` with the same
-  configuration, driven by the same load generator without HTTP (``vs in-proc``: parallax serve's
-  throughput over this one's; ``TTFT +``: its TTFT mean minus this one's).
+  configuration and adapters, driven by the same load generator without HTTP (``vs in-proc``:
+  parallax serve's throughput over this one's; ``TTFT +``: its TTFT mean minus this one's).
 * ``transformers serve``: ``transformers serve DIR --continuous-batching`` (its best CPU
   configuration: one ``generate`` at a time otherwise), offline (``HF_HUB_OFFLINE=1``).
-* ``parallax base`` / ``parallax 8 adapters``: a second ``parallax serve`` with ``--lora a1=DIR ...``
-  (random rank-8 LoRA adapters on every linear layer, written with ``px.peft``): a burst of
-  base-only requests against the same burst spread over the adapters, interleaved (``vs base``).
+* ``parallax base`` / ``parallax 8 adapters``: bursts on parallax serve, base-only against the same
+  requests spread over the adapters (one batch mixes all 8), interleaved (``vs base``).
 
 Servers and the in-process engine run with the bench's torch thread count (``OMP_NUM_THREADS``).
 Columns: output tokens/s; achieved request rate (completed / wall); TTFT and ITL (see
@@ -303,16 +305,24 @@ class ServerProcess:
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, stop_timeout: float = 15.0) -> None:
+    def terminate(self) -> None:
+        """SIGTERM to the server's process group (its children too); ``stop`` waits for it."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
             except ProcessLookupError:
                 pass
+
+    def stop(self, stop_timeout: float = 15.0) -> None:
+        self.terminate()
+        try:
+            self.proc.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
         self._log.close()
 
 
@@ -344,14 +354,16 @@ def _transformers_cmd(model_dir: Path, port: int | str, device: str, continuous_
 # the run
 
 
-def _in_process_engine(model_dir: Path, batch: int, device: torch.device) -> Any:
-    """An AsyncEngine as ``parallax serve --hf DIR --max-num-seqs batch`` builds one."""
+def _in_process_engine(model_dir: Path, batch: int, device: torch.device, loras: dict[str, Path]) -> Any:
+    """An AsyncEngine as ``parallax serve --hf DIR --max-num-seqs batch --lora NAME=DIR ...`` builds one."""
     from parallax.inference import EngineConfig, LLMEngine
     from parallax.serve.async_engine import AsyncEngine
     from parallax.train.model_source import load_trained
 
     model, tokenizer, _ = load_trained(hf=str(model_dir))
     engine = LLMEngine(model.to(device).eval(), tokenizer, EngineConfig(max_num_seqs=batch))
+    for name, path in loras.items():
+        engine.add_lora(name, path)
     return AsyncEngine(engine)
 
 
@@ -439,12 +451,9 @@ def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:
         else:
             servers["transformers serve"] = _start(
                 "transformers serve", _transformers_cmd(model_dir, "{port}", device, setup.transformers_cb), tmp, env)
-        servers["parallax serve"] = _start("parallax serve", _parallax_cmd(model_dir, "{port}", setup.batch, device, {}),
-                                           tmp, env)
         loras = write_adapters(model_dir, tmp / "adapters", setup.adapters, setup.lora_rank) if setup.adapters else {}
-        if loras:
-            servers["parallax adapters"] = _start(
-                "parallax adapters", _parallax_cmd(model_dir, "{port}", setup.batch, device, loras), tmp, env)
+        servers["parallax serve"] = _start("parallax serve", _parallax_cmd(model_dir, "{port}", setup.batch, device,
+                                                                           loras), tmp, env)
         requests = build_requests(tok, allowed, replace(setup.workload, num_requests=max(setup.max_requests,
                                                                                           setup.burst)), setup.context)
         ctx.note("model", f"Llama arch {setup.n_layer}L x {setup.n_embd} ({setup.n_head} heads, {setup.n_kv_head} KV "
@@ -452,7 +461,7 @@ def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:
                           "same files for every server)")
         ctx.note("workload", _describe_workload(setup, requests))
         bench = _Bench(ctx, setup, requests)
-        engine = _in_process_engine(model_dir, setup.batch, ctx.device)
+        engine = _in_process_engine(model_dir, setup.batch, ctx.device, loras)
         bench.run(_call(engine.start))
         bench.senders["in-process"] = engine_sender(engine)
         ctx.note("startup_s", {name: round(server.wait_ready(setup.start_timeout_s), 1)
@@ -474,23 +483,22 @@ def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:
             yield row
         if "transformers serve" in servers:  # done: its CPU time goes back to the others
             servers.pop("transformers serve").stop()
-        for row in _bursts(bench, setup, models):
-            rows.append(row)
-            yield row
-        servers.pop("parallax serve").stop()
+        last = list(_bursts(bench, setup, models))
         bench.run(engine.shutdown(10.0))
         engine = None
         if loras:
-            url = servers["parallax adapters"].base_url
+            url = servers["parallax serve"].base_url
             bench.senders["parallax base"] = bench.senders[f"parallax {len(loras)} adapters"] = \
                 http_sender(bench.session, url)
             bench.warm_up("parallax base", list(loras))
-            for row in _adapter_rows(bench, setup, list(loras)):
-                rows.append(row)
-                yield row
-        ctx.note("sustainable_rate", _sustainable(rows, setup))
-        ctx.note("goals", _goals(rows, setup, ctx.quick, len(loras)))
+            last += _adapter_rows(bench, setup, list(loras))
+        # the notes that judge the whole run go into the last records
+        ctx.note("sustainable_rate", _sustainable(rows + last, setup))
+        ctx.note("goals", _goals(rows + last, setup, ctx.quick, len(loras)))
+        yield from last
     finally:
+        for server in servers.values():  # all at once: their shutdowns overlap
+            server.terminate()
         for server in servers.values():
             server.stop()
         if bench is not None:
@@ -559,8 +567,8 @@ def _bursts(bench: _Bench, setup: HttpSetup, models: dict[str, str | None]) -> I
     yield http
 
 
-def _adapter_rows(bench: _Bench, setup: HttpSetup, names: list[str]) -> Iterator[dict]:
-    """One burst on the adapters' server: base-only against spread over every adapter, interleaved."""
+def _adapter_rows(bench: _Bench, setup: HttpSetup, names: list[str]) -> list[dict]:
+    """One burst on parallax serve: base-only against spread over every adapter, interleaved."""
     reqs = bench.requests[:setup.burst]
     mixed = f"parallax {len(names)} adapters"
     runs: dict[str, list[dict]] = {"parallax base": [], mixed: []}
@@ -570,8 +578,7 @@ def _adapter_rows(bench: _Bench, setup: HttpSetup, names: list[str]) -> Iterator
     base, lora = _median(runs["parallax base"]), _median(runs[mixed])
     if base["tokens_per_s"] and lora["tokens_per_s"]:
         lora["vs_base"] = lora["tokens_per_s"] / base["tokens_per_s"]
-    yield base
-    yield lora
+    return [base, lora]
 
 
 def _max_sustained(rows: list[dict], provider: str) -> float | None:
