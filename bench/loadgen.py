@@ -204,8 +204,9 @@ def _ms(values: list[float], q: float | None = None) -> float | None:
 
 def summarize(results: Sequence[Result], wall_s: float, requests: Sequence[LoadRequest]) -> dict[str, Any]:
     """One row's measurements: completed/failed requests, output tokens/s, achieved request rate
-    (completed / wall), TTFT and ITL mean and p99, the p99 gap between events, and the requests
-    that generated fewer tokens than asked (a server that stopped early)."""
+    (completed / wall), TTFT and ITL mean and p99, the p99 gap between events, the requests that
+    generated fewer tokens than asked (a server that stopped early) and those whose prompt the
+    server counted as another number of tokens than ``prompt_ids`` has."""
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok]
     itl = [r.itl_s for r in ok if r.itl_s is not None]
@@ -219,5 +220,8 @@ def summarize(results: Sequence[Result], wall_s: float, requests: Sequence[LoadR
         "ttft_mean_ms": _ms(ttft), "ttft_p99_ms": _ms(ttft, 0.99),
         "itl_mean_ms": _ms(itl), "itl_p99_ms": _ms(itl, 0.99), "event_gap_p99_ms": _ms(gaps, 0.99),
         "short_requests": sum(r.output_tokens < q.max_tokens for r, q in zip(results, requests) if r.ok),
+        # the server tokenized the prompt text to other ids than the load generator (and the in-process engine) did
+        "prompt_mismatches": sum(r.prompt_tokens not in (None, len(q.prompt_ids))
+                                 for r, q in zip(results, requests) if r.ok),
         "wall_s": wall_s, "errors": errors[:5] or None,
     }

@@ -144,8 +144,8 @@ def test_poisson_arrivals():
 
 def test_summarize():
     reqs = [_req(n=3), _req(n=5), _req(n=5)]
-    results = [Result(ok=True, output_tokens=3, ttft_s=0.1, event_times=[0.1, 0.2, 0.3]),
-               Result(ok=True, output_tokens=4, ttft_s=0.3, event_times=[0.3, 0.9]),
+    results = [Result(ok=True, output_tokens=3, prompt_tokens=3, ttft_s=0.1, event_times=[0.1, 0.2, 0.3]),
+               Result(ok=True, output_tokens=4, prompt_tokens=4, ttft_s=0.3, event_times=[0.3, 0.9]),
                Result(error="HTTP 429: full")]
     row = summarize(results, 2.0, reqs)
     assert row["requests"] == 3 and row["completed"] == 2 and row["failed"] == 1
@@ -153,6 +153,7 @@ def test_summarize():
     assert row["ttft_mean_ms"] == pytest.approx(200) and row["ttft_p99_ms"] == pytest.approx(298)
     assert row["itl_mean_ms"] == pytest.approx(150)  # (100 + 200) / 2: per-request means
     assert row["short_requests"] == 1  # 4 of 5 tokens
+    assert row["prompt_mismatches"] == 1  # 4 prompt tokens counted for 3 ids
     assert row["errors"] == ["HTTP 429: full"]
 
 
