@@ -37,6 +37,13 @@ device-to-device copy bandwidth measured in the same process; ``max diff`` is ag
 dequantize-then-``F.linear`` reference on the same stored weight. Goal (issue 14, the
 ``quant_goals`` note): at batch 1, int4 >= 2.5x and int8 >= 1.6x faster than bf16.
 
+Batched multi-LoRA (``sgmv``, issue 17): inference forwards of the LoRA update alone for a batch
+whose tokens are spread over 8 adapters (shuffled, as requests of different adapters are), at a
+decode batch and a prefill chunk: ``parallax`` is ``px.ops.sgmv`` with its plan made once (as
+the engine makes it once per step for every layer), ``torch`` the per-adapter gather-and-matmul
+loop (``sgmv_ref``), ``dense`` one adapter's two matmuls over every token (single-adapter LoRA,
+the cost floor: ``vs dense`` = parallax's time / its).
+
 Goal (issue 10, reported in the ``goals`` note, not asserted): linear_cross_entropy at a 128k
 vocabulary and 8k tokens uses >= 4x less peak memory than ``F.cross_entropy(lm_head(x))`` at
 <= 1.1x its time on GPU; on CPU (memory only) the same vocabulary with fewer tokens, sized to
@@ -80,10 +87,14 @@ COLUMNS = [
     Column("mem_x", "mem saved [x]", ".2f"),
     Column("floor_ms", "floor [ms]", ".4f"),
     Column("max_diff", "max diff", ".1e"),
+    Column("vs_dense", "vs dense [x]", ".2f"),
 ]
 # weight-only quantized matmuls: name -> group size (None: int8 per channel); goals: speedup over bf16 at batch 1
 QUANT_CASES = {"int8_linear": None, "int4_linear": 128}
 QUANT_GOALS = {"int8_linear": 1.6, "int4_linear": 2.5}
+SGMV_SHAPES = {"cuda": dict(batches=(64, 4096), hidden=4096, out=4096, rank=16, adapters=8),
+               "cpu": dict(batches=(64, 1024), hidden=1024, out=1024, rank=16, adapters=8),
+               "quick": dict(batches=(16,), hidden=32, out=48, rank=4, adapters=8)}
 QUANT_SHAPES = {"cuda": dict(batches=(1, 16), hidden=4096, out=4096),
                 "cpu": dict(batches=(1, 16), hidden=1024, out=1024),
                 "quick": dict(batches=(1,), hidden=256, out=128)}
@@ -327,7 +338,7 @@ def _max_diff(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> float:
 
 
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    names = ",".join([c.name for c in CASES] + list(QUANT_CASES))
+    names = ",".join([c.name for c in CASES] + list(QUANT_CASES) + ["sgmv"])
     parser.add_argument("--cases", default=names, help=f"comma-separated subset of {names}")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)} "
                                                                          "(torch, the baseline, always runs)")
@@ -366,7 +377,7 @@ def run(ctx) -> Iterator[dict]:
     import parallax as px
 
     device, args = ctx.device, ctx.args
-    cases = _selected(args.cases, tuple(c.name for c in CASES) + tuple(QUANT_CASES), "cases")
+    cases = _selected(args.cases, tuple(c.name for c in CASES) + tuple(QUANT_CASES) + ("sgmv",), "cases")
     providers = ["torch"] + [p for p in _selected(args.providers, PROVIDERS, "providers") if p != "torch"]
     liger_problem = _liger_problem(device)
     if "liger" in providers and liger_problem:
@@ -406,6 +417,8 @@ def run(ctx) -> Iterator[dict]:
         if device.type == "cuda" and not ctx.quick:
             ctx.note("quant_goals", _quant_goals(rows))
         yield from rows
+    if "sgmv" in cases:
+        yield from _measure_sgmv(ctx, setting, timed)
 
 
 def _measure_case(ctx, case: Case, providers: list[str], setting: str, timed: bool) -> Iterator[dict]:
@@ -566,3 +579,46 @@ def _quant_goals(rows: list[dict]) -> dict[str, str]:
         goals[f"{row['case']} at batch 1 ({row['shape']}): >= {want}x faster than bf16 F.linear"] = (
             f"{speedup:.2f}x, {'met' if speedup >= want else 'NOT met'}")
     return goals
+
+
+# --------------------------------------------------------------------------------------------
+# batched multi-LoRA (inference forwards)
+
+
+def _measure_sgmv(ctx, setting: str, timed: bool) -> Iterator[dict]:
+    """Per batch: ``px.ops.sgmv`` over 8 adapters, ``sgmv_ref`` and one dense adapter, forward only."""
+    from parallax.ops.sgmv import sgmv, sgmv_plan, sgmv_ref
+
+    device, shape = ctx.device, SGMV_SHAPES[setting]
+    dtype_name = "bf16" if device.type == "cuda" else "fp32"
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden, out, r, slots = shape["hidden"], shape["out"], shape["rank"], shape["adapters"]
+    lora_a = _randn((slots, r, hidden), device, dtype, gen, scale=hidden ** -0.5)
+    lora_b = _randn((slots, out, r), device, dtype, gen, scale=r ** -0.5)
+    scaling = torch.full((slots,), 2.0, device=device)
+    on_gpu = device.type == "cuda"
+    for batch in shape["batches"]:
+        x = _randn((batch, hidden), device, dtype, gen)
+        order = torch.randperm(batch, generator=torch.Generator().manual_seed(batch)).to(device)
+        indices = order % slots  # every adapter, tokens shuffled
+        plan = sgmv_plan(indices, slots)
+        fns = {"parallax": lambda: sgmv(x, lora_a, lora_b, indices, scaling, plan=plan),
+               "torch": lambda: sgmv_ref(x, lora_a, lora_b, indices, scaling),
+               "dense": lambda: F.linear(F.linear(x, lora_a[0]), lora_b[0]) * 2.0}
+        with torch.no_grad():
+            want = fns["torch"]()
+            diffs = {"parallax": _max_diff((fns["parallax"](),), (want,)), "torch": 0.0, "dense": None}
+            timings = interleave(fns, device=device, warmup=5 if on_gpu else 1, budget_s=ctx.args.budget if on_gpu
+                                 else 0.02, min_repeat=20 if on_gpu else 3, max_repeat=200) if timed else {}
+        for provider in fns:
+            row = {"case": "sgmv", "shape": f"tokens={batch} hidden={hidden} out={out} rank={r} adapters={slots}",
+                   "dtype": dtype_name, "provider": provider,
+                   "backend": _backend_name("sgmv", device) if provider == "parallax" else None, "tokens": batch,
+                   "max_diff": diffs[provider]}
+            if timings:
+                t = timings[provider]
+                row.update(fwd_ms=t.median_ms, fwd_p20_ms=t.p20_ms, fwd_p80_ms=t.p80_ms,
+                           vs_torch=t.median_s / timings["torch"].median_s,
+                           vs_dense=t.median_s / timings["dense"].median_s)
+            yield row

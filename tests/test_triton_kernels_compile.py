@@ -79,6 +79,7 @@ def _jobs() -> dict[str, tuple]:
                                  dict(NUM_KV_HEADS=3, HEADS_PAD=4, HEAD_DIM=64, DIM_PAD=64, BLOCK_SIZE=16), 4, 2)
     jobs.update(_fused_jobs())
     jobs.update(_lora_jobs())
+    jobs.update(_sgmv_jobs())
     jobs.update(_quant_jobs())
     # the launcher's widest block (a 128k vocabulary) and a narrow one without the gradient pass
     jobs["cross-entropy-bf16-grad"] = ("cross_entropy", "_cross_entropy_fwd_bwd", "bf16",
@@ -128,6 +129,31 @@ def _lora_jobs() -> dict[str, tuple]:
         "lora-matmul-fp16-decode": ("lora_linear", "_lora_matmul", "fp16", *cfg(16, 64, 16, 4)),
         "lora-matmul-fp32": ("lora_linear", "_lora_matmul", "fp32", *cfg(64, 32, 64, 4, "ieee", "ieee")),
     }
+
+
+def _sgmv_jobs() -> dict[str, tuple]:
+    """The multi-LoRA shrink and expand kernels in the launcher's GPU configurations
+    (``parallax.ops.sgmv._sgmv_triton``): 16-bit decode tiles (16 rows) and prefill tiles (64 rows,
+    128 columns), with exact fp32 adapters."""
+    tiles = {"order_ptr": "*i64", "tile_slot_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32",
+             "u_ptr": "*fp32", "scaling_ptr": "*fp32"}
+
+    def shrink(dtype, block_m, block_r):
+        const = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m,
+                     BLOCK_K=32 if dtype == "fp32" else 64, BLOCK_R=block_r)
+        return ("sgmv", "_sgmv_shrink", dtype, const, 4, 3, tiles)
+
+    def expand(dtype, block_m, block_n, block_r):
+        const = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_R=block_r)
+        return ("sgmv", "_sgmv_expand", dtype, const, 8 if block_m * block_n >= 64 * 128 else 4, 3, tiles)
+
+    return {"sgmv-shrink-bf16-decode-r16": shrink("bf16", 16, 16),
+            "sgmv-shrink-fp16-prefill-r64": shrink("fp16", 64, 64),
+            "sgmv-shrink-fp32-r64": shrink("fp32", 64, 64),
+            "sgmv-expand-bf16-decode-r16": expand("bf16", 16, 128, 16),
+            "sgmv-expand-bf16-prefill-r64": expand("bf16", 64, 128, 64),
+            "sgmv-expand-fp32-r64": expand("fp32", 64, 64, 64)}
 
 
 def _quant_jobs() -> dict[str, tuple]:

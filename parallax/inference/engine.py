@@ -321,10 +321,11 @@ class LLMEngine:
             return result
         k = max(flat[j].request.params.logprobs for j in want)
         chosen, top_values, top_ids = token_logprobs(logits[[rows[j] for j in want]], tokens[want], k)
-        chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+        chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()  # one copy each
+        token_ids = tokens[want].tolist()
         for i, j in enumerate(want):
             kj = flat[j].request.params.logprobs
-            result[j] = TokenLogprob(int(tokens[j]), chosen[i], list(zip(top_ids[i][:kj], top_values[i][:kj])))
+            result[j] = TokenLogprob(token_ids[i], chosen[i], list(zip(top_ids[i][:kj], top_values[i][:kj])))
         return result
 
     def _append(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:

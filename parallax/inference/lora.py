@@ -9,7 +9,8 @@ weights, zero-padded to the largest rank among them, in one slot order shared by
     lora_a (S, R, K), lora_b (S, N, R), scaling (S,)      S slots, R max rank, K in, N out features
 
 A slot whose adapter does not target a layer has zeros there (and scaling 0), so it adds nothing.
-The stacks are rebuilt, lazily, at the first step after an adapter was added.
+The stacks are rebuilt, lazily, at the first step after an adapter was added; the layers' own
+``lora_A``/``lora_B`` weights of the served adapters are views into them (each adapter stored once).
 
 Each engine step the runner routes the batch: ``routing(token_slots)`` (T,) (one slot per token,
 -1 for the base model) inside ``use_routing``; every ``LoraLinear`` then adds
@@ -123,9 +124,14 @@ class LoraRegistry:
             self._stacks = self._build()
         return TokenRouting(self, slots.to(device))
 
-    @torch.no_grad()
     def _build(self) -> dict[LoraLinear, LayerStacks]:
-        """Stacks for every LoraLinear that some adapter targets, zero-padded to its largest rank."""
+        """Stacks for every LoraLinear that some adapter targets, zero-padded to its largest rank.
+        The layers' served adapter weights then become views into them: stored once. Normal
+        tensors even when built inside the engine's inference mode (they are the model's weights)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._build_stacks()
+
+    def _build_stacks(self) -> dict[LoraLinear, LayerStacks]:
         stacks = {}
         for _, layer in lora_layers(self.model):
             present = [(s, n) for s, n in enumerate(self._internal) if n in layer.lora_A]
@@ -141,6 +147,8 @@ class LoraRegistry:
                 a[s, :r] = layer.lora_A[n].weight
                 b[s, :, :r] = layer.lora_B[n].weight
                 scaling[s] = layer.scaling[n]
+                layer.lora_A[n].weight.data = a[s, :r]
+                layer.lora_B[n].weight.data = b[s, :, :r]
             stacks[layer] = LayerStacks(a, b, scaling)
         return stacks
 

@@ -87,7 +87,7 @@ class Request:
     finished_time: float | None = None
     error: str | None = None
     seed: int = 0  # of the samples' generators (SamplingParams.seed, or drawn when it is None)
-    lora: str | None = None  # the adapter serving it (None: the base model)
+    lora: str | None = None  # the LoRA adapter serving it (None: the base model)
 
     @property
     def finished(self) -> bool:
@@ -114,7 +114,7 @@ class RequestOutput:
 
     ``token_ids``, ``text`` and ``finish_reason`` are those of the first sample. ``error`` says
     why a request failed (it then has finish reason 'error' and no tokens). Times are
-    ``time.perf_counter()`` values. ``lora``: the adapter that served it (None: the base model).
+    ``time.perf_counter()`` values. ``lora``: the LoRA adapter that served it (None: the base model).
     """
 
     request_id: str

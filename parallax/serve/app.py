@@ -252,8 +252,7 @@ class _Server:
         for i, ids in enumerate(prompts):
             self._check_length(ids, "prompt", f"prompt {i}" if len(prompts) > 1 else "the prompt")
         echoes = [self._echo(p, ids) for p, ids in zip(body.prompt, prompts)] if body.echo else None
-        room = min(self.engine.max_model_len + 1 - len(ids) for ids in prompts)
-        params = body.sampling_params(min(body.max_tokens or room, room))
+        params = [body.sampling_params(self._max_tokens(body.max_tokens, ids)) for ids in prompts]
         texts = [p if isinstance(p, str) else None for p in body.prompt]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         firsts, gens = await self._start(request, prompts, texts, params, request_id, lora, "prompt")
@@ -274,11 +273,9 @@ class _Server:
         text = self._chat_text(body)
         ids = await self._encode(text, "messages")
         self._check_length(ids, "messages", "the messages")
-        room = self.engine.max_model_len + 1 - len(ids)
-        requested = body.requested_max_tokens
-        params = body.sampling_params(min(requested or room, room))
+        params = body.sampling_params(self._max_tokens(body.requested_max_tokens, ids))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        firsts, gens = await self._start(request, [ids], [text], params, request_id, lora, "messages")
+        firsts, gens = await self._start(request, [ids], [text], [params], request_id, lora, "messages")
         reply = ChatReply(request_id, lora or self.model_name, body, self.token_text)
         if body.stream:
             return _event_stream(reply.events(merge_outputs(firsts, gens)))
@@ -307,6 +304,12 @@ class _Server:
             raise invalid_request(f"'{param}' is empty: a prompt needs at least one token", param)
         return list(ids)
 
+    def _max_tokens(self, requested: int | None, ids: list[int]) -> int:
+        """``requested`` (None: no limit) fitted to what the context leaves after the prompt (the last
+        token is sampled, never fed, hence the + 1)."""
+        room = self.engine.max_model_len + 1 - len(ids)
+        return room if requested is None else min(requested, room)
+
     def _check_n(self, n: int) -> None:
         most = self.engine.engine.config.max_num_seqs  # the samples of a request run in one batch
         if n > most:
@@ -318,20 +321,23 @@ class _Server:
             raise invalid_request(f"this model's context is {context} tokens, but {what} has {len(ids)} tokens; "
                                   f"shorten it", param)
 
-    async def _start(self, request: Request, prompts: list[list[int]], texts: list[str | None], params: Any,
+    async def _start(self, request: Request, prompts: list[list[int]], texts: list[str | None], params: list[Any],
                      request_id: str, lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
-        """Queue every prompt and take each one's first output (errors come there: full queue, bad
-        input, shutting down); on any error, or the client leaving while they wait, all are aborted."""
-        gens = [self.engine.generate(ids, params, request_id=f"{request_id}-{i}", lora=lora, prompt=text)
-                for i, (ids, text) in enumerate(zip(prompts, texts))]
+        """Queue every prompt (with its ``SamplingParams``) and take each one's first output (errors come
+        there: full queue, bad input, shutting down); on any error, or the client leaving while they
+        wait, all are aborted."""
+        gens = [self.engine.generate(ids, p, request_id=f"{request_id}-{i}", lora=lora, prompt=text)
+                for i, (ids, text, p) in enumerate(zip(prompts, texts, params))]
         # a client gone while they wait: the cancelled gather ends each stream, which aborts its request
         results = await _unless_gone(request, asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True))
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        failed = next((r for r in results if isinstance(r, BaseException) or r.error is not None), None)
         if failed is None:
             return list(results), gens
         for gen in gens:
             await gen.aclose()
-        raise _engine_error(failed, param)
+        if isinstance(failed, BaseException):
+            raise _engine_error(failed, param)
+        raise_if_failed(failed)  # a 500 before the answer starts, streamed or not
 
     async def _collect(self, request: Request, firsts: list[Any], gens: list[Any]) -> list[Any]:
         """Every request's final output; aborts them all if the client disconnects meanwhile."""

@@ -2,10 +2,11 @@
 through asyncio, so the event loop stays responsive while the model runs.
 
 The engine thread owns the ``LLMEngine`` (it is not thread-safe). The asyncio side talks to it
-through a thread-safe command queue (add a request, abort one, add a LoRA adapter, abort all,
-stop), applied between steps, so a request added while others run joins the next batch. Outputs
-go back to a per-request ``asyncio.Queue`` through ``loop.call_soon_threadsafe``. With nothing
-to run, the thread sleeps on the command queue (no polling).
+through a thread-safe command queue (add a request, abort one, add a LoRA adapter, stop), applied between steps, so a request added while others run joins the next batch. Outputs
+go back to the request's consumer through ``loop.call_soon_threadsafe``. They are cumulative, so
+each request keeps only its latest one: a consumer slower than the engine (a slow client) skips
+intermediate outputs instead of piling them up (memory stays one output per request). With
+nothing to run, the thread sleeps on the command queue (no polling).
 
     engine = AsyncEngine(LLMEngine(model, tokenizer), max_waiting=256)
     async for out in engine.generate(ids, SamplingParams(max_tokens=32), request_id="r1"):
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 STEP_ERROR = "internal error while running the model"
 RATE_WINDOW = 10.0  # seconds of finished requests behind the Retry-After estimate
 MAX_RETRY_AFTER = 60.0
+# BlockManager.stats() walks every block (1.4 ms for 50k blocks, a sizeable share of a decode
+# step): the prefix-cache hit rate is refreshed at most this often (and when the engine goes idle);
+# the block counts are exact after every step.
+STATS_INTERVAL = 0.5
 
 
 class QueueFullError(Exception):
@@ -63,7 +68,6 @@ class _Stream:
 
     request_id: str
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -71,13 +75,28 @@ class _Stream:
     arrival: float = field(default_factory=time.perf_counter)
     num_tokens: int = 0  # engine thread: tokens seen so far (all samples)
     last_token_time: float = 0.0
+    latest: RequestOutput | BaseException | None = None  # consumer's loop: not taken yet
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Hand an output (or the exception that refused the request) to the consumer's loop."""
+        """Engine thread: hand an output (or the exception that ends the request) to the consumer."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._set, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
             pass
+
+    def _set(self, item: RequestOutput | BaseException) -> None:
+        latest = self.latest
+        if latest is None or not (isinstance(latest, BaseException) or latest.finished):  # an end stays
+            self.latest = item
+        self.ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        """The latest output (cumulative: the ones it replaced are contained in it)."""
+        await self.ready.wait()
+        self.ready.clear()
+        item, self.latest = self.latest, None
+        return item
 
 
 class AsyncEngine:
@@ -103,6 +122,8 @@ class AsyncEngine:
         self._stopping = False
         self._idle = threading.Event()  # no queued adds and nothing left in the engine
         self._idle.set()
+        self._stats = engine.stats()
+        self._stats_time = time.perf_counter()
         self._snapshot = self._engine_state()
         self._finish_times: deque[float] = deque()  # when requests ended, for Retry-After
         self._thread: threading.Thread | None = None
@@ -130,7 +151,7 @@ class AsyncEngine:
 
     @property
     def lora_names(self) -> list[str]:
-        return list(getattr(self.engine, "lora_names", []))
+        return list(self.engine.lora_names)
 
     def snapshot(self) -> dict[str, float]:
         """The engine state after its last step: running, waiting (including queued requests),
@@ -142,8 +163,8 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str,
                        lora: str | None = None, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Run one request; yields its cumulative ``RequestOutput`` each step it changes, the last
-        with ``finished`` set.
+        """Run one request; yields its cumulative ``RequestOutput`` each step it changes (the
+        latest one only, when the consumer is slower than the engine), the last with ``finished`` set.
 
         Raises at the first ``__anext__``, before yielding: ValueError for bad input (naming the
         argument), ``QueueFullError``, ``EngineStoppedError``. Stopping early (``aclose()``, the
@@ -153,8 +174,10 @@ class AsyncEngine:
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string; got {request_id!r}")
+        if isinstance(prompt_token_ids, str):
+            raise ValueError("prompt_token_ids must be a list of token ids; got a string (encode it first)")
         ids = self.engine.encode(prompt_token_ids, "prompt_token_ids")  # pure: checks ids against the vocabulary
-        stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), prompt, ids, params, lora)
+        stream = _Stream(request_id, asyncio.get_running_loop(), prompt, ids, params, lora)
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
@@ -171,8 +194,8 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):  # add_request refused it
+                item = await stream.get()
+                if isinstance(item, BaseException):  # add_request refused it, or the loop died
                     finished = True
                     raise item
                 finished = item.finished
@@ -197,6 +220,8 @@ class AsyncEngine:
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, let the engine finish what it holds for up to ``timeout`` seconds,
         abort the rest (their streams end with finish reason 'abort'), and stop the thread."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0; got {timeout!r}")
         with self._lock:
             self._stopping = True
             thread = self._thread
@@ -204,8 +229,7 @@ class AsyncEngine:
             return
         if not await asyncio.to_thread(self._idle.wait, timeout):
             log.warning("serve: shutdown: aborting the requests still running after %.1f s", timeout)
-            self._commands.put(("abort_all",))
-        self._commands.put(("stop",))
+        self._commands.put(("stop",))  # aborts what is left
         await asyncio.to_thread(thread.join)
 
     def _retry_after(self, waiting: int) -> float:
@@ -222,6 +246,26 @@ class AsyncEngine:
     # -- engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug in the loop itself: fail loudly rather than leave clients hanging
+            log.exception("serve: the engine loop stopped")
+            with self._lock:
+                self._stopping = True
+                streams = list(self._streams.values())
+            for stream in streams:
+                stream.put(EngineStoppedError("the engine loop stopped"))
+            while True:  # adapters waiting to load
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command[0] == "lora":
+                    command[3].get_loop().call_soon_threadsafe(_settle, command[3],
+                                                               EngineStoppedError("the engine loop stopped"))
+            self._idle.set()
+
+    def _loop(self) -> None:
         while True:
             busy = self.engine.has_unfinished_requests()
             commands = [] if busy else [self._commands.get()]  # idle: sleep until a command comes
@@ -235,6 +279,7 @@ class AsyncEngine:
             for command in commands:
                 if command[0] == "stop":
                     stop = True
+                    self._abort_all()  # nothing is left hanging, whatever came before
                     break
                 added += command[0] == "add"
                 try:
@@ -254,12 +299,15 @@ class AsyncEngine:
         kind = command[0]
         if kind == "add":
             stream: _Stream = command[1]
-            kwargs = {} if stream.lora is None else {"lora": stream.lora}
             try:
                 self.engine.add_request(stream.prompt, stream.params, stream.request_id,
-                                        prompt_token_ids=stream.prompt_token_ids, **kwargs)
-            except ValueError as e:
+                                        prompt_token_ids=stream.prompt_token_ids, lora=stream.lora)
+            except ValueError as e:  # bad input: the consumer's error
                 self._outbox.append((stream, e))
+                return
+            except Exception:  # a bug: logged here, a generic error for the consumer
+                log.exception("serve: adding request %r failed", stream.request_id)
+                self._outbox.append((stream, RuntimeError(STEP_ERROR)))
                 return
             self._active[stream.request_id] = stream
         elif kind == "abort":
@@ -267,13 +315,6 @@ class AsyncEngine:
             out = self.engine.abort(command[1])
             if stream is not None and out is not None:
                 self._record(stream, out, time.perf_counter())
-        elif kind == "abort_all":
-            now = time.perf_counter()
-            for request_id, stream in list(self._active.items()):
-                out = self.engine.abort(request_id)
-                if out is not None:
-                    self._deliver(stream, out, now)
-            self._active.clear()
         elif kind == "lora":
             _, name, path, future = command
             try:
@@ -298,17 +339,30 @@ class AsyncEngine:
             if stream is not None:
                 self._deliver(stream, out, now)
 
+    def _abort_all(self) -> None:
+        """End every request in the engine with its final output, finish reason 'abort'."""
+        now = time.perf_counter()
+        for request_id, stream in list(self._active.items()):
+            # None: a request refused by the engine whose error output was not reported yet
+            out = self.engine.abort(request_id) or self._empty_output(stream, "abort", None, now)
+            self._deliver(stream, out, now)
+
     def _fail_all(self) -> None:
         """End every request in the engine with an error output (their blocks freed)."""
         now = time.perf_counter()
         for request_id, stream in list(self._active.items()):
             self.engine.abort(request_id)
-            want = stream.params.logprobs is not None
-            text = None if self.engine.tokenizer is None else ""
-            out = RequestOutput(request_id, stream.prompt, list(stream.prompt_token_ids),
-                                [CompletionOutput(0, [], text, "error", [] if want else None)], finished=True,
-                                error=STEP_ERROR, arrival_time=stream.arrival, finished_time=now, lora=stream.lora)
-            self._deliver(stream, out, now)
+            self._deliver(stream, self._empty_output(stream, "error", STEP_ERROR, now), now)
+
+    def _empty_output(self, stream: _Stream, reason: str, error: str | None, now: float) -> RequestOutput:
+        """A final output with no tokens (an engine error, or aborted before the engine reported it)."""
+        want = stream.params.logprobs is not None
+        text = None if self.engine.tokenizer is None else ""
+        n = 1 if error is not None else stream.params.n  # a failed request has one output, as the engine's
+        return RequestOutput(stream.request_id, stream.prompt, list(stream.prompt_token_ids),
+                             [CompletionOutput(i, [], text, reason, [] if want else None) for i in range(n)],
+                             finished=True, error=error, arrival_time=stream.arrival, finished_time=now,
+                             lora=stream.lora)
 
     def _deliver(self, stream: _Stream, out: RequestOutput, now: float) -> None:
         self._record(stream, out, now)
@@ -345,10 +399,13 @@ class AsyncEngine:
                 self._idle.set()
 
     def _engine_state(self) -> dict[str, float]:
-        stats = self.engine.stats()
+        blocks, now = self.engine.blocks, time.perf_counter()
+        if now - self._stats_time >= STATS_INTERVAL or not self.engine.has_unfinished_requests():
+            self._stats, self._stats_time = self.engine.stats(), now
+        used = blocks.num_blocks - blocks.num_available  # free + cached (evictable) blocks are available
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
-                "kv_blocks_used": stats.used, "kv_blocks_total": stats.num_blocks,
-                "kv_usage": stats.used / stats.num_blocks, "prefix_hit_rate": stats.hit_rate,
+                "kv_blocks_used": used, "kv_blocks_total": blocks.num_blocks,
+                "kv_usage": used / blocks.num_blocks, "prefix_hit_rate": self._stats.hit_rate,
                 "num_steps": self.engine.num_steps, "num_preemptions": self.engine.num_preemptions}
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535]; got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
+        raise ValueError("--api-key is empty; give a key, or leave the flag out to serve without one")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout must be >= 0 seconds; got {args.shutdown_timeout}")
 
@@ -167,7 +170,11 @@ class GracefulServer:
 @contextlib.contextmanager
 def _signals_end_quietly() -> Iterator[None]:
     """uvicorn re-raises the signal that stopped it once it is done, to the handler that was there
-    before: make that handler a no-op so a graceful stop exits with status 0."""
+    before: make that handler a no-op so a graceful stop exits with status 0. (Outside the main thread
+    uvicorn handles no signals, and neither does this.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
     try:

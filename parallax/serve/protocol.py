@@ -23,11 +23,15 @@ from parallax.inference import SamplingParams
 from parallax.serve.errors import APIError, invalid_request, pydantic_param
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "parse_request",
-           "usage", "completion_logprobs", "chat_logprobs", "check_model", "MAX_N", "MAX_STOP"]
+           "usage", "completion_logprobs", "chat_logprobs", "check_model", "MAX_N", "MAX_STOP", "MAX_STOP_CHARS"]
 
 MAX_N = 128  # samples per prompt; the engine also bounds n by its max_num_seqs
 MAX_STOP = 4  # OpenAI's limit on stop strings
+# Longest stop string: a stream checks each tail of the text against each stop string's prefixes
+# (parallax.serve.streaming.sendable_text), quadratic in this length.
+MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+MIN_LOGPROB = -9999.0
 
 
 class StreamOptions(BaseModel):
@@ -65,6 +69,8 @@ class _SamplingRequest(BaseModel):
             raise ValueError("must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP:
             raise ValueError(f"holds {len(stops)} strings; at most {MAX_STOP} are allowed")
+        if max(len(s) for s in stops) > MAX_STOP_CHARS:
+            raise ValueError(f"strings may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -248,9 +254,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _logprob(value: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) and NaN become ``MIN_LOGPROB``, as
+    vLLM does (JSON has no infinities, and OpenAI's clients reject them)."""
+    value = float(value)
+    return value if value >= MIN_LOGPROB else MIN_LOGPROB
+
+
 def _top(entry: Any, token_text: Callable[[int], str]) -> list[tuple[str, float]]:
     """The alternatives of one ``TokenLogprob`` as (text, logprob), most likely first."""
-    return [(token_text(t), float(lp)) for t, lp in entry.top]
+    return [(token_text(t), _logprob(lp)) for t, lp in entry.top]
 
 
 def completion_logprobs(entries: Sequence[Any], token_text: Callable[[int], str], offset: int) -> dict[str, Any]:
@@ -261,9 +274,9 @@ def completion_logprobs(entries: Sequence[Any], token_text: Callable[[int], str]
     for entry in entries:
         text = token_text(entry.token_id)
         tokens.append(text)
-        token_logprobs.append(float(entry.logprob))
+        token_logprobs.append(_logprob(entry.logprob))
         top = dict(_top(entry, token_text))
-        top.setdefault(text, float(entry.logprob))
+        top.setdefault(text, _logprob(entry.logprob))
         top_logprobs.append(top)
         offsets.append(offset)
         offset += len(text)
@@ -276,7 +289,7 @@ def chat_logprobs(entries: Sequence[Any], token_text: Callable[[int], str]) -> d
     content = []
     for entry in entries:
         text = token_text(entry.token_id)
-        content.append({"token": text, "logprob": float(entry.logprob), "bytes": list(text.encode()),
+        content.append({"token": text, "logprob": _logprob(entry.logprob), "bytes": list(text.encode()),
                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
                                          for t, lp in _top(entry, token_text)]})
     return {"content": content}

@@ -71,7 +71,7 @@ class CompletionReply:
             for sample in out.outputs:
                 generated += len(sample.token_ids)
                 choices.append({"index": i * self.body.n + sample.index, "text": echo + (sample.text or ""),
-                                "logprobs": self._logprobs(getattr(sample, "logprobs", None), len(echo)),
+                                "logprobs": self._logprobs(sample.logprobs, len(echo)),
                                 "finish_reason": sample.finish_reason})
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(self.prompt_tokens, generated)}
@@ -93,7 +93,7 @@ class CompletionReply:
                     continue
                 finished = sample.finish_reason is not None
                 text = state.advance(sample.text or "", stops, finished)
-                entries = state.new_logprobs(getattr(sample, "logprobs", None))
+                entries = state.new_logprobs(sample.logprobs)
                 echo = self.echoes[i] if self.echoes and not state.started else ""
                 if not (text or entries or finished or echo):
                     continue
@@ -125,7 +125,7 @@ class ChatReply:
 
     def whole(self, out: Any) -> dict[str, Any]:
         choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text or ""},
-                    "logprobs": self._logprobs(getattr(s, "logprobs", None)),
+                    "logprobs": self._logprobs(s.logprobs),
                     "finish_reason": s.finish_reason} for s in out.outputs]
         generated = sum(len(s.token_ids) for s in out.outputs)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -136,8 +136,8 @@ class ChatReply:
 
     def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None) -> str:
         return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                           "finish_reason": finish_reason}]})
+                    "model": self.model,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
 
     async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
         stops = self.body.stop
@@ -155,12 +155,11 @@ class ChatReply:
                     yield self._chunk(sample.index, {"role": "assistant", "content": ""}, None, None)
                 finished = sample.finish_reason is not None
                 text = state.advance(sample.text or "", stops, finished)
-                entries = state.new_logprobs(getattr(sample, "logprobs", None))
+                entries = state.new_logprobs(sample.logprobs)
                 if text or entries or finished:
                     state.done = finished
                     yield self._chunk(sample.index, {"content": text} if text else {},
-                                      self._logprobs(entries) if entries or self.body.logprobs else None,
-                                      sample.finish_reason)
+                                      self._logprobs(entries), sample.finish_reason)
         if self.body.include_usage and final is not None:
             generated = sum(len(s.token_ids) for s in final.outputs)
             yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,

@@ -25,6 +25,7 @@ from parallax.inference import LLM, BlockManager, SamplingParams
 from parallax.inference.block_manager import prefix_root
 from parallax.inference.lora import LoraRegistry, use_routing
 from parallax.models import GPT, GPTConfig, Llama, LlamaConfig, from_hf
+from parallax.peft.lora import lora_layers
 
 CONTEXT = 64
 VOCAB = 97
@@ -134,6 +135,10 @@ def test_routed_logits_equal_each_merged_model(family):
         for row, ref in zip(range(4), references):
             want = ref.logits(ref.hidden_states(idx[row:row + 1]))[0]
             torch.testing.assert_close(got[row], want, atol=2e-4, rtol=1e-4)
+        for _, layer in lora_layers(model):  # the layers' adapter weights are views into the stacks: stored once
+            stacks = registry.stacks(layer)
+            assert {w.untyped_storage().data_ptr() for w in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]} \
+                == {stacks.lora_a.untyped_storage().data_ptr(), stacks.lora_b.untyped_storage().data_ptr()}
         # outside a routing the model is the base (the engine's adapters are inactive)
         torch.testing.assert_close(model.logits(model.hidden_states(idx)), base.logits(base.hidden_states(idx)))
 

@@ -44,11 +44,10 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @dataclass
 class Served:
-    """A running server: its address, the engine behind it and the model it serves."""
+    """A running server: its address, the engine behind it and its tokenizer."""
 
     base_url: str
     engine: Any  # AsyncEngine
-    model: Any
     tokenizer: Any
     name: str
     api_key: str | None
@@ -90,25 +89,33 @@ def running(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
+def make_engine(hf_dir: Path, *, max_waiting: int = 256, max_num_seqs: int = 64, num_blocks: int | None = 256,
+                loras: dict[str, Path] | None = None):
+    """The ``AsyncEngine`` of ``parallax serve --hf hf_dir [--lora NAME=DIR ...]`` (not started)."""
+    from parallax.inference import EngineConfig, LLMEngine
+    from parallax.serve.async_engine import AsyncEngine
+    from parallax.train.model_source import load_trained
+
+    model, tokenizer, _ = load_trained(hf=str(hf_dir))
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks))
+    for lora, path in (loras or {}).items():
+        engine.add_lora(lora, path)
+    return AsyncEngine(engine, max_waiting=max_waiting)
+
+
 @contextlib.contextmanager
 def serve(hf_dir: Path, *, api_key: str | None = None, max_waiting: int = 256, max_num_seqs: int = 64,
           max_body_bytes: int = 1 << 20, num_blocks: int | None = 256, name: str = "tiny-llama",
           loras: dict[str, Path] | None = None) -> Iterator[Served]:
     """The application of ``parallax serve --hf hf_dir [--lora NAME=DIR ...]`` running on a free port."""
-    from parallax.inference import EngineConfig, LLMEngine
     from parallax.serve.app import ServeLimits, build_app
-    from parallax.serve.async_engine import AsyncEngine
-    from parallax.train.model_source import load_trained
 
-    model, tokenizer, _ = load_trained(hf=str(hf_dir))
-    llm_engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks))
-    for lora, path in (loras or {}).items():
-        llm_engine.add_lora(lora, path)
-    engine = AsyncEngine(llm_engine, max_waiting=max_waiting)
+    engine = make_engine(hf_dir, max_waiting=max_waiting, max_num_seqs=max_num_seqs, num_blocks=num_blocks,
+                         loras=loras)
     app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=max_body_bytes))
     try:
         with running(app) as url:
-            yield Served(url, engine, model, tokenizer, name, api_key)
+            yield Served(url, engine, engine.tokenizer, name, api_key)
     finally:
         asyncio.run(engine.shutdown(timeout=1))
 

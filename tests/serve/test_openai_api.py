@@ -181,15 +181,21 @@ def test_logprobs(served):
 
 
 def test_max_tokens_is_fitted_to_the_context(served):
-    """max_tokens beyond the context ends with 'length' where the context ends; chat without
-    max_tokens runs to the context too."""
+    """max_tokens beyond the context ends each prompt's sample with 'length' where the context ends;
+    chat without max_tokens runs to the context too."""
     from tests.serve.conftest import CONTEXT
 
     client = served.client()
-    reply = client.completions.create(model=served.name, prompt=PROMPTS[0], max_tokens=100_000, temperature=0,
-                                      extra_body={"ignore_eos": True})
-    assert reply.choices[0].finish_reason == "length"
-    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == CONTEXT + 1
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    reply = client.completions.create(model=served.name, prompt=prompts, max_tokens=100_000, temperature=0,
+                                      logprobs=0, extra_body={"ignore_eos": True})
+    for prompt, choice in zip(prompts, reply.choices):
+        assert choice.finish_reason == "length"
+        assert len(served.tokenizer.encode(prompt)) + len(choice.logprobs.tokens) == CONTEXT + 1
+    chat = client.chat.completions.create(model=served.name, messages=[{"role": "user", "content": "hi"}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == CONTEXT + 1
 
 
 def test_models_and_health(served):
@@ -264,3 +270,23 @@ def test_lora_adapters_by_model_name(hf_dir, adapter_dirs, reference):
         chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=5, temperature=0)
         assert chat.model == "beta"
+
+
+def test_logprobs_json_has_no_infinities():
+    """-inf (a token the model rules out) and NaN become -9999 (JSON has no infinities), as in vLLM;
+    the sampled token joins the completions top dict."""
+    import json
+
+    from parallax.inference.sequence import TokenLogprob
+    from parallax.serve.protocol import MIN_LOGPROB, chat_logprobs, completion_logprobs
+
+    entries = [TokenLogprob(5, float("-inf"), [(3, -0.1), (4, float("nan"))]), TokenLogprob(3, -0.5, [(3, -0.5)])]
+    text = {3: "a", 4: "b", 5: "c"}.__getitem__
+    legacy = completion_logprobs(entries, text, offset=2)
+    assert legacy == {"tokens": ["c", "a"], "token_logprobs": [MIN_LOGPROB, -0.5],
+                      "top_logprobs": [{"a": -0.1, "b": MIN_LOGPROB, "c": MIN_LOGPROB}, {"a": -0.5}],
+                      "text_offset": [2, 3]}
+    chat = chat_logprobs(entries, text)["content"]
+    assert [e["logprob"] for e in chat] == [MIN_LOGPROB, -0.5]
+    assert [t["logprob"] for t in chat[0]["top_logprobs"]] == [-0.1, MIN_LOGPROB]
+    json.dumps([legacy, chat], allow_nan=False)

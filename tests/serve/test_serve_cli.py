@@ -4,6 +4,7 @@ stream runs: the stream ends (finish reason "abort", then [DONE]) and the proces
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -39,6 +40,7 @@ def test_help_lists_the_flags(capsys):
     (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+    (["--api-key", ""], "--api-key is empty"),
     (["--lora", "nameonly"], "expected NAME=DIR"),
     (["--lora", "a=/no/such/dir"], "/no/such/dir is not a directory"),
 ])
@@ -56,7 +58,7 @@ def test_a_missing_model_directory_exits_2(tmp_path, capsys):
 def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adapter_dirs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PARALLAX_API_KEY": "k3y"}
     process = subprocess.Popen([sys.executable, "-m", "parallax", "serve", "--hf", str(hf_dir), "--port", "0",
-                                "--served-model-name", "tiny", "--shutdown-timeout", "0.5",
+                                "--served-model-name", "tiny", "--shutdown-timeout", "0",
                                 "--lora", f"alpha={adapter_dirs['alpha']}"],
                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
@@ -76,7 +78,7 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adap
         assert [m.id for m in client.models.list().data] == ["tiny", "alpha"]
         assert client.completions.create(model="alpha", prompt="A list is", max_tokens=4).model == "alpha"
 
-        # a stream that would run ~0.5 s more than the shutdown timeout allows
+        # a stream still running at SIGTERM, with no time allowed to finish: aborted
         stream = client.completions.create(model="tiny", prompt="The history of", max_tokens=480, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
         chunks = []
@@ -97,3 +99,46 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adap
             process.kill()
             process.wait()
         process.stderr.close()
+
+
+def test_a_graceful_stop_lets_running_requests_finish(hf_dir):
+    """Within --shutdown-timeout a running stream finishes normally (uvicorn's exit flag, as SIGTERM
+    sets it, on a server in a thread), then the server stops and new connections are refused."""
+    import threading
+
+    from parallax.serve.app import build_app
+    from parallax.serve.cli import GracefulServer
+    from tests.serve.conftest import make_engine
+
+    engine = make_engine(hf_dir)
+    graceful = GracefulServer(build_app(engine, model_name="tiny"), engine, host="127.0.0.1", port=0, timeout=10.0,
+                              access_log=False, banner="test")
+    thread = threading.Thread(target=graceful.run, daemon=True)
+    thread.start()
+    while not graceful.server.started:
+        assert thread.is_alive()
+        time.sleep(0.01)
+    url = "http://127.0.0.1:%d" % graceful.server.servers[0].sockets[0].getsockname()[1]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    stream = client.completions.create(model="tiny", prompt="The history of", max_tokens=100, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            graceful.server.should_exit = True
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert sum(len(c.choices[0].text) > 0 for c in chunks) > 50
+    thread.join(20)
+    assert not thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
+
+    from parallax.inference import SamplingParams
+    from parallax.serve.async_engine import EngineStoppedError
+
+    async def one_more():
+        return await engine.generate([1, 2], SamplingParams(), request_id="late").__anext__()
+
+    with pytest.raises(EngineStoppedError):  # the server's shutdown stopped the engine
+        asyncio.run(one_more())

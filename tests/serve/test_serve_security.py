@@ -97,6 +97,8 @@ def test_bodies_over_the_limit_get_413(guarded):
     ("/v1/completions", {"prompt": "x", "n": 65}, "n"),  # more than max_num_seqs
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": 3}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["ok", "s" * 257]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "seed": -1}, "seed"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
@@ -168,9 +170,10 @@ def test_internal_errors_never_show_a_traceback(guarded, monkeypatch):
         assert secret not in response.text and error["type"] == "server_error"
     with monkeypatch.context() as patch:
         patch.setattr(guarded.engine.engine.runner, "forward", broken)
-        response = _post(guarded, "/v1/completions", {"prompt": "x", "max_tokens": 4})
-        _assert_error(response, 500)
-        assert secret not in response.text
+        for stream in (False, True):  # failed before the answer started: a 500 either way
+            response = _post(guarded, "/v1/completions", {"prompt": "x", "max_tokens": 4, "stream": stream})
+            _assert_error(response, 500)
+            assert secret not in response.text
     guarded.wait_idle()
     with monkeypatch.context() as patch:
         calls = 0

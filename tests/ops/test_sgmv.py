@@ -1,0 +1,316 @@
+"""The batched multi-LoRA kernel (``sgmv``, Punica's SGMV in Triton) against its definition.
+
+The definition is a per-token loop written here in float64: ``delta[t] = scaling[i] * (x[t] @
+A[i]^T) @ B[i]^T`` for ``i = indices[t] >= 0``, zero for -1. The kernel's error against it may be
+at most twice the error of PyTorch's own computation at the input precision (``sgmv_ref``) plus a
+small atol; ``sgmv_ref`` is checked against the definition too. On CPU the kernels run under
+Triton's interpreter (TRITON_INTERPRET=1, set here when there is no GPU and it is not set
+already) with small shapes, in fp32 and fp16; on a GPU the same tests run compiled, bf16 included.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before the kernels are imported: triton.jit reads it at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from parallax import ops  # noqa: E402
+from parallax.ops import sgmv, sgmv_ref  # noqa: E402
+from parallax.ops.sgmv import SgmvPlan, sgmv_plan  # noqa: E402
+from tests.helpers import CUDA, assert_error_within_twice_pytorch, triton_interpreter_problem  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETER_PROBLEM = None if CUDA else triton_interpreter_problem()
+KERNEL = ops.backend("sgmv", DEVICE) == "triton" and INTERPRETER_PROBLEM is None
+needs_kernel = pytest.mark.skipif(not KERNEL, reason=INTERPRETER_PROBLEM or (
+    "no GPU and TRITON_INTERPRET is not enabled: the Triton kernels cannot run here"))
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (compiled kernels at Llama sizes)")
+# Triton's interpreter computes tl.dot on bf16 operands from their raw bits (see test_flash_attention)
+needs_bf16_dot = pytest.mark.skipif(not CUDA, reason="Triton's interpreter returns garbage for tl.dot on bf16 "
+                                                     "operands (bf16 is tested on GPU)")
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def definition(x, lora_a, lora_b, indices, scaling):
+    """The per-token loop, in float64 on the CPU."""
+    x, lora_a, lora_b, scaling = (v.detach().double().cpu() for v in (x, lora_a, lora_b, scaling))
+    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=torch.float64)
+    for t, i in enumerate(indices.tolist()):
+        if i >= 0:
+            out[t] = scaling[i] * ((x[t] @ lora_a[i].T) @ lora_b[i].T)
+    return out
+
+
+def _inputs(t, k, n, r, s, dtype, *, seed, indices=None, adapter_dtype=None, device=DEVICE):
+    """x, lora_a, lora_b, indices (random in [-1, s) unless given) and scaling, fresh random."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(t, k, generator=gen).to(device, dtype)
+    lora_a = (torch.randn(s, r, k, generator=gen) * max(k, 1) ** -0.5).to(device, adapter_dtype)
+    lora_b = (torch.randn(s, n, r, generator=gen) * r ** -0.5).to(device, adapter_dtype)
+    if indices is None:
+        indices = torch.randint(-1, s, (t,), generator=gen)
+    scaling = torch.rand(s, generator=gen) * 2 + 0.5  # one per adapter, all different
+    return x, lora_a, lora_b, torch.as_tensor(indices, dtype=torch.int64).to(device), scaling.to(device)
+
+
+def _check_against_definition(inputs, *, name="", **kw):
+    """The kernel within twice PyTorch's error of the float64 definition, and sgmv_ref close to it."""
+    x, lora_a, lora_b, indices, scaling = inputs
+    got = sgmv(*inputs, **kw)
+    pytorch = sgmv_ref(*inputs)
+    exact = definition(*inputs)
+    assert got.device == x.device
+    assert_error_within_twice_pytorch(got, pytorch, exact, atol=ATOL[lora_a.dtype], name=name)
+    ref_err = (pytorch.double().cpu() - exact).abs().max().item() if exact.numel() else 0.0
+    assert ref_err <= 0.05 * max(1.0, exact.abs().max().item() if exact.numel() else 0.0), name
+    off = (indices < 0).cpu()
+    assert torch.equal(got.cpu()[off], torch.zeros_like(got.cpu()[off])), f"{name}: tokens without an adapter"
+    return got
+
+
+# --------------------------------------------------------------------------------------------
+# against the definition
+
+# (T, K, N, R, S): odd sizes, K and N not multiples of any block, R from 1 to past one rank block,
+# slot counts 1 to 9
+CASES = [(1, 33, 65, 1, 1), (7, 65, 33, 8, 2), (37, 45, 29, 3, 5), (97, 33, 65, 16, 9), (20, 17, 9, 64, 4),
+         (50, 40, 130, 70, 3),  # R = 70: two rank blocks; N = 130: three column blocks
+         (150, 24, 24, 5, 1)]   # one long segment: three 64-row tiles, the last partial
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_definition(case, dtype):
+    t, k, n, r, s = case
+    _check_against_definition(_inputs(t, k, n, r, s, dtype, seed=t + k + n + r + s), name=f"{case} {dtype}")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bf16_matches_definition(case):
+    t, k, n, r, s = case
+    _check_against_definition(_inputs(t, k, n, r, s, torch.bfloat16, seed=k * n + r), name=f"{case} bf16")
+
+
+@needs_kernel
+@pytest.mark.parametrize("slots", range(1, 10))
+def test_every_slot_count_with_all_slots_present(slots):
+    """1..9 adapters, each used by a few tokens, interleaved with base tokens in a shuffled order."""
+    gen = torch.Generator().manual_seed(slots)
+    indices = torch.arange(-1, slots).repeat(3)[torch.randperm(3 * (slots + 1), generator=gen)]
+    _check_against_definition(_inputs(len(indices), 19, 23, 4, slots, torch.float32, seed=slots, indices=indices),
+                              name=f"{slots} slots")
+
+
+@needs_kernel
+def test_interleaved_non_contiguous_slots():
+    """Tokens of slots 7, 2 and 4 (of 9) alternate token by token, with base tokens between: the
+    other slots are never used, so their adapters must not leak in."""
+    indices = [7, 2, 7, -1, 4, 2, 2, 7, -1, -1, 4, 7, 2, 4, 4, 7, -1, 2, 7, 4]
+    inputs = _inputs(len(indices), 21, 18, 6, 9, torch.float32, seed=3, indices=indices)
+    got = _check_against_definition(inputs, name="interleaved")
+    x, lora_a, lora_b, idx, scaling = inputs
+    for slot in (2, 4, 7):  # each token equals that slot's adapter applied alone
+        rows = (idx == slot).nonzero().flatten()
+        alone = float(scaling[slot]) * (x[rows] @ lora_a[slot].T) @ lora_b[slot].T
+        torch.testing.assert_close(got[rows], alone, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_one_adapter_for_every_token():
+    inputs = _inputs(40, 31, 27, 8, 3, torch.float32, seed=4, indices=[1] * 40)
+    got = _check_against_definition(inputs, name="one adapter")
+    x, lora_a, lora_b, _, scaling = inputs
+    torch.testing.assert_close(got, float(scaling[1]) * (x @ lora_a[1].T) @ lora_b[1].T, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("t", [0, 1, 13])
+def test_no_adapter_gives_zeros(t):
+    inputs = _inputs(t, 16, 24, 4, 3, torch.float32, seed=t, indices=[-1] * t)
+    got = sgmv(*inputs)
+    assert got.shape == (t, 24) and got.dtype == torch.float32
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(0, 12), (12, 0)], ids=["K=0", "N=0"])
+def test_empty_inner_or_output_dim(k, n):
+    inputs = _inputs(9, k, n, 3, 2, torch.float32, seed=k + n)
+    got = sgmv(*inputs)
+    assert got.shape == (9, n) and torch.equal(got, torch.zeros_like(got))
+
+
+@needs_kernel
+def test_no_slots_at_all():
+    """S = 0 (no adapter loaded): every token is a base token."""
+    x, _, _, _, _ = _inputs(5, 16, 24, 4, 1, torch.float32, seed=0)
+    got = sgmv(x, x.new_zeros(0, 4, 16), x.new_zeros(0, 24, 4), torch.full((5,), -1, device=DEVICE),
+               x.new_zeros(0))
+    assert torch.equal(got, x.new_zeros(5, 24))
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes, layouts, plans
+
+
+@needs_kernel
+@pytest.mark.parametrize("x_dtype,adapter_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)],
+                         ids=["fp16-x-fp32-adapters", "fp32-x-fp16-adapters"])
+def test_mixed_dtypes_follow_the_adapters(x_dtype, adapter_dtype):
+    """x is cast to the adapters' dtype (PEFT keeps 16-bit models' adapters in fp32); the result
+    is in the adapters' dtype."""
+    inputs = _inputs(23, 40, 36, 8, 3, x_dtype, adapter_dtype=adapter_dtype, seed=8)
+    got = _check_against_definition(inputs, name=f"{x_dtype} x {adapter_dtype} adapters")
+    assert got.dtype == adapter_dtype
+
+
+@needs_kernel
+def test_int32_indices_and_strided_operands():
+    """int32 indices; x a column slice of a wider tensor, the adapters transposed views (any
+    strides are read as they are)."""
+    x, lora_a, lora_b, indices, scaling = _inputs(29, 24, 20, 5, 4, torch.float32, seed=9)
+    wide_x = torch.cat([x, x.flip(1)], dim=1)[:, :24]
+    a_t = lora_a.transpose(1, 2).contiguous().transpose(1, 2)  # (S, R, K) with K the slow dim
+    b_t = lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not wide_x.is_contiguous() and not a_t.is_contiguous() and not b_t.is_contiguous()
+    got = _check_against_definition((wide_x, a_t, b_t, indices.int(), scaling), name="strided int32")
+    torch.testing.assert_close(got, sgmv(x, lora_a, lora_b, indices, scaling), atol=1e-6, rtol=1e-6)
+
+
+@needs_kernel
+def test_result_is_inference_only():
+    x, lora_a, lora_b, indices, scaling = _inputs(9, 16, 16, 4, 2, torch.float32, seed=10)
+    got = sgmv(x.requires_grad_(), lora_a.requires_grad_(), lora_b, indices, scaling)
+    assert not got.requires_grad and got.grad_fn is None
+
+
+@needs_kernel
+def test_a_plan_serves_every_layer_of_a_step():
+    """One plan per indices, reused for layers of other K, N and R: the same results as without."""
+    indices = torch.tensor([3, -1, 0, 3, 3, 1, -1, 0, 2, 3, 1, 1], device=DEVICE)
+    plan = sgmv_plan(indices, 4)
+    for k, n, r in [(16, 40, 4), (40, 16, 8), (33, 33, 1)]:
+        inputs = _inputs(len(indices), k, n, r, 4, torch.float32, seed=k + n, indices=indices)
+        torch.testing.assert_close(sgmv(*inputs, plan=plan), sgmv(*inputs), atol=0, rtol=0)
+        torch.testing.assert_close(sgmv(*inputs, plan=plan, backend="reference"), sgmv_ref(*inputs),
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_tiles_cover_each_adapter_token_once(seed):
+    """The tiles partition the sorted positions of the tokens with an adapter: one slot per tile,
+    at most block_m rows, every such token in exactly one tile, base tokens in none."""
+    gen = torch.Generator().manual_seed(seed)
+    s = 1 + seed
+    t = int(torch.randint(0, 300, (1,), generator=gen))
+    indices = torch.randint(-1, s, (t,), generator=gen)
+    plan = sgmv_plan(indices, s)
+    assert isinstance(plan, SgmvPlan) and torch.equal(indices[plan.order], indices.sort(stable=True).values)
+    covered = torch.zeros(t, dtype=torch.int64)
+    for slot, start, end in zip(plan.tile_slot.tolist(), plan.tile_start.tolist(), plan.tile_end.tolist()):
+        assert 0 <= end - start <= plan.block_m
+        if end > start:
+            tokens = plan.order[start:end]
+            assert (indices[tokens] == slot).all(), (slot, indices[tokens])
+            covered[tokens] += 1
+    assert torch.equal(covered, (indices >= 0).long())
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch and bad input
+
+
+def test_backends():
+    inputs = _inputs(11, 16, 24, 4, 3, torch.float32, seed=12, device="cpu")
+    assert torch.equal(sgmv(*inputs, backend="reference"), sgmv_ref(*inputs))
+    with pytest.raises(ValueError, match="backend must be one of 'triton', 'reference' or None, got 'Triton'"):
+        sgmv(*inputs, backend="Triton")
+    if KERNEL or CUDA:
+        assert ops.backend("sgmv", DEVICE) == "triton"
+
+
+def test_cpu_without_the_interpreter_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops.backend("sgmv", "cpu") == "reference"
+    inputs = _inputs(11, 16, 24, 4, 3, torch.float32, seed=13, device="cpu")
+    assert torch.equal(sgmv(*inputs), sgmv_ref(*inputs))
+    with pytest.raises(ValueError, match="backend='triton' cannot run on cpu tensors here"):
+        sgmv(*inputs, backend="triton")
+
+
+def _bad(**change):
+    """Valid inputs (T=6, K=8, N=10, R=4, S=3) with some replaced."""
+    x, lora_a, lora_b, indices, scaling = _inputs(6, 8, 10, 4, 3, torch.float32, seed=14, device="cpu")
+    args = dict(x=x, lora_a=lora_a, lora_b=lora_b, indices=indices, scaling=scaling)
+    args.update(change)
+    return args
+
+
+BAD = [
+    (dict(x=torch.zeros(2, 3, 8)), r"x must have shape \(T, K\)"),
+    (dict(x=torch.zeros(6, 8, dtype=torch.float64)), "x has dtype torch.float64"),
+    (dict(x=[[0.0] * 8] * 6), "x must be a torch.Tensor"),
+    (dict(lora_a=torch.zeros(3, 4, 9)), r"lora_a must have shape \(S, R, K\) with R >= 1 and K=8"),
+    (dict(lora_a=torch.zeros(3, 0, 8)), r"lora_a must have shape \(S, R, K\) with R >= 1"),
+    (dict(lora_a=torch.zeros(4, 8)), "lora_a must have shape"),
+    (dict(lora_b=torch.zeros(3, 10, 5)), r"lora_b must have shape \(S, N, R\) with S=3 and R=4"),
+    (dict(lora_b=torch.zeros(2, 10, 4)), "lora_b must have shape"),
+    (dict(lora_b=torch.zeros(3, 10, 4, dtype=torch.float16)), "lora_b has dtype torch.float16 but lora_a has"),
+    (dict(lora_a=torch.zeros(3, 4, 8, dtype=torch.int8)), "lora_a has dtype torch.int8"),
+    (dict(indices=torch.zeros(5, dtype=torch.int64)), r"indices must have shape \(T,\) = \(6,\)"),
+    (dict(indices=torch.zeros(6, 1, dtype=torch.int64)), "indices must have shape"),
+    (dict(indices=torch.zeros(6)), "indices has dtype torch.float32; supported: int32, int64"),
+    (dict(indices=torch.tensor([0, 1, 2, 3, -1, 0])), r"indices must lie in \[-1, 3\).*\[-1, 3\]"),
+    (dict(indices=torch.tensor([0, -2, 2, 1, -1, 0])), r"indices must lie in \[-1, 3\).*\[-2, 2\]"),
+    (dict(scaling=torch.ones(2)), r"scaling must be a floating tensor of shape \(S,\) = \(3,\)"),
+    (dict(scaling=torch.ones(3, dtype=torch.int64)), "scaling must be a floating tensor"),
+    (dict(scaling=2.0), "scaling must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("change,match", BAD, ids=[m.split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_input_names_the_argument(change, match, backend):
+    with pytest.raises((ValueError, TypeError), match=match):
+        sgmv(**_bad(**change), backend=backend)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (a tensor on another device)")
+def test_tensors_on_another_device():
+    with pytest.raises(ValueError, match="indices is on cpu but x is on cuda"):
+        sgmv(**_bad(x=torch.zeros(6, 8, device="cuda")))
+
+
+def test_plan_must_match_the_call():
+    args = _bad()
+    with pytest.raises(ValueError, match="plan was made for 6 tokens and 2 slots"):
+        sgmv(**args, plan=sgmv_plan(args["indices"].clamp(max=1), 2))
+    with pytest.raises(TypeError, match="plan must be an SgmvPlan"):
+        sgmv(**args, plan="plan")
+    with pytest.raises(ValueError, match=r"indices must lie in \[-1, 2\)"):
+        sgmv_plan(torch.tensor([0, 2]), 2)
+    with pytest.raises(ValueError, match="num_slots must be an int >= 0"):
+        sgmv_plan(torch.tensor([0, 1]), -1)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: compiled kernels at Llama sizes
+
+
+@needs_cuda
+# (T, K, N, R, S, adapter dtype): a decode batch of 8 adapters, a prefill chunk, fp32 adapters
+@pytest.mark.parametrize("case", [(64, 4096, 4096, 16, 8, torch.bfloat16), (2048, 4096, 14336, 64, 3, torch.bfloat16),
+                                  (333, 4096, 1027, 8, 9, torch.float32)], ids=str)
+def test_llama_sizes_on_gpu(case):
+    t, k, n, r, s, adapter_dtype = case
+    inputs = _inputs(t, k, n, r, s, torch.bfloat16, adapter_dtype=adapter_dtype, seed=t + r)
+    _check_against_definition(inputs, name=str(case))
