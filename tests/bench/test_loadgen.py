@@ -172,3 +172,34 @@ def test_model_dir_generates_only_printable_tokens_to_the_end(tmp_path):
         out = model.generate(torch.tensor([r.prompt_ids]), max_new_tokens=64, do_sample=False)[0, len(r.prompt_ids):]
         assert len(out) == 64  # end-of-text never wins
         assert set(out.tolist()) <= set(allowed)
+
+
+def _rows(ours: list[float], theirs: list[float], tried=(1, 2, 4, 8)):
+    rows = []
+    for provider, ok in (("parallax serve", ours), ("transformers serve", theirs)):
+        rows += [{"provider": provider, "rate": r, "load": f"{r:g} req/s", "sustained": "yes" if r in ok else "no"}
+                 for r in tried if r <= max(ok, default=0) * 2 or r == tried[0]]
+    return rows
+
+
+def test_goals_judge_the_sustainable_rate_ratio():
+    from dataclasses import replace
+
+    from bench.serve_http import CPU, _goals
+
+    setup = replace(CPU, rates=(1, 2, 4, 8))
+    key = next(iter(_goals(_rows([1, 2, 4], [1]), setup, False, 8)))
+    assert _goals(_rows([1, 2, 4], [1]), setup, False, 8)[key] == "4 vs 1 req/s = 4.00x, met"
+    assert _goals(_rows([1, 2], [1]), setup, False, 8)[key] == "2 vs 1 req/s = 2.00x, NOT met"
+    # parallax serve sustains every rate tried: 2x is a lower bound, not a failure
+    assert _goals(_rows([1, 2, 4, 8], [1, 2, 4]), setup, False, 8)[key].endswith("not judged: higher --rates may meet it")
+    assert _goals(_rows([1, 2, 4, 8], [1, 2, 4, 8]), setup, False, 8)[key].startswith("not judged: transformers serve")
+    assert _goals(_rows([1], []), setup, False, 8)[key].startswith("transformers serve sustains none")
+    assert _goals(_rows([], [1]), setup, False, 8)[key].endswith("NOT met")
+    burst = {"provider": "parallax serve", "load": "burst", "rate": None, "sustained": "yes", "vs_inprocess": 0.95,
+             "ttft_delta_ms": 12.0}
+    lora = {"provider": "parallax 8 adapters", "load": "burst", "rate": None, "sustained": "yes", "vs_base": 0.7}
+    goals = _goals(_rows([1, 2, 4], [1]) + [burst, lora], setup, False, 8)
+    assert goals["HTTP overhead <= 10% of in-process burst throughput"] == "5.0% (TTFT mean +12 ms), met"
+    assert goals["8 adapters in one batch >= 0.8x base throughput"] == "0.70x, NOT met"
+    assert _goals([], setup, True, 8).startswith("not judged: a quick run")
