@@ -100,7 +100,7 @@ async def run_load(send: Sender, requests: Sequence[LoadRequest], arrivals: Sequ
         return result
 
     tasks = [asyncio.ensure_future(one(r, t)) for r, t in zip(requests, arrivals)]
-    done, pending = await asyncio.wait(tasks, timeout=timeout_s) if tasks else (set(), set())
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s) if tasks else (set(), set())
     for task in pending:
         task.cancel()
     if pending:

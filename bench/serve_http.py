@@ -415,7 +415,7 @@ class _Bench:
             row["ttft_p99_ms"] < 1e3 * TTFT_LIMIT_S else "no"
         return {"provider": provider, "load": _load_label(rate), "rate": None if math.isinf(rate) else rate, **row}
 
-    def warm_up(self, provider: str, model: str | None) -> None:
+    def warm_up(self, provider: str, model: str | list[str] | None) -> None:
         short = [replace(r, max_tokens=min(r.max_tokens, 4)) for r in self.requests[: self.setup.batch]]
         self.measure(provider, math.inf, short[:1], model)
         self.measure(provider, math.inf, short, model)
