@@ -5,6 +5,7 @@ Each benchmark is one module ``bench/<name>.py`` listed in ``BENCHMARKS`` below 
 module defines:
 
     COLUMNS: list[bench.table.Column]        # what the printed table shows, units in headers
+    def columns(args) -> list[Column]        # optional: the columns for these options (default COLUMNS)
     def run(ctx: bench.runner.Context) -> Iterable[dict]   # yields one row (a flat dict) at a time
     def add_arguments(parser) -> None        # optional: its own command-line options
     def plot(rows: list[dict], path) -> None # optional: what ``--plot`` draws
@@ -82,7 +83,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "serve": (
         ".serve",
         "serving a long-tailed ShareGPT-like workload: parallax continuous batching (paged KV) vs static batching "
-        "vs HF generate sequential and padded; tokens/s, TTFT mean/p99, KV waste; decode batch 64 vs 1",
+        "vs HF generate sequential and padded; tokens/s, TTFT mean/p99, KV waste; decode batch 64 vs 1; --http: "
+        "parallax serve vs transformers serve and the in-process engine under Poisson load, sustainable rate, "
+        "HTTP overhead, 8 LoRA adapters vs base",
     ),
     "train": (
         ".train",

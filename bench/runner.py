@@ -197,7 +197,8 @@ def _run(name: str, module: ModuleType, args: argparse.Namespace) -> int:
 
     if not args.json:
         if rows:
-            print(format_table(rows, module.COLUMNS))
+            columns = module.columns(args) if hasattr(module, "columns") else module.COLUMNS
+            print(format_table(rows, columns))
         print(f"threads: {torch.get_num_threads()}, device: {ctx.env['device']['name']}, run: {run_id}")
         for key, value in ctx.notes.items():
             if isinstance(value, dict):

@@ -33,6 +33,10 @@ after every request has its first token (the GPU check: batch 64 against batch 1
 
 Goals (vLLM's paper), reported not asserted: KV waste under 4%; continuous batching at least 2x
 static batching's and 5x sequential HF generate's throughput.
+
+``--http`` runs ``bench.serve_http`` instead: ``parallax serve`` against ``transformers serve`` and the
+in-process engine under Poisson load over HTTP (its own options: ``--rates``, ``--duration``,
+``--max-requests``, ``--burst``, ``--adapters``).
 """
 
 from __future__ import annotations
@@ -127,6 +131,20 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                         help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--http", action="store_true",
+                        help="serving over HTTP: parallax serve vs transformers serve and the in-process engine")
+    from .serve_http import add_arguments as add_http_arguments
+
+    add_http_arguments(parser)
+
+
+def columns(args: argparse.Namespace) -> list[Column]:
+    """The table's columns: ``bench.serve_http``'s with ``--http``."""
+    if args.http:
+        from .serve_http import COLUMNS as HTTP_COLUMNS
+
+        return HTTP_COLUMNS
+    return COLUMNS
 
 
 def make_requests(w: Workload, vocab: int, context: int) -> list[tuple[list[int], int]]:
@@ -326,6 +344,11 @@ def _median_runs(ctx, engines: dict, repeats: int) -> dict[str, dict]:
 
 
 def run(ctx) -> Iterator[dict]:
+    if ctx.args.http:
+        from .serve_http import run as run_http
+
+        yield from run_http(ctx)
+        return
     from parallax.models import GPT
 
     setup, workload = QUICK if ctx.quick else (CUDA if ctx.device.type == "cuda" else CPU)
