@@ -43,12 +43,13 @@ log = logging.getLogger(__name__)
 BASE_SLOT = -1  # the slot of a request without an adapter
 
 
-# On CPU a step of at most this many tokens routes every token through all slots with one mask
-# (three ops per layer) instead of sgmv's gather/matmul/scatter per adapter present (4 ops per slot).
-# 4-layer 256-wide GPT, 8 rank-8 adapters, one layer's c_attn (K 256, N 768), one thread: 32 tokens
-# 0.41 ms grouped vs 0.28 ms masked with the mask built per call (lower with it built once per step);
-# 512 tokens 0.71 vs 2.1 ms: the masked path's S-fold FLOPs win only on decode-sized steps.
-CPU_DENSE_MAX_TOKENS = 128
+# On CPU a layer whose stacks hold at most (K + N) / 2 slot-rank rows routes every token through
+# all slots with one mask (three ops) instead of two matmuls per slot present on slot-sorted tokens.
+# Measured (2 threads, K 256, N 768; per layer, masked vs sorted segments vs the base linear):
+# S x R = 8 x 8: 32 tokens 67 vs 184 us (base 115), 512 tokens 447 vs 1802 (1126); 32 x 8: 263 vs 457 at
+# 32 tokens, 1419 vs 2031 at 512; 64 x 16: 711 vs 437 at 32 tokens, 6440 vs 1683 at 512.
+def _masked_is_cheaper(slots: int, rank: int, k: int, n: int) -> bool:
+    return 2 * slots * rank <= k + n
 
 
 @dataclass(frozen=True)
@@ -169,19 +170,37 @@ class LoraRegistry:
 
 class TokenRouting:
     """One step's adapters per token, read by every ``LoraLinear`` (``parallax.peft.lora.LoraRouting``).
-    The tokens are sorted by slot once per step (``sgmv_plan``), for all the layers."""
+    What every layer shares is worked out once per step: on CUDA the sort into row tiles
+    (``sgmv_plan``); on CPU the tokens' slot mask (and, when a layer with many slots needs it, the
+    slot order)."""
 
     def __init__(self, registry: LoraRegistry, token_slots: torch.Tensor) -> None:
-        from parallax.ops.sgmv import sgmv_plan  # lazy: ops load the compiled extension
-
         self.registry = registry
         self.token_slots = token_slots  # (T,) int64
-        self.own: torch.Tensor | None = None  # (T, S) 1.0 where the token's slot is s: the CPU masked path
-        self.plan = None
-        if token_slots.device.type == "cpu" and token_slots.shape[0] <= CPU_DENSE_MAX_TOKENS:
-            self.own = (token_slots[:, None] == torch.arange(len(registry))[None, :]).float()
-        else:
+        self.plan = None  # CUDA: px.ops.sgmv's plan
+        self.own: torch.Tensor | None = None  # CPU: (T, S) 1.0 where the token's slot is s
+        self._segments_cache: tuple[torch.Tensor, list[tuple[int, int, int]]] | None = None
+        if token_slots.is_cuda:
+            from parallax.ops.sgmv import sgmv_plan  # lazy: ops load the compiled extension
+
             self.plan = sgmv_plan(token_slots, len(registry))
+        else:
+            self.own = (token_slots[:, None] == torch.arange(len(registry))[None, :]).float()
+
+    @property
+    def segments(self) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """CPU: the adapted tokens sorted by slot, and (slot, start, end) of each slot's run in that order."""
+        if self._segments_cache is None:
+            adapted = (self.token_slots >= 0).nonzero(as_tuple=True)[0]
+            slots = self.token_slots[adapted]
+            order = adapted[torch.argsort(slots, stable=True)]
+            runs, start = [], 0
+            for slot, count in enumerate(torch.bincount(slots, minlength=len(self.registry)).tolist()):
+                if count:
+                    runs.append((slot, start, start + count))
+                    start += count
+            self._segments_cache = (order, runs)
+        return self._segments_cache
 
     def delta(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """x (..., K) whose leading dims flatten to the step's T tokens -> (..., N) in the adapters'
@@ -194,14 +213,15 @@ class TokenRouting:
             raise RuntimeError(f"LoRA routing: a LoraLinear got {flat.shape[0]} tokens in a step of "
                                f"{self.token_slots.shape[0]}; per-token adapters need every token in order")
         if self.own is not None:
-            return self._masked(stacks, flat).view(*x.shape[:-1], -1)
-        from parallax.ops.sgmv import sgmv
+            slots, rank, k = stacks.lora_a.shape
+            if _masked_is_cheaper(slots, rank, k, stacks.lora_b.shape[1]):
+                out = self._masked(stacks, flat)
+            else:
+                out = self._sorted(stacks, flat)
+        else:
+            from parallax.ops.sgmv import sgmv
 
-        # the Triton kernel on CUDA; on CPU PyTorch's path even under TRITON_INTERPRET=1 (the test
-        # suite's setting), whose interpreter made a 15-test engine file take 146 s instead of 10
-        backend = None if flat.is_cuda else "reference"
-        out = sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling, backend=backend,
-                   plan=self.plan)
+            out = sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling, plan=self.plan)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _masked(self, stacks: LayerStacks, x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +231,19 @@ class TokenRouting:
         u = x.to(stacks.lora_a.dtype) @ stacks.lora_a.view(s * r, k).T
         u = (u.view(-1, s, r) * self.own.to(u.dtype)[:, :, None]).view(-1, s * r)
         return u @ stacks.dense_b.T
+
+    def _sorted(self, stacks: LayerStacks, x: torch.Tensor) -> torch.Tensor:
+        """sgmv's result from the slot-sorted tokens: two matmuls per slot present on contiguous
+        slices (no per-layer search for each slot's tokens), scattered back once."""
+        r = stacks.lora_a.shape[1]
+        order, runs = self.segments
+        xs = x.index_select(0, order).to(stacks.lora_a.dtype)
+        ys = torch.empty(xs.shape[0], stacks.lora_b.shape[1], dtype=stacks.lora_a.dtype)
+        for slot, start, end in runs:
+            scaled_b = stacks.dense_b[:, slot * r:(slot + 1) * r]  # (N, R), the slot's scaling folded in
+            torch.mm(xs[start:end] @ stacks.lora_a[slot].T, scaled_b.T, out=ys[start:end])
+        out = torch.zeros(x.shape[0], ys.shape[1], dtype=ys.dtype)
+        return out.index_copy_(0, order, ys)
 
 
 @contextmanager
