@@ -321,3 +321,16 @@ def test_an_adapter_added_between_steps_joins_the_running_batch(family):
         done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     want = tokens(reference.generate(PROMPTS[:3], GREEDY, lora=["a", None, "c.v1"]))
     assert [done[i] for i in [*first, late]] == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_engine_routes_through_the_sgmv_kernel_like_the_cpu_paths(family):
+    """On CUDA every LoraLinear adds px.ops.sgmv's Triton kernel (one plan per step): the same
+    greedy tokens as the CPU engine for a batch mixing every adapter and the base."""
+    base, dirs, llm = family
+    gpu = LLM(copy.deepcopy(base).cuda(), block_size=16, num_blocks=64)
+    for name, directory in dirs.items():
+        gpu.add_lora(name, directory)
+    names = [*dirs, None]
+    loras = [names[i % len(names)] for i in range(len(PROMPTS))]
+    assert tokens(gpu.generate(PROMPTS, GREEDY, lora=loras)) == tokens(llm.generate(PROMPTS, GREEDY, lora=loras))
