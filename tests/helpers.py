@@ -85,3 +85,21 @@ def interpreter_rounds_bf16_like_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
         return truncating_cast(self, src, dst_type)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+def context_sensitive_gpt(**config) -> torch.nn.Module:
+    """A tiny random GPT (``GPTConfig(**config)``, seed 0, eval mode) whose next token depends on the
+    context: a fresh one barely attends and repeats one token, and its logits are nearly flat.
+    Sharper attention and stronger residual branches make ~97% of next tokens depend on the context;
+    a larger final LayerNorm gain spreads the logits so that a greedy choice never hinges on rounding."""
+    from parallax.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**config))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(8)
+            block.attn.c_proj.weight.mul_(30)
+            block.mlp.c_proj.weight.mul_(30)
+        model.transformer.ln_f.weight.mul_(20)
+    return model.eval()

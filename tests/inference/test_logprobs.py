@@ -12,7 +12,8 @@ import random
 
 import pytest
 import torch
-from parallax.models import GPT, GPTConfig
+from tests.helpers import context_sensitive_gpt
+from parallax.models import GPT
 
 import parallax.inference.engine as engine_module
 from parallax.inference import LLM, EngineConfig, LLMEngine, SamplingParams, TokenLogprob
@@ -25,17 +26,7 @@ ATOL = 1e-4  # paged attention vs the full forward in fp32: differences ~1e-6
 
 @pytest.fixture(scope="module")
 def model() -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        # sharper attention and stronger residual branches make the next token depend on the context
-        # (a fresh tiny GPT repeats one token); a larger final LayerNorm gain avoids near-ties
-        for block in model.transformer.h:
-            block.attn.c_attn.weight.mul_(8)
-            block.attn.c_proj.weight.mul_(30)
-            block.mlp.c_proj.weight.mul_(30)
-        model.transformer.ln_f.weight.mul_(20)
-    return model.eval()
+    return context_sensitive_gpt(block_size=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
 
 
 @torch.no_grad()
