@@ -55,9 +55,11 @@ class ServeLimits:
 
 
 def build_app(engine: Any, *, model_name: str, api_key: str | None = None,
-              limits: ServeLimits | None = None) -> FastAPI:
+              limits: ServeLimits | None = None, allow_lora_loading: bool = False) -> FastAPI:
     """The FastAPI application serving ``engine`` (a ``parallax.serve.async_engine.AsyncEngine``) as
-    ``model_name``, its LoRA adapters by their names. The engine is started with the application."""
+    ``model_name``, its LoRA adapters by their names. The engine is started with the application.
+    ``allow_lora_loading``: whether ``/v1/load_lora_adapter`` may load adapter directories of the
+    server's filesystem (off by default, as vLLM's runtime LoRA updating)."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string; got {model_name!r}")
     limits = limits or ServeLimits()
@@ -89,6 +91,9 @@ def build_app(engine: Any, *, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
+        if not allow_lora_loading:
+            raise APIError(404, "loading LoRA adapters at run time is off; start the server with "
+                                "--enable-lora-loading", type="invalid_request_error", code="not_found")
         return await server.load_lora(await read_json(request, limits.max_body_bytes))
 
     @app.post("/v1/completions")

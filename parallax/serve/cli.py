@@ -62,6 +62,8 @@ def build_parser(prog: str = "parallax serve") -> argparse.ArgumentParser:
                    help="KV-cache blocks of 16 tokens (default: a share of the free memory)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter (PEFT or parallax format) served as model NAME (repeatable)")
+    p.add_argument("--enable-lora-loading", action="store_true",
+                   help="let POST /v1/load_lora_adapter load adapter directories of this machine (default off)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for the engine; more get 429 with Retry-After (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -203,7 +205,8 @@ def serve_main(argv: list[str], prog: str = "parallax serve") -> int:
         return 2
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or args.hf or args.checkpoint or "parallax"
-    app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=args.max_body_bytes))
+    app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=args.max_body_bytes),
+                    allow_lora_loading=args.enable_lora_loading)
     names = ", ".join([name, *engine.lora_names])
     banner = f"{source} as {names} ({'API key required' if api_key else 'no API key'})"
     return GracefulServer(app, engine, host=args.host, port=args.port, timeout=args.shutdown_timeout,

@@ -106,13 +106,15 @@ def make_engine(hf_dir: Path, *, max_waiting: int = 256, max_num_seqs: int = 64,
 @contextlib.contextmanager
 def serve(hf_dir: Path, *, api_key: str | None = None, max_waiting: int = 256, max_num_seqs: int = 64,
           max_body_bytes: int = 1 << 20, num_blocks: int | None = 256, name: str = "tiny-llama",
-          loras: dict[str, Path] | None = None) -> Iterator[Served]:
-    """The application of ``parallax serve --hf hf_dir [--lora NAME=DIR ...]`` running on a free port."""
+          loras: dict[str, Path] | None = None, allow_lora_loading: bool = True) -> Iterator[Served]:
+    """The application of ``parallax serve --hf hf_dir [--lora NAME=DIR ...] --enable-lora-loading``
+    (``allow_lora_loading``) running on a free port."""
     from parallax.serve.app import ServeLimits, build_app
 
     engine = make_engine(hf_dir, max_waiting=max_waiting, max_num_seqs=max_num_seqs, num_blocks=num_blocks,
                          loras=loras)
-    app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=max_body_bytes))
+    app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=max_body_bytes),
+                    allow_lora_loading=allow_lora_loading)
     try:
         with running(app) as url:
             yield Served(url, engine, engine.tokenizer, name, api_key)

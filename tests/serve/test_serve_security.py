@@ -156,6 +156,14 @@ def test_load_lora_adapter_checks_its_body(guarded, tmp_path):
                   400, "lora_path")
 
 
+def test_loading_adapters_at_run_time_is_off_unless_enabled(hf_dir, tmp_path):
+    """Without --enable-lora-loading the endpoint loads nothing from the server's disk: 404 saying how to turn it on."""
+    with serve(hf_dir, allow_lora_loading=False) as off:
+        error = _assert_error(_post(off, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(tmp_path)}), 404)
+        assert "--enable-lora-loading" in error["message"]
+        assert off.engine.lora_names == []
+
+
 def test_internal_errors_never_show_a_traceback(guarded, monkeypatch):
     """A failure in the app (the tokenizer) and in an engine step: 500 with a generic message; a stream
     already answering ends with an error event and [DONE]; the server goes on serving."""
