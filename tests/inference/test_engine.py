@@ -13,7 +13,8 @@ import random
 
 import pytest
 import torch
-from parallax.models import GPT, GPTConfig
+from parallax.models import GPT
+from tests.helpers import context_sensitive_gpt
 
 from parallax.data import ByteTokenizer
 from parallax.inference import LLM, EngineConfig, LLMEngine, SamplingParams
@@ -26,20 +27,8 @@ VOCAB = 257  # the byte tokenizer's
 
 @pytest.fixture(scope="module")
 def model() -> GPT:
-    torch.manual_seed(0)
     # head size 16: the paged kernels take it. GQA: 4 query heads over 2 KV heads.
-    model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
-    with torch.no_grad():
-        # A freshly initialised GPT barely attends (its next token hardly depends on the context)
-        # and its logits are nearly flat. Sharper attention and stronger residual branches make
-        # ~97% of next tokens depend on the context; a larger final LayerNorm gain spreads the
-        # logits so that the greedy choice never hinges on rounding.
-        for block in model.transformer.h:
-            block.attn.c_attn.weight.mul_(8)
-            block.attn.c_proj.weight.mul_(30)
-            block.mlp.c_proj.weight.mul_(30)
-        model.transformer.ln_f.weight.mul_(20)
-    return model.eval()
+    return context_sensitive_gpt(block_size=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
 _reference_cache: dict[tuple[int, ...], tuple[list[int], float]] = {}

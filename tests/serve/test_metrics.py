@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-import torch
-from parallax.models import GPT, GPTConfig
+from parallax.models import GPT
+from tests.helpers import context_sensitive_gpt
 from prometheus_client.parser import text_string_to_metric_families
 
 from parallax.inference import LLM, EngineConfig, LLMEngine, SamplingParams
@@ -34,17 +34,7 @@ def value(parsed: dict, name: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def model() -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=96, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        # sharper attention and stronger residual branches make the next token depend on the context
-        # (a fresh tiny GPT repeats one token); a larger final LayerNorm gain avoids near-ties
-        for block in model.transformer.h:
-            block.attn.c_attn.weight.mul_(8)
-            block.attn.c_proj.weight.mul_(30)
-            block.mlp.c_proj.weight.mul_(30)
-        model.transformer.ln_f.weight.mul_(20)
-    return model.eval()
+    return context_sensitive_gpt(block_size=CONTEXT, vocab_size=96, n_layer=2, n_head=2, n_embd=32)
 
 
 def test_workload_counts_are_exact(model):
