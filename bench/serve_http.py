@@ -123,13 +123,13 @@ class HttpSetup:
 
 
 # CPU: bench serve's CPU sizes (4 x 256, context 1024, its workload), a 2048-token BPE; parallax serve's
-# default --max-num-seqs 64 (with 32 seats the ~48 requests in flight at 8 req/s queued: TTFT p99 3.9 s).
+# default --max-num-seqs 256 (with 64 seats the ~100 requests in flight at 24 req/s queued: TTFT p99 3.3 s).
 CPU = HttpSetup(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, intermediate=688, context=1024, vocab=2048,
-                batch=64, rates=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), duration_s=15, max_requests=160, burst=64, adapters=8,
+                batch=256, rates=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), duration_s=15, max_requests=160, burst=64, adapters=8,
                 lora_rank=8, repeats=3, transformers_cb=True, start_timeout_s=300,
                 workload=Workload(num_requests=160, prompt_median=64, prompt_sigma=1.0, prompt_range=(4, 512),
                                   output_median=96, output_sigma=1.0, output_range=(4, 384)))
-CUDA = replace(CPU, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, intermediate=2048, batch=64,
+CUDA = replace(CPU, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, intermediate=2048, batch=256,
                rates=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64), max_requests=512, burst=128,
                workload=Workload(num_requests=512, prompt_median=100, prompt_sigma=1.0, prompt_range=(4, 768),
                                  output_median=200, output_sigma=1.0, output_range=(4, 512)))

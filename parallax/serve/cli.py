@@ -55,7 +55,8 @@ def build_parser(prog: str = "parallax serve") -> argparse.ArgumentParser:
                         f"{API_KEY_ENV} environment variable; none: no key needed)")
     p.add_argument("--served-model-name", default=None,
                    help="the base model's name in the API (default: the --hf or --checkpoint argument as given)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one engine step (default 64)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most sequences in one engine step (default 256, as vLLM's)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens per sequence (default: the model's context)")
     p.add_argument("--num-blocks", type=int, default=None,
