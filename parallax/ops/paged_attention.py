@@ -27,10 +27,12 @@ chooses automatically (``choose_partition_size``); ``0`` never splits; ``n > 0``
 partitions of ``n`` tokens.
 
 Bounds: block ids that point outside the cache (and context lengths outside ``[0, max_blocks *
-block_size]``) are checked on the host for CPU tensors, where that costs nothing, and raise
+block_size]``) are checked on the host for CPU tensors, where that costs no sync, and raise
 ``ValueError``. On CUDA that check would need a device-to-host sync per call, so by default the
-kernels guard instead: they never dereference such a block and write NaN for that sequence.
-``validate=True`` runs the check for CUDA tensors too (a few small device ops, then one sync).
+kernels guard instead: they never dereference such a block and write NaN for that sequence. The
+CPU kernel guards the same way, so with it ``validate=False`` is safe on CPU tensors too (saving
+the check's few small tensor ops per call). ``validate=True`` runs the check for CUDA tensors
+too (a few small device ops, then one sync).
 The same holds for ``reshape_and_cache``'s slots: on CUDA a slot past the cache is skipped.
 """
 
@@ -309,8 +311,9 @@ def paged_attention(
     ``backend``).
     partition_size: None (automatic), 0 (no split-K) or the tokens per split-K partition (the
     'cpu' kernel never splits).
-    validate: check block ids and context lengths on the host (None: on CPU tensors only; on CUDA
-    the kernels write NaN for a sequence whose block table points outside the cache).
+    validate: check block ids and context lengths on the host (None: on CPU tensors only; without
+    it the 'cuda' and 'cpu' kernels write NaN for a sequence whose block table points outside the
+    cache).
     """
     _check_attention(q, k_cache, v_cache, block_tables, context_lens)
     chosen = _pick("paged_attention", "paged_attention", backend, q.device)
