@@ -2,7 +2,7 @@
 // pragma is compiled for AVX-512 and is only reached when cpu::active_isa() allows it.
 // Standard headers before the target pragma: their inline functions must not be compiled for it.
 #include <cmath>
-#include <cstring>
+#include <algorithm>
 #include <limits>
 
 #include "paged_attention/paged_attention_cpu.h"

@@ -11,8 +11,8 @@
 // rescaling of the accumulator, and the scores (4 bytes per token and head) stay in L1/L2.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include "paged_attention/paged_attention_cpu.h"
@@ -41,13 +41,13 @@ inline bool context_in_cache(const Problem& p, const int32_t* table, int64_t ctx
   return true;
 }
 
-// Row of token `t` of KV head `kv_head` in a cache, as bytes.
+// Row of KV head `kv_head` at the first slot of block `block` of a cache, as bytes (the next
+// slots' rows follow every H_kv * D elements). The passes walk blocks, then slots: no division
+// per token (with a division and a modulo per token and pass, a cache-resident decode took 12.6
+// instead of 10.2 ns per token and KV head, D 64 fp32 AVX-512).
 template <Elem T, int kD>
-inline const char* cache_row(const void* cache, const Problem& p, const int32_t* table, int64_t t,
-                             int64_t kv_head) {
-  const int64_t block = table[t / p.block_size];
-  const int64_t row = (block * p.block_size + t % p.block_size) * p.num_kv_heads + kv_head;
-  return static_cast<const char*>(cache) + row * kD * kBytes<T>;
+inline const char* block_row(const void* cache, const Problem& p, int64_t block, int64_t kv_head) {
+  return static_cast<const char*>(cache) + ((block * p.block_size) * p.num_kv_heads + kv_head) * kD * kBytes<T>;
 }
 
 // q . k over D lanes: k a cache row of type T, q fp32.
@@ -120,26 +120,37 @@ void attend(const Problem& p, int64_t seq, int64_t kv_head, float* scratch) {
     const char* q = static_cast<const char*>(p.q) + (seq * p.q_seq_stride + (kv_head * group + g) * p.q_head_stride) * kBytes<T>;
     for (int i = 0; i < kD; i += W) V::template store<Elem::kF32>(qs + g * kD, i, V::mul(V::template load<T>(q, i), scale));
   }
+  const int64_t row_bytes = p.num_kv_heads * kD * kBytes<T>;
   // 1. scores: each key row once, for all G heads
-  for (int64_t t = 0; t < ctx; ++t) {
-    const char* k = cache_row<T, kD>(p.k_cache, p, table, t, kv_head);
-    for (int64_t g = 0; g < group; ++g) scores[g * stride + t] = dot<V, T, kD>(k, qs + g * kD);
+  for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += p.block_size, ++b) {
+    const int64_t t1 = std::min<int64_t>(t0 + p.block_size, ctx);
+    const char* k = block_row<T, kD>(p.k_cache, p, table[b], kv_head);
+    for (int64_t t = t0; t < t1; ++t, k += row_bytes) {
+      for (int64_t g = 0; g < group; ++g) scores[g * stride + t] = dot<V, T, kD>(k, qs + g * kD);
+    }
   }
   // 2. softmax numerators and sums
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * stride;
     sums[g] = exp_and_sum<V>(row, ctx, row_max<V>(row, ctx));
   }
-  // 3. sum of p * v: each value row once, for all G heads
-  std::memset(acc, 0, sizeof(float) * group * kD);
-  for (int64_t t = 0; t < ctx; ++t) {
-    const char* v = cache_row<T, kD>(p.v_cache, p, table, t, kv_head);
+  // 3. sum of p * v, a block of tokens at a time: each value row read from memory once (for the
+  // first head of the group; from L1 for the others), the accumulator in registers across the block
+  constexpr int kVecs = kD / W;
+  for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += p.block_size, ++b) {
+    const int64_t t1 = std::min<int64_t>(t0 + p.block_size, ctx);
+    const char* v0 = block_row<T, kD>(p.v_cache, p, table[b], kv_head);
     for (int64_t g = 0; g < group; ++g) {
-      const Reg w = V::set1(scores[g * stride + t]);
-      float* a = acc + g * kD;
-      for (int i = 0; i < kD; i += W) {
-        V::template store<Elem::kF32>(a, i, V::fmadd(w, V::template load<T>(v, i), V::template load<Elem::kF32>(a, i)));
+      float* a_mem = acc + g * kD;
+      const float* w_row = scores + g * stride;
+      Reg a[kVecs];
+      for (int i = 0; i < kVecs; ++i) a[i] = t0 == 0 ? V::zero() : V::template load<Elem::kF32>(a_mem, i * W);
+      for (int64_t t = t0; t < t1; ++t) {
+        const Reg w = V::set1(w_row[t]);
+        const char* v = v0 + (t - t0) * row_bytes;
+        for (int i = 0; i < kVecs; ++i) a[i] = V::fmadd(w, V::template load<T>(v, i * W), a[i]);
       }
+      for (int i = 0; i < kVecs; ++i) V::template store<Elem::kF32>(a_mem, i * W, a[i]);
     }
   }
   for (int64_t g = 0; g < group; ++g) {
