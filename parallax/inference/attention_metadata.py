@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from parallax import ops
+from parallax.models.attention import Attention, causal_mask, prefixed_causal_mask
 from parallax.ops.paged_attention import BLOCK_SIZES as PAGED_BLOCK_SIZES
 from parallax.ops.paged_attention import DTYPES as PAGED_DTYPES
 from parallax.ops.paged_attention import HEAD_DIMS as PAGED_HEAD_DIMS
-from parallax.models.attention import Attention, causal_mask, prefixed_causal_mask
 
 __all__ = ["SeqInput", "StepMetadata", "PagedAttentionContext", "build_metadata", "cpu_decode_kernel"]
 
