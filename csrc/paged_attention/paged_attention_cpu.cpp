@@ -78,12 +78,10 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
   p.out = out.data_ptr();
   p.num_heads = h;
   p.num_kv_heads = h_kv;
-  p.head_dim = d;
   p.block_size = block_size;
   p.num_blocks = num_blocks;
   p.max_blocks = block_tables.size(1);
   p.scale = static_cast<float>(softmax_scale);
-  p.type = type;
 
   // Scratch sized for the longest context a task may read (longer ones are NaN-ed, not read).
   const int64_t cap = p.max_blocks * block_size;

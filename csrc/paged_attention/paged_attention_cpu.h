@@ -12,8 +12,9 @@ namespace parallax::paged_attention {
 
 using cpu::Elem;
 
-// One launch. Element strides; q rows (its last dim) and the caches are contiguous, out is
-// (N, H, D) contiguous, block_tables is (N, max_blocks) contiguous.
+// One launch (the element type and head dim D are the kernel's template parameters). Element
+// strides; q rows (its last dim) and the caches are contiguous, out is (N, H, D) contiguous,
+// block_tables is (N, max_blocks) contiguous.
 struct Problem {
   const void* q;
   int64_t q_seq_stride;
@@ -25,12 +26,10 @@ struct Problem {
   void* out;
   int64_t num_heads;
   int64_t num_kv_heads;
-  int64_t head_dim;
   int64_t block_size;
   int64_t num_blocks;
   int64_t max_blocks;
   float scale;
-  Elem type;
 };
 
 // Floats of scratch one task needs for contexts of up to `max_context` tokens.
