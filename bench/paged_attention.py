@@ -1,4 +1,4 @@
-"""PagedAttention decode (both parallax kernels against SDPA on a contiguous cache, as KV bandwidth),
+"""PagedAttention decode (the parallax kernels against SDPA on a contiguous cache, as KV bandwidth),
 and prefill after a long cached prefix (``paged_attention_varlen`` against gather + FlashAttention).
 
 Decode attention reads every cached key and value once per step and does little else, so it is
@@ -11,14 +11,22 @@ goal, reported and not asserted: paged decode at >= 80% of the copy bandwidth fo
 
 Providers, on the same queries and the same keys/values:
 
-* ``cuda``, ``triton``: ``px.ops.paged_attention(backend=...)`` over a paged cache (block size
-  16, every sequence's blocks shuffled over the pool), with the automatic split-K choice;
+* ``cuda``, ``cpu``, ``triton``: ``px.ops.paged_attention(backend=...)`` over a paged cache (block
+  size 16, every sequence's blocks shuffled over the pool), with the automatic split-K choice
+  (``cpu``, the compiled CPU kernel, called as the engine calls it: ``validate=False``);
+* ``gather+sdpa`` (CPU): the engine's CPU decode before the CPU kernel
+  (``PagedAttentionContext._decode_gather``: per group of 16 sequences, ``index_select`` of their
+  whole blocks, then SDPA with a length mask; its index tensors built once, as once per step);
+* ``reference``: ``paged_attention_ref`` (CPU), token-by-token gather per sequence, then einsum;
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)`` over
   contiguous (N, H_kv, context, D) keys/values, whichever SDPA backend torch picks.
 
-The shape is Llama-style GQA (32 query heads over 8 KV heads, head dim 128), bf16, every
-sequence at the full context. Caches are flushed from L2 before each timed call (a real decode
-step meets each layer's cache cold). ``max diff`` is the largest difference from SDPA's output.
+On CUDA the shape is Llama-style GQA (32 query heads over 8 KV heads, head dim 128), bf16; on CPU
+the CPU serving model's (``bench serve --http``: 4 heads = 4 KV heads of 64), fp32, at the
+engine's batches (64, 128) and contexts (128 to 1024). Every sequence is at the full context (the
+gather path's best case: no padding in a group). Caches are flushed from the last-level cache
+before each timed call (a real decode step meets each layer's cache cold). ``vs sdpa`` and
+``vs gather`` are speedups over ``sdpa`` and ``gather+sdpa``. ``max diff`` is the largest difference from SDPA's output.
 Prefill rows (``case`` = prefill): ``--prefill-batch`` sequences, each with a cached prefix of
 ``--prefill-prefixes`` tokens and ``--prefill-new`` new tokens already written to the cache (a
 chunked prefill, or a prompt after a prefix-cache hit), causal attention of the new tokens over
@@ -33,9 +41,10 @@ Compute-bound, so the figure is TFLOP/s (FlashAttention's count: 4 * D * H per v
 query-key pair); ``vs gather`` is the speedup over ``gather+flash``, whose output ``max diff``
 is measured against.
 
-On CPU there is nothing to measure: the benchmark says so, or with ``--quick`` runs one tiny
-fp32 case of every code path (the Triton kernels interpreted when TRITON_INTERPRET=1), which
-keeps this file from rotting between GPU runs.
+On CPU the table has the decode case only (the prefill kernels run there only as references or
+interpreted); ``--quick`` runs one tiny fp32 case of every code path instead (the Triton kernels
+interpreted when TRITON_INTERPRET=1, the prefill case too), which keeps this file from rotting
+between GPU runs.
 """
 
 from __future__ import annotations
@@ -51,10 +60,16 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from parallax import _extension
+
 from .table import Column
 from .timing import CacheFlusher, interleave
 
-PROVIDERS = ("cuda", "triton", "sdpa")
+PROVIDERS = ("cuda", "cpu", "triton", "gather+sdpa", "reference", "sdpa")
+DEFAULT_PROVIDERS = {"cuda": "cuda,triton,sdpa", "cpu": "cpu,gather+sdpa,reference,sdpa"}
+# Shape defaults per device: (heads, KV heads, head dim, dtype, batches, contexts)
+SHAPES = {"cuda": (32, 8, 128, "bf16", "1,8,64", "512,4096,16384"),
+          "cpu": (4, 4, 64, "fp32", "64,128", "128,256,512,1024")}
 PREFILL_PROVIDERS = ("varlen", "gather+flash")
 GOAL = 0.8  # fraction of the copy bandwidth, at contexts >= 4k
 
@@ -79,17 +94,22 @@ COLUMNS = [
 
 
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    parser.add_argument("--batches", default=None, help="sequences per step (default 1,8,64; --quick: 1,8)")
+    parser.add_argument("--batches", default=None,
+                        help="sequences per step (default CUDA 1,8,64, --quick 1,8; CPU 64,128)")
     parser.add_argument("--contexts", default=None,
-                        help="tokens per sequence (default 512,4096,16384; --quick: 512,4096)")
-    parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
-    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
-    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
+                        help="tokens per sequence (default CUDA 512,4096,16384, --quick 512,4096; CPU 128,256,512,1024)")
+    parser.add_argument("--heads", type=int, default=None, help="query heads (default CUDA 32, CPU 4)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (default CUDA 8, CPU 4)")
+    parser.add_argument("--head-dim", type=int, default=None, help="head dim (default CUDA 128, CPU 64)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default 16)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default CUDA bf16, CPU fp32")
+    parser.add_argument("--providers", default=None,
+                        help=f"subset of {','.join(PROVIDERS)} (default CUDA {DEFAULT_PROVIDERS['cuda']}, "
+                             f"CPU {DEFAULT_PROVIDERS['cpu']})")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed rounds per case")
-    parser.add_argument("--copy-mb", type=int, default=1024, help="size of the copy-bandwidth buffers in MB")
+    parser.add_argument("--copy-mb", type=int, default=None,
+                        help="size of the copy-bandwidth buffers in MB (default CUDA 1024, --quick 256; CPU 256: far "
+                             "past the last-level cache, copied in ~0.1 s)")
     parser.add_argument("--prefill-prefixes", default=None,
                         help="cached prefix tokens per sequence of the prefill case (default 4096,16384; --quick: "
                              "4096; empty: no prefill case)")
@@ -129,35 +149,54 @@ def _paged_case(batch, context, h, h_kv, d, block_size, dtype, device, gen):
     return q, k, v, k_cache, v_cache, tables, lens
 
 
+def _engine_gather(q, k_cache, v_cache, tables, lens):
+    """The engine's CPU decode before the CPU kernel (``PagedAttentionContext._decode_gather``) on
+    these sequences: a function of no arguments, its step metadata built once."""
+    from types import SimpleNamespace
+
+    from parallax.inference.attention_metadata import PagedAttentionContext, SeqInput, build_metadata
+
+    bs = k_cache.shape[1]
+    seqs = [SeqInput([0], start=n - 1, block_table=row[:math.ceil(n / bs)], sample=True)
+            for row, n in zip(tables.tolist(), lens.tolist())]
+    meta = build_metadata(seqs, bs, "torch", q.device)
+    assert meta.order == list(range(len(seqs))), "equal contexts keep the input order"
+    context = PagedAttentionContext(k_cache, [], "torch", meta)
+    layer = SimpleNamespace(sliding_window=None)
+    meta.decode_groups  # built here, once: the engine builds them once per step, for every layer
+    return functools.partial(context._decode_gather, layer, q, k_cache, v_cache)
+
+
 def run(ctx) -> Iterator[dict]:
     device, args = ctx.device, ctx.args
     on_cpu = device.type != "cuda"
-    if on_cpu and not ctx.quick:
-        ctx.skip("paged_attention", "needs a CUDA GPU (decode attention is timed on the device; on CPU the "
-                                    "kernels only run under Triton's interpreter, for tests; --quick runs one "
-                                    "tiny case of every code path and measures nothing)")
-        return
     pa = importlib.import_module("parallax.ops.paged_attention")  # the module (parallax.ops exports the function)
 
-    wanted = [p.strip() for p in args.providers.split(",")]
+    kind = "cpu" if on_cpu else "cuda"
+    wanted = [p.strip() for p in (args.providers or DEFAULT_PROVIDERS[kind]).split(",")]
     bad = [p for p in wanted if p not in PROVIDERS]
     if bad:
         raise ValueError(f"--providers: unknown {bad}; allowed: {', '.join(PROVIDERS)}")
     available = pa._available("paged_attention", device.type)
-    for name in ("cuda", "triton"):
+    if on_cpu and ctx.quick and args.providers is None and "triton" in available:
+        wanted.insert(1, "triton")  # the smoke run covers the interpreted kernel too
+    for name in ("cuda", "cpu", "triton"):
         if name in wanted and name not in available:
             ctx.skip(name, f"backend {name!r} is not available here (available: {', '.join(available)})")
             wanted.remove(name)
-    h, h_kv, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    dtype_name = args.dtype
-    if on_cpu:  # smoke run: tiny shapes (the interpreter runs every program in Python), fp32
+    if not on_cpu and "gather+sdpa" in wanted:
+        ctx.skip("gather+sdpa", "the engine's gather path is its CPU decode (CUDA runs the paged kernels)")
+        wanted.remove("gather+sdpa")
+    heads, kv_heads, head_dim, dtype_default, batches_default, contexts_default = SHAPES[kind]
+    h, h_kv, d, bs = args.heads or heads, args.kv_heads or kv_heads, args.head_dim or head_dim, args.block_size
+    dtype_name = args.dtype or dtype_default
+    if on_cpu and ctx.quick:  # smoke run: tiny shapes (the interpreter runs every program in Python)
         batches, contexts, h, h_kv, d = [2], [40], 4, 2, 32
-        dtype_name = "fp32" if dtype_name == "bf16" else dtype_name
         budget, copy_mb, flush = 0.02, 16, None
     else:
-        batches = _ints(args.batches or ("1,8" if ctx.quick else "1,8,64"))
-        contexts = _ints(args.contexts or ("512,4096" if ctx.quick else "512,4096,16384"))
-        budget, copy_mb = args.budget, (256 if ctx.quick else args.copy_mb)
+        batches = _ints(args.batches or ("1,8" if ctx.quick else batches_default))
+        contexts = _ints(args.contexts or ("512,4096" if ctx.quick else contexts_default))
+        budget, copy_mb = args.budget, args.copy_mb or (256 if ctx.quick or on_cpu else 1024)
         flush = CacheFlusher(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     esize = torch.empty((), dtype=dtype).element_size()
@@ -168,8 +207,10 @@ def run(ctx) -> Iterator[dict]:
                                 f"(DEFAULT_CUDA_BACKEND = {pa.DEFAULT_CUDA_BACKEND!r})")
     ctx.note("goal", f"paged decode >= {GOAL:.0%} of the copy bandwidth at contexts >= 4096 (reported, not asserted)")
     ctx.note("shape", f"H={h}, H_kv={h_kv}, D={d}, block size {bs}, {dtype_name}")
-    if on_cpu:
+    if on_cpu and ctx.quick:
         ctx.note("cpu", "a smoke run of the code paths on CPU: the numbers measure nothing")
+    elif on_cpu:
+        ctx.note("cpu", f"{torch.get_num_threads()} threads, CPU kernel ISA {_extension.cpu_isa()}")
     gen = torch.Generator(device=device).manual_seed(0)
 
     for batch in batches:
@@ -182,17 +223,23 @@ def run(ctx) -> Iterator[dict]:
                 if name == "sdpa":
                     fns[name] = functools.partial(F.scaled_dot_product_attention, q.unsqueeze(2), k, v,
                                                   enable_gqa=True)  # q (N, H, 1, D)
+                elif name == "gather+sdpa":
+                    fns[name] = _engine_gather(q, k_cache, v_cache, tables, lens)
+                elif name == "reference":
+                    fns[name] = functools.partial(pa.paged_attention_ref, q, k_cache, v_cache, tables, lens)
                 else:
                     fns[name] = functools.partial(pa.paged_attention, q, k_cache, v_cache, tables, lens,
-                                                  backend=name)
+                                                  backend=name, validate=False if name == "cpu" else None)
             for name, fn in fns.items():
                 out = fn()
                 outs[name] = out.squeeze(2) if name == "sdpa" else out
             ctx.log(f"batch {batch}, context {context}: {kv_bytes / 1e6:.1f} MB of K/V, "
                     f"split-K partitions of {partition or 'all'} tokens")
             timings = interleave(fns, device=device, warmup=1 if on_cpu else 3, budget_s=budget,
-                                 min_repeat=3 if on_cpu else 10, max_repeat=200, flush=flush)
+                                 min_repeat=3 if on_cpu and ctx.quick else (5 if on_cpu else 10), max_repeat=200,
+                                 flush=flush)
             t_sdpa = timings["sdpa"].median_s if "sdpa" in timings else None
+            t_gather = timings["gather+sdpa"].median_s if "gather+sdpa" in timings else None
             for name, t in timings.items():
                 gbps = kv_bytes / t.median_s / 1e9
                 yield {
@@ -201,7 +248,7 @@ def run(ctx) -> Iterator[dict]:
                     "context": context,
                     "new_tokens": 1,
                     "provider": name,
-                    "partition": "-" if name == "sdpa" else (str(partition) if partition else "none"),
+                    "partition": (str(partition) if partition else "none") if name in ("cuda", "triton") else "-",
                     "median_us": 1e6 * t.median_s,
                     "p20_us": 1e6 * t.p20_s,
                     "p80_us": 1e6 * t.p80_s,
@@ -211,6 +258,7 @@ def run(ctx) -> Iterator[dict]:
                     "copy_gbps": copy_bw / 1e9,
                     "of_copy": gbps * 1e9 / copy_bw,
                     "vs_sdpa": t_sdpa / t.median_s if t_sdpa else None,
+                    "vs_gather": t_gather / t.median_s if t_gather else None,
                     "max_diff": ((outs[name].float() - outs["sdpa"].float()).abs().max().item()
                                  if "sdpa" in outs else None),
                     "dtype": dtype_name,
@@ -221,6 +269,8 @@ def run(ctx) -> Iterator[dict]:
                 }
             del q, k, v, k_cache, v_cache, tables, lens, fns, outs
             _free_memory()
+    if on_cpu and not ctx.quick:
+        return  # the prefill kernels run on CPU only as references or interpreted: nothing to measure
     shape = dict(h=h, h_kv=h_kv, d=d, bs=bs, dtype=dtype, dtype_name=dtype_name)
     yield from _prefill_rows(ctx, shape, copy_bw, budget, flush, gen)
 
@@ -335,7 +385,9 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("context [tokens]")
     ax.set_ylabel("K/V read [GB/s]")
-    ax.set_title("PagedAttention decode (GQA 32/8, D 128, bf16)")
+    if rows:
+        r = rows[0]
+        ax.set_title(f"PagedAttention decode (H {r['heads']}/{r['kv_heads']}, D {r['head_dim']}, {r['dtype']})")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -10,10 +10,13 @@ the paged cache (``reshape_and_cache``), then each token attends over its sequen
 * ``"paged"`` (CUDA): decodes with ``parallax.ops.paged_attention``; prefills (and decodes when a
   sliding window cuts the context) with ``parallax.ops.paged_attention_varlen``, which reads K/V
   from the cache blocks through the block tables: the context is never copied out.
-* ``"torch"`` (CPU): decodes attend over their gathered blocks with SDPA (sequences sorted by
-  context length and grouped, so little padding is read); a prefill with nothing cached before
-  it attends over its own fresh K/V (no cache read), one with a cached prefix over its own
-  blocks (``paged_attention_varlen``'s reference).
+* ``"torch"`` (CPU): decodes with the compiled CPU kernel of ``parallax.ops.paged_attention``
+  when ``parallax._C`` has it (K/V read in place through the block tables, each row once), unless
+  the layer has prefix-tuning virtual tokens or a sliding window that cuts a context; otherwise
+  (and without the kernel) decodes attend over their gathered blocks with SDPA (sequences sorted
+  by context length and grouped, so little padding is read). A prefill with nothing cached
+  before it attends over its own fresh K/V (no cache read), one with a cached prefix over its
+  own blocks (``paged_attention_varlen``'s reference).
 
 A prefix-tuned model (``Attention.prefix`` set) is served by the ``"torch"`` path: each sequence
 attends over the layer's P virtual keys and values ahead of its cached context (they are not in
@@ -24,6 +27,7 @@ Shapes: T tokens this step, H query heads, Hkv KV heads, D head size, N blocks o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +36,24 @@ import torch.nn.functional as F
 
 from parallax import ops
 from parallax.models.attention import Attention, causal_mask, prefixed_causal_mask
+from parallax.ops.paged_attention import BLOCK_SIZES as PAGED_BLOCK_SIZES
+from parallax.ops.paged_attention import DTYPES as PAGED_DTYPES
+from parallax.ops.paged_attention import HEAD_DIMS as PAGED_HEAD_DIMS
 
-__all__ = ["SeqInput", "StepMetadata", "PagedAttentionContext", "build_metadata"]
+__all__ = ["SeqInput", "StepMetadata", "PagedAttentionContext", "build_metadata", "cpu_decode_kernel"]
 
-# Decode sequences attended together by the "torch" path (sorted by context length, so a group's
-# padding is small).
+# Decode sequences attended together by the "torch" gather path (sorted by context length, so a
+# group's padding is small).
 DECODE_GROUP = 16
+
+
+def cpu_decode_kernel(device: torch.device, block_size: int) -> bool:
+    """True when "torch" decodes on ``device`` can run the compiled CPU ``paged_attention`` kernel
+    (which also needs one of its head sizes and dtypes: checked per layer).
+    (The CPU serving model of ``bench serve --http``, in-process engine, 2 cores: median step at
+    batch 64 / 128 / 256 from ~44 / 50 / 81 ms with gather + SDPA to 19 / 35 / 62 ms.)"""
+    return (device.type == "cpu" and block_size in PAGED_BLOCK_SIZES
+            and ops.backend("paged_attention", device) == "cpu")
 
 
 @dataclass
@@ -61,17 +77,33 @@ class StepMetadata:
     logits_rows: torch.Tensor  # (S_sample,) int64: the rows whose logits are returned, in input order
     num_decode: int
     max_context: int  # longest context of any sequence this step
-    # "paged": per sequence, decodes then prefills
+    # "paged": per sequence, decodes then prefills; "torch" with the CPU decode kernel: the decodes only
     block_tables: torch.Tensor | None  # (S, max_blocks) int32
     context_lens: torch.Tensor | None  # (S,) int32, new tokens included
     cu_seqlens_q: torch.Tensor | None  # (S + 1,) int32, offsets of each sequence's new tokens
     max_query: int
-    # "torch" decode: groups of (first row, last row + 1, block ids (G * W,) int64, context lengths (G,) int64)
-    # where W is the group's widest block table
-    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    # "torch" decode rows: block tables (S_decode, W) int64 padded with block 0, context lengths (S_decode,)
+    decode_tables: np.ndarray | None
+    decode_lens: np.ndarray | None
     # "torch" prefill: (first row, last row + 1, start position, block ids (W,) int64) per sequence
     prefill_spans: list[tuple[int, int, int, torch.Tensor]]
     order: list[int]  # rows hold seqs[order[0]]'s tokens, then seqs[order[1]]'s, ...
+    block_size: int
+
+    @functools.cached_property
+    def decode_groups(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """The "torch" gather path's decode groups, built on first use (the CPU kernel needs none):
+        (first row, last row + 1, block ids (G * W,) int64, context lengths (G,) int64), W the
+        blocks of the group's longest context."""
+        device = self.input_ids.device
+        groups = []
+        for lo in range(0, self.num_decode, DECODE_GROUP):
+            hi = min(lo + DECODE_GROUP, self.num_decode)
+            lens = self.decode_lens[lo:hi]
+            width = -(-int(lens.max()) // self.block_size)
+            blocks = np.ascontiguousarray(self.decode_tables[lo:hi, :width]).reshape(-1)
+            groups.append((lo, hi, torch.as_tensor(blocks).to(device), torch.as_tensor(lens).to(device)))
+        return groups
 
 
 def build_metadata(seqs: list[SeqInput], block_size: int, implementation: str,
@@ -97,17 +129,19 @@ def build_metadata(seqs: list[SeqInput], block_size: int, implementation: str,
                             for i, end in zip(order, ends)])
     logits_rows = [row_of[i] for i, s in enumerate(seqs) if s.sample]
 
-    block_tables = context_lens = cu_q = None
-    groups, spans = [], []
+    block_tables = context_lens = cu_q = decode_tables = decode_lens = None
+    spans = []
     if implementation == "paged":
         block_tables = tensor(_pad_tables([seqs[i].block_table for i in order]), torch.int32)
         context_lens = tensor(ends, torch.int32)
         cu_q = tensor(np.cumsum([0] + [len(seqs[i].token_ids) for i in order]), torch.int32)
     else:
-        for lo in range(0, len(decode), DECODE_GROUP):
-            members = [seqs[i] for i in decode[lo:lo + DECODE_GROUP]]
-            tables = _pad_tables([s.block_table for s in members])  # (G, W)
-            groups.append((lo, lo + len(members), tensor(tables.reshape(-1)), tensor([s.start + 1 for s in members])))
+        if decode:
+            decode_tables = _pad_tables([seqs[i].block_table for i in decode])
+            decode_lens = np.asarray(ends[:len(decode)], dtype=np.int64)
+            if cpu_decode_kernel(device, block_size):
+                block_tables = tensor(decode_tables, torch.int32)
+                context_lens = tensor(decode_lens, torch.int32)
         row = len(decode)
         for i in prefill:
             s = seqs[i]
@@ -119,8 +153,8 @@ def build_metadata(seqs: list[SeqInput], block_size: int, implementation: str,
         input_ids=tensor(ids), positions=tensor(positions), slot_mapping=tensor(slots),
         logits_rows=tensor(logits_rows), num_decode=len(decode), max_context=max(ends),
         block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_q,
-        max_query=max(len(s.token_ids) for s in seqs), decode_groups=groups, prefill_spans=spans,
-        order=order,
+        max_query=max(len(s.token_ids) for s in seqs), decode_tables=decode_tables, decode_lens=decode_lens,
+        prefill_spans=spans, order=order, block_size=block_size,
     )
 
 
@@ -167,7 +201,7 @@ class PagedAttentionContext:
         else:
             y = torch.empty_like(q)
             if m.num_decode:
-                y[:m.num_decode] = self._decode_gather(layer, q[:m.num_decode], k_cache, v_cache, prefix)
+                y[:m.num_decode] = self._decode(layer, q[:m.num_decode], k_cache, v_cache, prefix)
             for lo, hi, start, blocks in m.prefill_spans:
                 y[lo:hi] = self._prefill(layer, q[lo:hi], k[lo:hi], v[lo:hi], start, blocks, k_cache, v_cache,
                                          prefix)
@@ -187,6 +221,20 @@ class PagedAttentionContext:
             y[nd:] = ops.paged_attention_varlen(q[nd:], k_cache, v_cache, m.block_tables[nd:], cu,
                                                 m.context_lens[nd:], m.max_query, sliding_window=window)
         return y
+
+    def _decode(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The "torch" path's decodes q (S, H, D) -> (S, H, D): the CPU kernel reading the cache in
+        place when the step built its tables and nothing but the cached context is attended to."""
+        m = self.meta
+        window = layer.sliding_window
+        takes = q.size(-1) in PAGED_HEAD_DIMS and q.dtype in PAGED_DTYPES
+        if (m.block_tables is None or not takes or prefix is not None
+                or (window is not None and window < m.max_context)):
+            return self._decode_gather(layer, q, k_cache, v_cache, prefix)
+        # validate=False: the tables were built from the block manager's, and the kernel never
+        # reads a block outside the cache anyway (the host check would cost a few ops per layer)
+        return ops.paged_attention(q, k_cache, v_cache, m.block_tables, m.context_lens, backend="cpu", validate=False)
 
     def _decode_gather(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

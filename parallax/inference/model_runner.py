@@ -10,8 +10,9 @@ over the paged context. Then ``model.logits`` runs on each sampling sequence's l
 With LoRA adapters (``loras``), ``forward`` takes each sequence's adapter slot and routes every
 token through its own adapter (``parallax.inference.lora``).
 
-Attention implementations (``attention=``): ``"paged"`` (the CUDA kernels), ``"torch"`` (SDPA;
-the CPU path), ``"auto"``: ``"paged"`` on CUDA when the kernels take this head size and block
+Attention implementations (``attention=``): ``"paged"`` (the CUDA kernels), ``"torch"`` (the
+CPU path: SDPA, and the compiled CPU paged_attention kernel for decodes when it is built),
+``"auto"``: ``"paged"`` on CUDA when the kernels take this head size and block
 size, else ``"torch"``; a prefix-tuned model always ``"torch"``. See ``attention_metadata`` for
 what each does.
 

@@ -4,17 +4,21 @@
 values, which live in fixed-size blocks of a shared cache, found through a block table (vLLM's
 layout). ``reshape_and_cache`` writes new tokens' keys and values into their cache slots.
 
-Two kernels implement each op, chosen with ``backend=``:
+Implementations, chosen with ``backend=``:
 
 * ``"cuda"``: CUDA C++ in ``csrc/paged_attention/`` (``torch.ops.parallax.*``), CUDA tensors only.
+* ``"cpu"``: C++ in ``csrc/paged_attention/paged_attention_cpu*.cpp`` (``paged_attention`` only),
+  CPU tensors only: one OpenMP task per (sequence, KV head) reads each key and value row once
+  for the KV head's G query heads, SIMD per ``parallax._extension.cpu_isa()``, fp32 accumulation.
+  It ignores ``partition_size`` (split-K exists to fill a GPU; a batch's tasks outnumber cores).
 * ``"triton"``: ``parallax/kernels/paged_attention.py``; on CUDA tensors, or on CPU tensors under
   the Triton interpreter (``TRITON_INTERPRET=1``, the tests).
 * ``"reference"``: ``paged_attention_ref`` / ``reshape_and_cache_ref``, plain PyTorch.
 
 The default on CUDA is ``DEFAULT_CUDA_BACKEND`` when that kernel is available (the one constant
-to change once the GPU benchmark has measured both), else the other one; on CPU the Triton kernel
-under the interpreter, else the reference. ``parallax.ops.backend("paged_attention", device)``
-says which one runs.
+to change once the GPU benchmark has measured both), else the other one; on CPU the compiled CPU
+kernel when ``parallax._C`` has it, else the Triton kernel under the interpreter, else the
+reference. ``parallax.ops.backend("paged_attention", device)`` says which one runs.
 
 Long contexts are split across programs (split-K, vLLM's "v2"): each sequence's tokens are cut
 into partitions of ``partition_size`` tokens, one program per (sequence, KV head, partition)
@@ -23,10 +27,12 @@ chooses automatically (``choose_partition_size``); ``0`` never splits; ``n > 0``
 partitions of ``n`` tokens.
 
 Bounds: block ids that point outside the cache (and context lengths outside ``[0, max_blocks *
-block_size]``) are checked on the host for CPU tensors, where that costs nothing, and raise
+block_size]``) are checked on the host for CPU tensors, where that costs no sync, and raise
 ``ValueError``. On CUDA that check would need a device-to-host sync per call, so by default the
-kernels guard instead: they never dereference such a block and write NaN for that sequence.
-``validate=True`` runs the check for CUDA tensors too (a few small device ops, then one sync).
+kernels guard instead: they never dereference such a block and write NaN for that sequence. The
+CPU kernel guards the same way, so with it ``validate=False`` is safe on CPU tensors too (saving
+the check's few small tensor ops per call). ``validate=True`` runs the check for CUDA tensors
+too (a few small device ops, then one sync).
 The same holds for ``reshape_and_cache``'s slots: on CUDA a slot past the cache is skipped.
 """
 
@@ -66,7 +72,7 @@ DEFAULT_CUDA_BACKEND = "cuda"
 BLOCK_SIZES = (8, 16, 32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "cpu", "triton", "reference")
 
 # Split-K: partitions are multiples of MIN_PARTITION tokens, and a launch aims at
 # PROGRAMS_PER_SM programs per streaming multiprocessor (several waves, so the last one's tail
@@ -124,20 +130,29 @@ def _available(name: str, device_type: str) -> list[str]:
                  or (b == "triton" and _triton_kernels() is not None)]
         found.sort(key=lambda b: b != DEFAULT_CUDA_BACKEND)
         return found + ["reference"]
+    found = ["cpu"] if device_type == "cpu" and _has_op(name, "cpu") else []
     if device_type == "cpu" and _triton_runs_on_cpu():
-        return ["triton", "reference"]
-    return ["reference"]
+        found.append("triton")
+    return found + ["reference"]
 
 
 def backend(device: torch.device | str = "cpu") -> str:
     """Which implementation ``paged_attention`` uses by default for tensors on ``device``:
-    'cuda', 'triton' or 'reference'."""
+    'cuda', 'cpu', 'triton' or 'reference'."""
     return _available("paged_attention", torch.device(device).type)[0]
 
 
 def reshape_and_cache_backend(device: torch.device | str = "cpu") -> str:
     """Which implementation ``reshape_and_cache`` uses by default for tensors on ``device``."""
     return _available("reshape_and_cache", torch.device(device).type)[0]
+
+
+def _why_no_cpu_kernel(name: str) -> str:
+    if name != "paged_attention":
+        return "the compiled CPU kernel implements paged_attention only"
+    if not _extension.available():
+        return f"the compiled CPU kernel needs parallax._C, which did not load: {_extension.load_error()}"
+    return "the compiled CPU kernel runs on CPU tensors, and parallax._C has none (an older build?)"
 
 
 def _pick(op: str, name: str, requested: str | None, device: torch.device) -> str:
@@ -149,6 +164,7 @@ def _pick(op: str, name: str, requested: str | None, device: torch.device) -> st
     if requested not in available:
         why = {
             "cuda": "the compiled CUDA kernel runs on CUDA tensors when parallax._C was built with CUDA",
+            "cpu": _why_no_cpu_kernel(name),
             "triton": "Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 "
                       "(set before the kernels are first imported)",
         }[requested]
@@ -291,10 +307,13 @@ def paged_attention(
     zero output). fp16, bf16 or fp32, accumulated in fp32. ``softmax_scale`` defaults to
     1/sqrt(D).
 
-    backend: 'cuda', 'triton', 'reference' or None (the default for the device, see ``backend``).
-    partition_size: None (automatic), 0 (no split-K) or the tokens per split-K partition.
-    validate: check block ids and context lengths on the host (None: on CPU tensors only; on CUDA
-    the kernels write NaN for a sequence whose block table points outside the cache).
+    backend: 'cuda', 'cpu', 'triton', 'reference' or None (the default for the device, see
+    ``backend``).
+    partition_size: None (automatic), 0 (no split-K) or the tokens per split-K partition (the
+    'cpu' kernel never splits).
+    validate: check block ids and context lengths on the host (None: on CPU tensors only; without
+    it the 'cuda' and 'cpu' kernels write NaN for a sequence whose block table points outside the
+    cache).
     """
     _check_attention(q, k_cache, v_cache, block_tables, context_lens)
     chosen = _pick("paged_attention", "paged_attention", backend, q.device)
@@ -318,7 +337,7 @@ def paged_attention(
         q = q.contiguous()
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
-    if chosen == "cuda":
+    if chosen in ("cuda", "cpu"):
         return torch.ops.parallax.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                   partition_size)
     return _paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size)
