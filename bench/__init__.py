@@ -77,8 +77,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "paged_attention": (
         ".paged_attention",
-        "PagedAttention decode (GQA 32/8, D 128, bf16): parallax CUDA and Triton kernels vs SDPA on a contiguous "
-        "cache, K/V GB/s as a fraction of the measured device copy bandwidth",
+        "PagedAttention decode (GPU: GQA 32/8, D 128, bf16, CUDA and Triton kernels; CPU: the engine's fp32 "
+        "shapes, the C++ kernel vs the gather + SDPA path) vs SDPA on a contiguous cache, K/V GB/s as a fraction "
+        "of the measured copy bandwidth",
     ),
     "serve": (
         ".serve",
