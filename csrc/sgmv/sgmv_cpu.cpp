@@ -7,6 +7,7 @@
 // -1 tokens). The kernels for the active ISA are in sgmv_tile_*.cpp.
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -52,8 +53,11 @@ void check_args(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, c
                     ", got ", b.sizes());
   TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), "parallax::sgmv: lora_b has dtype ", b.scalar_type(),
                     " but lora_a has ", a.scalar_type(), "; they must share a dtype");
-  cpu::elem_of(a, "parallax::sgmv", "lora_a");
-  cpu::elem_of(x, "parallax::sgmv", "x");
+  for (const auto& [t, name] : {std::pair{&x, "x"}, std::pair{&a, "lora_a"}}) {
+    const at::ScalarType st = t->scalar_type();
+    TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "parallax::sgmv: ", name,
+                      " must be float32, bfloat16 or float16, got ", st);
+  }
   TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == x.size(0),
                     "parallax::sgmv: indices must have shape (T,) = (", x.size(0), ",), got ", indices.sizes());
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,

@@ -40,6 +40,7 @@ The default (``parallax.ops.backend("sgmv", device)``): on CPU ``"cpu"`` when co
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,7 @@ if _extension.available() and hasattr(torch.ops.parallax, "sgmv"):
         return x.new_empty((x.shape[0], lora_b.shape[1]), dtype=lora_a.dtype)
 
 
+@functools.cache  # the extension's kernels are registered once, at import
 def _has_cpu_kernel() -> bool:
     try:
         return _extension.has_kernel("sgmv", "cpu")
@@ -84,6 +86,8 @@ def backend(device: torch.device | str = "cpu") -> str:
 
 
 def _pick(requested: str | None, device: torch.device) -> str:
+    if requested is None and device.type == "cpu" and _has_cpu_kernel():
+        return "cpu"  # the common case first, without building the list
     available = _available(device.type)
     if requested is None:
         return available[0]
@@ -254,7 +258,6 @@ def _sgmv_triton(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: Tensor, pla
 # public function and reference
 
 
-@torch.no_grad()
 def sgmv(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Tensor, *,
          backend: str | None = None, plan: SgmvPlan | None = None) -> Tensor:
     """Each token's LoRA update through its own adapter slot (see the module docstring):
@@ -266,6 +269,14 @@ def sgmv(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Te
     (it skips the indices' range check and sort); None makes one per call. The 'cpu' kernel sorts
     and checks on its own (cheaper than a plan there): a plan is only checked against the call.
     """
+    if torch.is_grad_enabled():  # entered only when needed: the engine calls this ~30 times a step
+        with torch.no_grad():
+            return _sgmv(x, lora_a, lora_b, indices, scaling, backend, plan)
+    return _sgmv(x, lora_a, lora_b, indices, scaling, backend, plan)
+
+
+def _sgmv(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Tensor, backend: str | None,
+          plan: SgmvPlan | None) -> Tensor:
     _check(x, lora_a, lora_b, indices, scaling)
     num_slots = lora_a.shape[0]
     if plan is not None:
