@@ -8,13 +8,17 @@ weights, zero-padded to the largest rank among them, in one slot order shared by
 
     lora_a (S, R, K), lora_b (S, N, R), scaling (S,)      S slots, R max rank, K in, N out features
 
-A slot whose adapter does not target a layer has zeros there (and scaling 0), so it adds nothing.
+On CPU lora_b is kept with its N dim contiguous (a transposed (S, R, N) tensor), the layout the
+compiled sgmv kernel reads without a copy. A slot whose adapter does not target a layer has zeros
+there (and scaling 0), so it adds nothing.
 The stacks are rebuilt, lazily, at the first step after an adapter was added; the layers' own
 ``lora_A``/``lora_B`` weights of the served adapters are views into them (each adapter stored once).
 
 Each engine step the runner routes the batch: ``routing(token_slots)`` (T,) (one slot per token,
 -1 for the base model) inside ``use_routing``; every ``LoraLinear`` then adds
-``px.ops.sgmv(x, lora_a, lora_b, token_slots, scaling)`` to its output (``parallax.peft.lora``).
+``px.ops.sgmv(x, lora_a, lora_b, token_slots, scaling)`` to its output (``parallax.peft.lora``):
+Triton kernels on CUDA, the C++ kernel on CPU (dense torch fallbacks only when parallax._C did
+not load; see ``TokenRouting``).
 
 The prefix cache keeps adapters apart by chaining block keys from ``prefix_root(name)``
 (``parallax.inference.block_manager``).
