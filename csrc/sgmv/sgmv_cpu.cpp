@@ -24,8 +24,14 @@ namespace {
 
 // Tokens of one slot per shrink work item: 4 register blocks of 4 tokens.
 constexpr int64_t kTileTokens = 16;
-// Multiply-adds below which a pass runs on the calling thread (an OpenMP fork costs a few us).
-constexpr int64_t kSerialWork = 1 << 15;
+// Multiply-adds (T * R * (K + N)) below which the call runs on the calling thread alone. Measured
+// (2 threads, K 256, N 768, R 8, 8 slots): 64 tokens (0.5M) 17.7 us on one thread, 16 us on two;
+// and while another process kept both cores busy, a call with two OpenMP regions took ~3 ms (a
+// region waits for a descheduled thread) against the linear layers' ~10x slowdown. A decode step's
+// calls stay serial; prefill chunks (256+ tokens here) are split.
+constexpr int64_t kParallelWork = 1 << 21;
+// Multiply-adds per work item at least, when split.
+constexpr int64_t kItemWork = 1 << 15;
 
 Kernels kernels_for_active_isa() {
   switch (cpu::active_isa()) {
@@ -134,29 +140,40 @@ at::Tensor sgmv_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const a
   const int64_t adapted_count = t - base_count;
   std::vector<float> u(adapted_count * r);
 
-  const int64_t shrink_grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, kTileTokens * r * k));
-  at::parallel_for(0, num_tiles, shrink_grain, [&](int64_t lo, int64_t hi) {
+  const bool serial = adapted_count * r * (k + n) < kParallelWork;
+  auto shrink_tiles = [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const Tile& tl = tiles[i];
       kern.shrink(p, adapted + tl.begin, tl.end - tl.begin, tl.slot, u.data() + tl.begin * r);
     }
-  });
+  };
+  if (serial) {
+    shrink_tiles(0, num_tiles);
+  } else {
+    at::parallel_for(0, num_tiles, std::max<int64_t>(1, kItemWork / std::max<int64_t>(1, kTileTokens * r * k)),
+                     shrink_tiles);
+  }
 
   // Expand work items: (tile, column chunk); chunks of a multiple of 32 columns, enough of them
   // that few tiles (a decode batch of one adapter) still spread over the threads.
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = serial ? 1 : at::get_num_threads();
   const int64_t want_chunks = std::max<int64_t>(1, (4 * threads + num_tiles - 1) / num_tiles);
   const int64_t chunk = std::max<int64_t>(32, ((n + want_chunks - 1) / want_chunks + 31) / 32 * 32);
   const int64_t chunks = (n + chunk - 1) / chunk;
-  const int64_t expand_grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, kTileTokens * r * chunk));
-  at::parallel_for(0, num_tiles * chunks, expand_grain, [&](int64_t lo, int64_t hi) {
+  auto expand_items = [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const Tile& tl = tiles[i / chunks];
       const int64_t n0 = (i % chunks) * chunk;
       kern.expand(p, adapted + tl.begin, tl.end - tl.begin, tl.slot, u.data() + tl.begin * r, n0,
                   std::min(n0 + chunk, n));
     }
-  });
+  };
+  if (serial) {
+    expand_items(0, num_tiles * chunks);
+  } else {
+    at::parallel_for(0, num_tiles * chunks,
+                     std::max<int64_t>(1, kItemWork / std::max<int64_t>(1, kTileTokens * r * chunk)), expand_items);
+  }
   return out;
 }
 

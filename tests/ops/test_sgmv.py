@@ -409,10 +409,12 @@ def test_cpu_kernel_layouts_give_the_same_sums():
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("case", [(5, 64, 1000, 8, 3), (123, 97, 123, 8, 2), (300, 256, 768, 8, 8)], ids=str)
+# (T, K, N, R, S): small calls run on one thread; past 2M multiply-adds the work is split over
+# tiles and column chunks (few tiles: the columns are cut for the threads)
+@pytest.mark.parametrize("case", [(5, 64, 1000, 8, 3), (123, 97, 123, 8, 2), (300, 256, 768, 8, 8),
+                                  (5, 2048, 30000, 16, 3)], ids=str)
 def test_cpu_kernel_threads_do_not_change_the_result(case):
-    """Work split over tiles and column chunks (few tiles: the columns are cut for the threads):
-    each output element is the same sum whatever the thread count."""
+    """Each output element is the same sum whatever the thread count and the split."""
     t, k, n, r, s = case
     inputs = _inputs(t, k, n, r, s, torch.float32, seed=t + n, device="cpu")
     threads = torch.get_num_threads()
