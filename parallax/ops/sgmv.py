@@ -20,8 +20,10 @@ Three implementations, chosen with ``backend=``:
   extension loaded. It sorts the tokens by slot on the host (a counting sort; the range check
   comes free with it), cuts each slot's run into tiles of 16 tokens, then a shrink ``u = scaling[s]
   * x_tile @ A[s]^T`` (fp32) and an expand ``delta[tile] = u @ B[s]^T`` (fp32 accumulation, rounded
-  once), each spread over the OpenMP threads, with the AVX-512, AVX2 or scalar kernels of
-  ``parallax._extension.cpu_isa()``: T * R * (K + N) multiply-adds and one pass over x and delta.
+  once), with the AVX-512, AVX2 or scalar kernels of ``parallax._extension.cpu_isa()``: T * R *
+  (K + N) multiply-adds and one pass over x and delta. Calls past 2M multiply-adds are spread over
+  the OpenMP threads; smaller ones (decode steps) run on the calling thread, which is as fast there
+  and never waits for a descheduled thread on a busy machine.
   lora_b is read fastest with its N dim contiguous (a contiguous (S, R, N) tensor passed as
   ``.transpose(1, 2)``: what ``parallax.inference.lora`` keeps); another layout is copied into that
   one on every call. ``plan`` is not needed (it is accepted and checked against the call).
