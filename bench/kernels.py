@@ -40,9 +40,12 @@ dequantize-then-``F.linear`` reference on the same stored weight. Goal (issue 14
 Batched multi-LoRA (``sgmv``, issue 17): inference forwards of the LoRA update alone for a batch
 whose tokens are spread over 8 adapters (shuffled, as requests of different adapters are), at a
 decode batch and a prefill chunk: ``parallax`` is ``px.ops.sgmv`` with its plan made once (as
-the engine makes it once per step for every layer), ``torch`` the per-adapter gather-and-matmul
-loop (``sgmv_ref``), ``dense`` one adapter's two matmuls over every token (single-adapter LoRA,
-the cost floor: ``vs dense`` = parallax's time / its).
+the engine makes it once per step for every layer; on CPU the C++ kernel, lora_b N-contiguous as
+the engine keeps it), ``torch`` the per-adapter gather-and-matmul loop (``sgmv_ref``), ``dense``
+one adapter's two matmuls over every token (single-adapter LoRA, the cost floor: ``vs dense`` =
+parallax's time / its). On CPU also the engine's torch paths without the kernel
+(``parallax.inference.lora``): ``masked`` (every token through every slot's A, a mask, every
+slot's B) and ``sorted`` (tokens sorted by slot once, two matmuls per slot, scattered back).
 
 Goal (issue 10, reported in the ``goals`` note, not asserted): linear_cross_entropy at a 128k
 vocabulary and 8k tokens uses >= 4x less peak memory than ``F.cross_entropy(lm_head(x))`` at
@@ -586,7 +589,8 @@ def _quant_goals(rows: list[dict]) -> dict[str, str]:
 
 
 def _measure_sgmv(ctx, setting: str, timed: bool) -> Iterator[dict]:
-    """Per batch: ``px.ops.sgmv`` over 8 adapters, ``sgmv_ref`` and one dense adapter, forward only."""
+    """Per batch: ``px.ops.sgmv`` over 8 adapters, ``sgmv_ref``, one dense adapter and (CPU) the
+    engine's masked and sorted torch paths, forward only."""
     from parallax.ops.sgmv import sgmv, sgmv_plan, sgmv_ref
 
     device, shape = ctx.device, SGMV_SHAPES[setting]
@@ -598,19 +602,43 @@ def _measure_sgmv(ctx, setting: str, timed: bool) -> Iterator[dict]:
     lora_b = _randn((slots, out, r), device, dtype, gen, scale=r ** -0.5)
     scaling = torch.full((slots,), 2.0, device=device)
     on_gpu = device.type == "cuda"
+    if not on_gpu and not ctx.quick and _backend_name("sgmv", device) == "cpu":
+        timed = True  # the C++ kernel runs on CPU: the engine's CPU path, worth timing
+        ctx.note("sgmv_time", "timed on CPU too (px.ops.sgmv's C++ kernel): median of interleaved rounds")
+    # the engine's layout on CPU: a contiguous (S, R, N) viewed as (S, N, R)
+    b_fast = lora_b if on_gpu else lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    b_rows = b_fast.transpose(1, 2).reshape(slots * r, out)  # (S * R, N), a view on CPU
     for batch in shape["batches"]:
         x = _randn((batch, hidden), device, dtype, gen)
         order = torch.randperm(batch, generator=torch.Generator().manual_seed(batch)).to(device)
         indices = order % slots  # every adapter, tokens shuffled
         plan = sgmv_plan(indices, slots)
-        fns = {"parallax": lambda: sgmv(x, lora_a, lora_b, indices, scaling, plan=plan),
+        own = (indices[:, None] == torch.arange(slots, device=device)[None, :]).to(dtype)
+        sort = torch.argsort(indices, stable=True)
+        runs = torch.bincount(indices, minlength=slots).cumsum(0).tolist()
+
+        def masked():  # parallax.inference.lora's TokenRouting._masked (the slot mask made once per step)
+            u = (x @ lora_a.view(slots * r, hidden).T).view(-1, slots, r) * (own * scaling)[:, :, None]
+            return u.view(-1, slots * r) @ b_rows
+
+        def sorted_():  # TokenRouting._sorted (the order made once per step)
+            xs, ys = x.index_select(0, sort), torch.empty(batch, out, dtype=dtype, device=device)
+            for slot, (start, end) in enumerate(zip([0] + runs[:-1], runs)):
+                torch.mm((xs[start:end] @ lora_a[slot].T) * scaling[slot], b_fast[slot].T, out=ys[start:end])
+            return torch.zeros_like(ys).index_copy_(0, sort, ys)
+
+        fns = {"parallax": lambda: sgmv(x, lora_a, b_fast, indices, scaling, plan=plan),
                "torch": lambda: sgmv_ref(x, lora_a, lora_b, indices, scaling),
                "dense": lambda: F.linear(F.linear(x, lora_a[0]), lora_b[0]) * 2.0}
+        if not on_gpu:
+            fns.update(masked=masked, sorted=sorted_)
         with torch.no_grad():
             want = fns["torch"]()
-            diffs = {"parallax": _max_diff((fns["parallax"](),), (want,)), "torch": 0.0, "dense": None}
-            timings = interleave(fns, device=device, warmup=5 if on_gpu else 1, budget_s=ctx.args.budget if on_gpu
-                                 else 0.02, min_repeat=20 if on_gpu else 3, max_repeat=200) if timed else {}
+            diffs = {p: None if p == "dense" else 0.0 if p == "torch" else _max_diff((fn(),), (want,))
+                     for p, fn in fns.items()}
+            quick = ctx.quick and not on_gpu
+            timings = interleave(fns, device=device, warmup=1 if quick else 5, budget_s=0.02 if quick else
+                                 ctx.args.budget, min_repeat=3 if quick else 20, max_repeat=200) if timed else {}
         for provider in fns:
             row = {"case": "sgmv", "shape": f"tokens={batch} hidden={hidden} out={out} rank={r} adapters={slots}",
                    "dtype": dtype_name, "provider": provider,

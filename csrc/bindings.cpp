@@ -28,6 +28,10 @@ TORCH_LIBRARY(parallax, m) {
   // Writes k, v (T, H_kv, D) into the caches at slot_mapping (T,) int32/int64 (block * block_size
   // + offset); a negative slot skips the token.
   m.def("reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  // Batched multi-LoRA (Punica's SGMV): delta[t] = scaling[i] * (x[t] @ lora_a[i]^T) @ lora_b[i]^T with
+  // i = indices[t], zero where i == -1. x (T, K); lora_a (S, R, K); lora_b (S, N, R) (fastest with its N
+  // dim contiguous); indices (T,) int32/int64 in [-1, S); scaling (S,). Returns (T, N) in lora_a's dtype.
+  m.def("sgmv(Tensor x, Tensor lora_a, Tensor lora_b, Tensor indices, Tensor scaling) -> Tensor");
 }
 
 namespace {

@@ -8,13 +8,17 @@ weights, zero-padded to the largest rank among them, in one slot order shared by
 
     lora_a (S, R, K), lora_b (S, N, R), scaling (S,)      S slots, R max rank, K in, N out features
 
-A slot whose adapter does not target a layer has zeros there (and scaling 0), so it adds nothing.
+On CPU lora_b is kept with its N dim contiguous (a transposed (S, R, N) tensor), the layout the
+compiled sgmv kernel reads without a copy. A slot whose adapter does not target a layer has zeros
+there (and scaling 0), so it adds nothing.
 The stacks are rebuilt, lazily, at the first step after an adapter was added; the layers' own
 ``lora_A``/``lora_B`` weights of the served adapters are views into them (each adapter stored once).
 
 Each engine step the runner routes the batch: ``routing(token_slots)`` (T,) (one slot per token,
 -1 for the base model) inside ``use_routing``; every ``LoraLinear`` then adds
-``px.ops.sgmv(x, lora_a, lora_b, token_slots, scaling)`` to its output (``parallax.peft.lora``).
+``px.ops.sgmv(x, lora_a, lora_b, token_slots, scaling)`` to its output (``parallax.peft.lora``):
+Triton kernels on CUDA, the C++ kernel on CPU (dense torch fallbacks only when parallax._C did
+not load; see ``TokenRouting``).
 
 The prefix cache keeps adapters apart by chaining block keys from ``prefix_root(name)``
 (``parallax.inference.block_manager``).
@@ -43,8 +47,9 @@ log = logging.getLogger(__name__)
 BASE_SLOT = -1  # the slot of a request without an adapter
 
 
-# On CPU a layer whose stacks hold at most (K + N) / 2 slot-rank rows routes every token through
-# all slots with one mask (three ops) instead of two matmuls per slot present on slot-sorted tokens.
+# Without the compiled CPU kernel (parallax._C failed to load), a layer whose stacks hold at most
+# (K + N) / 2 slot-rank rows routes every token through all slots with one mask (three ops) instead
+# of two matmuls per slot present on slot-sorted tokens.
 # Measured (2 threads, K 256, N 768; per layer, masked vs sorted segments vs the base linear):
 # S x R = 8 x 8: 32 tokens 67 vs 184 us (base 115), 512 tokens 447 vs 1802 (1126); 32 x 8: 263 vs 457 at
 # 32 tokens, 1419 vs 2031 at 512; 64 x 16: 711 vs 437 at 32 tokens, 6440 vs 1683 at 512.
@@ -52,15 +57,22 @@ def _masked_is_cheaper(slots: int, rank: int, k: int, n: int) -> bool:
     return 2 * slots * rank <= k + n
 
 
+def _cpu_sgmv_kernel() -> bool:
+    """Whether px.ops.sgmv runs the compiled C++ kernel on CPU tensors (parallax._C loaded)."""
+    from parallax.ops.sgmv import backend  # lazy: ops load the compiled extension
+
+    return backend("cpu") == "cpu"
+
+
 @dataclass(frozen=True)
 class LayerStacks:
-    """One layer's adapters by slot: lora_a (S, R, K), lora_b (S, N, R), scaling (S,) float32;
-    on CPU also ``dense_b`` (N, S * R): lora_b with each slot's scaling folded in, for the masked path."""
+    """One layer's adapters by slot: lora_a (S, R, K), lora_b (S, N, R), scaling (S,) float32.
+    On CPU lora_b is the transposed view of a contiguous (S, R, N) tensor (N contiguous: the CPU
+    sgmv kernel's fast layout; ``lora_b.transpose(1, 2)`` is every slot's B^T, rows (slot, rank))."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scaling: torch.Tensor
-    dense_b: torch.Tensor | None = None
 
 
 class LoraRegistry:
@@ -152,7 +164,10 @@ class LoraRegistry:
             rank = max(layer.r[n] for _, n in present)
             first = layer.lora_A[present[0][1]].weight
             a = torch.zeros(len(self), rank, layer.in_features, dtype=first.dtype, device=first.device)
-            b = torch.zeros(len(self), layer.out_features, rank, dtype=first.dtype, device=first.device)
+            if first.device.type == "cpu":  # N contiguous (see LayerStacks)
+                b = torch.zeros(len(self), rank, layer.out_features, dtype=first.dtype).transpose(1, 2)
+            else:
+                b = torch.zeros(len(self), layer.out_features, rank, dtype=first.dtype, device=first.device)
             scaling = torch.zeros(len(self), dtype=torch.float32, device=first.device)
             for s, n in present:
                 r = layer.r[n]
@@ -161,30 +176,29 @@ class LoraRegistry:
                 scaling[s] = layer.scaling[n]
                 layer.lora_A[n].weight.data = a[s, :r]
                 layer.lora_B[n].weight.data = b[s, :, :r]
-            dense_b = None
-            if first.device.type == "cpu":
-                dense_b = (b * scaling.to(b.dtype)[:, None, None]).permute(1, 0, 2).reshape(layer.out_features, -1)
-            stacks[layer] = LayerStacks(a, b, scaling, dense_b)
+            stacks[layer] = LayerStacks(a, b, scaling)
         return stacks
 
 
 class TokenRouting:
     """One step's adapters per token, read by every ``LoraLinear`` (``parallax.peft.lora.LoraRouting``).
-    What every layer shares is worked out once per step: on CUDA the sort into row tiles
-    (``sgmv_plan``); on CPU the tokens' slot mask (and, when a layer with many slots needs it, the
-    slot order)."""
+    Every layer adds ``px.ops.sgmv``: on CUDA its Triton kernels, with the sort into row tiles
+    (``sgmv_plan``) made once per step; on CPU its C++ kernel (which sorts the T slots itself, for
+    less than a plan would cost). Only when that kernel is missing (parallax._C did not load), CPU
+    layers fall back to dense torch ops: the tokens' slot mask (made once per step), or, when a
+    layer has many slots, the slot order."""
 
     def __init__(self, registry: LoraRegistry, token_slots: torch.Tensor) -> None:
         self.registry = registry
         self.token_slots = token_slots  # (T,) int64
         self.plan = None  # CUDA: px.ops.sgmv's plan
-        self.own: torch.Tensor | None = None  # CPU: (T, S) 1.0 where the token's slot is s
+        self.own: torch.Tensor | None = None  # CPU without the kernel: (T, S) 1.0 where the token's slot is s
         self._segments_cache: tuple[torch.Tensor, list[tuple[int, int, int]]] | None = None
         if token_slots.is_cuda:
             from parallax.ops.sgmv import sgmv_plan  # lazy: ops load the compiled extension
 
             self.plan = sgmv_plan(token_slots, len(registry))
-        else:
+        elif not _cpu_sgmv_kernel():
             self.own = (token_slots[:, None] == torch.arange(len(registry))[None, :]).float()
 
     @property
@@ -226,22 +240,23 @@ class TokenRouting:
 
     def _masked(self, stacks: LayerStacks, x: torch.Tensor) -> torch.Tensor:
         """sgmv's result as three dense ops: x (T, K) through every slot's A, each token's own slot
-        kept by the mask, then every slot's scaled B: (T, K) -> (T, S*R) -> (T, N)."""
+        kept (and scaled) by the mask, then every slot's B: (T, K) -> (T, S*R) -> (T, N)."""
         s, r, k = stacks.lora_a.shape
         u = x.to(stacks.lora_a.dtype) @ stacks.lora_a.view(s * r, k).T
-        u = (u.view(-1, s, r) * self.own.to(u.dtype)[:, :, None]).view(-1, s * r)
-        return u @ stacks.dense_b.T
+        keep = (self.own * stacks.scaling).to(u.dtype)  # (T, S)
+        u = (u.view(-1, s, r) * keep[:, :, None]).view(-1, s * r)
+        return u @ stacks.lora_b.transpose(1, 2).reshape(s * r, -1)  # a view: (S, R, N) is contiguous
 
     def _sorted(self, stacks: LayerStacks, x: torch.Tensor) -> torch.Tensor:
         """sgmv's result from the slot-sorted tokens: two matmuls per slot present on contiguous
         slices (no per-layer search for each slot's tokens), scattered back once."""
-        r = stacks.lora_a.shape[1]
         order, runs = self.segments
-        xs = x.index_select(0, order).to(stacks.lora_a.dtype)
-        ys = torch.empty(xs.shape[0], stacks.lora_b.shape[1], dtype=stacks.lora_a.dtype)
+        dtype = stacks.lora_a.dtype
+        xs = x.index_select(0, order).to(dtype)
+        ys = torch.empty(xs.shape[0], stacks.lora_b.shape[1], dtype=dtype)
         for slot, start, end in runs:
-            scaled_b = stacks.dense_b[:, slot * r:(slot + 1) * r]  # (N, R), the slot's scaling folded in
-            torch.mm(xs[start:end] @ stacks.lora_a[slot].T, scaled_b.T, out=ys[start:end])
+            u = (xs[start:end] @ stacks.lora_a[slot].T) * stacks.scaling[slot].to(dtype)
+            torch.mm(u, stacks.lora_b[slot].T, out=ys[start:end])  # lora_b[slot].T: (R, N) contiguous
         out = torch.zeros(x.shape[0], ys.shape[1], dtype=ys.dtype)
         return out.index_copy_(0, order, ys)
 

@@ -14,23 +14,40 @@ to it, as PEFT runs the LoRA path in the adapter dtype). Returns delta (T, N) in
 
 Inference only: ``sgmv`` runs under ``torch.no_grad`` (its result has no autograd graph).
 
-The Triton path (``parallax/kernels/sgmv.py``) sorts the tokens by slot, cuts each slot's
-segment into row tiles and runs two kernels: a shrink ``u = x_seg @ A[slot]^T`` (fp32, in sorted
-order) and an expand ``delta[tokens] = scaling[slot] * u @ B[slot]^T`` (fp32 accumulation,
-rounded once). The grid is sized from T and S alone, so nothing is read back to the host but the
-indices' range check; ``sgmv_plan`` does that sort, cut and check once for the many layers of one
-model step (``sgmv(..., plan=plan)``).
+Three implementations, chosen with ``backend=``:
 
-Dispatch (``parallax.ops.backend("sgmv", device)``, or ``backend=`` per call): see
-``parallax.ops._triton``: Triton on CUDA, ``sgmv_ref`` on CPU unless ``TRITON_INTERPRET=1``.
+* ``"cpu"``: C++ in ``csrc/sgmv/`` (``torch.ops.parallax.sgmv``), CPU tensors, when the compiled
+  extension loaded. It sorts the tokens by slot on the host (a counting sort; the range check
+  comes free with it), cuts each slot's run into tiles of 16 tokens, then a shrink ``u = scaling[s]
+  * x_tile @ A[s]^T`` (fp32) and an expand ``delta[tile] = u @ B[s]^T`` (fp32 accumulation, rounded
+  once), with the AVX-512, AVX2 or scalar kernels of ``parallax._extension.cpu_isa()``: T * R *
+  (K + N) multiply-adds and one pass over x and delta. Calls past 2M multiply-adds are spread over
+  the OpenMP threads; smaller ones (decode steps) run on the calling thread, which is as fast there
+  and never waits for a descheduled thread on a busy machine.
+  lora_b is read fastest with its N dim contiguous (a contiguous (S, R, N) tensor passed as
+  ``.transpose(1, 2)``: what ``parallax.inference.lora`` keeps); another layout is copied into that
+  one on every call. ``plan`` is not needed (it is accepted and checked against the call).
+* ``"triton"``: ``parallax/kernels/sgmv.py``; on CUDA tensors, or on CPU tensors under the Triton
+  interpreter (``TRITON_INTERPRET=1``, the tests). It sorts the tokens by slot, cuts each slot's
+  segment into row tiles and runs two kernels: a shrink ``u = x_seg @ A[slot]^T`` (fp32, in sorted
+  order) and an expand ``delta[tokens] = scaling[slot] * u @ B[slot]^T`` (fp32 accumulation,
+  rounded once). The grid is sized from T and S alone, so nothing is read back to the host but the
+  indices' range check; ``sgmv_plan`` does that sort, cut and check once for the many layers of one
+  model step (``sgmv(..., plan=plan)``).
+* ``"reference"``: ``sgmv_ref``, plain PyTorch (a gather and two matmuls per slot present).
+
+The default (``parallax.ops.backend("sgmv", device)``): on CPU ``"cpu"`` when compiled, else
+``"triton"`` under the interpreter, else ``"reference"``; on CUDA ``"triton"``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from parallax import _extension
 from parallax.ops import _triton
 
 Tensor = torch.Tensor
@@ -39,11 +56,52 @@ __all__ = ["sgmv", "sgmv_ref", "sgmv_plan", "SgmvPlan", "backend", "KERNEL_DTYPE
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+BACKENDS = ("cpu", "triton", "reference")
+
+if _extension.available() and hasattr(torch.ops.parallax, "sgmv"):
+
+    @torch.library.register_fake("parallax::sgmv")
+    def _sgmv_fake(x, lora_a, lora_b, indices, scaling):
+        return x.new_empty((x.shape[0], lora_b.shape[1]), dtype=lora_a.dtype)
+
+
+@functools.cache  # the extension's kernels are registered once, at import
+def _has_cpu_kernel() -> bool:
+    try:
+        return _extension.has_kernel("sgmv", "cpu")
+    except RuntimeError:  # an extension built before this op existed
+        return False
+
+
+def _available(device_type: str) -> list[str]:
+    """Implementations that can run on ``device_type``, best first."""
+    found = ["cpu"] if device_type == "cpu" and _has_cpu_kernel() else []
+    if _triton.default_backend(device_type) == "triton":
+        found.append("triton")
+    return found + ["reference"]
 
 
 def backend(device: torch.device | str = "cpu") -> str:
-    """Which implementation ``sgmv`` uses by default for tensors on ``device``: 'triton' or 'reference'."""
-    return _triton.default_backend(device)
+    """Which implementation ``sgmv`` uses by default for tensors on ``device``: 'cpu', 'triton' or
+    'reference'."""
+    return _available(torch.device(device).type)[0]
+
+
+def _pick(requested: str | None, device: torch.device) -> str:
+    if requested is None and device.type == "cpu" and _has_cpu_kernel():
+        return "cpu"  # the common case first, without building the list
+    available = _available(device.type)
+    if requested is None:
+        return available[0]
+    if requested not in BACKENDS:
+        raise ValueError(f"sgmv: backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {requested!r}")
+    if requested not in available:
+        why = {"cpu": "the C++ kernel runs on CPU tensors when parallax._C loaded with it",
+               "triton": "Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before the "
+                         "kernels are first used)"}[requested]
+        raise ValueError(f"sgmv: backend={requested!r} cannot run on {device.type} tensors here ({why}); "
+                         f"available: {', '.join(available)}")
+    return requested
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,17 +260,25 @@ def _sgmv_triton(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: Tensor, pla
 # public function and reference
 
 
-@torch.no_grad()
 def sgmv(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Tensor, *,
          backend: str | None = None, plan: SgmvPlan | None = None) -> Tensor:
     """Each token's LoRA update through its own adapter slot (see the module docstring):
     x (T, K), lora_a (S, R, K), lora_b (S, N, R), indices (T,) in [-1, S), scaling (S,) ->
     delta (T, N) in lora_a's dtype, zero where indices is -1. Inference only (no autograd graph).
 
-    ``backend``: 'triton', 'reference' or None (the default for the device, see ``backend``).
+    ``backend``: 'cpu', 'triton', 'reference' or None (the default for the device, see ``backend``).
     ``plan``: ``sgmv_plan(indices, S)``, made once and reused by every call with these indices
-    (it skips the indices' range check and sort); None makes one per call.
+    (it skips the indices' range check and sort); None makes one per call. The 'cpu' kernel sorts
+    and checks on its own (cheaper than a plan there): a plan is only checked against the call.
     """
+    if torch.is_grad_enabled():  # entered only when needed: the engine calls this ~30 times a step
+        with torch.no_grad():
+            return _sgmv(x, lora_a, lora_b, indices, scaling, backend, plan)
+    return _sgmv(x, lora_a, lora_b, indices, scaling, backend, plan)
+
+
+def _sgmv(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Tensor, backend: str | None,
+          plan: SgmvPlan | None) -> Tensor:
     _check(x, lora_a, lora_b, indices, scaling)
     num_slots = lora_a.shape[0]
     if plan is not None:
@@ -222,7 +288,10 @@ def sgmv(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Te
             raise ValueError(f"sgmv: plan was made for {plan.num_tokens} tokens and {plan.num_slots} slots on "
                              f"{plan.order.device}; this call has {x.shape[0]} tokens (x) and {num_slots} slots "
                              f"(lora_a) on {x.device}")
-    if _triton.pick("sgmv", backend, x.device) == "reference":
+    chosen = _pick(backend, x.device)
+    if chosen == "cpu":
+        return torch.ops.parallax.sgmv(x, lora_a, lora_b, indices, scaling)  # ValueError for indices out of range
+    if chosen == "reference":
         if plan is None:
             _check_range(indices, num_slots)
         return sgmv_ref(x, lora_a, lora_b, indices, scaling)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 
@@ -118,14 +119,41 @@ def test_a_mixed_batch_gives_each_request_its_adapters_tokens(family):
     assert len({tuple(t) for t in last.values()}) == len(names)  # one prompt, four different continuations
 
 
-@pytest.mark.parametrize("path", ["masked", "segments"])
+def _count_sgmv_calls(monkeypatch) -> list[str]:
+    """Every px.ops.sgmv call from now on appends the backend that ran it; the torch fallbacks of
+    parallax.inference.lora raise."""
+    import parallax.inference.lora as lora_module
+    from parallax import ops
+
+    sgmv_module = importlib.import_module("parallax.ops.sgmv")
+    calls, real = [], sgmv_module.sgmv
+
+    def counting(x, *args, **kw):
+        calls.append(kw.get("backend") or ops.backend("sgmv", x.device))
+        return real(x, *args, **kw)
+
+    def fallback(*args, **kw):
+        raise AssertionError("the torch fallback ran although the sgmv kernel is there")
+
+    monkeypatch.setattr(sgmv_module, "sgmv", counting)
+    monkeypatch.setattr(lora_module.TokenRouting, "_masked", fallback)
+    monkeypatch.setattr(lora_module.TokenRouting, "_sorted", fallback)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["kernel", "masked", "segments"])
 def test_routed_logits_equal_each_merged_model(family, path, monkeypatch):
     """The batched path itself: rows of one forward routed to different adapters (and the base)
-    give the logits of the model with that adapter merged, to float32 rounding; both CPU paths
-    (every slot through one mask, and two matmuls per slot on slot-sorted tokens)."""
+    give the logits of the model with that adapter merged, to float32 rounding; on CPU the
+    compiled sgmv kernel, and both torch fallbacks used without it (every slot through one mask,
+    and two matmuls per slot on slot-sorted tokens)."""
     import parallax.inference.lora as lora_module
 
-    monkeypatch.setattr(lora_module, "_masked_is_cheaper", lambda *shape: path == "masked")
+    if path == "kernel":
+        calls = _count_sgmv_calls(monkeypatch)
+    else:
+        monkeypatch.setattr(lora_module, "_cpu_sgmv_kernel", lambda: False)
+        monkeypatch.setattr(lora_module, "_masked_is_cheaper", lambda *shape: path == "masked")
     base, dirs, llm = family
     registry: LoraRegistry = llm.engine.loras
     idx = torch.tensor([p[:5] for p in PROMPTS[:4]])  # (4, 5)
@@ -144,6 +172,24 @@ def test_routed_logits_equal_each_merged_model(family, path, monkeypatch):
                 == {stacks.lora_a.untyped_storage().data_ptr(), stacks.lora_b.untyped_storage().data_ptr()}
         # outside a routing the model is the base (the engine's adapters are inactive)
         torch.testing.assert_close(model.logits(model.hidden_states(idx)), base.logits(base.hidden_states(idx)))
+    if path == "kernel":  # one call per adapted layer, all on the C++ kernel
+        assert calls and set(calls) == {"cpu"}, calls
+
+
+def test_the_cpu_engine_routes_through_the_sgmv_kernel(family, monkeypatch):
+    """A mixed batch on CPU runs every LoraLinear through px.ops.sgmv's C++ kernel (the torch
+    fallbacks never run), with the same greedy tokens as the engine without that kernel."""
+    import parallax.inference.lora as lora_module
+
+    base, dirs, llm = family
+    names = [*dirs, None]
+    loras = [names[i % len(names)] for i in range(len(PROMPTS))]
+    with monkeypatch.context() as patch:
+        patch.setattr(lora_module, "_cpu_sgmv_kernel", lambda: False)
+        fallback = tokens(llm.generate(PROMPTS, GREEDY, lora=loras))
+    calls = _count_sgmv_calls(monkeypatch)
+    assert tokens(llm.generate(PROMPTS, GREEDY, lora=loras)) == fallback
+    assert len(calls) >= GREEDY.max_tokens and set(calls) == {"cpu"}, calls
 
 
 def test_prefix_cache_keeps_adapters_apart(family):
