@@ -21,7 +21,8 @@ TORCH_LIBRARY(parallax, m) {
   // PagedAttention decode: q (N, H, D) attends over its sequence's cached keys/values, caches
   // (num_blocks, block_size, H_kv, D) found through block_tables (N, max_blocks) int32, the first
   // context_lens[n] (int32) tokens. partition_size 0: one program per sequence and KV head; > 0:
-  // split-K partitions of that many tokens, then a reduce kernel. Returns (N, H, D) in q's dtype.
+  // split-K partitions of that many tokens, then a reduce kernel (CUDA; the CPU kernel ignores it:
+  // one task per sequence and KV head). Returns (N, H, D) in q's dtype.
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
       "float softmax_scale, int partition_size) -> Tensor");
