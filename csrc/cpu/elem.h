@@ -8,6 +8,10 @@ namespace parallax::cpu {
 
 enum class Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// Bytes of one element of type T.
+template <Elem T>
+constexpr int64_t kElemBytes = T == Elem::kF32 ? 4 : 2;
+
 // `op` and `what` name the operator and the argument in the error.
 inline Elem elem_of(const at::Tensor& t, const char* op, const char* what) {
   switch (t.scalar_type()) {

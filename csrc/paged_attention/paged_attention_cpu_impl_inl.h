@@ -20,9 +20,6 @@
 namespace parallax::paged_attention {
 namespace {
 
-template <Elem T>
-constexpr int64_t kBytes = T == Elem::kF32 ? 4 : 2;
-
 // Writes `value` (0 or NaN) to the G output rows of one task.
 template <class V, Elem T, int kD>
 void fill_rows(const Problem& p, int64_t first_row, int64_t group, float value) {
@@ -47,7 +44,7 @@ inline bool context_in_cache(const Problem& p, const int32_t* table, int64_t ctx
 // instead of 10.2 ns per token and KV head, D 64 fp32 AVX-512).
 template <Elem T, int kD>
 inline const char* block_row(const void* cache, const Problem& p, int64_t block, int64_t kv_head) {
-  return static_cast<const char*>(cache) + ((block * p.block_size) * p.num_kv_heads + kv_head) * kD * kBytes<T>;
+  return static_cast<const char*>(cache) + ((block * p.block_size) * p.num_kv_heads + kv_head) * kD * cpu::kElemBytes<T>;
 }
 
 // q . k over D lanes: k a cache row of type T, q fp32.
@@ -117,10 +114,10 @@ void attend(const Problem& p, int64_t seq, int64_t kv_head, float* scratch) {
 
   const Reg scale = V::set1(p.scale);
   for (int64_t g = 0; g < group; ++g) {
-    const char* q = static_cast<const char*>(p.q) + (seq * p.q_seq_stride + (kv_head * group + g) * p.q_head_stride) * kBytes<T>;
+    const char* q = static_cast<const char*>(p.q) + (seq * p.q_seq_stride + (kv_head * group + g) * p.q_head_stride) * cpu::kElemBytes<T>;
     for (int i = 0; i < kD; i += W) V::template store<Elem::kF32>(qs + g * kD, i, V::mul(V::template load<T>(q, i), scale));
   }
-  const int64_t row_bytes = p.num_kv_heads * kD * kBytes<T>;
+  const int64_t row_bytes = p.num_kv_heads * kD * cpu::kElemBytes<T>;
   // 1. scores: each key row once, for all G heads
   for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += p.block_size, ++b) {
     const int64_t t1 = std::min<int64_t>(t0 + p.block_size, ctx);

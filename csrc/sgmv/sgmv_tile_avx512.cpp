@@ -1,7 +1,7 @@
 // AVX-512F SGMV tile kernels (16 floats per vector). Everything after the target pragma is
 // compiled for AVX-512 and is only reached when cpu::active_isa() says the CPU supports it.
 #include "sgmv/sgmv_cpu_kernels.h"
-#include "sgmv/sgmv_scalar_inl.h"
+#include "cpu/simd_scalar_inl.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -18,28 +18,12 @@
 #endif
 
 #include "cpu/vec_avx512_inl.h"
+#include "cpu/simd_avx512_inl.h"
 #include "sgmv/sgmv_tile_inl.h"
 
 namespace parallax::sgmv {
-namespace {
 
-struct V512 {
-  using reg = __m512;
-  static constexpr int kLanes = 16;
-  static constexpr int kRanks = 4;  // 4 tokens x 4 ranks = 16 accumulators of the 32 zmm registers
-  static reg zero() { return _mm512_setzero_ps(); }
-  static reg set1(float v) { return _mm512_set1_ps(v); }
-  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(reg a) { return _mm512_reduce_add_ps(a); }
-  template <Elem W>
-  static reg load(const void* base, int64_t i) { return cpu::load16<W>(base, i); }
-  template <Elem W>
-  static void store(void* base, int64_t i, reg v) { cpu::store16<W>(base, i, v); }
-};
-
-}  // namespace
-
-Kernels kernels_avx512() { return {&shrink<V512>, &expand<V512>}; }
+Kernels kernels_avx512() { return {&shrink<cpu::SimdAvx512>, &expand<cpu::SimdAvx512>}; }
 
 }  // namespace parallax::sgmv
 

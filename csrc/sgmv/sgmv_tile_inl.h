@@ -1,11 +1,11 @@
-// Shrink and expand for one ISA, written once over a vector type V (included after each ISA
-// file's target pragma, V defined there): V::reg holds V::kLanes floats; zero, set1, fma (a * b
-// + c, one rounding where the ISA has FMA), sum (horizontal), load<W>/store<W> (kLanes elements of
-// type W as floats). The tails past the last full vector use load1/store1 (sgmv_scalar_inl.h).
+// Shrink and expand for one ISA, written once over a vector type V (cpu/simd_*_inl.h, included
+// after each ISA file's target pragma): V::Reg holds V::kWidth floats; zero, set1, fmadd (a * b + c,
+// one rounding where the ISA has FMA), reduce_add, load<W>/store<W> (kWidth elements of type W as
+// floats). The tails past the last full vector use cpu::load1/store1 (cpu/simd_scalar_inl.h).
 // No std:: calls here: a library template instantiated under an ISA target could be merged with
 // the baseline copy by the linker.
 //
-// Register blocking: shrink computes kRows tokens x V::kRanks ranks at once (each A row chunk
+// Register blocking: shrink computes kRows tokens x kRanks<V> ranks at once (each A row chunk
 // loaded once for kRows tokens, each x chunk once for kRanks ranks); expand kRows tokens x 2
 // vectors of columns (each B chunk loaded once for kRows tokens).
 #pragma once
@@ -13,37 +13,45 @@
 #include <cstdint>
 
 #include "sgmv/sgmv_cpu_kernels.h"
-#include "sgmv/sgmv_scalar_inl.h"
+#include "cpu/simd_scalar_inl.h"
 
 namespace parallax::sgmv {
 namespace {
 
 constexpr int kRows = 4;
+// Ranks per shrink block: kRows x kRanks accumulators fit the vector registers (16 ymm: 4 x 2;
+// 32 zmm: 4 x 4).
+template <class V>
+constexpr int kRanks = V::kWidth == 8 ? 2 : 4;
+
+using cpu::kElemBytes;
+using cpu::load1;
+using cpu::store1;
 
 template <class V, Elem W, int M, int RB>
 void shrink_block(const Problem& p, const int64_t* tokens, int64_t slot, int64_t r0, float* u) {
-  constexpr int64_t L = V::kLanes;
+  constexpr int64_t L = V::kWidth;
   const char* xr[M];
   const char* ar[RB];
-  for (int i = 0; i < M; ++i) xr[i] = static_cast<const char*>(p.x) + tokens[i] * p.x_row * kBytes<W>;
+  for (int i = 0; i < M; ++i) xr[i] = static_cast<const char*>(p.x) + tokens[i] * p.x_row * kElemBytes<W>;
   for (int j = 0; j < RB; ++j)
-    ar[j] = static_cast<const char*>(p.a) + (slot * p.a_slot + (r0 + j) * p.a_row) * kBytes<W>;
-  typename V::reg acc[M][RB];
+    ar[j] = static_cast<const char*>(p.a) + (slot * p.a_slot + (r0 + j) * p.a_row) * kElemBytes<W>;
+  typename V::Reg acc[M][RB];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < RB; ++j) acc[i][j] = V::zero();
   const int64_t kv = p.k - p.k % L;
   for (int64_t k = 0; k < kv; k += L) {
-    typename V::reg av[RB];
+    typename V::Reg av[RB];
     for (int j = 0; j < RB; ++j) av[j] = V::template load<W>(ar[j], k);
     for (int i = 0; i < M; ++i) {
-      const typename V::reg xv = V::template load<W>(xr[i], k);
-      for (int j = 0; j < RB; ++j) acc[i][j] = V::fma(xv, av[j], acc[i][j]);
+      const typename V::Reg xv = V::template load<W>(xr[i], k);
+      for (int j = 0; j < RB; ++j) acc[i][j] = V::fmadd(xv, av[j], acc[i][j]);
     }
   }
   const float scale = p.scaling[slot];
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < RB; ++j) {
-      float s = V::sum(acc[i][j]);
+      float s = V::reduce_add(acc[i][j]);
       for (int64_t k = kv; k < p.k; ++k) s += load1<W>(xr[i], k) * load1<W>(ar[j], k);
       u[i * p.r + r0 + j] = s * scale;
     }
@@ -53,42 +61,42 @@ void shrink_block(const Problem& p, const int64_t* tokens, int64_t slot, int64_t
 template <class V, Elem W, int M>
 void shrink_rows(const Problem& p, const int64_t* tokens, int64_t slot, float* u) {
   int64_t r = 0;
-  for (; r + V::kRanks <= p.r; r += V::kRanks) shrink_block<V, W, M, V::kRanks>(p, tokens, slot, r, u);
+  for (; r + kRanks<V> <= p.r; r += kRanks<V>) shrink_block<V, W, M, kRanks<V>>(p, tokens, slot, r, u);
   for (; r < p.r; ++r) shrink_block<V, W, M, 1>(p, tokens, slot, r, u);
 }
 
 // NB vectors of columns from n for M tokens.
 template <class V, Elem W, int M, int NB>
 void expand_block(const Problem& p, const char* bs, void* const* orow, const float* u, int64_t n) {
-  typename V::reg acc[M][NB];
+  typename V::Reg acc[M][NB];
   for (int i = 0; i < M; ++i)
     for (int c = 0; c < NB; ++c) acc[i][c] = V::zero();
   for (int64_t r = 0; r < p.r; ++r) {
-    const char* br = bs + r * p.b_row * kBytes<W>;
-    typename V::reg bv[NB];
-    for (int c = 0; c < NB; ++c) bv[c] = V::template load<W>(br, n + c * V::kLanes);
+    const char* br = bs + r * p.b_row * kElemBytes<W>;
+    typename V::Reg bv[NB];
+    for (int c = 0; c < NB; ++c) bv[c] = V::template load<W>(br, n + c * V::kWidth);
     for (int i = 0; i < M; ++i) {
-      const typename V::reg uv = V::set1(u[i * p.r + r]);
-      for (int c = 0; c < NB; ++c) acc[i][c] = V::fma(uv, bv[c], acc[i][c]);
+      const typename V::Reg uv = V::set1(u[i * p.r + r]);
+      for (int c = 0; c < NB; ++c) acc[i][c] = V::fmadd(uv, bv[c], acc[i][c]);
     }
   }
   for (int i = 0; i < M; ++i)
-    for (int c = 0; c < NB; ++c) V::template store<W>(orow[i], n + c * V::kLanes, acc[i][c]);
+    for (int c = 0; c < NB; ++c) V::template store<W>(orow[i], n + c * V::kWidth, acc[i][c]);
 }
 
 template <class V, Elem W, int M>
 void expand_rows(const Problem& p, const int64_t* tokens, int64_t slot, const float* u, int64_t n0, int64_t n1) {
-  constexpr int64_t L = V::kLanes;
+  constexpr int64_t L = V::kWidth;
   void* orow[M];
-  for (int i = 0; i < M; ++i) orow[i] = static_cast<char*>(p.out) + tokens[i] * p.n * kBytes<W>;
-  const char* bs = static_cast<const char*>(p.b) + slot * p.b_slot * kBytes<W>;
+  for (int i = 0; i < M; ++i) orow[i] = static_cast<char*>(p.out) + tokens[i] * p.n * kElemBytes<W>;
+  const char* bs = static_cast<const char*>(p.b) + slot * p.b_slot * kElemBytes<W>;
   int64_t n = n0;
   for (; n + 2 * L <= n1; n += 2 * L) expand_block<V, W, M, 2>(p, bs, orow, u, n);
   for (; n + L <= n1; n += L) expand_block<V, W, M, 1>(p, bs, orow, u, n);
   for (; n < n1; ++n) {
     for (int i = 0; i < M; ++i) {
       float s = 0.0f;
-      for (int64_t r = 0; r < p.r; ++r) s += u[i * p.r + r] * load1<W>(bs + r * p.b_row * kBytes<W>, n);
+      for (int64_t r = 0; r < p.r; ++r) s += u[i * p.r + r] * load1<W>(bs + r * p.b_row * kElemBytes<W>, n);
       store1<W>(orow[i], n, s);
     }
   }
