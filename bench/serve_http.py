@@ -143,7 +143,8 @@ QUICK = HttpSetup(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate=128,
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
     """The options of ``bench serve --http`` (``--batch`` and ``--no-hf`` are ``bench serve``'s)."""
     parser.add_argument("--rates", type=_rates, default=None,
-                        help="--http: request rates (req/s, comma-separated; default 0.5,1,2,3,4,6,8,12,16 on CPU)")
+                        help="--http: request rates (req/s, comma-separated; default "
+                        f"{','.join(f'{r:g}' for r in CPU.rates)} on CPU)")
     parser.add_argument("--duration", type=float, default=None,
                         help="--http: seconds of Poisson arrivals per rate (default 15; --quick 1.5)")
     parser.add_argument("--max-requests", type=int, default=None, help="--http: most requests per rate")
