@@ -119,3 +119,36 @@ def test_torch_metadata_holds_the_decode_tables():
     unsupported = build_metadata([SeqInput([5], start=2, block_table=[1], sample=True)], 4, "torch",
                                  torch.device("cpu"))
     assert unsupported.block_tables is None and unsupported.context_lens is None
+
+
+def test_bf16_model_decodes_through_the_kernel_like_the_gather_path(calls, monkeypatch):
+    """A bf16 model (what a Hugging Face checkpoint loads as) decodes through the kernel with the
+    gather + SDPA path's greedy tokens, and its logprobs are off the exact ones (a float32 forward of
+    the same bf16 weights over the whole sequence) by at most twice the gather path's error
+    (DESIGN.md's attention rule)."""
+    model = context_sensitive_gpt(block_size=64, vocab_size=257, n_layer=2, n_head=4, n_kv_head=2,
+                                  n_embd=64).to(torch.bfloat16)
+    rng = random.Random(5)
+    prompts = random_prompts(rng, 6, [rng.randrange(256) for _ in range(12)])
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=0)
+
+    def generate():
+        engine = LLMEngine(model, config=EngineConfig(block_size=16, num_blocks=32, attention="torch"))
+        return run_all(engine, prompts, params, random.Random(0))  # the same arrivals each time
+
+    kernel_outs = generate()
+    assert calls["kernel"] > 0 and calls["gather"] == 0, calls
+    monkeypatch.setattr(attention_metadata, "cpu_decode_kernel", lambda device, block_size: False)
+    gather_outs = generate()
+    assert calls["gather"] > 0, calls
+    exact = model.float()
+    errors = {"kernel": 0.0, "gather": 0.0}
+    for prompt, k, g in zip(prompts, kernel_outs, gather_outs):
+        assert k.token_ids == g.token_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(exact(torch.tensor([prompt + k.token_ids[:-1]]))[0], dim=-1)
+        for step, token in enumerate(k.token_ids):
+            want = float(logprobs[len(prompt) - 1 + step, token])
+            for name, out in (("kernel", k), ("gather", g)):
+                errors[name] = max(errors[name], abs(out.outputs[0].logprobs[step].logprob - want))
+    assert errors["kernel"] <= 2 * errors["gather"] + 1e-3, errors
