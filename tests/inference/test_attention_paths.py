@@ -13,12 +13,24 @@ import pytest
 import torch
 
 from parallax import _extension, ops
-from parallax.inference import EngineConfig, LLMEngine, SamplingParams
-from parallax.inference import attention_metadata
-from parallax.inference.attention_metadata import PagedAttentionContext, SeqInput, build_metadata
+from parallax.inference import (
+    EngineConfig,
+    LLMEngine,
+    SamplingParams,
+    attention_metadata,
+)
+from parallax.inference.attention_metadata import (
+    PagedAttentionContext,
+    SeqInput,
+    build_metadata,
+)
 from parallax.peft.prefix import PrefixTuningConfig, add_prefix_tuning
 from tests.helpers import context_sensitive_gpt
-from tests.inference.test_engine import random_prompts, reference_greedy, run_with_arrivals
+from tests.inference.test_engine import (
+    random_prompts,
+    reference_greedy,
+    run_with_arrivals,
+)
 from tests.inference.test_engine_families import build, recompute_greedy, run_all
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("paged_attention", "cpu"),
