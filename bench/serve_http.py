@@ -37,8 +37,11 @@ Columns: output tokens/s; achieved request rate (completed / wall); TTFT and ITL
 the load generator's CPU time over the wall time (on few cores it competes with the server).
 
 Goals (the issue's), reported not asserted: parallax serve sustains at least 3x the highest rate
-transformers serve sustains; HTTP costs at most 10% of the in-process engine's burst throughput;
-8 adapters in one batch keep at least 0.8x the base's throughput.
+transformers serve sustains; HTTP overhead at most 10% against the in-process engine, judged at the
+same rate (mean ITL at the highest rate both sustain) and at capacity (burst throughput, where the
+load generator's CPU on the same cores counts against the server: a process busy 10% of one core
+slowed the in-process engine by 13% on 2 cores); 8 adapters in one batch keep at least 0.8x the
+base's throughput.
 """
 
 from __future__ import annotations
@@ -382,20 +385,10 @@ class _Bench:
     def __init__(self, ctx: Any, setup: HttpSetup, requests: list[LoadRequest]) -> None:
         self.ctx, self.setup, self.requests = ctx, setup, requests
         self.loop = asyncio.new_event_loop()
-        self.session: Any = None
         self.senders: dict[str, Any] = {}
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
-
-    def open_session(self) -> None:
-        import aiohttp
-
-        async def make() -> Any:
-            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                         timeout=aiohttp.ClientTimeout(total=None))
-
-        self.session = self.run(make())
 
     def measure(self, provider: str, rate: float, requests: list[LoadRequest], model: str | list[str] | None,
                 seed: int = 0) -> dict[str, Any]:
@@ -424,8 +417,6 @@ class _Bench:
         self.measure(provider, math.inf, short, model)
 
     def close(self) -> None:
-        if self.session is not None:
-            self.run(self.session.close())
         self.loop.close()
 
 
@@ -487,10 +478,9 @@ def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:
                 ctx.skip(name, " | ".join([lines[0], *lines[1:][-4:]])[:800])
         ctx.note("startup_s", startup)
         ctx.note("servers", _describe_servers(setup, threads))
-        bench.open_session()
         for name in ("parallax serve", "transformers serve"):
             if name in servers:
-                bench.senders[name] = http_sender(bench.session, servers[name].base_url)
+                bench.senders[name] = http_sender(servers[name].base_url)
         models = {"in-process": None, "parallax serve": "base", "transformers serve": str(model_dir)}
         order = [p for p in models if p in bench.senders]
         for provider in order:
@@ -509,7 +499,7 @@ def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:
         if loras:
             url = servers["parallax serve"].base_url
             bench.senders["parallax base"] = bench.senders[f"parallax {len(loras)} adapters"] = \
-                http_sender(bench.session, url)
+                http_sender(url)
             bench.warm_up("parallax base", list(loras))
             last += _adapter_rows(bench, setup, list(loras))
         # the notes that judge the whole run go into the last records
@@ -617,6 +607,16 @@ def _sustainable(rows: list[dict], setup: HttpSetup) -> dict[str, str]:
     return out
 
 
+def _same_rate(rows: list[dict]) -> tuple[float, dict, dict] | None:
+    """(rate, parallax serve's row, the in-process row) at the highest sweep rate both sustain."""
+    def sustained(provider: str) -> dict[float, dict]:
+        return {r["rate"]: r for r in rows if r["provider"] == provider and r["rate"] is not None
+                and r["sustained"] == "yes" and r.get("itl_mean_ms")}
+    http, inproc = sustained("parallax serve"), sustained("in-process")
+    both = sorted(set(http) & set(inproc))
+    return (both[-1], http[both[-1]], inproc[both[-1]]) if both else None
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -644,11 +644,19 @@ def _goals(rows: list[dict], setup: HttpSetup, quick: bool, adapters: int) -> di
         met = ratio >= GOAL_VS_TRANSFORMERS
         goals[key] = (f"{ours:g} vs {theirs:g} req/s = {ratio:.2f}x{capped}, "
                       f"{_verdict(met) if met or not capped else 'not judged: higher --rates may meet it'}")
+    same = _same_rate(rows)
+    if same is not None:
+        rate, http, inproc = same
+        overhead = http["itl_mean_ms"] / inproc["itl_mean_ms"] - 1
+        goals[f"HTTP overhead <= {GOAL_OVERHEAD:.0%} at the same rate (mean ITL at the highest rate both sustain)"] = (
+            f"{rate:g} req/s: ITL {http['itl_mean_ms']:.1f} vs {inproc['itl_mean_ms']:.1f} ms = {overhead:+.1%}, "
+            f"TTFT mean {http['ttft_mean_ms'] - inproc['ttft_mean_ms']:+.0f} ms, {_verdict(overhead <= GOAL_OVERHEAD)}")
     burst = next((r for r in rows if r["provider"] == "parallax serve" and r["load"] == "burst"), None)
     if burst is not None and burst.get("vs_inprocess") is not None:
         overhead = 1 - burst["vs_inprocess"]
-        goals[f"HTTP overhead <= {GOAL_OVERHEAD:.0%} of in-process burst throughput"] = (
-            f"{overhead:.1%} (TTFT mean +{burst['ttft_delta_ms']:.0f} ms), {_verdict(overhead <= GOAL_OVERHEAD)}")
+        key = f"HTTP overhead <= {GOAL_OVERHEAD:.0%} at capacity (burst throughput; the load generator shares the cores)"
+        goals[key] = (f"{overhead:.1%} (TTFT mean +{burst['ttft_delta_ms']:.0f} ms, load generator "
+                      f"{burst.get('client_cpu_pct') or 0:.0f}% of a core), {_verdict(overhead <= GOAL_OVERHEAD)}")
     lora = next((r for r in rows if r["provider"] == f"parallax {adapters} adapters"), None)
     if lora is not None and lora.get("vs_base") is not None:
         goals[f"{adapters} adapters in one batch >= {GOAL_ADAPTERS:g}x base throughput"] = (

@@ -2,8 +2,9 @@
 through asyncio, so the event loop stays responsive while the model runs.
 
 The engine thread owns the ``LLMEngine`` (it is not thread-safe). The asyncio side talks to it
-through a thread-safe command queue (add a request, abort one, add a LoRA adapter, stop), applied between steps, so a request added while others run joins the next batch. Outputs
-go back to the request's consumer through ``loop.call_soon_threadsafe``. They are cumulative, so
+through a thread-safe command queue (add a request, abort one, add a LoRA adapter, stop), applied
+between steps, so a request added while others run joins the next batch. A step's outputs go back
+to their consumers with one ``loop.call_soon_threadsafe``. They are cumulative, so
 each request keeps only its latest one: a consumer slower than the engine (a slow client) skips
 intermediate outputs instead of piling them up (memory stays one output per request). With
 nothing to run, the thread sleeps on the command queue (no polling).
@@ -76,27 +77,45 @@ class _Stream:
     num_tokens: int = 0  # engine thread: tokens seen so far (all samples)
     last_token_time: float = 0.0
     latest: RequestOutput | BaseException | None = None  # consumer's loop: not taken yet
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    waiter: asyncio.Future | None = None  # consumer's loop: set while the consumer waits
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Engine thread: hand an output (or the exception that ends the request) to the consumer."""
-        try:
-            self.loop.call_soon_threadsafe(self._set, item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
-            pass
+        """Engine thread: hand one output (or the exception that ends the request) to the consumer."""
+        _hand_over(self.loop, [(self, item)])
 
-    def _set(self, item: RequestOutput | BaseException) -> None:
+    def set(self, item: RequestOutput | BaseException) -> None:
+        """Consumer's loop: keep ``item`` as the latest output and wake the consumer."""
         latest = self.latest
         if latest is None or not (isinstance(latest, BaseException) or latest.finished):  # an end stays
             self.latest = item
-        self.ready.set()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> RequestOutput | BaseException:
         """The latest output (cumulative: the ones it replaced are contained in it)."""
-        await self.ready.wait()
-        self.ready.clear()
+        while self.latest is None:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
         item, self.latest = self.latest, None
         return item
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    """Engine thread: give a step's outputs to their consumers on ``loop`` with one wake-up of the
+    loop (one per stream wrote the loop's self-pipe 64 times a step at 64 streams)."""
+    try:
+        loop.call_soon_threadsafe(_set_all, items)
+    except RuntimeError:  # the consumers' event loop is closed: nobody listens any more
+        pass
+
+
+def _set_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in items:
+        stream.set(item)
 
 
 class AsyncEngine:
@@ -289,11 +308,17 @@ class AsyncEngine:
             if not stop and self.engine.has_unfinished_requests():
                 self._step()
             self._publish(added)
-            for stream, item in self._outbox:
-                stream.put(item)
-            self._outbox.clear()
+            self._send_outbox()
             if stop:
                 return
+
+    def _send_outbox(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            _hand_over(loop, items)
 
     def _apply(self, command: tuple[Any, ...]) -> None:
         kind = command[0]

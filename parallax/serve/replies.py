@@ -17,7 +17,7 @@ from typing import Any
 
 from parallax.serve.errors import APIError, error_body
 from parallax.serve.protocol import ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs, usage
-from parallax.serve.streaming import SSE_DONE, ChoiceStream, sse
+from parallax.serve.streaming import SSE_DONE, ChoiceStream, ChunkFormat, sse
 
 __all__ = ["CompletionReply", "ChatReply", "raise_if_failed"]
 
@@ -81,6 +81,7 @@ class CompletionReply:
 
     async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
         n, stops = self.body.n, self.body.stop
+        chunk = ChunkFormat({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model})
         states: dict[int, ChoiceStream] = {}
         finals: dict[int, Any] = {}
         async for i, out in outputs:
@@ -99,10 +100,7 @@ class CompletionReply:
                     continue
                 offset = state.sent_chars - len(text) + (len(self.echoes[i]) if self.echoes else 0)
                 state.started, state.done = True, finished
-                yield sse({"id": self.id, "object": "text_completion", "created": self.created,
-                           "model": self.model, "choices": [{
-                               "index": index, "text": echo + text, "logprobs": self._logprobs(entries, offset),
-                               "finish_reason": sample.finish_reason}]})
+                yield chunk.choice(index, "text", echo + text, self._logprobs(entries, offset), sample.finish_reason)
         if self.body.include_usage:
             generated = sum(len(s.token_ids) for out in finals.values() for s in out.outputs)
             yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -134,13 +132,10 @@ class ChatReply:
     def events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
         return _guarded(self._events(outputs), self.id)
 
-    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [choice]})
-
     async def _events(self, outputs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
         stops = self.body.stop
+        chunk = ChunkFormat({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                             "model": self.model})
         states: dict[int, ChoiceStream] = {}
         final = None
         async for _, out in outputs:
@@ -152,14 +147,14 @@ class ChatReply:
                     continue
                 if not state.started:
                     state.started = True
-                    yield self._chunk(sample.index, {"role": "assistant", "content": ""}, None, None)
+                    yield chunk.choice(sample.index, "delta", {"role": "assistant", "content": ""}, None, None)
                 finished = sample.finish_reason is not None
                 text = state.advance(sample.text or "", stops, finished)
                 entries = state.new_logprobs(sample.logprobs)
                 if text or entries or finished:
                     state.done = finished
-                    yield self._chunk(sample.index, {"content": text} if text else {},
-                                      self._logprobs(entries), sample.finish_reason)
+                    yield chunk.choice(sample.index, "delta", {"content": text} if text else {},
+                                       self._logprobs(entries), sample.finish_reason)
         if self.body.include_usage and final is not None:
             generated = sum(len(s.token_ids) for s in final.outputs)
             yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["sendable_text", "ChoiceStream", "merge_outputs", "sse", "SSE_DONE"]
+__all__ = ["sendable_text", "ChoiceStream", "merge_outputs", "sse", "ChunkFormat", "SSE_DONE"]
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -108,6 +108,28 @@ async def merge_outputs(firsts: Sequence[Any], generators: Sequence[AsyncIterato
             task.cancel()
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps builds one a call
+_quote = json.encoder.encode_basestring  # a JSON string literal, as _ENCODER writes it
+
+
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event holding ``payload`` as JSON."""
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_ENCODER.encode(payload)}\n\n"
+
+
+class ChunkFormat:
+    """The streamed chunks of one reply, ``sse({**fixed, "choices": [choice]})``, with the fixed part
+    (id, object, created, model) encoded once: a chunk costs one string literal and a concatenation
+    (1 us against 10 us for ``json.dumps`` of the whole object, which was a sixth of the event loop's
+    time with 64 streams on 2 cores)."""
+
+    def __init__(self, fixed: dict[str, Any]) -> None:
+        self._head = "data: " + _ENCODER.encode(fixed)[:-1] + ',"choices":[{"index":'
+
+    def choice(self, index: int, member: str, value: Any, logprobs: Any, finish_reason: str | None) -> str:
+        """The event of one choice ``{"index", member: value, "logprobs", "finish_reason"}``; a str
+        ``value`` (the text) is quoted here, anything else encoded as JSON."""
+        value = _quote(value) if isinstance(value, str) else _ENCODER.encode(value)
+        logprobs = "null" if logprobs is None else _ENCODER.encode(logprobs)
+        reason = "null" if finish_reason is None else _quote(finish_reason)
+        return f'{self._head}{index},"{member}":{value},"logprobs":{logprobs},"finish_reason":{reason}}}]}}\n\n'

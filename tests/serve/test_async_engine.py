@@ -99,6 +99,33 @@ def test_concurrent_requests_equal_llm_generate(model):
     assert engine.engine.stats().used == 0
 
 
+def test_a_step_wakes_the_event_loop_once(model):
+    """A step's outputs for every request reach their consumers with one wake-up of the loop (one
+    per request cost a self-pipe write and a callback each: 64 a step at 64 streams)."""
+    async def main():
+        engine = AsyncEngine(make_engine(model, max_num_seqs=8))
+        steps = record_steps(engine.engine, delay=0.01)  # consumers keep up: every output is taken
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            wakeups.append(threading.current_thread().name)
+            return real(callback, *args, **kwargs)
+        loop.call_soon_threadsafe = counting
+        streams = await asyncio.gather(*[collect(engine.generate(p, SamplingParams(max_tokens=6, temperature=0),
+                                                                 request_id=f"r{i}"))
+                                         for i, p in enumerate(prompts_for(1, 8))])
+        await engine.shutdown(TIMEOUT)
+        return streams, steps, wakeups
+    streams, steps, wakeups = asyncio.run(main())
+    assert all(outs[-1].finished for outs in streams)
+    outputs = sum(len(s) for s in steps)
+    assert outputs >= 40  # 8 requests x 6 tokens, some steps with several requests
+    engine_wakeups = [name for name in wakeups if name == "parallax-engine"]
+    assert len(engine_wakeups) <= len(steps) + 1, (len(engine_wakeups), len(steps), outputs)
+
+
 def test_request_added_while_others_run_is_admitted_at_once(model):
     """A short request added while a long one runs gets its tokens in the very next steps,
     alongside the long one, instead of waiting for it."""

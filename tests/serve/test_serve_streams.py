@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parallax.inference import SamplingParams
 
@@ -127,6 +129,23 @@ def test_sendable_text_holds_back_what_can_change(text, stops, finished, sendabl
     from parallax.serve.streaming import sendable_text
 
     assert sendable_text(text, stops, finished) == sendable
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(), index=st.integers(0, 1000), reason=st.sampled_from([None, "stop", "length", "abort"]),
+       logprobs=st.one_of(st.none(), st.fixed_dictionaries({"tokens": st.lists(st.text(), max_size=3),
+                                                           "token_logprobs": st.lists(st.floats(-50, 0), max_size=3)})),
+       delta=st.booleans())
+def test_chunk_format_writes_what_json_dumps_of_the_whole_chunk_writes(text, index, reason, logprobs, delta):
+    """The template (fixed part encoded once) against the event of the whole object: the same bytes,
+    for any text (quotes, backslashes, control characters, non-ASCII, lone surrogates)."""
+    from parallax.serve.streaming import ChunkFormat
+
+    fixed = {"id": "cmpl-\"x\u2028", "object": "text_completion", "created": 1733300000, "model": "base/\u00e9"}
+    member, value = ("delta", {"content": text}) if delta else ("text", text)
+    choice = {"index": index, member: value, "logprobs": logprobs, "finish_reason": reason}
+    expected = f"data: {json.dumps({**fixed, 'choices': [choice]}, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    assert ChunkFormat(fixed).choice(index, member, value, logprobs, reason) == expected
 
 
 def test_choice_stream_sends_each_character_once():
