@@ -14,7 +14,8 @@ random printable tokens sent as text (the ids are what the tokenizer makes of th
 streamed, ``max_tokens`` = the output length. At each rate of ``--rates`` the requests arrive as a
 Poisson process for ``--duration`` seconds (at most ``--max-requests``), the same schedule for
 every provider; a provider that does not sustain a rate is not tried at higher ones. ``burst``
-rows send ``--burst`` requests at once (capacity).
+rows send ``--burst`` requests at once (capacity), ``repeats`` times (5 on CPU) in back-to-back pairs
+of the providers compared; a burst row is the median run, its ratio the median of the pairs' ratios.
 
 Providers (subprocesses on free 127.0.0.1 ports, started at once while the in-process engine loads):
 
@@ -119,7 +120,7 @@ class HttpSetup:
     burst: int
     adapters: int
     lora_rank: int
-    repeats: int  # burst runs per provider (median)
+    repeats: int  # burst runs per provider (median; comparisons: median of back-to-back pairs)
     transformers_cb: bool  # transformers serve --continuous-batching (its start-up takes ~10 s longer)
     start_timeout_s: float
     workload: Workload
@@ -129,7 +130,7 @@ class HttpSetup:
 # default --max-num-seqs 256 (with 64 seats the ~100 requests in flight at 24 req/s queued: TTFT p99 3.3 s).
 CPU = HttpSetup(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, intermediate=688, context=1024, vocab=2048,
                 batch=256, rates=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), duration_s=15, max_requests=160, burst=64, adapters=8,
-                lora_rank=8, repeats=3, transformers_cb=True, start_timeout_s=300,
+                lora_rank=8, repeats=5, transformers_cb=True, start_timeout_s=300,
                 workload=Workload(num_requests=160, prompt_median=64, prompt_sigma=1.0, prompt_range=(4, 512),
                                   output_median=96, output_sigma=1.0, output_range=(4, 384)))
 CUDA = replace(CPU, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, intermediate=2048, batch=256,
@@ -563,18 +564,31 @@ def _median(rows: list[dict]) -> dict:
     return sorted(rows, key=lambda r: r["tokens_per_s"] or 0.0)[len(rows) // 2]
 
 
+def _paired(rows: list[dict], baselines: list[dict]) -> dict:
+    """The median run of ``rows`` with its comparison to ``baselines`` (run in pairs, back to back):
+    the median of the pairs' throughput ratios and TTFT differences. On a shared 2-core VM whole
+    minutes ran up to 1.6x slower; a pair shares its minute, so its ratio keeps what the separate
+    medians lose."""
+    pairs = [(r, b) for r, b in zip(rows, baselines) if r["tokens_per_s"] and b["tokens_per_s"]]
+    out = dict(_median(rows))
+    if pairs:
+        out["vs_inprocess"] = float(np.median([r["tokens_per_s"] / b["tokens_per_s"] for r, b in pairs]))
+        deltas = [r["ttft_mean_ms"] - b["ttft_mean_ms"] for r, b in pairs
+                  if r["ttft_mean_ms"] is not None and b["ttft_mean_ms"] is not None]
+        out["ttft_delta_ms"] = float(np.median(deltas)) if deltas else None
+    return out
+
+
 def _bursts(bench: _Bench, setup: HttpSetup, models: dict[str, str | None]) -> Iterator[dict]:
     """Capacity: ``setup.burst`` requests at once, in process and over HTTP, interleaved ``repeats``
-    times; the median run of each."""
+    times; the median run of each, parallax serve's compared pair by pair."""
     reqs = bench.requests[:setup.burst]
     runs: dict[str, list[dict]] = {"in-process": [], "parallax serve": []}
     for _ in range(setup.repeats):
         for provider in runs:
             runs[provider].append(bench.measure(provider, math.inf, reqs, models[provider]))
-    inproc, http = _median(runs["in-process"]), _median(runs["parallax serve"])
-    http.update(_vs_inprocess(http, inproc))
-    yield inproc
-    yield http
+    yield _median(runs["in-process"])
+    yield _paired(runs["parallax serve"], runs["in-process"])
 
 
 def _adapter_rows(bench: _Bench, setup: HttpSetup, names: list[str]) -> list[dict]:
@@ -585,10 +599,11 @@ def _adapter_rows(bench: _Bench, setup: HttpSetup, names: list[str]) -> list[dic
     for _ in range(setup.repeats):
         runs["parallax base"].append(bench.measure("parallax base", math.inf, reqs, "base"))
         runs[mixed].append(bench.measure(mixed, math.inf, reqs, names))
-    base, lora = _median(runs["parallax base"]), _median(runs[mixed])
-    if base["tokens_per_s"] and lora["tokens_per_s"]:
-        lora["vs_base"] = lora["tokens_per_s"] / base["tokens_per_s"]
-    return [base, lora]
+    lora = _paired(runs[mixed], runs["parallax base"])
+    lora.pop("ttft_delta_ms", None)
+    if "vs_inprocess" in lora:
+        lora["vs_base"] = lora.pop("vs_inprocess")
+    return [_median(runs["parallax base"]), lora]
 
 
 def _max_sustained(rows: list[dict], provider: str) -> float | None:

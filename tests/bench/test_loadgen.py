@@ -259,3 +259,17 @@ def test_goals_judge_the_overhead_at_the_highest_rate_both_sustain():
     assert goals[key] == "2 req/s: ITL 21.0 vs 20.0 ms = +5.0%, TTFT mean +15 ms, met"
     rows[3]["itl_mean_ms"] = 23.0
     assert _goals(rows, replace(CPU, rates=(1, 2, 4)), False, 0)[key].endswith("+15.0%, TTFT mean +15 ms, NOT met")
+
+
+def test_paired_comparison_takes_the_median_of_back_to_back_ratios():
+    """Runs drifting up to 1.6x slower over the minutes, each pair sharing its minute: the comparison
+    is the pairs' ratio and TTFT difference, the row the median run."""
+    from bench.serve_http import _paired
+
+    speed = [1.0, 1.6, 1.0, 1.6, 1.3]
+    base = [{"tokens_per_s": 1000 / s, "ttft_mean_ms": 100.0 * s} for s in speed]
+    http = [{"tokens_per_s": 900 / s, "ttft_mean_ms": 100.0 * s + 20} for s in speed]
+    row = _paired(http, base)
+    assert row["vs_inprocess"] == pytest.approx(0.9) and row["ttft_delta_ms"] == pytest.approx(20.0)
+    assert row["tokens_per_s"] == pytest.approx(900 / 1.3)  # the median run
+    assert _paired([{"tokens_per_s": None, "ttft_mean_ms": None}], base[:1]).get("vs_inprocess") is None
