@@ -25,7 +25,8 @@ Providers (subprocesses on free 127.0.0.1 ports, started at once while the in-pr
   LoraLinear's Python call as the adapters' cost.
 * ``in-process``: ``parallax.serve.async_engine.AsyncEngine`` over an ``LLMEngine`` with the same
   configuration and adapters, driven by the same load generator without HTTP (``vs in-proc``:
-  parallax serve's throughput over this one's; ``TTFT +``: its TTFT mean minus this one's).
+  parallax serve's throughput over this one's; ``TTFT +``: its TTFT mean minus this one's; ``ITL vs
+  in-proc``: its mean ITL over this one's).
 * ``transformers serve``: ``transformers serve DIR --continuous-batching`` (its best CPU
   configuration: one ``generate`` at a time otherwise), offline (``HF_HUB_OFFLINE=1``); when it cannot
   start here (another transformers version), the ``skipped`` note says why.
@@ -89,6 +90,7 @@ COLUMNS = [
     Column("sustained", "ok"),
     Column("vs_inprocess", "vs in-proc [x]", ".2f"),
     Column("ttft_delta_ms", "TTFT + [ms]", ",.0f"),
+    Column("itl_vs_inprocess", "ITL vs in-proc [x]", ".2f"),
     Column("vs_base", "vs base [x]", ".2f"),
     Column("client_cpu_pct", "client CPU [%]", ".0f"),
     Column("wall_s", "wall [s]", ".1f"),
@@ -556,8 +558,11 @@ def _sweep(bench: _Bench, setup: HttpSetup, order: list[str], models: dict[str, 
 def _vs_inprocess(row: dict, inproc: dict) -> dict:
     if not row["tokens_per_s"] or not inproc["tokens_per_s"] or row["ttft_mean_ms"] is None:
         return {}
-    return {"vs_inprocess": row["tokens_per_s"] / inproc["tokens_per_s"],
-            "ttft_delta_ms": row["ttft_mean_ms"] - inproc["ttft_mean_ms"]}
+    out = {"vs_inprocess": row["tokens_per_s"] / inproc["tokens_per_s"],
+           "ttft_delta_ms": row["ttft_mean_ms"] - inproc["ttft_mean_ms"]}
+    if row["itl_mean_ms"] and inproc["itl_mean_ms"]:
+        out["itl_vs_inprocess"] = row["itl_mean_ms"] / inproc["itl_mean_ms"]
+    return out
 
 
 def _median(rows: list[dict]) -> dict:
@@ -576,6 +581,9 @@ def _paired(rows: list[dict], baselines: list[dict]) -> dict:
         deltas = [r["ttft_mean_ms"] - b["ttft_mean_ms"] for r, b in pairs
                   if r["ttft_mean_ms"] is not None and b["ttft_mean_ms"] is not None]
         out["ttft_delta_ms"] = float(np.median(deltas)) if deltas else None
+        itl = [r["itl_mean_ms"] / b["itl_mean_ms"] for r, b in pairs if r.get("itl_mean_ms") and b.get("itl_mean_ms")]
+        if itl:
+            out["itl_vs_inprocess"] = float(np.median(itl))
     return out
 
 
@@ -601,6 +609,7 @@ def _adapter_rows(bench: _Bench, setup: HttpSetup, names: list[str]) -> list[dic
         runs[mixed].append(bench.measure(mixed, math.inf, reqs, names))
     lora = _paired(runs[mixed], runs["parallax base"])
     lora.pop("ttft_delta_ms", None)
+    lora.pop("itl_vs_inprocess", None)
     if "vs_inprocess" in lora:
         lora["vs_base"] = lora.pop("vs_inprocess")
     return [_median(runs["parallax base"]), lora]

@@ -267,9 +267,10 @@ def test_paired_comparison_takes_the_median_of_back_to_back_ratios():
     from bench.serve_http import _paired
 
     speed = [1.0, 1.6, 1.0, 1.6, 1.3]
-    base = [{"tokens_per_s": 1000 / s, "ttft_mean_ms": 100.0 * s} for s in speed]
-    http = [{"tokens_per_s": 900 / s, "ttft_mean_ms": 100.0 * s + 20} for s in speed]
+    base = [{"tokens_per_s": 1000 / s, "ttft_mean_ms": 100.0 * s, "itl_mean_ms": 10.0 * s} for s in speed]
+    http = [{"tokens_per_s": 900 / s, "ttft_mean_ms": 100.0 * s + 20, "itl_mean_ms": 11.0 * s} for s in speed]
     row = _paired(http, base)
     assert row["vs_inprocess"] == pytest.approx(0.9) and row["ttft_delta_ms"] == pytest.approx(20.0)
+    assert row["itl_vs_inprocess"] == pytest.approx(1.1)
     assert row["tokens_per_s"] == pytest.approx(900 / 1.3)  # the median run
     assert _paired([{"tokens_per_s": None, "ttft_mean_ms": None}], base[:1]).get("vs_inprocess") is None
