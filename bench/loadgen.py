@@ -60,6 +60,15 @@ class Result:
     event_times: list[float] = field(default_factory=list)  # each text event's arrival
     error: str | None = None
 
+    def settle(self, no_token: str) -> Result:
+        """A finished stream: TTFT from the first event, ok when there was one, else ``no_token`` as
+        the error."""
+        self.ttft_s = self.event_times[0] if self.event_times else None
+        self.ok = self.ttft_s is not None
+        if not self.ok:
+            self.error = no_token
+        return self
+
     @property
     def itl_s(self) -> float | None:
         """Mean inter-token latency (TPOT); None with fewer than 2 tokens."""
@@ -252,11 +261,7 @@ def _parse_events(result: Result, events: list[tuple[float, bytes]]) -> Result:
             result.prompt_tokens = int(usage["prompt_tokens"])
     if not result.output_tokens:
         result.output_tokens = texts
-    result.ttft_s = result.event_times[0] if result.event_times else None
-    result.ok = result.ttft_s is not None
-    if not result.ok:
-        result.error = "no token arrived"
-    return result
+    return result.settle("no token arrived")
 
 
 def engine_sender(engine: Any) -> Sender:
@@ -279,11 +284,7 @@ def engine_sender(engine: Any) -> Sender:
                 seen = n
         result.latency_s = time.perf_counter() - t0
         result.output_tokens = seen
-        result.ttft_s = result.event_times[0] if result.event_times else None
-        result.ok = result.ttft_s is not None
-        if not result.ok:
-            result.error = "no token generated"
-        return result
+        return result.settle("no token generated")
 
     return send
 
