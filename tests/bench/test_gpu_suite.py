@@ -18,11 +18,12 @@ exit 0
 """
 
 
-def _run_suite(tmp_path: Path, fail_on: str) -> subprocess.CompletedProcess:
+def _run_suite(tmp_path: Path, fail_on: str, **env: str) -> subprocess.CompletedProcess:
     python = tmp_path / "python"
     python.write_text(STAND_IN)
     python.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(python), "OUT": str(tmp_path / "out"), "FAIL_ON": fail_on}
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(tmp_path / "out"), "FAIL_ON": fail_on, **env}
+    env.pop("PARALLAX_BENCH_RESULTS", None)
     return subprocess.run(["bash", str(SUITE)], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -38,3 +39,24 @@ def test_the_suite_passes_when_every_step_passes(tmp_path):
     result = _run_suite(tmp_path, "")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().splitlines()[-1] == "gpu_suite: all 12 steps passed", result.stdout
+
+
+def test_the_log_and_the_packed_results_land_in_out(tmp_path):
+    result = _run_suite(tmp_path, "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    assert (out / "results.tgz").is_file()  # the device tool returns at most 8 files
+    assert "=== bench-kernels" in (out / "gpu_suite.log").read_text()
+
+
+def test_steps_past_the_budget_are_skipped_and_named(tmp_path):
+    result = _run_suite(tmp_path, "", GPU_SUITE_BUDGET="10")  # under the 20 s a step needs to start
+    assert result.returncode != 0
+    last = result.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("gpu_suite: FAILED steps: build extension tests bench-kernels"), result.stdout
+
+
+def test_gpu_suite_steps_runs_only_the_named_steps(tmp_path):
+    result = _run_suite(tmp_path, "", GPU_SUITE_STEPS="bench-adamw,bench-serve")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().splitlines()[-1] == "gpu_suite: all 2 steps passed", result.stdout
