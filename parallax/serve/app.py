@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parallax.serve.errors import APIError, error_body, invalid_request
 from parallax.serve.protocol import ChatCompletionRequest, CompletionRequest, check_model, parse_request
-from parallax.serve.replies import ChatReply, CompletionReply, raise_if_failed
-from parallax.serve.streaming import merge_outputs
+from parallax.serve.event_stream import EventStreamResponse
+from parallax.serve.replies import ChatReply, CompletionReply, EventFeed, raise_if_failed
 
 __all__ = ["build_app", "ServeLimits"]
 
@@ -256,12 +256,11 @@ class _Server:
         params = [body.sampling_params(self._max_tokens(body.max_tokens, ids)) for ids in prompts]
         texts = [p if isinstance(p, str) else None for p in body.prompt]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        firsts, gens = await self._start(request, prompts, texts, params, request_id, lora, "prompt")
+        streams, firsts = await self._start(request, prompts, texts, params, request_id, lora, "prompt")
         reply = CompletionReply(request_id, lora or self.model_name, body, echoes, self.token_text, prompts)
         if body.stream:
-            return _event_stream(reply.events(merge_outputs(firsts, gens)))
-        finals = await self._collect(request, firsts, gens)
-        return JSONResponse(reply.whole(finals))
+            return EventStreamResponse(EventFeed(reply, len(streams)), streams, firsts)
+        return JSONResponse(reply.whole(await self._collect(request, streams, firsts)))
 
     def _echo(self, prompt: str | list[int], ids: list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
@@ -276,12 +275,11 @@ class _Server:
         self._check_length(ids, "messages", "the messages through the chat template have")
         params = body.sampling_params(self._max_tokens(body.requested_max_tokens, ids))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        firsts, gens = await self._start(request, [ids], [text], [params], request_id, lora, "messages")
+        streams, firsts = await self._start(request, [ids], [text], [params], request_id, lora, "messages")
         reply = ChatReply(request_id, lora or self.model_name, body, self.token_text)
         if body.stream:
-            return _event_stream(reply.events(merge_outputs(firsts, gens)))
-        finals = await self._collect(request, firsts, gens)
-        return JSONResponse(reply.whole(finals[0]))
+            return EventStreamResponse(EventFeed(reply, 1), streams, firsts)
+        return JSONResponse(reply.whole((await self._collect(request, streams, firsts))[0]))
 
     def _chat_text(self, body: ChatCompletionRequest) -> str:
         tokenizer = self.engine.tokenizer
@@ -325,31 +323,39 @@ class _Server:
     async def _start(self, request: Request, prompts: list[list[int]], texts: list[str | None], params: list[Any],
                      request_id: str, lora: str | None, param: str) -> tuple[list[Any], list[Any]]:
         """Queue every prompt (with its ``SamplingParams``) and take each one's first output (errors come
-        there: full queue, bad input, shutting down); on any error, or the client leaving while they
-        wait, all are aborted."""
-        gens = [self.engine.generate(ids, p, request_id=f"{request_id}-{i}", lora=lora, prompt=text)
-                for i, (ids, text, p) in enumerate(zip(prompts, texts, params))]
-        # a client gone while they wait: the cancelled gather ends each stream, which aborts its request
-        results = await _unless_gone(request, asyncio.gather(*(_first(gen) for gen in gens), return_exceptions=True))
-        failed = next((r for r in results if isinstance(r, BaseException) or r.error is not None), None)
-        if failed is None:
-            return list(results), gens
-        for gen in gens:
-            await gen.aclose()
-        if isinstance(failed, BaseException):
-            raise _engine_error(failed, param)
-        raise_if_failed(failed)  # a 500 before the answer starts, streamed or not
+        there: full queue, bad input, shutting down): their ``RequestStream``s and first outputs. On any
+        error, or the client leaving while they wait, all are closed (aborted)."""
+        streams: list[Any] = []
+        try:
+            for i, (ids, text, p) in enumerate(zip(prompts, texts, params)):
+                streams.append(self.engine.open(ids, p, request_id=f"{request_id}-{i}", lora=lora, prompt=text))
+            # every first output (or error) is awaited, so none is left waiting once the streams close
+            firsts = await _unless_gone(request, asyncio.gather(*(s.get() for s in streams), return_exceptions=True))
+            failed = next((r for r in firsts if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+            for out in firsts:
+                raise_if_failed(out)  # a 500 before the answer starts, streamed or not
+        except BaseException as exc:
+            for stream in streams:
+                stream.close()
+            if isinstance(exc, Exception) and not isinstance(exc, (APIError, _ClientGone)):
+                raise _engine_error(exc, param) from None
+            raise
+        return streams, firsts
 
-    async def _collect(self, request: Request, firsts: list[Any], gens: list[Any]) -> list[Any]:
+    async def _collect(self, request: Request, streams: list[Any], firsts: list[Any]) -> list[Any]:
         """Every request's final output; aborts them all if the client disconnects meanwhile."""
-        finals = list(firsts)
+        async def final(stream: Any, out: Any) -> Any:
+            while not out.finished:
+                out = await stream.get()
+            return out
 
-        async def drain() -> list[Any]:
-            async for i, out in merge_outputs(firsts, gens):
-                finals[i] = out
-            return finals
-
-        outputs = await _unless_gone(request, drain())
+        try:
+            outputs = await _unless_gone(request, asyncio.gather(*(final(s, f) for s, f in zip(streams, firsts))))
+        finally:
+            for stream in streams:
+                stream.close()
         for out in outputs:
             raise_if_failed(out)
         return outputs
@@ -357,7 +363,7 @@ class _Server:
 
 async def _unless_gone(request: Request, awaitable: Any) -> Any:
     """The result of ``awaitable``, unless the client closes the connection first: then it is cancelled
-    (closing the engine streams it iterates, which aborts their requests) and ``_ClientGone`` raised."""
+    and ``_ClientGone`` raised (the caller closes its engine streams, which aborts their requests)."""
     work = asyncio.ensure_future(awaitable)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -369,10 +375,6 @@ async def _unless_gone(request: Request, awaitable: Any) -> Any:
     if work.cancelled() or not work.done():
         raise _ClientGone
     return work.result()
-
-
-async def _first(gen: Any) -> Any:
-    return await gen.__anext__()
 
 
 async def _disconnected(request: Request) -> None:
@@ -394,8 +396,3 @@ def _engine_error(exc: BaseException, param: str) -> BaseException:
     if isinstance(exc, ValueError):  # the engine's checks of the prompt (token ids outside the vocabulary)
         return invalid_request(f"'{param}': {exc}", param)
     return exc
-
-
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

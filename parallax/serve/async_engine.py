@@ -17,6 +17,11 @@ nothing to run, the thread sleeps on the command queue (no polling).
 A consumer that stops iterating (``aclose()``, its task cancelled when the client went away)
 aborts its request: the abort is queued at once and applied before the engine's next step, which
 frees the request's KV blocks.
+
+``open`` gives the request's ``RequestStream`` instead: ``await stream.get()`` takes outputs as
+``generate`` does, and ``stream.listen(callback)`` has them pushed to a callback on the event loop,
+so that a step's outputs reach every stream's consumer in one loop callback instead of waking one
+task per stream (the server streams tokens to its clients that way); ``stream.close()`` aborts.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +41,7 @@ from parallax.inference import LLMEngine, SamplingParams
 from parallax.inference.sequence import CompletionOutput, RequestOutput
 from parallax.serve.metrics import ServeMetrics
 
-__all__ = ["AsyncEngine", "QueueFullError", "EngineStoppedError", "STEP_ERROR"]
+__all__ = ["AsyncEngine", "RequestStream", "QueueFullError", "EngineStoppedError", "STEP_ERROR"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +69,10 @@ class EngineStoppedError(Exception):
 
 
 @dataclass(eq=False)
-class _Stream:
-    """One request: what it was asked with, where its outputs go, and its metrics state."""
+class RequestStream:
+    """One request in the engine, as ``AsyncEngine.open`` returns it: its outputs are taken with
+    ``await get()`` (pull) or handed to a callback with ``listen`` (push), and ``close()`` ends it
+    (aborting the request if it has not finished). The fields below are the engine's."""
 
     request_id: str
     loop: asyncio.AbstractEventLoop
@@ -73,38 +80,87 @@ class _Stream:
     prompt_token_ids: list[int]
     params: SamplingParams
     lora: str | None
+    owner: AsyncEngine | None = None
     arrival: float = field(default_factory=time.perf_counter)
     num_tokens: int = 0  # engine thread: tokens seen so far (all samples)
     last_token_time: float = 0.0
     latest: RequestOutput | BaseException | None = None  # consumer's loop: not taken yet
     waiter: asyncio.Future | None = None  # consumer's loop: set while the consumer waits
+    sink: Callable[[RequestOutput | BaseException], None] | None = None  # consumer's loop: push mode
+    ended: bool = False  # consumer's loop: the last item (final output or error) was taken
+    closed: bool = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Engine thread: hand one output (or the exception that ends the request) to the consumer."""
         _hand_over(self.loop, [(self, item)])
 
     def set(self, item: RequestOutput | BaseException) -> None:
-        """Consumer's loop: keep ``item`` as the latest output and wake the consumer."""
+        """Consumer's loop: hand ``item`` to the listener, or keep it as the latest output and wake
+        the consumer."""
+        if self.ended:
+            return
+        if self.sink is not None:
+            self._give(item)
+            return
         latest = self.latest
-        if latest is None or not (isinstance(latest, BaseException) or latest.finished):  # an end stays
+        if latest is None or not _is_last(latest):  # an end stays
             self.latest = item
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> RequestOutput | BaseException:
-        """The latest output (cumulative: the ones it replaced are contained in it)."""
+    async def get(self) -> RequestOutput:
+        """The latest output (cumulative: the ones it replaced are contained in it); raises the
+        exception that ended the request (the engine refused it, or its loop died)."""
+        if self.sink is not None:
+            raise RuntimeError(f"request {self.request_id!r} has a listener; its outputs go there")
         while self.latest is None:
+            if self.ended:
+                raise RuntimeError(f"request {self.request_id!r} has ended; it has no more outputs")
             self.waiter = self.loop.create_future()
             try:
                 await self.waiter
             finally:
                 self.waiter = None
         item, self.latest = self.latest, None
+        self.ended = _is_last(item)
+        if isinstance(item, BaseException):
+            raise item
         return item
 
+    def listen(self, sink: Callable[[RequestOutput | BaseException], None]) -> None:
+        """From now on, call ``sink(item)`` on this loop with each output as the engine hands it over
+        (the latest one first, if one waits), and with the exception that ends the request, if one
+        does: one call per stream per step, without waking a task (the server writes a streamed
+        token to its client from there). ``sink`` must not raise or block."""
+        self.sink = sink
+        if self.latest is not None:
+            item, self.latest = self.latest, None
+            self._give(item)
 
-def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    def _give(self, item: RequestOutput | BaseException) -> None:
+        self.ended = _is_last(item)
+        try:
+            self.sink(item)
+        except Exception:  # one consumer's bug must not keep the step's other outputs from theirs
+            log.exception("serve: the listener of request %r failed", self.request_id)
+
+    def close(self) -> None:
+        """End the stream: a request that has not finished is aborted before the engine's next
+        step, which frees its KV blocks. Safe to call more than once."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.owner is not None:
+            self.owner._release(self)
+
+
+def _is_last(item: RequestOutput | BaseException) -> bool:
+    return isinstance(item, BaseException) or item.finished
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop,
+               items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
     """Engine thread: give a step's outputs to their consumers on ``loop`` with one wake-up of the
     loop (one per stream wrote the loop's self-pipe 64 times a step at 64 streams)."""
     try:
@@ -113,7 +169,7 @@ def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, Reque
         pass
 
 
-def _set_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+def _set_all(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
     for stream, item in items:
         stream.set(item)
 
@@ -136,7 +192,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         # guards the fields shared with the engine thread below
         self._lock = threading.Lock()
-        self._streams: dict[str, _Stream] = {}  # requests whose consumer is still iterating
+        self._streams: dict[str, RequestStream] = {}  # requests whose consumer is still iterating
         self._queued = 0  # add commands not applied yet
         self._stopping = False
         self._idle = threading.Event()  # no queued adds and nothing left in the engine
@@ -148,8 +204,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         # engine thread only: the requests the engine holds, and what to hand out after publishing
         # the state (a consumer that sees its request end then sees its blocks freed in snapshot())
-        self._active: dict[str, _Stream] = {}
-        self._outbox: list[tuple[_Stream, RequestOutput | BaseException]] = []
+        self._active: dict[str, RequestStream] = {}
+        self._outbox: list[tuple[RequestStream, RequestOutput | BaseException]] = []
 
     # -- asyncio side ----------------------------------------------------------------------------
 
@@ -185,10 +241,22 @@ class AsyncEngine:
         """Run one request; yields its cumulative ``RequestOutput`` each step it changes (the
         latest one only, when the consumer is slower than the engine), the last with ``finished`` set.
 
-        Raises at the first ``__anext__``, before yielding: ValueError for bad input (naming the
-        argument), ``QueueFullError``, ``EngineStoppedError``. Stopping early (``aclose()``, the
-        task cancelled) aborts the request before the engine's next step.
+        Raises at the first ``__anext__``, before yielding, what ``open`` raises. Stopping early
+        (``aclose()``, the task cancelled) aborts the request before the engine's next step.
         """
+        stream = self.open(prompt_token_ids, params, request_id=request_id, lora=lora, prompt=prompt)
+        try:
+            while not stream.ended:
+                yield await stream.get()
+        finally:
+            stream.close()
+
+    def open(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str,
+             lora: str | None = None, prompt: str | None = None) -> RequestStream:
+        """Queue one request (it joins the engine's next step) and return its stream, on the running
+        event loop. Raises ValueError for bad input (naming the argument), ``QueueFullError``,
+        ``EngineStoppedError``; the engine's own refusal (an unknown adapter) comes as the stream's
+        first item."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
         if not isinstance(request_id, str) or not request_id:
@@ -196,7 +264,7 @@ class AsyncEngine:
         if isinstance(prompt_token_ids, str):
             raise ValueError("prompt_token_ids must be a list of token ids; got a string (encode it first)")
         ids = self.engine.encode(prompt_token_ids, "prompt_token_ids")  # pure: checks ids against the vocabulary
-        stream = _Stream(request_id, asyncio.get_running_loop(), prompt, ids, params, lora)
+        stream = RequestStream(request_id, asyncio.get_running_loop(), prompt, ids, params, lora, self)
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
@@ -210,20 +278,14 @@ class AsyncEngine:
             self._idle.clear()
             self._commands.put(("add", stream))
         self.start()
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):  # add_request refused it, or the loop died
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away: free the request's blocks before the next step
-                self._commands.put(("abort", request_id))
+        return stream
+
+    def _release(self, stream: RequestStream) -> None:
+        """A closed stream: forget it, and abort its request if it has not ended."""
+        with self._lock:
+            self._streams.pop(stream.request_id, None)
+        if not stream.ended:  # the consumer went away: free the request's blocks before the next step
+            self._commands.put(("abort", stream.request_id))
 
     async def add_lora(self, name: str, path: str) -> None:
         """Load a LoRA adapter (``LLMEngine.add_lora``) in the engine thread, between steps;
@@ -313,7 +375,7 @@ class AsyncEngine:
                 return
 
     def _send_outbox(self) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput | BaseException]]] = {}
         for stream, item in self._outbox:
             by_loop.setdefault(stream.loop, []).append((stream, item))
         self._outbox = []
@@ -323,7 +385,7 @@ class AsyncEngine:
     def _apply(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
         if kind == "add":
-            stream: _Stream = command[1]
+            stream: RequestStream = command[1]
             try:
                 self.engine.add_request(stream.prompt, stream.params, stream.request_id,
                                         prompt_token_ids=stream.prompt_token_ids, lora=stream.lora)
@@ -379,7 +441,7 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._deliver(stream, self._empty_output(stream, "error", STEP_ERROR, now), now)
 
-    def _empty_output(self, stream: _Stream, reason: str, error: str | None, now: float) -> RequestOutput:
+    def _empty_output(self, stream: RequestStream, reason: str, error: str | None, now: float) -> RequestOutput:
         """A final output with no tokens (an engine error, or aborted before the engine reported it)."""
         want = stream.params.logprobs is not None
         text = None if self.engine.tokenizer is None else ""
@@ -389,13 +451,13 @@ class AsyncEngine:
                              finished=True, error=error, arrival_time=stream.arrival, finished_time=now,
                              lora=stream.lora)
 
-    def _deliver(self, stream: _Stream, out: RequestOutput, now: float) -> None:
+    def _deliver(self, stream: RequestStream, out: RequestOutput, now: float) -> None:
         self._record(stream, out, now)
         if out.finished:
             self._active.pop(stream.request_id, None)
         self._outbox.append((stream, out))
 
-    def _record(self, stream: _Stream, out: RequestOutput, now: float) -> None:
+    def _record(self, stream: RequestStream, out: RequestOutput, now: float) -> None:
         """Metrics of one output: first token, later tokens, the end."""
         total = sum(len(o.token_ids) for o in out.outputs)
         new = total - stream.num_tokens

@@ -1,5 +1,4 @@
-"""Streaming pieces: which part of a growing text may be sent yet, merging several requests' outputs,
-and server-sent events.
+"""Streaming pieces: which part of a growing text may be sent yet, and server-sent events.
 
 The engine hands back each sample's whole text so far (``CompletionOutput.text``, cut before a stop
 string once one is generated). A stream sends the new part of it, holding back
@@ -14,13 +13,12 @@ Once a sample has finished, its text is final and everything left is sent.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["sendable_text", "ChoiceStream", "merge_outputs", "sse", "ChunkFormat", "SSE_DONE"]
+__all__ = ["sendable_text", "ChoiceStream", "sse", "ChunkFormat", "SSE_DONE"]
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -64,48 +62,6 @@ class ChoiceStream:
         fresh = list(logprobs[self.sent_logprobs:])
         self.sent_logprobs = len(logprobs)
         return fresh
-
-
-async def merge_outputs(firsts: Sequence[Any], generators: Sequence[AsyncIterator[Any]]
-                        ) -> AsyncIterator[tuple[int, Any]]:
-    """(request index, output) from several engine streams as they come, starting with each one's
-    first output (already taken, ``firsts``). Closing this iterator (or cancelling its consumer, a
-    client gone) closes every stream, which aborts their requests."""
-    for i, first in enumerate(firsts):
-        yield i, first
-    if len(generators) == 1:  # the common case: no task needed
-        try:
-            async for out in generators[0]:
-                yield 0, out
-        finally:
-            await generators[0].aclose()
-        return
-    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, gen: AsyncIterator[Any]) -> None:
-        try:
-            async for out in gen:
-                await queue.put((i, out, None))
-            await queue.put((i, None, None))
-        except Exception as exc:  # handed to the consumer, which raises it
-            await queue.put((i, None, exc))
-        finally:
-            await gen.aclose()
-
-    tasks = [asyncio.ensure_future(pump(i, gen)) for i, gen in enumerate(generators)]
-    try:
-        left = len(tasks)
-        while left:
-            i, out, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if out is None:
-                left -= 1
-            else:
-                yield i, out
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps builds one a call

@@ -489,3 +489,52 @@ def test_a_failing_add_request_is_reported_and_the_loop_goes_on(model, caplog):
         error, ok = asyncio.run(main())
     assert str(error) == STEP_ERROR and len(ok[-1].token_ids) == 2
     assert any("secret internals" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+
+def test_open_and_listen_push_outputs_and_close_aborts(model):
+    """``open`` + ``listen``: every output reaches the callback on the loop (cumulative, the same
+    tokens as ``LLM.generate``, the last one finished); closing a stream whose request runs aborts it
+    and frees its blocks; a listened stream refuses ``get``."""
+    prompts = prompts_for(5, 3)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    expected = LLM(model, block_size=8, num_blocks=48).generate(prompts, params)
+
+    async def main():
+        llm_engine = make_engine(model)
+        record_steps(llm_engine, delay=0.002)  # the long request runs for 0.1 s at least
+        engine = AsyncEngine(llm_engine)
+        loop = asyncio.get_running_loop()
+        got: dict[int, list] = {0: [], 1: []}
+        threads: set[str] = set()
+        done = asyncio.Event()
+
+        def sink(i, item):
+            threads.add(threading.current_thread().name)
+            assert asyncio.get_running_loop() is loop
+            got[i].append(item)
+            if all(outs and outs[-1].finished for outs in got.values()):
+                done.set()
+        streams = [engine.open(p, params, request_id=f"r{i}") for i, p in enumerate(prompts[:2])]
+        first = await streams[0].get()  # pull first, then push: nothing is lost in between
+        got[0].append(first)
+        for i, stream in enumerate(streams):
+            stream.listen(lambda item, i=i: sink(i, item))
+        with pytest.raises(RuntimeError, match="listener"):
+            await streams[1].get()
+        long = engine.open([1, 2], SamplingParams(max_tokens=60, temperature=0), request_id="long")
+        await long.get()
+        await asyncio.wait_for(done.wait(), TIMEOUT)
+        for stream in streams:
+            stream.close()  # finished: no abort
+        long.close()
+        long.close()  # twice is fine
+        await wait_until(lambda: engine.snapshot()["running"] == 0, "the engine to go idle")
+        await engine.shutdown(TIMEOUT)
+        return got, threads, engine
+    got, threads, engine = asyncio.run(main())
+    assert threads == {"MainThread"}
+    for outs, ref in zip(got.values(), expected):
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        assert outs[-1].token_ids == ref.token_ids
+    assert engine.engine.stats().used == 0
+    assert engine.metrics.request_success.labels(finished_reason="abort")._value.get() == 1
