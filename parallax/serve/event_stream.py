@@ -91,8 +91,7 @@ class EventStreamResponse(Response):
         except StopIteration:
             self._written(last)
             return
-        except Exception as exc:
-            coro.close()
+        except Exception as exc:  # the coroutine is finished, with this exception
             self._failed(exc)
             return
         self._writing = asyncio.ensure_future(_finish(coro, blocker))

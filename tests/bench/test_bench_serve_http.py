@@ -31,6 +31,8 @@ def test_serve_http_bench_quick(tmp_path):
     # the same schedule and lengths for every provider at a rate
     assert len({(r["requests"], r["output_tokens"]) for r in swept}) == 1
     assert swept[0]["rate"] == 4.0 and by_key[("parallax serve", "burst")]["rate"] is None
+    # the engine's own ITL (its /metrics, the in-process engine's metrics) is measured for both
+    assert all(by_key[(p, "4 req/s")]["engine_itl_ms"] > 0 for p in ("in-process", "parallax serve"))
     http = by_key[("parallax serve", "burst")]
     assert http["vs_inprocess"] > 0 and "ttft_delta_ms" in http
     assert by_key[("parallax 8 adapters", "burst")]["vs_base"] > 0
