@@ -24,13 +24,23 @@ from parallax.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """``_load_engine`` sets torch's thread count for the process: the tests after these keep theirs."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--hf", "--checkpoint", "--api-key", "--lora", "--max-num-seqs", "--max-waiting", "--max-body-bytes",
-                 "--shutdown-timeout", "--served-model-name", "--port", "--host"):
+                 "--shutdown-timeout", "--served-model-name", "--port", "--host", "--threads"):
         assert flag in out
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--no-such-flag"])
@@ -43,6 +53,7 @@ def test_help_lists_the_flags(capsys):
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
     (["--api-key", ""], "--api-key is empty"),
+    (["--threads", "0"], "--threads must be at least 1"),
     (["--lora", "nameonly"], "expected NAME=DIR"),
     (["--lora", "a=/no/such/dir"], "/no/such/dir is not a directory"),
 ])
@@ -169,3 +180,24 @@ def test_max_num_seqs_reaches_the_engine(hf_dir, flags, seats):
 
     engine, _ = _load_engine(build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", *flags]), {})
     assert engine.engine.config.max_num_seqs == engine.engine.scheduler.max_num_seqs == seats
+
+
+def test_engine_threads_leave_a_core_to_the_http_side():
+    from parallax.serve.cli import engine_threads
+
+    assert engine_threads(None, "cpu", 2, {}) == 1
+    assert engine_threads(None, "cpu", 16, {}) == 15
+    assert engine_threads(None, "cpu", 1, {}) == 1
+    assert engine_threads(3, "cpu", 2, {}) == 3  # the flag wins
+    assert engine_threads(None, "cpu", 8, {"OMP_NUM_THREADS": "4"}) is None  # torch follows the variable
+    assert engine_threads(None, "cuda", 8, {}) is None
+
+
+def test_threads_reach_torch(hf_dir):
+    import torch
+
+    from parallax.serve.cli import _load_engine, build_parser
+
+    torch.set_num_threads(2)
+    _, where = _load_engine(build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", "--threads", "1"]), {})
+    assert torch.get_num_threads() == 1 and where.endswith("torch threads: 1")
