@@ -35,7 +35,8 @@ Providers (subprocesses on free 127.0.0.1 ports, started at once while the in-pr
 * ``parallax base`` / ``parallax 8 adapters``: bursts on parallax serve, base-only against the same
   requests spread over the adapters (one batch mixes all 8), interleaved (``vs base``).
 
-Servers and the in-process engine run with the bench's torch thread count (``OMP_NUM_THREADS``).
+Servers and the in-process engine run with the same torch thread count (``OMP_NUM_THREADS``):
+``--threads``, else ``parallax serve``'s default (on CPU every core but one, left to the HTTP side).
 Columns: output tokens/s; achieved request rate (completed / wall); TTFT and ITL (see
 ``bench.loadgen``) mean and p99; ``engine ITL``: the engine's own mean inter-token latency, from its
 metrics (parallax serve's ``/metrics``, the in-process engine's), what of the ITL is the engine's
@@ -79,7 +80,8 @@ from .loadgen import LoadRequest, engine_sender, http_sender, poisson_arrivals, 
 from .serve import Workload, make_requests
 from .table import Column
 
-__all__ = ["COLUMNS", "add_arguments", "run", "write_model_dir", "write_adapters", "ServerProcess"]
+__all__ = ["COLUMNS", "add_arguments", "run", "write_model_dir", "write_adapters", "ServerProcess",
+           "serving_threads"]
 
 COLUMNS = [
     Column("provider", "provider"),
@@ -467,8 +469,24 @@ def run(ctx: Any) -> Iterator[dict]:
                     adapters=setup.adapters if args.adapters is None else args.adapters)
     if setup.adapters < 0 or setup.max_requests < 1 or setup.burst < 1 or setup.batch < 1 or setup.duration_s <= 0:
         raise ValueError("--adapters must be >= 0, --max-requests, --burst and --batch >= 1, --duration > 0")
+    threads = serving_threads(args.threads, ctx.device.type)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        ctx.log(f"{threads} torch threads for every server and the in-process engine (parallax serve's default "
+                "on CPU: every core but one; --threads to choose)")
     with tempfile.TemporaryDirectory(prefix="bench-serve-http-") as tmp:
         yield from _run(ctx, setup, Path(tmp))
+
+
+def serving_threads(requested: int | None, device_type: str) -> int | None:
+    """The torch threads of every provider when ``--threads`` is not given: what ``parallax serve``
+    takes by default (every core but one on CPU), so that the servers run as users run them and the
+    in-process engine, with as many, measures the overhead of HTTP alone. None: keep torch's."""
+    if requested is not None:
+        return None  # the harness set them
+    from parallax.serve.cli import available_cores, engine_threads
+
+    return engine_threads(None, device_type, available_cores(), dict(os.environ))
 
 
 def _run(ctx: Any, setup: HttpSetup, tmp: Path) -> Iterator[dict]:

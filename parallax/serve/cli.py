@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["serve_main", "build_parser", "parse_lora", "engine_threads"]
+__all__ = ["serve_main", "build_parser", "parse_lora", "engine_threads", "available_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ def build_parser(prog: str = "parallax serve") -> argparse.ArgumentParser:
                    help="torch threads of the engine on CPU (default: every core but one, left to the HTTP event "
                         "loop; OMP_NUM_THREADS when set)")
     return p
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def engine_threads(requested: int | None, device_type: str, cores: int, env: dict[str, str]) -> int | None:
@@ -137,8 +142,7 @@ def _load_engine(args: argparse.Namespace, adapters: dict[str, str]):
         raise ValueError("--device cuda: torch.cuda.is_available() is False")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    threads = engine_threads(args.threads, device.type, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else os.cpu_count() or 1, dict(os.environ))
+    threads = engine_threads(args.threads, device.type, available_cores(), dict(os.environ))
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer, source = load_trained(args.checkpoint, args.hf, args.adapter, args.tokenizer)

@@ -333,3 +333,17 @@ def test_same_rate_pairs_run_back_to_back_at_the_highest_rate_both_sustain():
     assert out[1]["itl_vs_inprocess"] == pytest.approx(1.1) and out[1]["engine_itl_vs_inprocess"] == pytest.approx(1.1)
     assert list(_same_rate_pairs(FakeBench(), replace(setup, repeats=1), models, sweep)) == []
     assert list(_same_rate_pairs(FakeBench(), setup, models, sweep[4:])) == []  # no rate both sustain
+
+
+def test_serving_threads_follow_parallax_serve_unless_given(monkeypatch):
+    """Without --threads every provider gets parallax serve's CPU default (every core but one);
+    --threads (set by the harness) or OMP_NUM_THREADS keep what torch has."""
+    from bench.serve_http import serving_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("parallax.serve.cli.available_cores", lambda: 8)
+    assert serving_threads(None, "cpu") == 7
+    assert serving_threads(3, "cpu") is None
+    assert serving_threads(None, "cuda") is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert serving_threads(None, "cpu") is None
