@@ -786,6 +786,7 @@ def _describe_workload(setup: HttpSetup, requests: list[LoadRequest]) -> str:
 def _describe_servers(setup: HttpSetup, threads: int) -> str:
     tf = ("--continuous-batching (default cache sizes)" if setup.transformers_cb else
           "without --continuous-batching (one generate() at a time: a quick run spares the ~10 s longer start-up)")
-    return (f"parallax serve --max-num-seqs {setup.batch} (and the in-process engine alike); transformers serve "
+    return (f"parallax serve --max-num-seqs {setup.batch}, its engine in a process of its own (the default; the "
+            f"in-process engine alike, in a thread of the benchmark's process); transformers serve "
             f"{tf}; {threads} torch threads each (OMP_NUM_THREADS); "
             f"adapters: {setup.adapters} x rank {setup.lora_rank} on every linear layer")

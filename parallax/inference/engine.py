@@ -44,7 +44,7 @@ from parallax.inference.sequence import (
 from parallax.progress import progress_bar
 from parallax.validate import is_int, positive_int
 
-__all__ = ["EngineConfig", "LLMEngine", "LLM", "Tokenizer", "Prompt"]
+__all__ = ["EngineConfig", "LLMEngine", "LLM", "Tokenizer", "Prompt", "encode_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,25 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}; got {self.attention!r}")
 
 
+
+def encode_prompt(prompt: Prompt, tokenizer: Tokenizer | None, vocab_size: int, name: str = "prompt") -> list[int]:
+    """Token ids of a prompt (a string needs a tokenizer); ValueError naming ``name`` when it is
+    empty or holds ids outside the vocabulary [0, vocab_size)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"{name} is a string but the engine has no tokenizer; pass token ids or a tokenizer")
+        ids = list(tokenizer.encode(prompt))
+    elif isinstance(prompt, (abc.Sequence, torch.Tensor)) and all(is_int(t) for t in prompt):
+        ids = [int(t) for t in prompt]
+    else:
+        raise ValueError(f"{name} must be a string or a list of token ids; got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError(f"{name} is empty: a prompt needs at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})")
+    return ids
+
 class LLMEngine:
     """Requests in, one batch per ``step``, results out. Holds the model, KV pool and scheduler."""
 
@@ -149,23 +168,8 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt, name: str = "prompt") -> list[int]:
-        """Token ids of a prompt (a string needs a tokenizer); ValueError naming ``name`` when it
-        is empty or holds ids outside the vocabulary."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{name} is a string but the engine has no tokenizer; pass token ids or a tokenizer")
-            ids = list(self.tokenizer.encode(prompt))
-        elif isinstance(prompt, (abc.Sequence, torch.Tensor)) and all(is_int(t) for t in prompt):
-            ids = [int(t) for t in prompt]
-        else:
-            raise ValueError(f"{name} must be a string or a list of token ids; got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"{name} is empty: a prompt needs at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
-        return ids
+        """Token ids of a prompt (see ``encode_prompt``)."""
+        return encode_prompt(prompt, self.tokenizer, self.model.config.vocab_size, name)
 
     def add_lora(self, name: str, path: str | os.PathLike) -> None:
         """Serve the PEFT-format LoRA adapter directory ``path`` to requests that name it (``lora=``).
@@ -470,7 +474,8 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
         return [prompts.tolist()]
     if not isinstance(prompts, abc.Sequence) or not prompts:
-        raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; got {prompts!r}")
+        raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; "
+                         f"got {prompts!r}")
     return list(prompts)
 
 

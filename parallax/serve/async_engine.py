@@ -39,6 +39,7 @@ from typing import Any
 
 from parallax.inference import LLMEngine, SamplingParams
 from parallax.inference.sequence import CompletionOutput, RequestOutput
+from parallax.serve.engine_process import RemoteEngine
 from parallax.serve.metrics import ServeMetrics
 
 __all__ = ["AsyncEngine", "RequestStream", "QueueFullError", "EngineStoppedError", "STEP_ERROR"]
@@ -177,13 +178,14 @@ def _set_all(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -
 class AsyncEngine:
     """An ``LLMEngine`` run by a daemon thread, driven from asyncio.
 
-    engine: the engine (only the thread uses it once started). max_waiting: most requests that
+    engine: the engine (only the thread uses it once started): an ``LLMEngine``, or a
+    ``RemoteEngine`` whose model runs in a process of its own (closed by ``shutdown``). max_waiting: most requests that
     may wait (queued, not admitted, or preempted); one more raises ``QueueFullError``.
     """
 
     def __init__(self, engine: LLMEngine, *, max_waiting: int = 256) -> None:
-        if not isinstance(engine, LLMEngine):
-            raise ValueError(f"engine must be an LLMEngine; got {type(engine).__name__}")
+        if not isinstance(engine, (LLMEngine, RemoteEngine)):
+            raise ValueError(f"engine must be an LLMEngine or a RemoteEngine; got {type(engine).__name__}")
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
             raise ValueError(f"max_waiting must be a positive integer; got {max_waiting!r}")
         self.engine = engine
@@ -300,18 +302,20 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, let the engine finish what it holds for up to ``timeout`` seconds,
-        abort the rest (their streams end with finish reason 'abort'), and stop the thread."""
+        abort the rest (their streams end with finish reason 'abort'), and stop the thread (and the
+        engine's process, for a ``RemoteEngine``)."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0; got {timeout!r}")
         with self._lock:
             self._stopping = True
             thread = self._thread
-        if thread is None:
-            return
-        if not await asyncio.to_thread(self._idle.wait, timeout):
-            log.warning("serve: shutdown: aborting the requests still running after %.1f s", timeout)
-        self._commands.put(("stop",))  # aborts what is left
-        await asyncio.to_thread(thread.join)
+        if thread is not None:
+            if not await asyncio.to_thread(self._idle.wait, timeout):
+                log.warning("serve: shutdown: aborting the requests still running after %.1f s", timeout)
+            self._commands.put(("stop",))  # aborts what is left
+            await asyncio.to_thread(thread.join)
+        if isinstance(self.engine, RemoteEngine):
+            await asyncio.to_thread(self.engine.close)
 
     def _retry_after(self, waiting: int) -> float:
         """Seconds until the excess of waiting requests should have drained at the recent finish

@@ -2,8 +2,9 @@
 
     parallax serve --hf DIR [--port 8000] [--api-key KEY] [--lora name=DIR ...]
 
-The model and tokenizer load as ``parallax generate`` loads them; the paged engine runs in its own
-thread (``AsyncEngine``) behind the FastAPI application (``build_app``) served by uvicorn. SIGTERM (or
+The model and tokenizer load as ``parallax generate`` loads them, in a process of their own
+(``RemoteEngine``; ``--no-engine-process``: in this one) whose engine ``AsyncEngine``'s thread drives,
+behind the FastAPI application (``build_app``) served by uvicorn. SIGTERM (or
 Ctrl-C) stops accepting connections, lets running requests finish for up to ``--shutdown-timeout``
 seconds, aborts the rest (their streams end with finish reason "abort") and exits with status 0.
 """
@@ -23,7 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["serve_main", "build_parser", "parse_lora", "engine_threads", "available_cores"]
+from parallax.serve.engine_process import EngineSpec, available_cores, engine_threads
+
+__all__ = ["serve_main", "build_parser", "parse_lora", "engine_spec", "engine_threads", "available_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +80,10 @@ def build_parser(prog: str = "parallax serve") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the engine on CPU (default: every core but one, left to the HTTP event "
                         "loop; OMP_NUM_THREADS when set)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in a process of its own, so that its steps do not wait for the HTTP "
+                        "side's Python (default; --no-engine-process runs it in a thread of the server's process)")
     return p
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def engine_threads(requested: int | None, device_type: str, cores: int, env: dict[str, str]) -> int | None:
-    """The torch thread count to set for the engine, or None to leave torch's. On CPU the default
-    leaves one core to the HTTP side: a step on every core waits for the one the event loop (or a
-    client) took. ``bench serve --http`` on 2 cores, 64 req/s: parallax serve's mean ITL 72.6 ms
-    with 2 threads (1.47x the in-process engine's), 66.4 ms with 1 (1.00x), ~1,046 tokens/s both
-    (runs 20261204T181300Z-7fc9be and 20261204T183237Z-60ac52)."""
-    if requested is not None:
-        return requested
-    if device_type != "cpu" or "OMP_NUM_THREADS" in env:
-        return None
-    return max(1, cores - 1)
 
 
 def parse_lora(values: list[str]) -> dict[str, str]:
@@ -130,34 +118,28 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be at least 1; got {args.threads}")
 
 
-def _load_engine(args: argparse.Namespace, adapters: dict[str, str]):
-    """The ``AsyncEngine`` over the model ``args`` name, its adapters loaded; and where it came from."""
-    import torch
+def engine_spec(args: argparse.Namespace, adapters: dict[str, str]) -> EngineSpec:
+    """The engine the flags describe."""
+    from parallax.inference import EngineConfig
 
-    from parallax.inference import EngineConfig, LLMEngine
+    return EngineSpec(checkpoint=args.checkpoint, hf=args.hf, adapter=args.adapter, tokenizer=args.tokenizer,
+                      device=args.device, threads=args.threads, loras=adapters,
+                      config=EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                          num_blocks=args.num_blocks))
+
+
+def _load_engine(args: argparse.Namespace, adapters: dict[str, str]) -> tuple[Any, str]:
+    """The ``AsyncEngine`` over the model ``args`` name, its adapters loaded (in a process of its
+    own unless --no-engine-process); and where it came from."""
     from parallax.serve.async_engine import AsyncEngine
-    from parallax.train.model_source import load_trained
+    from parallax.serve.engine_process import RemoteEngine
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch.cuda.is_available() is False")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    threads = engine_threads(args.threads, device.type, available_cores(), dict(os.environ))
-    if threads is not None:
-        torch.set_num_threads(threads)
-    model, tokenizer, source = load_trained(args.checkpoint, args.hf, args.adapter, args.tokenizer)
-    model = model.to(device)
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"{source}: the model's vocab_size ({model.config.vocab_size}) is smaller than the "
-                         f"vocabulary of the tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)")
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                                      num_blocks=args.num_blocks))
-    for name, path in adapters.items():
-        try:
-            engine.add_lora(name, path)
-        except ValueError as exc:
-            raise ValueError(f"--lora {name}={path}: {exc}") from None
-    where = f"{source} on {device}, torch threads: {torch.get_num_threads()}"
+    spec = engine_spec(args, adapters)
+    if args.engine_process:
+        remote = RemoteEngine(spec)
+        engine, where = remote, f"{remote.where}, engine process {remote.pid}"
+    else:
+        engine, where = spec.build()
     return AsyncEngine(engine, max_waiting=args.max_waiting), where
 
 

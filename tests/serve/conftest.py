@@ -90,14 +90,21 @@ def running(app: Any) -> Iterator[str]:
 
 
 def make_engine(hf_dir: Path, *, max_waiting: int = 256, max_num_seqs: int = 64, num_blocks: int | None = 256,
-                loras: dict[str, Path] | None = None):
-    """The ``AsyncEngine`` of ``parallax serve --hf hf_dir [--lora NAME=DIR ...]`` (not started)."""
+                loras: dict[str, Path] | None = None, engine_process: bool = False):
+    """The ``AsyncEngine`` of ``parallax serve --hf hf_dir [--lora NAME=DIR ...]`` (not started), its
+    engine in this process's thread, or in a process of its own (``engine_process``, one torch thread)."""
     from parallax.inference import EngineConfig, LLMEngine
     from parallax.serve.async_engine import AsyncEngine
+    from parallax.serve.engine_process import EngineSpec, RemoteEngine
     from parallax.train.model_source import load_trained
 
+    config = EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks)
+    if engine_process:
+        spec = EngineSpec(hf=str(hf_dir), device="cpu", threads=1, config=config,
+                          loras={name: str(path) for name, path in (loras or {}).items()})
+        return AsyncEngine(RemoteEngine(spec), max_waiting=max_waiting)
     model, tokenizer, _ = load_trained(hf=str(hf_dir))
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks))
+    engine = LLMEngine(model, tokenizer, config)
     for lora, path in (loras or {}).items():
         engine.add_lora(lora, path)
     return AsyncEngine(engine, max_waiting=max_waiting)
@@ -106,13 +113,15 @@ def make_engine(hf_dir: Path, *, max_waiting: int = 256, max_num_seqs: int = 64,
 @contextlib.contextmanager
 def serve(hf_dir: Path, *, api_key: str | None = None, max_waiting: int = 256, max_num_seqs: int = 64,
           max_body_bytes: int = 1 << 20, num_blocks: int | None = 256, name: str = "tiny-llama",
-          loras: dict[str, Path] | None = None, allow_lora_loading: bool = True) -> Iterator[Served]:
+          loras: dict[str, Path] | None = None, allow_lora_loading: bool = True,
+          engine_process: bool = False) -> Iterator[Served]:
     """The application of ``parallax serve --hf hf_dir [--lora NAME=DIR ...] --enable-lora-loading``
-    (``allow_lora_loading``) running on a free port."""
+    (``allow_lora_loading``) running on a free port; ``engine_process``: its engine in a process of
+    its own (``parallax serve``'s default), else in a thread (``--no-engine-process``)."""
     from parallax.serve.app import ServeLimits, build_app
 
     engine = make_engine(hf_dir, max_waiting=max_waiting, max_num_seqs=max_num_seqs, num_blocks=num_blocks,
-                         loras=loras)
+                         loras=loras, engine_process=engine_process)
     app = build_app(engine, model_name=name, api_key=api_key, limits=ServeLimits(max_body_bytes=max_body_bytes),
                     allow_lora_loading=allow_lora_loading)
     try:

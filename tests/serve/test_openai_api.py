@@ -230,10 +230,11 @@ def test_the_client_sees_openai_errors(served):
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
 
 
-def test_lora_adapters_by_model_name(hf_dir, adapter_dirs, reference):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_lora_adapters_by_model_name(hf_dir, adapter_dirs, reference, engine_process):
     """Adapters given at start and loaded through /v1/load_lora_adapter are listed as models of the
     base, and concurrent requests for the base and each adapter (one mixed batch) get what
-    LLM.generate gives with that adapter."""
+    LLM.generate gives with that adapter: with the engine in the server's process and in its own."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.serve.conftest import serve
@@ -245,7 +246,7 @@ def test_lora_adapters_by_model_name(hf_dir, adapter_dirs, reference):
     expected = {lora: [o.text for o in reference.generate(PROMPTS, greedy, lora=lora)]
                 for lora in (None, "alpha", "beta")}
     assert expected["alpha"] != expected[None] and expected["beta"] != expected[None]
-    with serve(hf_dir, loras={"alpha": adapter_dirs["alpha"]}) as s:
+    with serve(hf_dir, loras={"alpha": adapter_dirs["alpha"]}, engine_process=engine_process) as s:
         client = s.client()
         response = httpx.post(f"{s.base_url}/v1/load_lora_adapter",
                               json={"lora_name": "beta", "lora_path": str(adapter_dirs["beta"])})

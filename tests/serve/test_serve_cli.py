@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
-    """``_load_engine`` sets torch's thread count for the process: the tests after these keep theirs."""
+    """``EngineSpec.build`` sets torch's thread count for the process: the tests after these keep theirs."""
     import torch
 
     before = torch.get_num_threads()
@@ -40,7 +40,7 @@ def test_help_lists_the_flags(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--hf", "--checkpoint", "--api-key", "--lora", "--max-num-seqs", "--max-waiting", "--max-body-bytes",
-                 "--shutdown-timeout", "--served-model-name", "--port", "--host", "--threads"):
+                 "--shutdown-timeout", "--served-model-name", "--port", "--host", "--threads", "--engine-process"):
         assert flag in out
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--no-such-flag"])
@@ -100,6 +100,7 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adap
         line = _ready_line(process, timeout=60)
         url = re.search(r"ready on (http://\S+)", line).group(1)
         assert "API key required" in line
+        engine_pid = int(re.search(r"engine process (\d+)", line).group(1))  # the default: a process of its own
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
@@ -124,11 +125,34 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adap
         assert time.monotonic() - sent < 20
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health")
+        _assert_gone(engine_pid)  # the engine process stopped with the server
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         process.stderr.close()
+
+
+def _assert_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process {pid} is still there"
+        time.sleep(0.05)
+
+
+def test_no_engine_process_runs_the_engine_in_a_thread_of_the_server(hf_dir):
+    from parallax.inference import LLMEngine
+    from parallax.serve.cli import _load_engine, build_parser
+
+    assert build_parser().parse_args(["--hf", str(hf_dir)]).engine_process  # the default
+    args = build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", "--threads", "1",
+                                      "--no-engine-process"])
+    engine, where = _load_engine(args, {})
+    assert isinstance(engine.engine, LLMEngine) and "engine process" not in where
 
 
 def test_a_graceful_stop_lets_running_requests_finish(hf_dir):
@@ -176,10 +200,10 @@ def test_a_graceful_stop_lets_running_requests_finish(hf_dir):
 def test_max_num_seqs_reaches_the_engine(hf_dir, flags, seats):
     """vLLM's default of 256 seats (with 64, the ~100 requests in flight at 24 req/s in `bench serve
     --http` queued: p99 TTFT 3.3 s), or the flag's value, is what the engine schedules with."""
-    from parallax.serve.cli import _load_engine, build_parser
+    from parallax.serve.cli import build_parser, engine_spec
 
-    engine, _ = _load_engine(build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", *flags]), {})
-    assert engine.engine.config.max_num_seqs == engine.engine.scheduler.max_num_seqs == seats
+    engine, _ = engine_spec(build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", *flags]), {}).build()
+    assert engine.config.max_num_seqs == engine.scheduler.max_num_seqs == seats
 
 
 def test_engine_threads_leave_a_core_to_the_http_side():
@@ -196,8 +220,9 @@ def test_engine_threads_leave_a_core_to_the_http_side():
 def test_threads_reach_torch(hf_dir):
     import torch
 
-    from parallax.serve.cli import _load_engine, build_parser
+    from parallax.serve.cli import build_parser, engine_spec
 
     torch.set_num_threads(2)
-    _, where = _load_engine(build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", "--threads", "1"]), {})
+    args = build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", "--threads", "1"])
+    _, where = engine_spec(args, {}).build()
     assert torch.get_num_threads() == 1 and where.endswith("torch threads: 1")

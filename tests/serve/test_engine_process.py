@@ -1,0 +1,131 @@
+"""The engine in a process of its own (``RemoteEngine``, ``parallax serve``'s default): it gives what
+the engine in the server's thread gives, errors cross the pipe as the local engine raises them,
+an abort frees the blocks, Ctrl-C does not reach it, and a dead engine process ends its streams
+instead of leaving them hanging. (The OpenAI API over it: ``test_openai_api``'s adapter test.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from parallax.inference import SamplingParams
+from parallax.serve.async_engine import EngineStoppedError
+from parallax.serve.engine_process import EngineProcessError, EngineSpec, RemoteEngine
+from tests.serve.conftest import make_engine
+
+PROMPTS = ["The history of", "A list is", "Once upon a time, there"]
+
+
+async def _answers(engine, prompts: list[str], params: SamplingParams, tag: str, lora: str | None = None) -> list:
+    async def one(i: int, prompt: str):
+        last = None
+        async for out in engine.generate(engine.engine.encode(prompt), params, request_id=f"{tag}-{i}", lora=lora,
+                                          prompt=prompt):
+            last = out
+        return [(o.text, o.token_ids, o.finish_reason, o.logprobs) for o in last.outputs]
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def _assert_same(got: list, expected: list) -> None:
+    """Texts, tokens and finish reasons equal; logprobs to float rounding (the engine process runs
+    one torch thread, this one may run more: sums in another order)."""
+    assert [[sample[:3] for sample in answer] for answer in got] == \
+        [[sample[:3] for sample in answer] for answer in expected]
+    for answer, reference in zip(got, expected):
+        for sample, ref in zip(answer, reference):
+            assert (sample[3] is None) == (ref[3] is None)
+            for lp, ref_lp in zip(sample[3] or [], ref[3] or []):
+                assert lp.token_id == ref_lp.token_id and lp.logprob == pytest.approx(ref_lp.logprob, abs=1e-5)
+                assert [t for t, _ in lp.top] == [t for t, _ in ref_lp.top]
+                assert [v for _, v in lp.top] == pytest.approx([v for _, v in ref_lp.top], abs=1e-5)
+
+
+async def _idle(engine, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = engine.snapshot()
+        if state["running"] == state["waiting"] == state["kv_blocks_used"] == 0:
+            return state
+        assert time.monotonic() < deadline, f"not idle after {timeout} s: {state}"
+        await asyncio.sleep(0.01)
+
+
+def test_the_engine_process_gives_what_the_engine_thread_gives(hf_dir, adapter_dirs):
+    local = make_engine(hf_dir, loras={"alpha": adapter_dirs["alpha"]})
+    remote = make_engine(hf_dir, loras={"alpha": adapter_dirs["alpha"]}, engine_process=True)
+    process = remote.engine
+    assert isinstance(process, RemoteEngine) and process.pid != os.getpid()
+    cases = [(SamplingParams(max_tokens=12, temperature=0), None),
+             (SamplingParams(max_tokens=9, temperature=0.9, top_p=0.9, seed=7, n=2, logprobs=2), None),
+             (SamplingParams(max_tokens=10, temperature=0), "alpha")]
+
+    async def run() -> None:
+        try:
+            for k, (params, lora) in enumerate(cases):
+                expected = await _answers(local, PROMPTS, params, f"l{k}", lora)
+                _assert_same(await _answers(remote, PROMPTS, params, f"r{k}", lora), expected)
+            state = await _idle(remote)
+            assert state["num_steps"] > 0 and state["kv_blocks_total"] == 256
+
+            # the engine's own refusals cross the pipe as the local engine raises them
+            with pytest.raises(ValueError, match="lora"):
+                await _answers(remote, PROMPTS[:1], SamplingParams(max_tokens=2), "bad", lora="nope")
+            with pytest.raises(ValueError, match="alpha"):
+                await remote.add_lora("alpha", str(adapter_dirs["alpha"]))
+            await remote.add_lora("beta", str(adapter_dirs["beta"]))
+            assert remote.lora_names == ["alpha", "beta"]
+
+            # a consumer that goes away mid-stream aborts its request: its blocks come back
+            stream = remote.open(process.encode(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0),
+                                 request_id="cut")
+            first = await stream.get()
+            assert not first.finished and remote.snapshot()["kv_blocks_used"] > 0
+            stream.close()
+            await _idle(remote)
+
+            # Ctrl-C reaches the process group: the engine process keeps serving
+            os.kill(process.pid, signal.SIGINT)
+            await asyncio.sleep(0.2)
+            expected = await _answers(local, PROMPTS[:1], cases[0][0], "l-int")
+            _assert_same(await _answers(remote, PROMPTS[:1], cases[0][0], "r-int"), expected)
+        finally:
+            await local.shutdown(1)
+            await remote.shutdown(1)
+
+    asyncio.run(run())
+    assert process._process.exitcode == 0  # shutdown closed it
+    with pytest.raises(EngineProcessError, match="closed"):
+        process.step()
+    process.close()  # again: nothing to do
+
+
+def test_a_killed_engine_process_ends_its_streams(hf_dir):
+    engine = make_engine(hf_dir, engine_process=True)
+    process = engine.engine
+
+    async def run() -> None:
+        stream = engine.open(process.encode(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0),
+                             request_id="doomed")
+        await stream.get()
+        os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(EngineStoppedError):  # not a hang
+            while True:
+                await asyncio.wait_for(stream.get(), timeout=30)
+        with pytest.raises(EngineStoppedError):
+            engine.open(process.encode(PROMPTS[1]), SamplingParams(max_tokens=2), request_id="after")
+        await engine.shutdown(1)
+
+    asyncio.run(run())
+    assert process._process.exitcode == -signal.SIGKILL
+
+
+def test_a_spec_that_cannot_load_raises_the_engine_process_message(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        RemoteEngine(EngineSpec(hf=str(tmp_path), device="cpu", threads=1))
+    with pytest.raises(ValueError, match="spec must be an EngineSpec"):
+        RemoteEngine({"hf": str(tmp_path)})
