@@ -4,7 +4,9 @@
 drives it as it drives a local one (``add_request``, ``abort``, ``add_lora``, ``step``,
 ``stats``), each call one round trip over a pipe (arguments and results pickled). Every reply
 carries the engine's counters (running, waiting, steps, preemptions, free blocks, whether work is
-left), which the properties answer from without another round trip.
+left), which the properties answer from without another round trip. ``step`` asks for the next
+step before it returns, so the engine computes it while the server hands the outputs over (in
+lock-step, the engine process waited for that, and for the server's interpreter lock, every step).
 
 Why a process: in one process the engine's steps and the HTTP side share one GIL. A step is
 hundreds of torch ops, each releasing the GIL and taking it back, and whenever the event loop is
@@ -143,6 +145,8 @@ class RemoteEngine:
         self._process.start()
         child_end.close()
         self._closed = False
+        self._step_in_flight = False  # a step asked for whose reply is not read yet
+        self._prefetched: tuple[str, Any] | None = None  # a step's reply read before a later call's
         # multiprocessing's exit handler SIGTERMs daemonic children (ignored here) and joins them:
         # registered later, this one runs first
         atexit.register(self.close)
@@ -181,13 +185,30 @@ class RemoteEngine:
         self.lora_names = [*self.lora_names, name]
 
     def step(self) -> list[RequestOutput]:
-        return self._call("step")
+        """The outputs of one engine step. While the caller hands them over, the engine process runs
+        the next step already (asked for here when work is left): a call made meanwhile (an add,
+        an abort) is applied after that step, as one made during a local engine's step."""
+        with self._lock:
+            self._check_open()
+            if self._prefetched is None:
+                if not self._step_in_flight:
+                    self._send(("step", (), {}))
+                self._prefetched = self._receive_reply()
+                self._step_in_flight = False
+            status, value = self._prefetched
+            self._prefetched = None
+            if status == "raise":
+                raise value
+            if self._counts["unfinished"]:
+                self._send(("step", (), {}))
+                self._step_in_flight = True
+        return value
 
     def stats(self) -> KVCacheStats:
         return self._call("stats")
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._counts["unfinished"])
+        return bool(self._counts["unfinished"] or self._step_in_flight or self._prefetched is not None)
 
     @property
     def num_running(self) -> int:
@@ -218,8 +239,10 @@ class RemoteEngine:
             self._closed = True
             atexit.unregister(self.close)
             try:
+                if self._step_in_flight:  # read its reply: a child blocked writing it into a full pipe never exits
+                    self._conn.recv()
                 self._conn.send(("close", (), {}))
-            except OSError:  # the process is gone already
+            except (EOFError, OSError):  # the process is gone already
                 pass
             self._process.join(CLOSE_TIMEOUT)
             if self._process.is_alive():
@@ -230,17 +253,30 @@ class RemoteEngine:
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            if self._closed:
-                raise EngineProcessError("the engine process was closed")
-            try:
-                self._conn.send((method, args, kwargs))
-            except OSError:
-                raise self._gone() from None
-            status, value, counts = self._receive()
-        self._counts = counts
+            self._check_open()
+            self._send((method, args, kwargs))
+            if self._step_in_flight:  # its reply comes first: kept for step()
+                self._prefetched = self._receive_reply()
+                self._step_in_flight = False
+            status, value = self._receive_reply()
         if status == "raise":
             raise value
         return value
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineProcessError("the engine process was closed")
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:
+            raise self._gone() from None
+
+    def _receive_reply(self) -> tuple[str, Any]:
+        """(status, value) of the next reply; its counters become the engine's (replies come in order)."""
+        status, value, self._counts = self._receive()
+        return status, value
 
     def _receive(self) -> Any:
         try:

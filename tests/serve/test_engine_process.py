@@ -104,6 +104,28 @@ def test_the_engine_process_gives_what_the_engine_thread_gives(hf_dir, adapter_d
     process.close()  # again: nothing to do
 
 
+def test_the_engine_process_runs_the_next_step_while_outputs_are_handed_over(hf_dir):
+    """After ``step`` returns, the engine process is on the next one already; a call made meanwhile
+    is answered after it (its counters show that step), and the last outputs still come."""
+    from parallax.data import load_tokenizer
+
+    remote = RemoteEngine(EngineSpec(hf=str(hf_dir), device="cpu", threads=1))
+    try:
+        ids = load_tokenizer(hf_dir).encode(PROMPTS[0])
+        remote.add_request(None, SamplingParams(max_tokens=3, temperature=0), "r", prompt_token_ids=ids)
+        first = remote.step()
+        assert [len(o.outputs[0].token_ids) for o in first] == [1] and remote.num_steps == 1
+        remote.stats()  # answered once the step asked for by step() is done
+        assert remote.num_steps == 2
+        outputs = []
+        while remote.has_unfinished_requests():
+            outputs += remote.step()
+        assert remote.num_steps == 3 and [len(o.outputs[0].token_ids) for o in outputs] == [2, 3]
+        assert outputs[-1].finished and remote.blocks.num_available == remote.blocks.num_blocks
+    finally:
+        remote.close()
+
+
 def test_a_killed_engine_process_ends_its_streams(hf_dir):
     engine = make_engine(hf_dir, engine_process=True)
     process = engine.engine
