@@ -189,6 +189,7 @@ class AsyncEngine:
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
             raise ValueError(f"max_waiting must be a positive integer; got {max_waiting!r}")
         self.engine = engine
+        self._remote = isinstance(engine, RemoteEngine)
         self.max_waiting = max_waiting
         self.metrics = ServeMetrics(snapshot=self.snapshot)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -351,32 +352,44 @@ class AsyncEngine:
             self._idle.set()
 
     def _loop(self) -> None:
+        added = 0
         while True:
-            busy = self.engine.has_unfinished_requests()
-            commands = [] if busy else [self._commands.get()]  # idle: sleep until a command comes
+            if self.engine.has_unfinished_requests():
+                commands = []
+            else:  # idle: hand over what is left, then sleep until a command comes
+                self._hand_over_step(added)
+                added = 0
+                commands = [self._commands.get()]
             while True:
                 try:
                     commands.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
-            added = 0
-            stop = False
             for command in commands:
                 if command[0] == "stop":
-                    stop = True
                     self._abort_all()  # nothing is left hanging, whatever came before
-                    break
+                    self._hand_over_step(added)
+                    return
                 added += command[0] == "add"
                 try:
                     self._apply(command)
                 except Exception:  # a bug here must not kill the loop
                     log.exception("serve: engine command %r failed", command[0])
-            if not stop and self.engine.has_unfinished_requests():
+            busy = self.engine.has_unfinished_requests()
+            if busy and self._remote:
+                # the engine process starts the step, with the requests just added, while this
+                # thread hands the previous step's outputs over
+                self.engine.start_step()
+            self._hand_over_step(added)
+            added = 0
+            if busy:
                 self._step()
-            self._publish(added)
-            self._send_outbox()
-            if stop:
-                return
+
+    def _hand_over_step(self, added: int) -> None:
+        """Publish the engine's state, then hand the outputs over (a consumer that sees its request
+        end then sees its blocks freed in ``snapshot()``)."""
+        self._publish(added)
+        self._send_outbox()
 
     def _send_outbox(self) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput | BaseException]]] = {}

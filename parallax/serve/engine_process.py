@@ -4,9 +4,9 @@
 drives it as it drives a local one (``add_request``, ``abort``, ``add_lora``, ``step``,
 ``stats``), each call one round trip over a pipe (arguments and results pickled). Every reply
 carries the engine's counters (running, waiting, steps, preemptions, free blocks, whether work is
-left), which the properties answer from without another round trip. ``step`` asks for the next
-step before it returns, so the engine computes it while the server hands the outputs over (in
-lock-step, the engine process waited for that, and for the server's interpreter lock, every step).
+left), which the properties answer from without another round trip. ``start_step`` asks for a
+step without waiting, so that the engine computes it while the server hands the previous step's
+outputs over.
 
 Why a process: in one process the engine's steps and the HTTP side share one GIL. A step is
 hundreds of torch ops, each releasing the GIL and taking it back, and whenever the event loop is
@@ -145,8 +145,8 @@ class RemoteEngine:
         self._process.start()
         child_end.close()
         self._closed = False
-        self._step_in_flight = False  # a step asked for whose reply is not read yet
-        self._prefetched: tuple[str, Any] | None = None  # a step's reply read before a later call's
+        self._step_in_flight = False  # a step asked for (start_step) whose reply is not read yet
+        self._prefetched: tuple[str, Any] | None = None  # that reply, read before a later call's
         # multiprocessing's exit handler SIGTERMs daemonic children (ignored here) and joins them:
         # registered later, this one runs first
         atexit.register(self.close)
@@ -184,10 +184,20 @@ class RemoteEngine:
         self._call("add_lora", name, os.fspath(path))
         self.lora_names = [*self.lora_names, name]
 
+    def start_step(self) -> None:
+        """Ask the engine process for its next step without waiting for it: the next ``step`` call
+        returns its outputs, and a call made meanwhile (an add, an abort) is answered after it.
+        ``AsyncEngine`` asks right after applying new requests, then hands the last step's outputs
+        over while the engine computes (in lock-step the engine process waited for that, and for
+        the server's interpreter lock, every step)."""
+        with self._lock:
+            self._check_open()
+            if not self._step_in_flight and self._prefetched is None:
+                self._send(("step", (), {}))
+                self._step_in_flight = True
+
     def step(self) -> list[RequestOutput]:
-        """The outputs of one engine step. While the caller hands them over, the engine process runs
-        the next step already (asked for here when work is left): a call made meanwhile (an add,
-        an abort) is applied after that step, as one made during a local engine's step."""
+        """The outputs of one engine step (the one ``start_step`` asked for, if it did)."""
         with self._lock:
             self._check_open()
             if self._prefetched is None:
@@ -197,11 +207,8 @@ class RemoteEngine:
                 self._step_in_flight = False
             status, value = self._prefetched
             self._prefetched = None
-            if status == "raise":
-                raise value
-            if self._counts["unfinished"]:
-                self._send(("step", (), {}))
-                self._step_in_flight = True
+        if status == "raise":
+            raise value
         return value
 
     def stats(self) -> KVCacheStats:

@@ -104,24 +104,26 @@ def test_the_engine_process_gives_what_the_engine_thread_gives(hf_dir, adapter_d
     process.close()  # again: nothing to do
 
 
-def test_the_engine_process_runs_the_next_step_while_outputs_are_handed_over(hf_dir):
-    """After ``step`` returns, the engine process is on the next one already; a call made meanwhile
-    is answered after it (its counters show that step), and the last outputs still come."""
+def test_a_step_asked_ahead_runs_while_the_caller_goes_on(hf_dir):
+    """``start_step`` returns at once and the engine process runs the step; a call made meanwhile is
+    answered after it (its counters show that step); ``step`` then returns that step's outputs."""
     from parallax.data import load_tokenizer
 
     remote = RemoteEngine(EngineSpec(hf=str(hf_dir), device="cpu", threads=1))
     try:
         ids = load_tokenizer(hf_dir).encode(PROMPTS[0])
         remote.add_request(None, SamplingParams(max_tokens=3, temperature=0), "r", prompt_token_ids=ids)
-        first = remote.step()
-        assert [len(o.outputs[0].token_ids) for o in first] == [1] and remote.num_steps == 1
-        remote.stats()  # answered once the step asked for by step() is done
+        assert [len(o.outputs[0].token_ids) for o in remote.step()] == [1] and remote.num_steps == 1
+        remote.start_step()
+        remote.start_step()  # one step in flight at most
+        assert remote.has_unfinished_requests()
+        remote.stats()  # answered once the step asked for is done
         assert remote.num_steps == 2
-        outputs = []
-        while remote.has_unfinished_requests():
-            outputs += remote.step()
-        assert remote.num_steps == 3 and [len(o.outputs[0].token_ids) for o in outputs] == [2, 3]
-        assert outputs[-1].finished and remote.blocks.num_available == remote.blocks.num_blocks
+        assert [len(o.outputs[0].token_ids) for o in remote.step()] == [2] and remote.num_steps == 2
+        remote.start_step()
+        last = remote.step()
+        assert remote.num_steps == 3 and last[0].finished and not remote.has_unfinished_requests()
+        assert remote.blocks.num_available == remote.blocks.num_blocks
     finally:
         remote.close()
 
