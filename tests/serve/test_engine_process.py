@@ -60,6 +60,9 @@ def test_the_engine_process_gives_what_the_engine_thread_gives(hf_dir, adapter_d
     remote = make_engine(hf_dir, loras={"alpha": adapter_dirs["alpha"]}, engine_process=True)
     process = remote.engine
     assert isinstance(process, RemoteEngine) and process.pid != os.getpid()
+    asked_ahead = []  # AsyncEngine lets the engine process step while it hands outputs over
+    start_step = process.start_step
+    process.start_step = lambda: (asked_ahead.append(1), start_step())[1]
     cases = [(SamplingParams(max_tokens=12, temperature=0), None),
              (SamplingParams(max_tokens=9, temperature=0.9, top_p=0.9, seed=7, n=2, logprobs=2), None),
              (SamplingParams(max_tokens=10, temperature=0), "alpha")]
@@ -71,6 +74,7 @@ def test_the_engine_process_gives_what_the_engine_thread_gives(hf_dir, adapter_d
                 _assert_same(await _answers(remote, PROMPTS, params, f"r{k}", lora), expected)
             state = await _idle(remote)
             assert state["num_steps"] > 0 and state["kv_blocks_total"] == 256
+            assert len(asked_ahead) == state["num_steps"]
 
             # the engine's own refusals cross the pipe as the local engine raises them
             with pytest.raises(ValueError, match="lora"):
