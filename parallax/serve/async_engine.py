@@ -179,11 +179,12 @@ class AsyncEngine:
     """An ``LLMEngine`` run by a daemon thread, driven from asyncio.
 
     engine: the engine (only the thread uses it once started): an ``LLMEngine``, or a
-    ``RemoteEngine`` whose model runs in a process of its own (closed by ``shutdown``). max_waiting: most requests that
-    may wait (queued, not admitted, or preempted); one more raises ``QueueFullError``.
+    ``RemoteEngine`` whose model runs in a process of its own (closed by ``shutdown``).
+    max_waiting: most requests that may wait (queued, not admitted, or preempted); one more raises
+    ``QueueFullError``.
     """
 
-    def __init__(self, engine: LLMEngine, *, max_waiting: int = 256) -> None:
+    def __init__(self, engine: LLMEngine | RemoteEngine, *, max_waiting: int = 256) -> None:
         if not isinstance(engine, (LLMEngine, RemoteEngine)):
             raise ValueError(f"engine must be an LLMEngine or a RemoteEngine; got {type(engine).__name__}")
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
