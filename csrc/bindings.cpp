@@ -33,6 +33,9 @@ TORCH_LIBRARY(parallax, m) {
   // i = indices[t], zero where i == -1. x (T, K); lora_a (S, R, K); lora_b (S, N, R) (fastest with its N
   // dim contiguous); indices (T,) int32/int64 in [-1, S); scaling (S,). Returns (T, N) in lora_a's dtype.
   m.def("sgmv(Tensor x, Tensor lora_a, Tensor lora_b, Tensor indices, Tensor scaling) -> Tensor");
+  // y (T, N) += sgmv(x, lora_a, lora_b, indices, scaling) in place (Punica's add_lora): only the adapted
+  // tokens' rows are touched; y any of float32/bfloat16/float16 with its N dim contiguous.
+  m.def("sgmv_add_(Tensor(a!) y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor indices, Tensor scaling) -> ()");
 }
 
 namespace {

@@ -1,5 +1,6 @@
-// CPU implementation of parallax::sgmv (Punica's SGMV): each token's LoRA update through its own
-// adapter slot. The tokens are sorted by slot (a counting sort on the host: the indices are CPU
+// CPU implementation of parallax::sgmv and parallax::sgmv_add_ (Punica's SGMV and add_lora): each
+// token's LoRA update through its own adapter slot, returned (sgmv) or added into y in place (sgmv_add_:
+// no (T, N) update tensor, no separate add pass, base tokens' rows untouched). The tokens are sorted by slot (a counting sort on the host: the indices are CPU
 // tensors) and each slot's run is cut into tiles of kTileTokens tokens; then two parallel passes:
 // shrink u = scaling[s] * x_tile @ A[s]^T (fp32, (adapted tokens, R)), and expand
 // out[tile, n-chunk] = u_tile @ B[s, n-chunk]^T (fp32 accumulation, rounded once). Cost: T * R *
@@ -46,30 +47,30 @@ struct Tile {
 };
 
 void check_args(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
-                const at::Tensor& scaling) {
+                const at::Tensor& scaling, const char* op) {
   for (const auto* t : {&x, &a, &b, &indices, &scaling})
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "parallax::sgmv: every tensor must be on the CPU, got one on ",
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ",
                       t->device());
-  TORCH_CHECK_VALUE(x.dim() == 2, "parallax::sgmv: x must have shape (T, K), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape (T, K), got ", x.sizes());
   TORCH_CHECK_VALUE(a.dim() == 3 && a.size(2) == x.size(1) && a.size(1) >= 1,
-                    "parallax::sgmv: lora_a must have shape (S, R, K) with R >= 1 and K=", x.size(1), ", got ",
+                    op, ": lora_a must have shape (S, R, K) with R >= 1 and K=", x.size(1), ", got ",
                     a.sizes());
   TORCH_CHECK_VALUE(b.dim() == 3 && b.size(0) == a.size(0) && b.size(2) == a.size(1),
-                    "parallax::sgmv: lora_b must have shape (S, N, R) with S=", a.size(0), " and R=", a.size(1),
+                    op, ": lora_b must have shape (S, N, R) with S=", a.size(0), " and R=", a.size(1),
                     ", got ", b.sizes());
-  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), "parallax::sgmv: lora_b has dtype ", b.scalar_type(),
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": lora_b has dtype ", b.scalar_type(),
                     " but lora_a has ", a.scalar_type(), "; they must share a dtype");
   for (const auto& [t, name] : {std::pair{&x, "x"}, std::pair{&a, "lora_a"}}) {
     const at::ScalarType st = t->scalar_type();
-    TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "parallax::sgmv: ", name,
+    TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
                       " must be float32, bfloat16 or float16, got ", st);
   }
   TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == x.size(0),
-                    "parallax::sgmv: indices must have shape (T,) = (", x.size(0), ",), got ", indices.sizes());
+                    op, ": indices must have shape (T,) = (", x.size(0), ",), got ", indices.sizes());
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-                    "parallax::sgmv: indices must be int32 or int64, got ", indices.scalar_type());
+                    op, ": indices must be int32 or int64, got ", indices.scalar_type());
   TORCH_CHECK_VALUE(scaling.dim() == 1 && scaling.size(0) == a.size(0) && at::isFloatingType(scaling.scalar_type()),
-                    "parallax::sgmv: scaling must be a floating tensor of shape (S,) = (", a.size(0), ",), got ",
+                    op, ": scaling must be a floating tensor of shape (S,) = (", a.size(0), ",), got ",
                     scaling.scalar_type(), " ", scaling.sizes());
 }
 
@@ -93,15 +94,16 @@ std::vector<int64_t> read_slots(const at::Tensor& indices, int64_t num_slots) {
   return slots;
 }
 
-at::Tensor sgmv_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
-                    const at::Tensor& indices, const at::Tensor& scaling_in) {
-  check_args(x_in, lora_a_in, lora_b_in, indices, scaling_in);
+// The update of every adapted token written to (accumulate false: out is (T, N) contiguous in the
+// adapters' dtype, base tokens' rows zeroed) or added into (accumulate true: any float out whose rows
+// have their N dim contiguous; base tokens' rows untouched) out's rows.
+void run(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in, const at::Tensor& indices,
+         const at::Tensor& scaling_in, const at::Tensor& out, bool accumulate) {
   const int64_t t = x_in.size(0), k = x_in.size(1), s = lora_a_in.size(0), r = lora_a_in.size(1);
   const int64_t n = lora_b_in.size(1);
   const at::ScalarType wt = lora_a_in.scalar_type();
   const std::vector<int64_t> slots = read_slots(indices, s);
-  at::Tensor out = at::empty({t, n}, lora_a_in.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
 
   // x in the adapters' dtype (as PEFT runs the LoRA path); the innermost dims contiguous (any row
   // strides are read as they are). lora_b with n contiguous is the fast layout: a contiguous
@@ -122,20 +124,23 @@ at::Tensor sgmv_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const a
     for (int64_t i = 0; i < t; ++i) order[next[slots[i] + 1]++] = i;
   }
   const int64_t base_count = start[1];
-  const size_t row_bytes = n * out.element_size();
-  char* out_bytes = static_cast<char*>(out.data_ptr());
-  for (int64_t i = 0; i < base_count; ++i) std::memset(out_bytes + order[i] * row_bytes, 0, row_bytes);
+  if (!accumulate) {
+    const size_t row_bytes = n * out.element_size();
+    char* out_bytes = static_cast<char*>(out.data_ptr());
+    for (int64_t i = 0; i < base_count; ++i) std::memset(out_bytes + order[i] * row_bytes, 0, row_bytes);
+  }
   const int64_t* adapted = order.data() + base_count;  // positions in u
   std::vector<Tile> tiles;
   for (int64_t slot = 0; slot < s; ++slot)
     for (int64_t p = start[slot + 1]; p < start[slot + 2]; p += kTileTokens)
       tiles.push_back({slot, p - base_count, std::min(p + kTileTokens, start[slot + 2]) - base_count});
   const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-  if (num_tiles == 0) return out;
+  if (num_tiles == 0) return;
 
   const Problem p{x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
-                  b.stride(2), scaling.data_ptr<float>(), out.data_ptr(), k, n, r,
-                  cpu::elem_of(a, "parallax::sgmv", "lora_a")};
+                  b.stride(2), scaling.data_ptr<float>(), out.data_ptr(), out.stride(0), k, n, r,
+                  cpu::elem_of(a, "parallax::sgmv", "lora_a"), cpu::elem_of(out, "parallax::sgmv_add_", "y"),
+                  accumulate};
   const Kernels kern = kernels_for_active_isa();
   const int64_t adapted_count = t - base_count;
   std::vector<float> u(adapted_count * r);
@@ -174,11 +179,36 @@ at::Tensor sgmv_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const a
     at::parallel_for(0, num_tiles * chunks,
                      std::max<int64_t>(1, kItemWork / std::max<int64_t>(1, kTileTokens * r * chunk)), expand_items);
   }
+}
+
+at::Tensor sgmv_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& indices,
+                    const at::Tensor& scaling) {
+  check_args(x, lora_a, lora_b, indices, scaling, "parallax::sgmv");
+  at::Tensor out = at::empty({x.size(0), lora_b.size(1)}, lora_a.options().memory_format(at::MemoryFormat::Contiguous));
+  run(x, lora_a, lora_b, indices, scaling, out, false);
   return out;
+}
+
+void sgmv_add_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                  const at::Tensor& indices, const at::Tensor& scaling) {
+  check_args(x, lora_a, lora_b, indices, scaling, "parallax::sgmv_add_");
+  TORCH_CHECK_VALUE(y.device().is_cpu(), "parallax::sgmv_add_: y must be on the CPU, got ", y.device());
+  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == lora_b.size(1),
+                    "parallax::sgmv_add_: y must have shape (T, N) = (", x.size(0), ", ", lora_b.size(1), "), got ",
+                    y.sizes());
+  const at::ScalarType yt = y.scalar_type();
+  TORCH_CHECK_VALUE(yt == at::kFloat || yt == at::kBFloat16 || yt == at::kHalf,
+                    "parallax::sgmv_add_: y must be float32, bfloat16 or float16, got ", yt);
+  TORCH_CHECK_VALUE(y.stride(1) == 1 || y.size(1) <= 1,
+                    "parallax::sgmv_add_: y's rows must be contiguous (stride 1 along N), got strides ", y.strides());
+  run(x, lora_a, lora_b, indices, scaling, y, true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(parallax, CPU, m) { m.impl("sgmv", &sgmv_cpu); }
+TORCH_LIBRARY_IMPL(parallax, CPU, m) {
+  m.impl("sgmv", &sgmv_cpu);
+  m.impl("sgmv_add_", &sgmv_add_cpu);
+}
 
 }  // namespace parallax::sgmv

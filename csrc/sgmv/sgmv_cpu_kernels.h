@@ -21,14 +21,18 @@ struct Problem {
   const void* b;      // lora_b[s, n, r] at b + s * b_slot + r * b_row + n
   int64_t b_slot, b_row;
   const float* scaling;  // (S,)
-  void* out;          // (T, N), contiguous
+  void* out;          // out[t, n] at out + t * out_row + n, of type `y`
+  int64_t out_row;
   int64_t k, n, r;
   Elem w;
+  Elem y;             // out's type: w, except when accumulating (sgmv_add_ into any float y)
+  bool accumulate;    // out += update (sgmv_add_), else out = update
 };
 
 // u (m, R) fp32, row i = scaling[slot] * x[tokens[i]] @ lora_a[slot]^T.
 using ShrinkFn = void (*)(const Problem& p, const int64_t* tokens, int64_t m, int64_t slot, float* u);
-// out[tokens[i], n0:n1] = u[i] @ lora_b[slot, n0:n1]^T (fp32 accumulation, rounded once to w).
+// out[tokens[i], n0:n1] = u[i] @ lora_b[slot, n0:n1]^T (fp32 accumulation, rounded once to w); with
+// p.accumulate, out[tokens[i], n0:n1] += that (the sum in fp32, rounded once to y).
 using ExpandFn = void (*)(const Problem& p, const int64_t* tokens, int64_t m, int64_t slot, const float* u,
                           int64_t n0, int64_t n1);
 

@@ -65,8 +65,8 @@ void shrink_rows(const Problem& p, const int64_t* tokens, int64_t slot, float* u
   for (; r < p.r; ++r) shrink_block<V, W, M, 1>(p, tokens, slot, r, u);
 }
 
-// NB vectors of columns from n for M tokens.
-template <class V, Elem W, int M, int NB>
+// NB vectors of columns from n for M tokens; out rows of type Y, added to when ACC.
+template <class V, Elem W, Elem Y, bool ACC, int M, int NB>
 void expand_block(const Problem& p, const char* bs, void* const* orow, const float* u, int64_t n) {
   typename V::Reg acc[M][NB];
   for (int i = 0; i < M; ++i)
@@ -80,24 +80,30 @@ void expand_block(const Problem& p, const char* bs, void* const* orow, const flo
       for (int c = 0; c < NB; ++c) acc[i][c] = V::fmadd(uv, bv[c], acc[i][c]);
     }
   }
-  for (int i = 0; i < M; ++i)
-    for (int c = 0; c < NB; ++c) V::template store<W>(orow[i], n + c * V::kWidth, acc[i][c]);
+  for (int i = 0; i < M; ++i) {
+    for (int c = 0; c < NB; ++c) {
+      const int64_t col = n + c * V::kWidth;
+      if constexpr (ACC) acc[i][c] = V::add(acc[i][c], V::template load<Y>(orow[i], col));
+      V::template store<Y>(orow[i], col, acc[i][c]);
+    }
+  }
 }
 
-template <class V, Elem W, int M>
+template <class V, Elem W, Elem Y, bool ACC, int M>
 void expand_rows(const Problem& p, const int64_t* tokens, int64_t slot, const float* u, int64_t n0, int64_t n1) {
   constexpr int64_t L = V::kWidth;
   void* orow[M];
-  for (int i = 0; i < M; ++i) orow[i] = static_cast<char*>(p.out) + tokens[i] * p.n * kElemBytes<W>;
+  for (int i = 0; i < M; ++i) orow[i] = static_cast<char*>(p.out) + tokens[i] * p.out_row * kElemBytes<Y>;
   const char* bs = static_cast<const char*>(p.b) + slot * p.b_slot * kElemBytes<W>;
   int64_t n = n0;
-  for (; n + 2 * L <= n1; n += 2 * L) expand_block<V, W, M, 2>(p, bs, orow, u, n);
-  for (; n + L <= n1; n += L) expand_block<V, W, M, 1>(p, bs, orow, u, n);
+  for (; n + 2 * L <= n1; n += 2 * L) expand_block<V, W, Y, ACC, M, 2>(p, bs, orow, u, n);
+  for (; n + L <= n1; n += L) expand_block<V, W, Y, ACC, M, 1>(p, bs, orow, u, n);
   for (; n < n1; ++n) {
     for (int i = 0; i < M; ++i) {
       float s = 0.0f;
       for (int64_t r = 0; r < p.r; ++r) s += u[i * p.r + r] * load1<W>(bs + r * p.b_row * kElemBytes<W>, n);
-      store1<W>(orow[i], n, s);
+      if constexpr (ACC) s += load1<Y>(orow[i], n);
+      store1<Y>(orow[i], n, s);
     }
   }
 }
@@ -116,17 +122,29 @@ void shrink_w(const Problem& p, const int64_t* tokens, int64_t m, int64_t slot, 
   }
 }
 
-template <class V, Elem W>
-void expand_w(const Problem& p, const int64_t* tokens, int64_t m, int64_t slot, const float* u, int64_t n0,
-              int64_t n1) {
+template <class V, Elem W, Elem Y, bool ACC>
+void expand_wy(const Problem& p, const int64_t* tokens, int64_t m, int64_t slot, const float* u, int64_t n0,
+               int64_t n1) {
   for (int64_t i = 0; i < m; i += kRows) {
     const float* ui = u + i * p.r;
     switch (m - i < kRows ? m - i : kRows) {
-      case 4: expand_rows<V, W, 4>(p, tokens + i, slot, ui, n0, n1); break;
-      case 3: expand_rows<V, W, 3>(p, tokens + i, slot, ui, n0, n1); break;
-      case 2: expand_rows<V, W, 2>(p, tokens + i, slot, ui, n0, n1); break;
-      default: expand_rows<V, W, 1>(p, tokens + i, slot, ui, n0, n1);
+      case 4: expand_rows<V, W, Y, ACC, 4>(p, tokens + i, slot, ui, n0, n1); break;
+      case 3: expand_rows<V, W, Y, ACC, 3>(p, tokens + i, slot, ui, n0, n1); break;
+      case 2: expand_rows<V, W, Y, ACC, 2>(p, tokens + i, slot, ui, n0, n1); break;
+      default: expand_rows<V, W, Y, ACC, 1>(p, tokens + i, slot, ui, n0, n1);
     }
+  }
+}
+
+// sgmv writes rows of the adapters' type; sgmv_add_ adds into rows of any float type.
+template <class V, Elem W>
+void expand_w(const Problem& p, const int64_t* tokens, int64_t m, int64_t slot, const float* u, int64_t n0,
+              int64_t n1) {
+  if (!p.accumulate) return expand_wy<V, W, W, false>(p, tokens, m, slot, u, n0, n1);
+  switch (p.y) {
+    case Elem::kBF16: return expand_wy<V, W, Elem::kBF16, true>(p, tokens, m, slot, u, n0, n1);
+    case Elem::kF16: return expand_wy<V, W, Elem::kF16, true>(p, tokens, m, slot, u, n0, n1);
+    default: return expand_wy<V, W, Elem::kF32, true>(p, tokens, m, slot, u, n0, n1);
   }
 }
 

@@ -17,8 +17,8 @@ The stacks are rebuilt, lazily, at the first step after an adapter was added; th
 Each engine step the runner routes the batch: ``routing(token_slots)`` (T,) (one slot per token,
 -1 for the base model) inside ``use_routing``; every ``LoraLinear`` then adds
 ``px.ops.sgmv(x, lora_a, lora_b, token_slots, scaling)`` to its output (``parallax.peft.lora``):
-Triton kernels on CUDA, the C++ kernel on CPU (dense torch fallbacks only when parallax._C did
-not load; see ``TokenRouting``).
+Triton kernels on CUDA, the C++ kernel on CPU (``px.ops.sgmv_add_``: into the output in place;
+dense torch fallbacks only when parallax._C did not load; see ``TokenRouting``).
 
 The prefix cache keeps adapters apart by chaining block keys from ``prefix_root(name)``
 (``parallax.inference.block_manager``).
@@ -131,9 +131,13 @@ class LoraRegistry:
 
     def stacks(self, layer: LoraLinear) -> LayerStacks | None:
         """``layer``'s stacks, or None when no adapter targets it."""
+        return self.all_stacks().get(layer)
+
+    def all_stacks(self) -> dict[LoraLinear, LayerStacks]:
+        """Every targeted layer's stacks (built at the first call after an adapter was added)."""
         if self._stacks is None:
             self._stacks = self._build()
-        return self._stacks.get(layer)
+        return self._stacks
 
     def routing(self, token_slots: list[int] | torch.Tensor, device: torch.device) -> TokenRouting | None:
         """The routing of a batch whose token t goes through slot ``token_slots[t]`` (T,);
@@ -144,8 +148,6 @@ class LoraRegistry:
                              f"got {int(slots.min())}..{int(slots.max())}")
         if not bool((slots >= 0).any()):
             return None
-        if self._stacks is None:
-            self._stacks = self._build()
         return TokenRouting(self, slots.to(device))
 
     def _build(self) -> dict[LoraLinear, LayerStacks]:
@@ -183,22 +185,29 @@ class LoraRegistry:
 class TokenRouting:
     """One step's adapters per token, read by every ``LoraLinear`` (``parallax.peft.lora.LoraRouting``).
     Every layer adds ``px.ops.sgmv``: on CUDA its Triton kernels, with the sort into row tiles
-    (``sgmv_plan``) made once per step; on CPU its C++ kernel (which sorts the T slots itself, for
-    less than a plan would cost). Only when that kernel is missing (parallax._C did not load), CPU
-    layers fall back to dense torch ops: the tokens' slot mask (made once per step), or, when a
-    layer has many slots, the slot order."""
+    (``sgmv_plan``) made once per step; on CPU its C++ kernel, in place (``sgmv_add_``; it sorts
+    the T slots itself, for less than a plan would cost). Only when that kernel is missing
+    (parallax._C did not load), CPU layers fall back to dense torch ops: the tokens' slot mask
+    (made once per step), or, when a layer has many slots, the slot order."""
 
     def __init__(self, registry: LoraRegistry, token_slots: torch.Tensor) -> None:
         self.registry = registry
         self.token_slots = token_slots  # (T,) int64
+        self._stacks = registry.all_stacks()  # read by every layer: one dict lookup each
         self.plan = None  # CUDA: px.ops.sgmv's plan
         self.own: torch.Tensor | None = None  # CPU without the kernel: (T, S) 1.0 where the token's slot is s
         self._segments_cache: tuple[torch.Tensor, list[tuple[int, int, int]]] | None = None
+        # CPU with the kernel: the in-place op itself, without px.ops.sgmv_add_'s argument checks (the
+        # registry made the stacks, routing() checked the slots, the op checks shapes again): they were
+        # 40% of a decode-step layer's LoRA cost (cProfile, 1 thread, batch 1: 28 of 70 us).
+        self._cpu_add = None
         if token_slots.is_cuda:
             from parallax.ops.sgmv import sgmv_plan  # lazy: ops load the compiled extension
 
             self.plan = sgmv_plan(token_slots, len(registry))
-        elif not _cpu_sgmv_kernel():
+        elif _cpu_sgmv_kernel():
+            self._cpu_add = torch.ops.parallax.sgmv_add_
+        else:
             self.own = (token_slots[:, None] == torch.arange(len(registry))[None, :]).float()
 
     @property
@@ -216,27 +225,37 @@ class TokenRouting:
             self._segments_cache = (order, runs)
         return self._segments_cache
 
-    def delta(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
-        """x (..., K) whose leading dims flatten to the step's T tokens -> (..., N) in the adapters'
-        dtype; None when no adapter targets ``layer``."""
-        stacks = self.registry.stacks(layer)
+    def add_update(self, layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result (..., N), ``layer``'s output for x (..., K) whose leading dims flatten to the step's
+        T tokens, plus each token's adapter update, in result's dtype (the sum in the adapters' dtype,
+        float32 over a half-precision base, as PEFT). On CPU with the kernel it is added in place
+        (``sgmv_add_``): result is the layer's fresh output, which no backward reads (a linear
+        layer's saves its input and weight)."""
+        stacks = self._stacks.get(layer)
         if stacks is None:
-            return None
-        flat = x.reshape(-1, x.shape[-1])
+            return result
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if flat.shape[0] != self.token_slots.shape[0]:
             raise RuntimeError(f"LoRA routing: a LoraLinear got {flat.shape[0]} tokens in a step of "
                                f"{self.token_slots.shape[0]}; per-token adapters need every token in order")
+        if self._cpu_add is not None and result.is_contiguous():
+            self._cpu_add(result.view(flat.shape[0], -1), flat, stacks.lora_a, stacks.lora_b, self.token_slots,
+                          stacks.scaling)
+            return result
+        delta = self._delta(stacks, flat).view(*result.shape)
+        summed = result + delta
+        return summed if summed.dtype == result.dtype else summed.to(result.dtype)
+
+    def _delta(self, stacks: LayerStacks, flat: torch.Tensor) -> torch.Tensor:
+        """flat (T, K) -> (T, N) in the adapters' dtype, zero for base tokens."""
         if self.own is not None:
             slots, rank, k = stacks.lora_a.shape
             if _masked_is_cheaper(slots, rank, k, stacks.lora_b.shape[1]):
-                out = self._masked(stacks, flat)
-            else:
-                out = self._sorted(stacks, flat)
-        else:
-            from parallax.ops.sgmv import sgmv
+                return self._masked(stacks, flat)
+            return self._sorted(stacks, flat)
+        from parallax.ops.sgmv import sgmv
 
-            out = sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling, plan=self.plan)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return sgmv(flat, stacks.lora_a, stacks.lora_b, self.token_slots, stacks.scaling, plan=self.plan)
 
     def _masked(self, stacks: LayerStacks, x: torch.Tensor) -> torch.Tensor:
         """sgmv's result as three dense ops: x (T, K) through every slot's A, each token's own slot

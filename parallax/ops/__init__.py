@@ -27,7 +27,7 @@ from parallax.ops.paged_attention_varlen import paged_attention_varlen, paged_at
 from parallax.ops.quant_linear import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref
 from parallax.ops.rms_norm import rms_norm, rms_norm_ref
 from parallax.ops.rotary_embedding import rotary_embedding, rotary_embedding_ref
-from parallax.ops.sgmv import sgmv, sgmv_ref
+from parallax.ops.sgmv import sgmv, sgmv_add_, sgmv_ref
 from parallax.ops.stream import stream_triad_, stream_triad_ref
 from parallax.ops.swiglu import swiglu, swiglu_ref
 from parallax.ops.unscale import unscale_, unscale_ref
@@ -37,15 +37,15 @@ __all__ = ["adamw_", "adamw_ref", "flash_attention", "flash_attention_ref", "fla
            "linear_cross_entropy", "linear_cross_entropy_ref", "lora_linear",
            "lora_linear_ref", "paged_attention", "paged_attention_ref", "paged_attention_varlen",
            "paged_attention_varlen_ref", "reshape_and_cache", "reshape_and_cache_ref", "rms_norm", "rms_norm_ref",
-           "rotary_embedding", "rotary_embedding_ref", "sgmv", "sgmv_ref", "stream_triad_", "stream_triad_ref",
-           "swiglu", "swiglu_ref", "unscale_", "unscale_ref", "backend"]
+           "rotary_embedding", "rotary_embedding_ref", "sgmv", "sgmv_add_", "sgmv_ref", "stream_triad_",
+           "stream_triad_ref", "swiglu", "swiglu_ref", "unscale_", "unscale_ref", "backend"]
 
 _BACKENDS = {"adamw": _adamw.backend, "flash_attention": _flash_attention.backend,
              "int4_linear": _quant_linear.backend, "int8_linear": _quant_linear.backend,
              "linear_cross_entropy": _linear_cross_entropy.backend, "lora_linear": _lora_linear.backend,
              "paged_attention": _paged_attention.backend, "paged_attention_varlen": _paged_attention_varlen.backend,
              "reshape_and_cache": _paged_attention.reshape_and_cache_backend, "rms_norm": _rms_norm.backend,
-             "rotary_embedding": _rotary_embedding.backend, "sgmv": _sgmv.backend,
+             "rotary_embedding": _rotary_embedding.backend, "sgmv": _sgmv.backend, "sgmv_add_": _sgmv.backend,
              "stream_triad": _stream.backend, "swiglu": _swiglu.backend,
              "unscale": _unscale.backend}
 

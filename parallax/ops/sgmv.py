@@ -12,6 +12,9 @@ x (T, K); lora_a (S, R, K); lora_b (S, N, R); indices (T,) int32 or int64 in [-1
 floating. x, lora_a and lora_b are fp16, bf16 or fp32 (lora_a and lora_b share a dtype; x is cast
 to it, as PEFT runs the LoRA path in the adapter dtype). Returns delta (T, N) in lora_a's dtype.
 
+``sgmv_add_(y, ...)`` adds the update into y (T, N) in place instead (Punica's add_lora; on CPU
+without a (T, N) update tensor): what each ``LoraLinear`` of the inference engine calls.
+
 Inference only: ``sgmv`` runs under ``torch.no_grad`` (its result has no autograd graph).
 
 Three implementations, chosen with ``backend=``:
@@ -52,7 +55,7 @@ from parallax.ops import _triton
 
 Tensor = torch.Tensor
 
-__all__ = ["sgmv", "sgmv_ref", "sgmv_plan", "SgmvPlan", "backend", "KERNEL_DTYPES"]
+__all__ = ["sgmv", "sgmv_add_", "sgmv_ref", "sgmv_plan", "SgmvPlan", "backend", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -64,12 +67,18 @@ if _extension.available() and hasattr(torch.ops.parallax, "sgmv"):
     def _sgmv_fake(x, lora_a, lora_b, indices, scaling):
         return x.new_empty((x.shape[0], lora_b.shape[1]), dtype=lora_a.dtype)
 
+if _extension.available() and hasattr(torch.ops.parallax, "sgmv_add_"):
+
+    @torch.library.register_fake("parallax::sgmv_add_")
+    def _sgmv_add_fake(y, x, lora_a, lora_b, indices, scaling):
+        return None
+
 
 @functools.cache  # the extension's kernels are registered once, at import
 def _has_cpu_kernel() -> bool:
     try:
-        return _extension.has_kernel("sgmv", "cpu")
-    except RuntimeError:  # an extension built before this op existed
+        return _extension.has_kernel("sgmv", "cpu") and _extension.has_kernel("sgmv_add_", "cpu")
+    except RuntimeError:  # an extension built before these ops existed
         return False
 
 
@@ -296,6 +305,35 @@ def _sgmv(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: T
             _check_range(indices, num_slots)
         return sgmv_ref(x, lora_a, lora_b, indices, scaling)
     return _sgmv_triton(x, lora_a, lora_b, scaling, plan if plan is not None else sgmv_plan(indices, num_slots))
+
+
+def sgmv_add_(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Tensor, *,
+              backend: str | None = None, plan: SgmvPlan | None = None) -> Tensor:
+    """``y += sgmv(x, lora_a, lora_b, indices, scaling)`` in place (Punica's add_lora); returns y.
+
+    y (T, N) float16, bfloat16 or float32 on x's device, whatever the adapters' dtype: each element
+    is the fp32 sum of y and the update, rounded once to y's dtype (as ``(y + delta).to(y.dtype)``).
+    The 'cpu' kernel adds each adapted token's update into its row of y (N contiguous; another
+    layout goes through ``sgmv``'s result): no (T, N) update tensor, no separate add pass, the base
+    tokens' rows untouched. That pass cost the engine's decode step a write and a re-read of a
+    fresh (T, N) tensor per layer. The other backends add ``sgmv``'s result. Other arguments as
+    ``sgmv``'s. Inference only."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"sgmv_add_: y must be a torch.Tensor, got {type(y).__name__}")
+    _check(x, lora_a, lora_b, indices, scaling)
+    if y.device != x.device:
+        raise ValueError(f"sgmv_add_: y is on {y.device} but x is on {x.device}")
+    if y.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"sgmv_add_: y has dtype {y.dtype}; supported: float16, bfloat16, float32")
+    expected = (x.shape[0], lora_b.shape[1])
+    if tuple(y.shape) != expected:
+        raise ValueError(f"sgmv_add_: y must have shape (T, N) = {expected} (x's rows, lora_b's N), "
+                         f"got {tuple(y.shape)}")
+    with torch.no_grad():
+        if _pick(backend, x.device) == "cpu" and (y.stride(1) == 1 or y.shape[1] <= 1):
+            torch.ops.parallax.sgmv_add_(y, x, lora_a, lora_b, indices, scaling)
+            return y
+        return y.add_(_sgmv(x, lora_a, lora_b, indices, scaling, backend, plan))
 
 
 def sgmv_ref(x: Tensor, lora_a: Tensor, lora_b: Tensor, indices: Tensor, scaling: Tensor) -> Tensor:

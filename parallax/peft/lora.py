@@ -14,8 +14,8 @@ unmerged one by that rounding; for an exact merge into dense layers call
 ``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight`` (r, in), ``<path>.lora_B.<adapter>.weight`` (out, r).
 
 Many adapters in one batch (the inference engine, ``parallax.inference.lora``): while
-``LORA_ROUTING`` holds a routing, each ``LoraLinear`` also adds that routing's ``delta`` (every
-token through its own adapter, ``px.ops.sgmv``) to its output. Outside the engine it is None.
+``LORA_ROUTING`` holds a routing, each ``LoraLinear`` also adds that routing's update (every
+token through its own adapter, ``px.ops.sgmv_add_``) to its output. Outside the engine it is None.
 """
 
 import math
@@ -37,9 +37,10 @@ _LORA_CHILDREN = frozenset({"base_layer", "lora_A", "lora_B", "lora_dropout"})
 class LoraRouting(Protocol):
     """Per-token adapters of one batch (``parallax.inference.lora.TokenRouting`` is one)."""
 
-    def delta(self, layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor | None:
-        """The routed adapters' update of ``layer`` for input x (..., in_features) ->
-        (..., out_features), or None when no routed adapter targets ``layer``."""
+    def add_update(self, layer: "LoraLinear", x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` (..., out_features), ``layer``'s output for input x (..., in_features), plus the
+        routed adapters' update, in result's dtype; may add in place into ``result`` (a fresh output
+        of the layer that nothing else holds)."""
         ...
 
 
@@ -89,12 +90,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self._forward_active(x)
         routing = LORA_ROUTING.get()
-        if routing is not None:
-            delta = routing.delta(self, x)
-            if delta is not None:
-                # in the adapters' dtype (float32 over a half-precision base), as the loop below
-                result = (result + delta).to(result.dtype)
-        return result
+        return result if routing is None else routing.add_update(self, x, result)
 
     def _forward_active(self, x: torch.Tensor) -> torch.Tensor:
         """base_layer(x) plus the active adapters (the model as trained or loaded)."""
@@ -105,6 +101,8 @@ class LoraLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         active = [name for name in self.active_adapters if name in self.lora_A]
+        if not active:  # a served engine's layers (adapters routed per token, none active)
+            return self.base_layer(x)
         fused = _fused_op(x, self.base_layer, active)
         if fused is not None:
             return self._fused_forward(fused, x, active[0])

@@ -120,22 +120,34 @@ def test_a_mixed_batch_gives_each_request_its_adapters_tokens(family):
 
 
 def _count_sgmv_calls(monkeypatch) -> list[str]:
-    """Every px.ops.sgmv call from now on appends the backend that ran it; the torch fallbacks of
+    """Every sgmv kernel call of the routing from now on appends the backend that ran it: on CPU
+    the in-place C++ op (``sgmv_add_``, "cpu"), elsewhere px.ops.sgmv; the torch fallbacks of
     parallax.inference.lora raise."""
     import parallax.inference.lora as lora_module
     from parallax import ops
 
     sgmv_module = importlib.import_module("parallax.ops.sgmv")
-    calls, real = [], sgmv_module.sgmv
+    calls, real, real_init = [], sgmv_module.sgmv, lora_module.TokenRouting.__init__
 
     def counting(x, *args, **kw):
         calls.append(kw.get("backend") or ops.backend("sgmv", x.device))
         return real(x, *args, **kw)
 
+    def counting_init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        if self._cpu_add is not None:
+            op = self._cpu_add
+
+            def counted(*op_args):
+                calls.append("cpu")
+                return op(*op_args)
+            self._cpu_add = counted
+
     def fallback(*args, **kw):
         raise AssertionError("the torch fallback ran although the sgmv kernel is there")
 
     monkeypatch.setattr(sgmv_module, "sgmv", counting)
+    monkeypatch.setattr(lora_module.TokenRouting, "__init__", counting_init)
     monkeypatch.setattr(lora_module.TokenRouting, "_masked", fallback)
     monkeypatch.setattr(lora_module.TokenRouting, "_sorted", fallback)
     return calls
@@ -177,7 +189,7 @@ def test_routed_logits_equal_each_merged_model(family, path, monkeypatch):
 
 
 def test_the_cpu_engine_routes_through_the_sgmv_kernel(family, monkeypatch):
-    """A mixed batch on CPU runs every LoraLinear through px.ops.sgmv's C++ kernel (the torch
+    """A mixed batch on CPU runs every LoraLinear through the C++ sgmv kernel, in place (the torch
     fallbacks never run), with the same greedy tokens as the engine without that kernel."""
     import parallax.inference.lora as lora_module
 
@@ -350,6 +362,33 @@ def test_half_precision_base_routes_like_an_active_adapter(family):
         with torch.no_grad():
             want = ref.logits(ref.hidden_states(idx[row:row + 1]))[0]
         torch.testing.assert_close(got[row], want)  # the same operations: equal here
+
+
+def test_routing_under_autograd_keeps_the_graph(family):
+    """Outside inference mode, with the weights requiring grad: the routed update (a constant, as
+    sgmv is inference only; on CPU added in place into the base layer's output, which no backward
+    reads) gives the same logits as under no_grad, and the base weights still get gradients."""
+    _, _, llm = family
+    registry, model = llm.engine.loras, llm.engine.model
+    idx = torch.tensor([p[:5] for p in PROMPTS[:3]])  # (3, 5)
+    routing = registry.routing(torch.tensor([0, 1, -1]).repeat_interleave(5), idx.device)
+    with torch.no_grad(), use_routing(routing):
+        want = model.logits(model.hidden_states(idx))
+    weights = [layer.base_layer.weight for _, layer in lora_layers(model)]
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        with torch.enable_grad(), use_routing(routing):
+            got = model.logits(model.hidden_states(idx))
+            got.float().square().mean().backward()
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+        assert all(w.grad is not None and bool(w.grad.abs().sum() > 0) for w in weights)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.grad = None
+            w.requires_grad_(flag)
 
 
 def test_an_adapter_added_between_steps_joins_the_running_batch(family):

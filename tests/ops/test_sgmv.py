@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 import importlib  # noqa: E402
 
 from parallax import _extension, ops  # noqa: E402
-from parallax.ops import sgmv, sgmv_ref  # noqa: E402
+from parallax.ops import sgmv, sgmv_add_, sgmv_ref  # noqa: E402
 from parallax.ops.sgmv import SgmvPlan, sgmv_plan  # noqa: E402
 from tests.helpers import CUDA, assert_error_within_twice_pytorch, triton_interpreter_problem  # noqa: E402
 
@@ -466,6 +466,124 @@ def test_the_op_schema_and_fake_impl():
     x, lora_a, lora_b, indices, scaling = _inputs(9, 16, 24, 4, 3, torch.bfloat16, adapter_dtype=torch.float32,
                                                   seed=25, device="cpu")
     torch.library.opcheck(torch.ops.parallax.sgmv.default, (x, lora_a, lora_b, indices, scaling),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------------------------
+# sgmv_add_: the update added into y in place (what the engine's LoraLinear layers call)
+
+Y_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _y(t, n, dtype, seed, device=DEVICE):
+    return torch.randn(t, n, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+def _check_add(inputs, y, *, name, **kw):
+    """sgmv_add_ into a copy of y: in place, y + the definition's update rounded once to y's dtype
+    (within twice PyTorch's error), the base tokens' rows bit-unchanged."""
+    indices = inputs[3]
+    got = y.clone()
+    assert sgmv_add_(got, *inputs, **kw) is got
+    exact = y.double().cpu() + definition(*inputs)
+    pytorch = (y + sgmv_ref(*inputs)).to(y.dtype)
+    assert_error_within_twice_pytorch(got, pytorch, exact, atol=max(ATOL[y.dtype], ATOL[inputs[1].dtype]), name=name)
+    off = (indices < 0).cpu()
+    assert torch.equal(got.cpu()[off], y.cpu()[off]), f"{name}: tokens without an adapter"
+    return got
+
+
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES[:5], ids=str)
+def test_sgmv_add_matches_the_definition(case, y_dtype, kernel):
+    t, k, n, r, s = case
+    inputs = _inputs(t, k, n, r, s, torch.float32, seed=t * n + r)
+    _check_add(inputs, _y(t, n, y_dtype, seed=t + 1), name=f"{case} y {y_dtype}", backend=kernel)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("y_dtype", Y_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CPU_CASES[:6], ids=str)
+def test_cpu_kernel_adds_in_place_for_every_dtype_pair(case, dtype, y_dtype, isa):
+    """Adapters in any dtype into y of any dtype (a bfloat16 base's output and its float32
+    adapters, as PEFT keeps them), odd sizes, every instruction set."""
+    t, k, n, r, s = case
+    inputs = _inputs(t, k, n, r, s, dtype, seed=t + k * r + s, device="cpu")
+    _check_add(inputs, _y(t, n, y_dtype, seed=k, device="cpu"), name=f"{isa} {case} {dtype} y {y_dtype}",
+               backend="cpu")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_add_is_the_sum_of_y_and_sgmv(threads):
+    """float32: bit-equal to ``y + sgmv(...)`` (the same update, one rounding of the sum), on one
+    thread and split over two (past 2M multiply-adds)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for case in [(64, 256, 768, 8, 8), (300, 256, 768, 8, 8)]:
+            inputs = _inputs(*case, torch.float32, seed=case[0], device="cpu")
+            y = _y(case[0], case[2], torch.float32, seed=3, device="cpu")
+            assert torch.equal(sgmv_add_(y.clone(), *inputs, backend="cpu"), y + sgmv(*inputs, backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_add_into_strided_and_aliased_rows():
+    """y a column slice of a wider tensor (rows strided: only its columns change), y with strided
+    columns (through sgmv's result), and y that is x itself (K == N: x is read before y is written)."""
+    inputs = _inputs(29, 40, 40, 8, 5, torch.float32, seed=26, device="cpu")
+    y = _y(29, 40, torch.float32, seed=27, device="cpu")
+    want = y + sgmv(*inputs, backend="cpu")
+    wide = torch.cat([y, torch.full((29, 7), 5.0)], dim=1)
+    sgmv_add_(wide[:, :40], *inputs, backend="cpu")
+    assert torch.equal(wide[:, :40], want) and bool((wide[:, 40:] == 5.0).all())
+    y_t = y.T.contiguous().T
+    assert y_t.stride(1) != 1
+    assert torch.equal(sgmv_add_(y_t, *inputs, backend="cpu"), want)
+    x = inputs[0].clone()
+    want_x = x + sgmv(x, *inputs[1:], backend="cpu")
+    assert torch.equal(sgmv_add_(x, x, *inputs[1:], backend="cpu"), want_x)
+
+
+Y_BAD = [
+    (torch.zeros(6, 9), r"sgmv_add_: y must have shape \(T, N\) = \(6, 10\)"),
+    (torch.zeros(6, 10, dtype=torch.float64), "sgmv_add_: y has dtype torch.float64"),
+    ([[0.0] * 10] * 6, "sgmv_add_: y must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+@pytest.mark.parametrize("y,match", Y_BAD, ids=["shape", "dtype", "type"])
+def test_sgmv_add_bad_y_names_it(y, match, backend):
+    with pytest.raises((ValueError, TypeError), match=match):
+        sgmv_add_(y, **_bad(), backend=backend)
+    with pytest.raises(ValueError, match="indices must lie in"):  # the other arguments as sgmv checks them
+        sgmv_add_(torch.zeros(6, 10), **_bad(indices=torch.tensor([0, 1, 2, 3, -1, 0])), backend=backend)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("y,match", [
+    (torch.zeros(6, 9), r"parallax::sgmv_add_: y must have shape \(T, N\) = \(6, 10\)"),
+    (torch.zeros(6, 10, dtype=torch.float64), "parallax::sgmv_add_: y must be float32, bfloat16 or float16"),
+    (torch.zeros(10, 6).T, r"parallax::sgmv_add_: y's rows must be contiguous"),
+], ids=["shape", "dtype", "strides"])
+def test_the_add_op_itself_checks_y(y, match):
+    args = _bad()
+    with pytest.raises(ValueError, match=match):
+        torch.ops.parallax.sgmv_add_(y, args["x"], args["lora_a"], args["lora_b"], args["indices"], args["scaling"])
+    with pytest.raises(ValueError, match=r"parallax::sgmv_add_: lora_b must have shape"):
+        torch.ops.parallax.sgmv_add_(torch.zeros(6, 10), args["x"], args["lora_a"], torch.zeros(3, 10, 5),
+                                     args["indices"], args["scaling"])
+
+
+@needs_cpu_kernel
+def test_the_add_op_schema_and_fake_impl():
+    x, lora_a, lora_b, indices, scaling = _inputs(9, 16, 24, 4, 3, torch.float32, seed=28, device="cpu")
+    y = _y(9, 24, torch.bfloat16, seed=29, device="cpu")
+    torch.library.opcheck(torch.ops.parallax.sgmv_add_.default, (y, x, lora_a, lora_b, indices, scaling),
                           test_utils=("test_schema", "test_faketensor"))
 
 
