@@ -21,12 +21,14 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from parallax.serve.engine_process import EngineSpec, available_cores, engine_threads
+from parallax.serve.engine_process import EngineSpec, available_cores, engine_threads, split_cores
 
-__all__ = ["serve_main", "build_parser", "parse_lora", "engine_spec", "engine_threads", "available_cores"]
+__all__ = ["serve_main", "build_parser", "parse_lora", "engine_spec", "engine_threads", "available_cores",
+           "cpu_split"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,10 @@ def build_parser(prog: str = "parallax serve") -> argparse.ArgumentParser:
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the engine in a process of its own, so that its steps do not wait for the HTTP "
                         "side's Python (default; --no-engine-process runs it in a thread of the server's process)")
+    p.add_argument("--cpu-affinity", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, with the engine process: pin the HTTP process to the first core this process may "
+                        "use and the engine process to the others, so that a step never shares a core with the "
+                        "event loop (default; needs two cores or more)")
     return p
 
 
@@ -128,16 +134,35 @@ def engine_spec(args: argparse.Namespace, adapters: dict[str, str]) -> EngineSpe
                                           num_blocks=args.num_blocks))
 
 
+def cpu_split(args: argparse.Namespace) -> tuple[frozenset[int], frozenset[int]] | None:
+    """(the HTTP process's cores, the engine process's) when the flags pin them (``split_cores``):
+    the engine in a process of its own, on CPU, --cpu-affinity, two cores or more; else None."""
+    if not (args.engine_process and args.cpu_affinity and hasattr(os, "sched_setaffinity")):
+        return None
+    if args.device == "cuda":
+        return None
+    if args.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    return split_cores(os.sched_getaffinity(0))
+
+
 def _load_engine(args: argparse.Namespace, adapters: dict[str, str]) -> tuple[Any, str]:
     """The ``AsyncEngine`` over the model ``args`` name, its adapters loaded (in a process of its
-    own unless --no-engine-process); and where it came from."""
+    own unless --no-engine-process, then pinned as ``cpu_split`` says); and where it came from."""
     from parallax.serve.async_engine import AsyncEngine
     from parallax.serve.engine_process import RemoteEngine
 
     spec = engine_spec(args, adapters)
     if args.engine_process:
-        remote = RemoteEngine(spec)
+        split = cpu_split(args)
+        remote = RemoteEngine(spec if split is None else replace(spec, cpu_affinity=split[1]))
         engine, where = remote, f"{remote.where}, engine process {remote.pid}"
+        if split is not None:  # after the start: the engine process began with every core, as this one had
+            os.sched_setaffinity(0, split[0])
+            where += f", HTTP on core {min(split[0])}"
     else:
         engine, where = spec.build()
     return AsyncEngine(engine, max_waiting=args.max_waiting), where

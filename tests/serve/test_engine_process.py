@@ -108,6 +108,27 @@ def test_the_engine_process_gives_what_the_engine_thread_gives(hf_dir, adapter_d
     process.close()  # again: nothing to do
 
 
+def test_the_next_step_is_asked_for_before_the_last_ones_outputs_are_handed_over(hf_dir):
+    """AsyncEngine records and hands a step's outputs over while the engine process runs the next
+    step: each step's outputs are delivered after the next one was asked for (the last excepted)."""
+    engine = make_engine(hf_dir, engine_process=True)
+    process, events = engine.engine, []
+    start_step, step, deliver = process.start_step, process.step, engine._deliver_all
+    process.start_step = lambda: (events.append("ask"), start_step())[1]
+    process.step = lambda: (step(), events.append("got"))[0]
+    engine._deliver_all = lambda outputs: (events.append(f"deliver {len(outputs)}"), deliver(outputs))[1]
+
+    async def run() -> None:
+        try:
+            answers = await _answers(engine, PROMPTS[:1], SamplingParams(max_tokens=5, temperature=0), "r")
+            assert len(answers[0][0][1]) == 5
+            assert events == ["ask", "got"] + ["ask", "deliver 1", "got"] * 4 + ["deliver 1"]
+        finally:
+            await engine.shutdown(1)
+
+    asyncio.run(run())
+
+
 def test_a_step_asked_ahead_runs_while_the_caller_goes_on(hf_dir):
     """``start_step`` returns at once and the engine process runs the step; a call made meanwhile is
     answered after it (its counters show that step); ``step`` then returns that step's outputs."""
@@ -150,6 +171,28 @@ def test_a_killed_engine_process_ends_its_streams(hf_dir):
 
     asyncio.run(run())
     assert process._process.exitcode == -signal.SIGKILL
+
+
+def test_cpu_affinity_pins_the_engine_process_only(hf_dir):
+    """The engine process runs on the cores its spec names (the threads torch starts there inherit
+    them); the process that started it keeps its own; a core it may not use is a ValueError."""
+    cores = sorted(os.sched_getaffinity(0))
+    mine = set(cores)
+    remote = RemoteEngine(EngineSpec(hf=str(hf_dir), device="cpu", cpu_affinity=frozenset(cores[-1:])))
+    try:
+        assert os.sched_getaffinity(remote.pid) == {cores[-1]}
+        assert remote.where.endswith(f", cores {cores[-1]}")
+        assert os.sched_getaffinity(0) == mine
+    finally:
+        remote.close()
+    with pytest.raises(ValueError, match="cpu_affinity 4095: Invalid argument"):
+        RemoteEngine(EngineSpec(hf=str(hf_dir), device="cpu", cpu_affinity=frozenset({4095})))
+
+
+@pytest.mark.parametrize("cores", [frozenset(), {0}, frozenset({-1}), frozenset({True}), [0, 1]])
+def test_a_bad_cpu_affinity_is_refused_naming_it(cores):
+    with pytest.raises(ValueError, match="cpu_affinity must be None or a non-empty frozenset"):
+        EngineSpec(hf="x", cpu_affinity=cores)
 
 
 def test_a_spec_that_cannot_load_raises_the_engine_process_message(tmp_path):

@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from parallax.cli import main
+from parallax.serve.engine_process import split_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +102,10 @@ def test_the_server_process_answers_and_stops_gracefully_on_sigterm(hf_dir, adap
         url = re.search(r"ready on (http://\S+)", line).group(1)
         assert "API key required" in line
         engine_pid = int(re.search(r"engine process (\d+)", line).group(1))  # the default: a process of its own
+        split = split_cores(os.sched_getaffinity(0))
+        if split is not None:  # the default on CPU: the engine on cores of its own, the HTTP side on the first
+            assert os.sched_getaffinity(engine_pid) == split[1] and os.sched_getaffinity(process.pid) == split[0]
+            assert f"HTTP on core {min(split[0])}" in line
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
@@ -215,6 +220,27 @@ def test_engine_threads_leave_a_core_to_the_http_side():
     assert engine_threads(3, "cpu", 2, {}) == 3  # the flag wins
     assert engine_threads(None, "cpu", 8, {"OMP_NUM_THREADS": "4"}) is None  # torch follows the variable
     assert engine_threads(None, "cuda", 8, {}) is None
+    assert engine_threads(None, "cpu", 15, {}, shared=False) == 15  # pinned away from the HTTP side: every core
+
+
+def test_split_cores_gives_the_lowest_to_the_http_side():
+    assert split_cores([0, 1]) == ({0}, {1})
+    assert split_cores({9, 3, 5}) == ({3}, {5, 9})
+    assert split_cores(range(16)) == ({0}, set(range(1, 16)))
+    assert split_cores([2]) is None and split_cores([]) is None
+
+
+@pytest.mark.parametrize("flags, pinned", [
+    (["--device", "cpu"], True),
+    (["--device", "cpu", "--no-cpu-affinity"], False),
+    (["--device", "cpu", "--no-engine-process"], False),  # the engine shares this process: nothing to split
+    (["--device", "cuda"], False),
+])
+def test_cpu_split_follows_the_flags(hf_dir, flags, pinned):
+    from parallax.serve.cli import build_parser, cpu_split
+
+    got = cpu_split(build_parser().parse_args(["--hf", str(hf_dir), *flags]))
+    assert got == (split_cores(os.sched_getaffinity(0)) if pinned else None)
 
 
 def test_threads_reach_torch(hf_dir):
