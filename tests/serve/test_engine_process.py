@@ -129,6 +129,40 @@ def test_the_next_step_is_asked_for_before_the_last_ones_outputs_are_handed_over
     asyncio.run(run())
 
 
+def test_an_abort_that_comes_before_the_last_outputs_are_delivered_leaves_them_whole(hf_dir):
+    """A consumer that goes away after its request ended in a step but before that step's outputs
+    were handed over (they wait for the next step to be asked for): the abort finds nothing to stop,
+    and the request still ends as the engine ended it, in the stream and in the metrics."""
+    engine = make_engine(hf_dir, engine_process=True)
+    process = engine.engine
+    step = process.step
+
+    def step_then_abort_the_finished():  # the consumer's close lands in the window, every time
+        outputs = step()
+        for out in outputs:
+            if out.finished:
+                engine._commands.put(("abort", out.request_id))
+        return outputs
+
+    process.step = step_then_abort_the_finished
+
+    async def run() -> None:
+        try:
+            stream = engine.open(process.encode(PROMPTS[0]), SamplingParams(max_tokens=3, temperature=0),
+                                 request_id="r")
+            out = await asyncio.wait_for(stream.get(), timeout=30)
+            while not out.finished:
+                out = await asyncio.wait_for(stream.get(), timeout=30)
+            assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
+            await _idle(engine)
+            finished = engine.metrics.request_success.labels(finished_reason="length")._value.get()
+            assert finished == 1 and not engine._active
+        finally:
+            await engine.shutdown(1)
+
+    asyncio.run(run())
+
+
 def test_a_step_asked_ahead_runs_while_the_caller_goes_on(hf_dir):
     """``start_step`` returns at once and the engine process runs the step; a call made meanwhile is
     answered after it (its counters show that step); ``step`` then returns that step's outputs."""
