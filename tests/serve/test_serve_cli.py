@@ -41,7 +41,8 @@ def test_help_lists_the_flags(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--hf", "--checkpoint", "--api-key", "--lora", "--max-num-seqs", "--max-waiting", "--max-body-bytes",
-                 "--shutdown-timeout", "--served-model-name", "--port", "--host", "--threads", "--engine-process"):
+                 "--shutdown-timeout", "--served-model-name", "--port", "--host", "--threads", "--engine-process",
+                 "--cpu-affinity", "--no-cpu-affinity"):
         assert flag in out
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--no-such-flag"])
