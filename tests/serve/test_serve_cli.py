@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from parallax.cli import main
-from parallax.serve.engine_process import split_cores
+from parallax.serve.engine_process import EngineSpec, split_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -253,3 +253,15 @@ def test_threads_reach_torch(hf_dir):
     args = build_parser().parse_args(["--hf", str(hf_dir), "--device", "cpu", "--threads", "1"])
     _, where = engine_spec(args, {}).build()
     assert torch.get_num_threads() == 1 and where.endswith("torch threads: 1")
+
+
+def test_a_pinned_engine_takes_one_thread_per_core_it_has(hf_dir, monkeypatch):
+    """Pinned to cores of its own, the engine leaves none to the HTTP side (it has one elsewhere):
+    the default torch threads are one per pinned core. (Pinned here to the cores this process has.)"""
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = frozenset(os.sched_getaffinity(0))
+    engine, where = EngineSpec(hf=str(hf_dir), device="cpu", cpu_affinity=cores).build()
+    assert torch.get_num_threads() == len(cores) and os.sched_getaffinity(0) == cores
+    assert where.endswith(f"torch threads: {len(cores)}, cores {','.join(map(str, sorted(cores)))}")
